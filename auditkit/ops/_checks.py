@@ -1,0 +1,100 @@
+"""Argument checks for the auditkit ops.
+
+Shape, dtype and device checks run on every call (they read no tensor data,
+so they cost no device sync and also run on fake tensors under
+torch.compile). Value checks (mask range, NaN) read data: they run where data
+enters auditkit (readers, CLI), on CPU tensors inside the kernels, where they
+are free, and on GPU tensors only when debug checks are on
+(``AUDITKIT_DEBUG=1`` or ``set_debug_checks(True)``). The messages match the
+C++ checks in csrc/ops/tap_penalty.cpp.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_debug_checks = os.environ.get("AUDITKIT_DEBUG", "") == "1"
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Turns value checks on tensors (mask range, NaN) on or off for every device."""
+    global _debug_checks
+    _debug_checks = bool(enabled)
+
+
+def debug_checks_enabled() -> bool:
+    return _debug_checks
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def check_mask_tensor(mask: torch.Tensor, op: str = "tap_penalty") -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: `mask` must be a torch.Tensor; got {type(mask).__name__}")
+    if not (mask.dim() == 3 or (mask.dim() == 4 and mask.shape[1] == 1)):
+        raise ValueError(f"{op}: `mask` must have shape (N, 1, H, W) or (N, H, W); got {_shape(mask)}")
+    if mask.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: `mask` must be a floating tensor with values in [0, 1] "
+            f"(float16, bfloat16, float32 or float64); got {mask.dtype}. Convert it with mask.float()."
+        )
+
+
+def check_kernel_size(kernel_size: int, op: str = "tap_penalty") -> None:
+    if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1:
+        raise ValueError(f"{op}: `kernel_size` must be an integer >= 1; got {kernel_size!r}")
+
+
+def check_mask_covers(mask: torch.Tensor, height: int, width: int, op: str = "tap_penalty") -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"{op}: the activation's spatial size must be at least 1x1; got {height}x{width}")
+    mask_h, mask_w = mask.shape[-2], mask.shape[-1]
+    if mask_h < height or mask_w < width:
+        raise ValueError(
+            f"{op}: `mask` ({mask_h}x{mask_w}) is smaller than the activation map ({height}x{width}); "
+            "masks are given at input resolution and must be at least as large as every targeted activation"
+        )
+
+
+def check_tap_penalty_args(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int) -> None:
+    if not isinstance(activation, torch.Tensor):
+        raise TypeError(f"tap_penalty: `activation` must be a torch.Tensor; got {type(activation).__name__}")
+    if activation.dim() != 4:
+        raise ValueError(f"tap_penalty: `activation` must have shape (N, C, h, w); got {_shape(activation)}")
+    if activation.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"tap_penalty: `activation` must be float16, bfloat16, float32 or float64; got {activation.dtype}"
+        )
+    check_mask_tensor(mask)
+    if mask.shape[0] != activation.shape[0]:
+        raise ValueError(
+            f"tap_penalty: `mask` has batch size {mask.shape[0]} but `activation` has {activation.shape[0]}"
+        )
+    if mask.device != activation.device:
+        raise ValueError(f"tap_penalty: `mask` is on {mask.device} but `activation` is on {activation.device}")
+    check_kernel_size(kernel_size)
+    check_mask_covers(mask, activation.shape[2], activation.shape[3])
+
+
+def check_downscale_mask_args(mask: torch.Tensor, height: int, width: int, kernel_size: int) -> None:
+    check_mask_tensor(mask, "downscale_mask")
+    check_kernel_size(kernel_size, "downscale_mask")
+    check_mask_covers(mask, height, width, "downscale_mask")
+
+
+def check_mask_values(mask: torch.Tensor, name: str = "mask") -> None:
+    """Raises ValueError unless every value lies in [0, 1] (NaN fails). Reads the data."""
+    if mask.numel() == 0:
+        return
+    inside = (mask >= 0) & (mask <= 1)
+    if not bool(inside.all()):
+        bad = mask[~inside]
+        raise ValueError(
+            f"tap_penalty: `{name}` values must lie in [0, 1] (1 = spurious pixel); "
+            f"found {bad.numel()} outside that range or NaN (e.g. {bad.flatten()[0].item():g})"
+        )

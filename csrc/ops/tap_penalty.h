@@ -1,0 +1,62 @@
+// Shared declarations for the TAP penalty op (TAP paper, Eq. 7-8).
+//
+//   D(M)   = AdaptiveAvgPool_(h,w)( MaxPool_{k, stride 1, pad k/2}(M) )          (Eq. 7)
+//   P[n]   = sum_{i,j} D(M)[n,i,j] * sum_c relu(A[n,c,i,j])                        (Eq. 8, per sample)
+//   dP/dA  = D(M)[n,i,j] * 1[A[n,c,i,j] > 0]
+//
+// Backend kernels live in cpu/ and cuda/; this header holds what every backend
+// shares: argument checks and the window arithmetic of the two poolings.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+namespace auditkit {
+
+// Checks ranks, batch sizes, dtypes, devices and spatial sizes (never tensor
+// values). Errors name the offending argument.
+void check_tap_penalty_args(
+    const at::Tensor& activation,
+    const at::Tensor& mask,
+    int64_t kernel_size);
+
+void check_downscale_mask_args(
+    const at::Tensor& mask,
+    int64_t height,
+    int64_t width,
+    int64_t kernel_size);
+
+void check_tap_penalty_backward_args(
+    const at::Tensor& grad,
+    const at::Tensor& activation,
+    const at::Tensor& downscaled_mask);
+
+// The gradient's layout: channels_last when the activation is (and is not
+// also plain contiguous), contiguous otherwise. The fake kernel mirrors this.
+at::Tensor empty_activation_grad(const at::Tensor& activation);
+
+// (N,1,H,W) or (N,H,W) -> (N,H,W) view.
+at::Tensor mask_as_nhw(const at::Tensor& mask);
+
+// float for float32/float16/bfloat16 activations, double for float64: the
+// dtype of the penalty, of the downscaled mask and of all accumulation.
+at::ScalarType accumulate_dtype(at::ScalarType activation_dtype);
+
+// Size of the stride-1 max-pooled mask: H + 2*(k/2) - k + 1 (H for odd k).
+C10_HOST_DEVICE inline int64_t dilated_size(int64_t size, int64_t kernel_size) {
+  return size + 2 * (kernel_size / 2) - kernel_size + 1;
+}
+
+// Adaptive pooling windows, exactly as ATen's adaptive_avg_pool2d:
+// [floor(i*in/out), ceil((i+1)*in/out)).
+C10_HOST_DEVICE inline int64_t adaptive_start(int64_t i, int64_t in, int64_t out) {
+  return (i * in) / out;
+}
+C10_HOST_DEVICE inline int64_t adaptive_end(int64_t i, int64_t in, int64_t out) {
+  return ((i + 1) * in + out - 1) / out;
+}
+
+} // namespace auditkit
