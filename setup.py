@@ -20,68 +20,21 @@ from __future__ import annotations
 
 import glob
 import os
-import re
-import shutil
-import subprocess
+import runpy
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+# Toolkit discovery is shared with tools/cmake_check.sh.
+_find_cuda = runpy.run_path(os.path.join(ROOT, "tools", "find_cuda.py"))
+find_cuda_home = _find_cuda["find_cuda_home"]
+nvcc_version = _find_cuda["nvcc_version"]
 
 
 def log(message: str) -> None:
     print(f"[auditkit build] {message}", flush=True)
-
-
-def looks_like_cuda_toolkit(folder: str | None) -> bool:
-    if not folder:
-        return False
-    has_nvcc = os.path.isfile(os.path.join(folder, "bin", "nvcc"))
-    has_headers = os.path.isfile(os.path.join(folder, "include", "cuda_runtime.h")) or bool(
-        glob.glob(os.path.join(folder, "targets", "*", "include", "cuda_runtime.h"))
-    )
-    return has_nvcc and has_headers
-
-
-def find_cuda_home() -> str | None:
-    """The CUDA toolkit folder, or None.
-
-    torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (as
-    on our build machines) makes that guess wrong, so look for a real toolkit:
-    the folder must hold both bin/nvcc and the runtime headers.
-    """
-    for variable in ("CUDA_HOME", "CUDA_PATH"):
-        folder = os.environ.get(variable)
-        if folder:
-            if looks_like_cuda_toolkit(folder):
-                return folder
-            log(f"ignoring {variable}={folder}: no bin/nvcc and include/cuda_runtime.h there")
-    candidates = ["/usr/local/cuda"]
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    candidates += ["/opt/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for folder in candidates:
-        if looks_like_cuda_toolkit(folder):
-            return os.path.realpath(folder)
-    return None
-
-
-def nvcc_version(cuda_home: str) -> str | None:
-    try:
-        out = subprocess.run(
-            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    match = re.search(r"release (\d+\.\d+)", out)
-    return match.group(1) if match else None
 
 
 def decide_cuda(torch_cuda: str | None) -> tuple[bool, str]:

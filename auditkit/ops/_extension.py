@@ -9,10 +9,11 @@ and report. ``status()`` says what is live and why.
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib.machinery
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -44,11 +45,17 @@ class ExtensionStatus:
 
 
 def _library_path() -> str | None:
-    try:
-        spec = importlib.util.find_spec("auditkit._C")
-    except (ImportError, ValueError):
-        return None
-    return spec.origin if spec is not None else None
+    """auditkit/_C<suffix> next to this package's files, or None.
+
+    Looked up in the package folder itself (not through the import system, whose
+    editable-install finders could point at another checkout's build).
+    """
+    package_dir = Path(__file__).resolve().parent.parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = package_dir / f"_C{suffix}"
+        if candidate.is_file():
+            return str(candidate)
+    return None
 
 
 def _parse_build_info(text: str) -> dict[str, str]:

@@ -43,7 +43,7 @@ def empty_activation_grad(activation: torch.Tensor) -> torch.Tensor:
 # ---- reference kernels (fallback) -------------------------------------------
 
 
-def _tap_penalty_reference_kernel(activation, mask, kernel_size):
+def _tap_penalty_reference_kernel(activation, mask, kernel_size=3):
     check_tap_penalty_args(activation, mask, kernel_size)
     if mask.device.type == "cpu":
         check_mask_values(mask)  # the compiled CPU kernel checks this too, for free
@@ -59,7 +59,7 @@ def _tap_penalty_backward_reference_kernel(grad, activation, downscaled_mask):
     return out
 
 
-def _downscale_mask_reference_kernel(mask, height, width, kernel_size):
+def _downscale_mask_reference_kernel(mask, height, width, kernel_size=3):
     check_downscale_mask_args(mask, height, width, kernel_size)
     if mask.device.type == "cpu":
         check_mask_values(mask)
@@ -93,7 +93,7 @@ elif not STATUS.cuda_kernels:
 
 
 @torch.library.register_fake("auditkit::tap_penalty")
-def _tap_penalty_fake(activation, mask, kernel_size):
+def _tap_penalty_fake(activation, mask, kernel_size=3):
     check_tap_penalty_args(activation, mask, kernel_size)
     acc = accumulate_dtype(activation.dtype)
     n, _, h, w = activation.shape
@@ -106,7 +106,7 @@ def _tap_penalty_backward_fake(grad, activation, downscaled_mask):
 
 
 @torch.library.register_fake("auditkit::downscale_mask")
-def _downscale_mask_fake(mask, height, width, kernel_size):
+def _downscale_mask_fake(mask, height, width, kernel_size=3):
     check_downscale_mask_args(mask, height, width, kernel_size)
     dtype = torch.float64 if mask.dtype == torch.float64 else torch.float32
     return mask.new_empty((mask.shape[0], height, width), dtype=dtype)

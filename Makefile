@@ -1,0 +1,48 @@
+# Two commands on a fresh machine:
+#   make demo   set everything up (venv, pinned torch, the build) and run the main job
+#   make test   set everything up and run the tests (what CI runs)
+#
+# Other targets: setup, build, cmake-check, bench, clean.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Every .cu file is compiled whenever a CUDA toolkit is found, GPU or not.
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+PYTEST_ARGS ?=
+
+.PHONY: setup build test unit-test cmake-check demo bench clean
+
+$(VENV)/.deps-installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.deps-installed build
+
+# Incremental: ninja recompiles only what changed.
+build: $(VENV)/.deps-installed
+	PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "from auditkit.ops import extension_status as s; st = s(); print('auditkit kernels:', st.reason, '| CUDA:', st.cuda_reason); raise SystemExit(0 if st.loaded else 1)"
+
+unit-test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test: unit-test cmake-check
+
+# Proves CMakeLists.txt configures and builds the same csrc/ sources against
+# libtorch and that its C++ test passes (CPU kernels; setup.py compiles CUDA).
+cmake-check: $(VENV)/.deps-installed
+	bash tools/cmake_check.sh $(PY)
+
+demo: setup
+	$(VENV)/bin/auditkit doctor
+	$(PY) tools/tap_demo.py
+
+bench: setup
+	$(PY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name $(PYTEST_ARGS)
+
+clean:
+	rm -rf build auditkit/_C*.so *.egg-info .pytest_cache .benchmarks

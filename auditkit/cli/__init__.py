@@ -1,0 +1,60 @@
+"""The `auditkit` command line: thin Typer commands over the library.
+
+Heavy imports (torch, the kernels) happen inside command bodies so that
+`auditkit --help` answers at once. Each command lives in its own module.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .._version import __version__
+
+app = typer.Typer(
+    name="auditkit",
+    help=(
+        "Audit an image classifier for shortcut learning and repair it with TAP or TEA.\n\n"
+        "Example: auditkit doctor"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from ..diagnostics import summary_line
+
+        typer.echo(summary_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Print versions and which kernels are live, then exit.",
+        ),
+    ] = False,
+) -> None:
+    """auditkit: audit, then repair, fast."""
+
+
+from . import doctor as _doctor  # noqa: E402  (registers the command)
+
+_doctor.register(app)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["__version__", "app", "main"]

@@ -1,0 +1,254 @@
+"""The fused TAP penalty against its float64 reference (TAP paper Eq. 7-8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from auditkit import ops
+from auditkit.ops._reference import (
+    downscale_mask_reference,
+    tap_penalty_backward_reference,
+    tap_penalty_reference,
+)
+
+from .conftest import DEVICES
+
+LAYOUTS = ["contiguous", "channels_last", "strided", "permuted"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+# Relative tolerances of the op against the float64 reference on the same
+# (already rounded) input values: accumulation is float32 (float64 for
+# float64), and gradients are rounded to the activation's dtype.
+FORWARD_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+GRAD_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``t`` (N, C, h, w) with other strides."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # a non-dense view: every other column of a wider tensor
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "permuted":  # dense, but neither contiguous nor channels_last
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    raise ValueError(layout)
+
+
+def random_mask(n, height, width, device, dtype=torch.float32, soft=False, four_d=True):
+    values = torch.rand(n, height, width, device=device)
+    mask = values if soft else (values > 0.7).float()
+    mask = mask.to(dtype)
+    return mask.unsqueeze(1) if four_d else mask
+
+
+def assert_penalty_matches(activation, mask, kernel_size):
+    """Forward and backward of the op against autograd through the reference."""
+    activation = activation.detach().requires_grad_(True)
+    penalty = ops.tap_penalty(activation, mask, kernel_size)
+    acc = torch.float64 if activation.dtype == torch.float64 else torch.float32
+    assert penalty.dtype == acc and penalty.shape == (activation.shape[0],)
+
+    exact = activation.detach().double().requires_grad_(True)
+    expected = tap_penalty_reference(exact, mask.double(), kernel_size)
+    # Bound the accumulation error by the sum of absolute terms.
+    scale = tap_penalty_reference(exact.detach().abs(), mask.double(), kernel_size) + 1e-30
+    rtol = FORWARD_RTOL[activation.dtype]
+    err = (penalty.double() - expected.detach()).abs()
+    assert torch.all(err <= rtol * scale + 1e-12), f"forward error {err.max().item():g}"
+
+    weights = torch.randn(activation.shape[0], dtype=torch.float64, device=activation.device)
+    (grad,) = torch.autograd.grad((penalty * weights.to(acc)).sum(), activation)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), exact)
+    assert grad.dtype == activation.dtype and grad.shape == activation.shape
+    gtol = GRAD_RTOL[activation.dtype]
+    gerr = (grad.double() - expected_grad).abs()
+    assert torch.all(gerr <= gtol * expected_grad.abs() + 1e-30), f"gradient error {gerr.max().item():g}"
+
+
+@st.composite
+def tap_cases(draw):
+    n = draw(st.integers(0, 3))
+    c = draw(st.integers(1, 5))
+    h = draw(st.integers(1, 9))
+    w = draw(st.integers(1, 9))
+    height = draw(st.integers(h, 3 * h + 6))  # often not divisible by h
+    width = draw(st.integers(w, 3 * w + 6))
+    kernel_size = draw(st.sampled_from([1, 2, 3, 5]))
+    layout = draw(st.sampled_from(LAYOUTS))
+    dtype = draw(st.sampled_from(DTYPES))
+    mask_dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16]))
+    soft = draw(st.booleans())
+    four_d = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return n, c, h, w, height, width, kernel_size, layout, dtype, mask_dtype, soft, four_d, seed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=tap_cases())
+def test_matches_reference_on_random_shapes(device, case):
+    n, c, h, w, height, width, kernel_size, layout, dtype, mask_dtype, soft, four_d, seed = case
+    generator = torch.Generator().manual_seed(seed)
+    activation = torch.randn(n, c, h, w, generator=generator).to(device=device, dtype=dtype)
+    mask = random_mask(n, height, width, device, mask_dtype, soft, four_d)
+    assert_penalty_matches(with_layout(activation, layout), mask, kernel_size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layouts_and_dtypes_at_network_sizes(device, layout, dtype):
+    # Sizes like a real first conv layer, large enough for multi-threaded and
+    # multi-block reductions.
+    activation = torch.randn(4, 32, 28, 28, device=device).to(dtype)
+    mask = random_mask(4, 224, 224, device)
+    assert_penalty_matches(with_layout(activation, layout), mask, 3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kernel_size", [1, 2, 3])
+def test_gradcheck_float64_cpu(layout, kernel_size):
+    activation = with_layout(torch.randn(2, 3, 5, 6, dtype=torch.float64), layout)
+    # Keep values away from 0, where relu is not differentiable.
+    activation = torch.where(activation.abs() < 0.05, activation.sign() * 0.1 + 0.01, activation)
+    activation.requires_grad_(True)
+    mask = random_mask(2, 13, 17, "cpu", torch.float64, soft=True)
+    assert torch.autograd.gradcheck(lambda a: ops.tap_penalty(a, mask, kernel_size), (activation,))
+
+
+def sample_inputs(device, requires_grad=True):
+    def make(shape, dtype=torch.float32, layout="contiguous"):
+        t = with_layout(torch.randn(*shape, device=device, dtype=dtype), layout)
+        return t.requires_grad_(requires_grad)
+
+    return [
+        (make((2, 4, 7, 7)), random_mask(2, 28, 28, device), 3),
+        (make((3, 2, 5, 6), torch.float64, "channels_last"), random_mask(3, 11, 13, device, soft=True), 1),
+        (make((2, 3, 4, 4), layout="strided"), random_mask(2, 9, 9, device, four_d=False), 2),
+        (make((0, 3, 4, 4)), random_mask(0, 8, 8, device), 3),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for activation, mask, kernel_size in sample_inputs(device):
+        torch.library.opcheck(torch.ops.auditkit.tap_penalty.default, (activation, mask, kernel_size))
+        d = ops.downscale_mask(mask, activation.shape[-2:], kernel_size)
+        grad = torch.randn(activation.shape[0], device=device, dtype=d.dtype)
+        torch.library.opcheck(
+            torch.ops.auditkit.tap_penalty_backward.default, (grad, activation.detach(), d)
+        )
+        torch.library.opcheck(
+            torch.ops.auditkit.downscale_mask.default,
+            (mask, activation.shape[2], activation.shape[3], kernel_size),
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    n=st.integers(0, 3),
+    h=st.integers(1, 8),
+    w=st.integers(1, 8),
+    extra_h=st.integers(0, 40),
+    extra_w=st.integers(0, 40),
+    kernel_size=st.integers(1, 6),
+    mask_dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
+def test_downscale_mask_matches_torch_pooling(device, n, h, w, extra_h, extra_w, kernel_size, mask_dtype):
+    mask = torch.rand(n, 1, h + extra_h, w + extra_w, device=device).to(mask_dtype)
+    got = ops.downscale_mask(mask, (h, w), kernel_size)
+    expected = downscale_mask_reference(mask.double(), (h, w), kernel_size)
+    assert got.shape == (n, h, w)
+    assert got.dtype == (torch.float64 if mask_dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_downscale_widens_the_region_by_half_the_kernel():
+    # A single annotated pixel covers a 3x3 block after MaxPool_3 (Eq. 7), so
+    # a 1:1 "downscale" with k=3 marks exactly the 8-neighbourhood.
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, 0, 4, 4] = 1
+    d = ops.downscale_mask(mask, (8, 8), 3)[0]
+    expected = torch.zeros(8, 8)
+    expected[3:6, 3:6] = 1
+    torch.testing.assert_close(d, expected)
+    # Halving the resolution averages 2x2 windows of that block.
+    d2 = ops.downscale_mask(mask, (4, 4), 3)[0]
+    assert d2[1, 1] == 0.25 and d2[2, 2] == 1.0 and d2[1, 2] == 0.5 and d2[0, 0] == 0
+
+
+def test_penalty_counts_only_positive_activation_inside_the_mask():
+    activation = torch.tensor([[[[1.0, -2.0], [3.0, 4.0]]]])  # N=1, C=1, 2x2
+    mask = torch.tensor([[[1.0, 0.0], [1.0, 0.5]]])
+    # k=1 and same size: D = M, so P = 1*1 + 0*0 + 1*3 + 0.5*4 = 6
+    assert ops.tap_penalty(activation, mask, kernel_size=1).item() == 6.0
+
+
+def test_tap_loss_is_mean_over_layers_of_batch_means():
+    mask = random_mask(4, 32, 32, "cpu")
+    layers = [torch.randn(4, 8, 16, 16), torch.randn(4, 16, 8, 8), torch.randn(4, 4, 4, 4)]
+    loss = ops.tap_loss(layers, mask)
+    expected = sum(tap_penalty_reference(a, mask).mean() for a in layers) / 3
+    torch.testing.assert_close(loss, expected.float())
+
+
+def test_tap_loss_of_an_empty_batch_is_zero_and_empty_layer_list_is_an_error():
+    assert ops.tap_loss([torch.randn(0, 2, 4, 4)], torch.zeros(0, 8, 8)).item() == 0.0
+    with pytest.raises(ValueError, match="`activations` is empty"):
+        ops.tap_loss([], torch.zeros(1, 8, 8))
+
+
+def test_zero_channels_gives_zero_penalty():
+    penalty = ops.tap_penalty(torch.randn(2, 0, 4, 4), torch.ones(2, 8, 8))
+    assert penalty.tolist() == [0.0, 0.0]
+
+
+def test_mask_is_a_constant():
+    activation = torch.randn(2, 3, 4, 4, requires_grad=True)
+    mask = torch.rand(2, 1, 8, 8, requires_grad=True)
+    ops.tap_penalty(activation, mask).sum().backward()
+    assert activation.grad is not None and mask.grad is None
+
+
+def test_double_backward_fails_loudly():
+    activation = torch.randn(2, 3, 4, 4, requires_grad=True)
+    mask = random_mask(2, 8, 8, "cpu")
+    (grad,) = torch.autograd.grad(ops.tap_penalty(activation, mask).sum(), activation, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
+
+
+def test_compiles_with_torch_compile():
+    mask = random_mask(3, 16, 16, "cpu")
+
+    def loss_fn(a, b):
+        return ops.tap_loss([a.relu() * 2, b], mask)
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    a = torch.randn(3, 4, 8, 8, requires_grad=True)
+    b = torch.randn(3, 2, 4, 4, requires_grad=True)
+    got = compiled(a, b)
+    got.backward()
+    grads = (a.grad.clone(), b.grad.clone())
+    a.grad = b.grad = None
+    expected = loss_fn(a, b)
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grads[0], a.grad)
+    torch.testing.assert_close(grads[1], b.grad)
+
+
+def test_backward_reference_helper_agrees_with_the_op():
+    activation = torch.randn(2, 3, 5, 5)
+    d = ops.downscale_mask(random_mask(2, 10, 10, "cpu"), (5, 5))
+    grad = torch.randn(2)
+    torch.testing.assert_close(
+        torch.ops.auditkit.tap_penalty_backward(grad, activation, d),
+        tap_penalty_backward_reference(grad, activation, d),
+    )
