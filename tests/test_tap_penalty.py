@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from auditkit import ops
 from auditkit.ops._reference import (
     downscale_mask_reference,
-    tap_penalty_backward_reference,
     tap_penalty_reference,
+    weighted_relu_sum_backward_reference,
 )
 
 from .conftest import DEVICES
@@ -138,15 +138,16 @@ def sample_inputs(device, requires_grad=True):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     for activation, mask, kernel_size in sample_inputs(device):
-        torch.library.opcheck(torch.ops.auditkit.tap_penalty.default, (activation, mask, kernel_size))
-        d = ops.downscale_mask(mask, activation.shape[-2:], kernel_size)
-        grad = torch.randn(activation.shape[0], device=device, dtype=d.dtype)
+        sizes = [activation.shape[2], activation.shape[3], 3, 2]
+        torch.library.opcheck(torch.ops.auditkit.downscale_mask.default, (mask, kernel_size, sizes))
         torch.library.opcheck(
-            torch.ops.auditkit.tap_penalty_backward.default, (grad, activation.detach(), d)
+            torch.ops.auditkit.downscale_mask.default, (mask, kernel_size, sizes), {"dtype": torch.float64}
         )
+        weights = ops.downscale_mask(mask, activation.shape[-2:], kernel_size)
+        torch.library.opcheck(torch.ops.auditkit.weighted_relu_sum.default, (activation, weights))
+        grad = torch.randn(activation.shape[0], device=device)
         torch.library.opcheck(
-            torch.ops.auditkit.downscale_mask.default,
-            (mask, activation.shape[2], activation.shape[3], kernel_size),
+            torch.ops.auditkit.weighted_relu_sum_backward.default, (grad, activation.detach(), weights)
         )
 
 
@@ -162,11 +163,14 @@ def test_opcheck(device):
 )
 def test_downscale_mask_matches_torch_pooling(device, n, h, w, extra_h, extra_w, kernel_size, mask_dtype):
     mask = torch.rand(n, 1, h + extra_h, w + extra_w, device=device).to(mask_dtype)
-    got = ops.downscale_mask(mask, (h, w), kernel_size)
-    expected = downscale_mask_reference(mask.double(), (h, w), kernel_size)
-    assert got.shape == (n, h, w)
-    assert got.dtype == (torch.float64 if mask_dtype == torch.float64 else torch.float32)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)
+    # Several sizes in one call, as tap_loss asks for them.
+    sizes = [(h, w), (max(1, h // 2), w), (h + extra_h, w + extra_w)]
+    got = ops.downscale_masks(mask, sizes, kernel_size)
+    for size, d in zip(sizes, got):
+        expected = downscale_mask_reference(mask.double(), size, kernel_size)
+        assert d.shape == (n, *size)
+        assert d.dtype == (torch.float64 if mask_dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(d.double(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_downscale_widens_the_region_by_half_the_kernel():
@@ -249,6 +253,19 @@ def test_backward_reference_helper_agrees_with_the_op():
     d = ops.downscale_mask(random_mask(2, 10, 10, "cpu"), (5, 5))
     grad = torch.randn(2)
     torch.testing.assert_close(
-        torch.ops.auditkit.tap_penalty_backward(grad, activation, d),
-        tap_penalty_backward_reference(grad, activation, d),
+        torch.ops.auditkit.weighted_relu_sum_backward(grad, activation, d),
+        weighted_relu_sum_backward_reference(grad, activation, d),
     )
+
+
+def test_weighted_relu_sum_refuses_weights_that_require_grad():
+    activation = torch.randn(2, 3, 4, 4, requires_grad=True)
+    weights = torch.rand(2, 4, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="constants of the penalty"):
+        ops.weighted_relu_sum(activation, weights)
+
+
+def test_weighted_relu_sum_with_unit_weights_is_the_relu_total():
+    activation = torch.randn(3, 5, 6, 7, dtype=torch.float64)
+    total = ops.weighted_relu_sum(activation, torch.ones(3, 6, 7, dtype=torch.float64))
+    torch.testing.assert_close(total, activation.relu().sum(dim=(1, 2, 3)))

@@ -32,12 +32,30 @@ def test_public_function_rejects(case):
         ops.tap_penalty(activation, mask, kernel_size)
 
 
-@pytest.mark.parametrize("case", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_registered_op_rejects(case):
+MASK_ONLY = {"5-D mask", "2-channel mask", "bool mask", "uint8 mask", "mask smaller than activation", "zero kernel", "empty spatial size"}
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_CALLS if c[0] in MASK_ONLY], ids=lambda c: c[0])
+def test_registered_downscale_op_rejects(case):
     # Straight to the dispatcher: the compiled (or reference) kernel's own checks.
     _, activation, mask, kernel_size, error, fragment = case
     with pytest.raises(error, match=fragment):
-        torch.ops.auditkit.tap_penalty(activation, mask, kernel_size)
+        torch.ops.auditkit.downscale_mask(mask, kernel_size, [activation.shape[2], activation.shape[3]])
+
+
+@pytest.mark.parametrize(
+    "activation, weights, error, fragment",
+    [
+        (torch.randn(2, 3, 4), torch.ones(2, 4, 4), ValueError, "`activation` must have shape"),
+        (torch.ones(2, 3, 4, 4, dtype=torch.int32), torch.ones(2, 4, 4), TypeError, "`activation` must be float"),
+        (torch.randn(2, 3, 4, 4), torch.ones(2, 4, 5), ValueError, "`weights` must have shape"),
+        (torch.randn(2, 3, 4, 4), torch.ones(3, 4, 4), ValueError, "`weights` must have shape"),
+        (torch.randn(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.int64), TypeError, "`weights` must be floating"),
+    ],
+)
+def test_registered_weighted_sum_op_rejects(activation, weights, error, fragment):
+    with pytest.raises(error, match=fragment):
+        torch.ops.auditkit.weighted_relu_sum(activation, weights)
 
 
 @pytest.mark.parametrize("bad_value", [1.5, -0.1, float("nan")])
@@ -68,7 +86,12 @@ def test_device_mismatch_is_named():
 
 def test_backward_op_checks_shapes():
     activation = torch.randn(*GOOD_ACTIVATION)
-    with pytest.raises(ValueError, match="`downscaled_mask` must have shape"):
-        torch.ops.auditkit.tap_penalty_backward(torch.ones(2), activation, torch.ones(2, 5, 5))
+    with pytest.raises(ValueError, match="`weights` must have shape"):
+        torch.ops.auditkit.weighted_relu_sum_backward(torch.ones(2), activation, torch.ones(2, 5, 5))
     with pytest.raises(ValueError, match="`grad` must have shape"):
-        torch.ops.auditkit.tap_penalty_backward(torch.ones(3), activation, torch.ones(2, 4, 4))
+        torch.ops.auditkit.weighted_relu_sum_backward(torch.ones(3), activation, torch.ones(2, 4, 4))
+
+
+def test_odd_size_list_is_rejected():
+    with pytest.raises(ValueError, match="pairs"):
+        torch.ops.auditkit.downscale_mask(torch.ones(*GOOD_MASK), 3, [4, 4, 2])

@@ -1,4 +1,4 @@
-"""Public ops: the fused TAP penalty and its helpers.
+"""Public ops: the fused TAP penalty (TAP Eq. 7-8) and its building blocks.
 
 Importing this module loads the compiled kernels, or registers the
 pure-PyTorch reference in their place and warns once (``ReferenceFallbackWarning``).
@@ -11,7 +11,7 @@ from . import _registrations  # noqa: F401  (registers the ops)
 from ._checks import check_mask_values, debug_checks_enabled, set_debug_checks
 from ._extension import ExtensionStatus, ReferenceFallbackWarning
 from ._extension import status as extension_status
-from .tap import downscale_mask, tap_loss, tap_penalty
+from .tap import downscale_mask, downscale_masks, tap_loss, tap_penalty, weighted_relu_sum
 
 __all__ = [
     "ExtensionStatus",
@@ -19,8 +19,10 @@ __all__ = [
     "check_mask_values",
     "debug_checks_enabled",
     "downscale_mask",
+    "downscale_masks",
     "extension_status",
     "set_debug_checks",
     "tap_loss",
     "tap_penalty",
+    "weighted_relu_sum",
 ]

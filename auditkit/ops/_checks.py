@@ -3,8 +3,8 @@
 Shape, dtype and device checks run on every call (they read no tensor data,
 so they cost no device sync and also run on fake tensors under
 torch.compile). Value checks (mask range, NaN) read data: they run where data
-enters auditkit (readers, CLI), on CPU tensors inside the kernels, where they
-are free, and on GPU tensors only when debug checks are on
+enters auditkit (readers, CLI), inside the CPU kernels, where they ride along
+for free, and on GPU tensors only when debug checks are on
 (``AUDITKIT_DEBUG=1`` or ``set_debug_checks(True)``). The messages match the
 C++ checks in csrc/ops/tap_penalty.cpp.
 """
@@ -12,6 +12,7 @@ C++ checks in csrc/ops/tap_penalty.cpp.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -33,43 +34,80 @@ def _shape(t: torch.Tensor) -> str:
     return str(list(t.shape))
 
 
-def check_mask_tensor(mask: torch.Tensor, op: str = "tap_penalty") -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: `mask` must be a torch.Tensor; got {type(mask).__name__}")
+def _check_is_tensor(value, name: str, op: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor; got {type(value).__name__}")
+
+
+def check_mask_tensor(mask: torch.Tensor) -> None:
+    _check_is_tensor(mask, "mask", "tap_penalty")
     if not (mask.dim() == 3 or (mask.dim() == 4 and mask.shape[1] == 1)):
-        raise ValueError(f"{op}: `mask` must have shape (N, 1, H, W) or (N, H, W); got {_shape(mask)}")
+        raise ValueError(f"tap_penalty: `mask` must have shape (N, 1, H, W) or (N, H, W); got {_shape(mask)}")
     if mask.dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            f"{op}: `mask` must be a floating tensor with values in [0, 1] "
+            "tap_penalty: `mask` must be a floating tensor with values in [0, 1] "
             f"(float16, bfloat16, float32 or float64); got {mask.dtype}. Convert it with mask.float()."
         )
 
 
-def check_kernel_size(kernel_size: int, op: str = "tap_penalty") -> None:
+def check_kernel_size(kernel_size: int) -> None:
     if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1:
-        raise ValueError(f"{op}: `kernel_size` must be an integer >= 1; got {kernel_size!r}")
+        raise ValueError(f"tap_penalty: `kernel_size` must be an integer >= 1; got {kernel_size!r}")
 
 
-def check_mask_covers(mask: torch.Tensor, height: int, width: int, op: str = "tap_penalty") -> None:
+def check_mask_covers(mask: torch.Tensor, height: int, width: int) -> None:
     if height < 1 or width < 1:
-        raise ValueError(f"{op}: the activation's spatial size must be at least 1x1; got {height}x{width}")
+        raise ValueError(f"tap_penalty: the activation's spatial size must be at least 1x1; got {height}x{width}")
     mask_h, mask_w = mask.shape[-2], mask.shape[-1]
     if mask_h < height or mask_w < width:
         raise ValueError(
-            f"{op}: `mask` ({mask_h}x{mask_w}) is smaller than the activation map ({height}x{width}); "
+            f"tap_penalty: `mask` ({mask_h}x{mask_w}) is smaller than the activation map ({height}x{width}); "
             "masks are given at input resolution and must be at least as large as every targeted activation"
         )
 
 
-def check_tap_penalty_args(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int) -> None:
-    if not isinstance(activation, torch.Tensor):
-        raise TypeError(f"tap_penalty: `activation` must be a torch.Tensor; got {type(activation).__name__}")
+def check_downscale_mask_args(
+    mask: torch.Tensor, kernel_size: int, sizes: Sequence[tuple[int, int]], dtype: torch.dtype | None
+) -> None:
+    check_mask_tensor(mask)
+    check_kernel_size(kernel_size)
+    if len(sizes) == 0:
+        raise ValueError("downscale_mask: `sizes` must list (height, width) pairs; got none")
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"downscale_mask: `dtype` must be float32 or float64; got {dtype}")
+    for height, width in sizes:
+        check_mask_covers(mask, height, width)
+
+
+def check_activation(activation: torch.Tensor) -> None:
+    _check_is_tensor(activation, "activation", "tap_penalty")
     if activation.dim() != 4:
         raise ValueError(f"tap_penalty: `activation` must have shape (N, C, h, w); got {_shape(activation)}")
     if activation.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"tap_penalty: `activation` must be float16, bfloat16, float32 or float64; got {activation.dtype}"
         )
+
+
+def check_weighted_relu_sum_args(activation: torch.Tensor, weights: torch.Tensor) -> None:
+    check_activation(activation)
+    _check_is_tensor(weights, "weights", "weighted_relu_sum")
+    n, _, h, w = activation.shape
+    if weights.dim() != 3 or tuple(weights.shape) != (n, h, w):
+        raise ValueError(
+            f"weighted_relu_sum: `weights` must have shape (N, h, w) = ({n}, {h}, {w}) to match "
+            f"`activation`; got {_shape(weights)}"
+        )
+    if weights.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weighted_relu_sum: `weights` must be floating; got {weights.dtype}")
+    if weights.device != activation.device:
+        raise ValueError(
+            f"weighted_relu_sum: `weights` is on {weights.device} but `activation` is on {activation.device}"
+        )
+
+
+def check_tap_penalty_args(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int) -> None:
+    check_activation(activation)
     check_mask_tensor(mask)
     if mask.shape[0] != activation.shape[0]:
         raise ValueError(
@@ -79,12 +117,6 @@ def check_tap_penalty_args(activation: torch.Tensor, mask: torch.Tensor, kernel_
         raise ValueError(f"tap_penalty: `mask` is on {mask.device} but `activation` is on {activation.device}")
     check_kernel_size(kernel_size)
     check_mask_covers(mask, activation.shape[2], activation.shape[3])
-
-
-def check_downscale_mask_args(mask: torch.Tensor, height: int, width: int, kernel_size: int) -> None:
-    check_mask_tensor(mask, "downscale_mask")
-    check_kernel_size(kernel_size, "downscale_mask")
-    check_mask_covers(mask, height, width, "downscale_mask")
 
 
 def check_mask_values(mask: torch.Tensor, name: str = "mask") -> None:

@@ -30,30 +30,31 @@ def downscale_mask_reference(
     """
     m = mask if mask.dim() == 4 else mask.unsqueeze(1)
     dilated = F.max_pool2d(m, kernel_size, stride=1, padding=kernel_size // 2)
-    out = F.adaptive_avg_pool2d(dilated.double(), tuple(size))[:, 0]
+    out = F.adaptive_avg_pool2d(dilated.double(), tuple(int(s) for s in size))[:, 0]
     if dtype is None:
         dtype = torch.float64 if mask.dtype == torch.float64 else torch.float32
     return out.to(dtype)
 
 
-def tap_penalty_reference(
-    activation: torch.Tensor, mask: torch.Tensor, kernel_size: int = 3
-) -> torch.Tensor:
-    """P[n] = sum_ij D(M)[n,i,j] * sum_c relu(A[n,c,i,j])  (TAP Eq. 8, per sample).
-
-    Differentiable through torch's own autograd; result in the accumulate dtype.
-    """
+def weighted_relu_sum_reference(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """P[n] = sum_{c,i,j} weights[n,i,j] * relu(A[n,c,i,j]), in the accumulate dtype."""
     acc = accumulate_dtype(activation.dtype)
-    weights = downscale_mask_reference(mask.detach(), activation.shape[-2:], kernel_size, acc)
-    return (activation.to(acc).relu() * weights.unsqueeze(1)).sum(dim=(1, 2, 3))
+    return (activation.to(acc).relu() * weights.to(acc).unsqueeze(1)).sum(dim=(1, 2, 3))
 
 
-def tap_penalty_backward_reference(
-    grad: torch.Tensor, activation: torch.Tensor, downscaled_mask: torch.Tensor
+def weighted_relu_sum_backward_reference(
+    grad: torch.Tensor, activation: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """dP/dA = g[n] * D(M)[n,i,j] * 1[A > 0], in the activation's dtype."""
+    """dP/dA = g[n] * weights[n,i,j] * 1[A > 0], in the activation's dtype."""
     acc = accumulate_dtype(activation.dtype)
-    scaled = grad.to(acc)[:, None, None, None] * downscaled_mask.to(acc)[:, None]
-    return torch.where(activation > 0, scaled, torch.zeros((), dtype=acc, device=activation.device)).to(
-        activation.dtype
+    scaled = grad.to(acc)[:, None, None, None] * weights.to(acc)[:, None]
+    zero = torch.zeros((), dtype=acc, device=activation.device)
+    return torch.where(activation > 0, scaled, zero).to(activation.dtype)
+
+
+def tap_penalty_reference(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
+    """P[n] = sum_ij D(M)[n,i,j] * sum_c relu(A[n,c,i,j])  (TAP Eq. 8, per sample)."""
+    weights = downscale_mask_reference(
+        mask.detach(), activation.shape[-2:], kernel_size, accumulate_dtype(activation.dtype)
     )
+    return weighted_relu_sum_reference(activation, weights)

@@ -13,23 +13,37 @@ from __future__ import annotations
 import torch
 
 from . import _extension
-from ._checks import (
-    check_downscale_mask_args,
-    check_mask_values,
-    check_tap_penalty_args,
-)
+from ._checks import check_downscale_mask_args, check_mask_values, check_weighted_relu_sum_args
 from ._reference import (
     accumulate_dtype,
     downscale_mask_reference,
-    tap_penalty_backward_reference,
+    weighted_relu_sum_backward_reference,
+    weighted_relu_sum_reference,
 )
 
 # Must equal the TORCH_LIBRARY definitions in csrc/ (a test compares them).
 SCHEMAS = {
-    "tap_penalty": "tap_penalty(Tensor activation, Tensor mask, int kernel_size=3) -> (Tensor, Tensor)",
-    "tap_penalty_backward": "tap_penalty_backward(Tensor grad, Tensor activation, Tensor downscaled_mask) -> Tensor",
-    "downscale_mask": "downscale_mask(Tensor mask, int height, int width, int kernel_size=3) -> Tensor",
+    "downscale_mask": (
+        "downscale_mask(Tensor mask, int kernel_size, int[] sizes, ScalarType? dtype=None) -> Tensor[]"
+    ),
+    "weighted_relu_sum": "weighted_relu_sum(Tensor activation, Tensor weights) -> Tensor",
+    "weighted_relu_sum_backward": (
+        "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights) -> Tensor"
+    ),
 }
+
+
+def size_pairs(sizes) -> list[tuple[int, int]]:
+    """[h0, w0, h1, w1, ...] -> [(h0, w0), (h1, w1), ...]"""
+    if len(sizes) % 2:
+        raise ValueError(f"downscale_mask: `sizes` must list (height, width) pairs; got {list(sizes)}")
+    return [(sizes[k], sizes[k + 1]) for k in range(0, len(sizes), 2)]
+
+
+def downscaled_dtype(mask: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.float64 if mask.dtype == torch.float64 else torch.float32
 
 
 def empty_activation_grad(activation: torch.Tensor) -> torch.Tensor:
@@ -43,33 +57,30 @@ def empty_activation_grad(activation: torch.Tensor) -> torch.Tensor:
 # ---- reference kernels (fallback) -------------------------------------------
 
 
-def _tap_penalty_reference_kernel(activation, mask, kernel_size=3):
-    check_tap_penalty_args(activation, mask, kernel_size)
+def _downscale_mask_reference_kernel(mask, kernel_size, sizes, dtype=None):
+    pairs = size_pairs(sizes)
+    check_downscale_mask_args(mask, kernel_size, pairs, dtype)
     if mask.device.type == "cpu":
         check_mask_values(mask)  # the compiled CPU kernel checks this too, for free
-    acc = accumulate_dtype(activation.dtype)
-    weights = downscale_mask_reference(mask, activation.shape[-2:], kernel_size, acc)
-    penalty = (activation.to(acc).relu() * weights.unsqueeze(1)).sum(dim=(1, 2, 3))
-    return penalty, weights
+    out_dtype = downscaled_dtype(mask, dtype)
+    return [downscale_mask_reference(mask, size, kernel_size, out_dtype) for size in pairs]
 
 
-def _tap_penalty_backward_reference_kernel(grad, activation, downscaled_mask):
+def _weighted_relu_sum_reference_kernel(activation, weights):
+    check_weighted_relu_sum_args(activation, weights)
+    return weighted_relu_sum_reference(activation, weights)
+
+
+def _weighted_relu_sum_backward_reference_kernel(grad, activation, weights):
     out = empty_activation_grad(activation)
-    out.copy_(tap_penalty_backward_reference(grad, activation, downscaled_mask))
+    out.copy_(weighted_relu_sum_backward_reference(grad, activation, weights))
     return out
 
 
-def _downscale_mask_reference_kernel(mask, height, width, kernel_size=3):
-    check_downscale_mask_args(mask, height, width, kernel_size)
-    if mask.device.type == "cpu":
-        check_mask_values(mask)
-    return downscale_mask_reference(mask, (height, width), kernel_size)
-
-
 _REFERENCE_KERNELS = {
-    "tap_penalty": _tap_penalty_reference_kernel,
-    "tap_penalty_backward": _tap_penalty_backward_reference_kernel,
     "downscale_mask": _downscale_mask_reference_kernel,
+    "weighted_relu_sum": _weighted_relu_sum_reference_kernel,
+    "weighted_relu_sum_backward": _weighted_relu_sum_backward_reference_kernel,
 }
 
 STATUS = _extension.status()
@@ -92,47 +103,48 @@ elif not STATUS.cuda_kernels:
 # ---- fake kernels -------------------------------------------------------------
 
 
-@torch.library.register_fake("auditkit::tap_penalty")
-def _tap_penalty_fake(activation, mask, kernel_size=3):
-    check_tap_penalty_args(activation, mask, kernel_size)
-    acc = accumulate_dtype(activation.dtype)
-    n, _, h, w = activation.shape
-    return activation.new_empty((n,), dtype=acc), activation.new_empty((n, h, w), dtype=acc)
-
-
-@torch.library.register_fake("auditkit::tap_penalty_backward")
-def _tap_penalty_backward_fake(grad, activation, downscaled_mask):
-    return empty_activation_grad(activation)
-
-
 @torch.library.register_fake("auditkit::downscale_mask")
-def _downscale_mask_fake(mask, height, width, kernel_size=3):
-    check_downscale_mask_args(mask, height, width, kernel_size)
-    dtype = torch.float64 if mask.dtype == torch.float64 else torch.float32
-    return mask.new_empty((mask.shape[0], height, width), dtype=dtype)
+def _downscale_mask_fake(mask, kernel_size, sizes, dtype=None):
+    pairs = size_pairs(sizes)
+    check_downscale_mask_args(mask, kernel_size, pairs, dtype)
+    out_dtype = downscaled_dtype(mask, dtype)
+    return [mask.new_empty((mask.shape[0], h, w), dtype=out_dtype) for h, w in pairs]
+
+
+@torch.library.register_fake("auditkit::weighted_relu_sum")
+def _weighted_relu_sum_fake(activation, weights):
+    check_weighted_relu_sum_args(activation, weights)
+    return activation.new_empty((activation.shape[0],), dtype=accumulate_dtype(activation.dtype))
+
+
+@torch.library.register_fake("auditkit::weighted_relu_sum_backward")
+def _weighted_relu_sum_backward_fake(grad, activation, weights):
+    return empty_activation_grad(activation)
 
 
 # ---- autograd -------------------------------------------------------------------
 
 
-def _tap_penalty_setup_context(ctx, inputs, output):
-    activation, _mask, _kernel_size = inputs
-    _penalty, downscaled_mask = output
-    ctx.save_for_backward(activation, downscaled_mask)
-    ctx.mark_non_differentiable(downscaled_mask)
+def _weighted_relu_sum_setup_context(ctx, inputs, output):
+    activation, weights = inputs
+    if weights.requires_grad:
+        raise ValueError(
+            "weighted_relu_sum: `weights` (the downscaled mask) are constants of the penalty; "
+            "detach them (TAP Eq. 8 differentiates the activations only)"
+        )
+    ctx.save_for_backward(activation, weights)
 
 
-def _tap_penalty_backward(ctx, grad_penalty, _grad_downscaled_mask):
-    activation, downscaled_mask = ctx.saved_tensors
+def _weighted_relu_sum_backward(ctx, grad_penalty):
+    activation, weights = ctx.saved_tensors
     grad_activation = None
     if ctx.needs_input_grad[0]:
-        grad_activation = torch.ops.auditkit.tap_penalty_backward(grad_penalty, activation, downscaled_mask)
-    # The mask is a constant annotation (TAP Eq. 8): no gradient flows to it.
-    return grad_activation, None, None
+        grad_activation = torch.ops.auditkit.weighted_relu_sum_backward(grad_penalty, activation, weights)
+    return grad_activation, None
 
 
 torch.library.register_autograd(
-    "auditkit::tap_penalty", _tap_penalty_backward, setup_context=_tap_penalty_setup_context
+    "auditkit::weighted_relu_sum", _weighted_relu_sum_backward, setup_context=_weighted_relu_sum_setup_context
 )
 
 
@@ -148,11 +160,8 @@ def _no_context(ctx, inputs, output):
 
 
 torch.library.register_autograd(
-    "auditkit::tap_penalty_backward",
-    _refuse(
-        "auditkit: double backward through tap_penalty is not supported "
-        "(TAP needs first-order gradients only)"
-    ),
+    "auditkit::weighted_relu_sum_backward",
+    _refuse("auditkit: double backward through tap_penalty is not supported (TAP needs first-order gradients only)"),
     setup_context=_no_context,
 )
 torch.library.register_autograd(

@@ -1,4 +1,4 @@
-"""The Targeted Activation Penalty (TAP paper, Eq. 7-8) as fused ops.
+"""The Targeted Activation Penalty (TAP paper, Eq. 7-8) on fused kernels.
 
     D(M)  = AdaptiveAvgPool_(h,w)( MaxPool_{k, stride 1, pad k//2}(M) )        (Eq. 7)
     P[n]  = sum_{i,j} D(M)[n,i,j] * sum_c relu(A[n,c,i,j])
@@ -7,6 +7,10 @@
 The max pool widens each annotated region by k//2 pixels to cover the
 receptive field around it; the adaptive average brings it to the layer's
 resolution with exactly torch.nn.functional.adaptive_avg_pool2d's windows.
+
+Two kernels do the work: ``downscale_mask`` computes D(M) for every targeted
+layer in one pass over the mask (tiny outputs), and ``weighted_relu_sum``
+streams each activation once. ``tap_loss`` calls the first once per batch.
 """
 
 from __future__ import annotations
@@ -19,15 +23,52 @@ from ._checks import (
     check_downscale_mask_args,
     check_mask_values,
     check_tap_penalty_args,
+    check_weighted_relu_sum_args,
     debug_checks_enabled,
 )
+from ._reference import accumulate_dtype
 
 
 def _maybe_check_values(mask: torch.Tensor) -> None:
     # CPU kernels check the mask range for free; elsewhere it costs a device
     # sync, so only in debug mode (and never while torch.compile traces).
-    if debug_checks_enabled() and not torch.compiler.is_compiling():
+    if debug_checks_enabled() and mask.device.type != "cpu" and not torch.compiler.is_compiling():
         check_mask_values(mask)
+
+
+def downscale_masks(
+    mask: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+    kernel_size: int = 3,
+    dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """D(M) of Eq. 7 for several layer sizes at once: a list of (N, h, w) tensors.
+
+    ``mask`` is (N, 1, H, W) or (N, H, W) with values in [0, 1], H >= h, W >= w.
+    ``dtype`` defaults to float64 for a float64 mask, else float32.
+    """
+    pairs = [(int(h), int(w)) for h, w in sizes]
+    check_downscale_mask_args(mask, kernel_size, pairs, dtype)
+    _maybe_check_values(mask)
+    flat = [s for pair in pairs for s in pair]
+    return list(torch.ops.auditkit.downscale_mask(mask.detach(), kernel_size, flat, dtype))
+
+
+def downscale_mask(
+    mask: torch.Tensor, size: tuple[int, int], kernel_size: int = 3, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """D(M) of Eq. 7 at one size, as an (N, h, w) tensor."""
+    return downscale_masks(mask, [size], kernel_size, dtype)[0]
+
+
+def weighted_relu_sum(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """P[n] = sum_{c,i,j} weights[n,i,j] * relu(activation[n,c,i,j]), one pass over the activation.
+
+    Differentiable in ``activation`` (weights are constants). The result is
+    float32 (float64 for float64 activations) and so is the accumulation.
+    """
+    check_weighted_relu_sum_args(activation, weights)
+    return torch.ops.auditkit.weighted_relu_sum(activation, weights)
 
 
 def tap_penalty(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
@@ -44,27 +85,34 @@ def tap_penalty(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int =
         is in that dtype, so float16 activations cannot overflow it.
     """
     check_tap_penalty_args(activation, mask, kernel_size)
-    _maybe_check_values(mask)
-    penalty, _ = torch.ops.auditkit.tap_penalty(activation, mask.detach(), kernel_size)
-    return penalty
+    weights = downscale_mask(mask, activation.shape[-2:], kernel_size, accumulate_dtype(activation.dtype))
+    return torch.ops.auditkit.weighted_relu_sum(activation, weights)
 
 
 def tap_loss(activations: Sequence[torch.Tensor], mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
     """L_TAP of Eq. 8: the mean over layers of the batch-mean penalty.
 
-    This is what training adds to the task loss (times lambda). An empty batch
-    gives 0.
+    This is what training adds to the task loss (times lambda). D(M) is
+    computed once for all layers. An empty batch gives 0.
     """
     if len(activations) == 0:
         raise ValueError("tap_loss: `activations` is empty; pass the outputs of the targeted layers")
-    total = sum(tap_penalty(activation, mask, kernel_size).sum() for activation in activations)
-    batch = max(int(activations[0].shape[0]), 1)
-    return total / (len(activations) * batch)
+    for activation in activations:
+        check_tap_penalty_args(activation, mask, kernel_size)
+    sizes = list(dict.fromkeys((int(a.shape[2]), int(a.shape[3])) for a in activations))
+    precise = any(accumulate_dtype(a.dtype) == torch.float64 for a in activations)
+    weights = dict(zip(sizes, downscale_masks(mask, sizes, kernel_size, torch.float64 if precise else torch.float32)))
+    total = sum(
+        torch.ops.auditkit.weighted_relu_sum(a, weights[(int(a.shape[2]), int(a.shape[3]))]).sum()
+        for a in activations
+    )
+    return total / (len(activations) * max(int(activations[0].shape[0]), 1))
 
 
-def downscale_mask(mask: torch.Tensor, size: tuple[int, int], kernel_size: int = 3) -> torch.Tensor:
-    """D(M) of Eq. 7 as an (N, h, w) tensor (float32, float64 for a float64 mask)."""
-    height, width = (int(s) for s in size)
-    check_downscale_mask_args(mask, height, width, kernel_size)
-    _maybe_check_values(mask)
-    return torch.ops.auditkit.downscale_mask(mask.detach(), height, width, kernel_size)
+__all__ = [
+    "downscale_mask",
+    "downscale_masks",
+    "tap_loss",
+    "tap_penalty",
+    "weighted_relu_sum",
+]

@@ -1,8 +1,14 @@
-// Shared declarations for the TAP penalty op (TAP paper, Eq. 7-8).
+// Shared declarations for the TAP ops (TAP paper, Eq. 7-8).
 //
-//   D(M)   = AdaptiveAvgPool_(h,w)( MaxPool_{k, stride 1, pad k/2}(M) )          (Eq. 7)
-//   P[n]   = sum_{i,j} D(M)[n,i,j] * sum_c relu(A[n,c,i,j])                        (Eq. 8, per sample)
-//   dP/dA  = D(M)[n,i,j] * 1[A[n,c,i,j] > 0]
+//   D(M)  = AdaptiveAvgPool_(h,w)( MaxPool_{k, stride 1, pad k/2}(M) )            (Eq. 7)
+//   P[n]  = sum_{i,j} D(M)[n,i,j] * sum_c relu(A[n,c,i,j])                          (Eq. 8, per sample)
+//
+// Two ops implement it:
+//   downscale_mask(mask, k, sizes, dtype) -> [D_l]  D(M) for every targeted layer
+//       size in one pass over the mask (a training step calls it once per batch);
+//   weighted_relu_sum(A, W) -> P  one streaming pass over the activation,
+//       P[n] = sum_{c,i,j} W[n,i,j] * relu(A[n,c,i,j]); the (N,h,w) channel sum
+//       is never materialised. Its backward is g[n] * W[n,i,j] * 1[A > 0].
 //
 // Backend kernels live in cpu/ and cuda/; this header holds what every backend
 // shares: argument checks and the window arithmetic of the two poolings.
@@ -13,26 +19,33 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
 
 namespace auditkit {
 
-// Checks ranks, batch sizes, dtypes, devices and spatial sizes (never tensor
-// values). Errors name the offending argument.
-void check_tap_penalty_args(
-    const at::Tensor& activation,
+// Checks shapes, dtypes and devices (never tensor values); errors name the
+// offending argument. Returns the (height, width) pairs of `sizes`.
+std::vector<std::pair<int64_t, int64_t>> check_downscale_mask_args(
     const at::Tensor& mask,
-    int64_t kernel_size);
+    int64_t kernel_size,
+    c10::IntArrayRef sizes,
+    std::optional<at::ScalarType> dtype);
 
-void check_downscale_mask_args(
-    const at::Tensor& mask,
-    int64_t height,
-    int64_t width,
-    int64_t kernel_size);
+void check_weighted_relu_sum_args(const at::Tensor& activation, const at::Tensor& weights);
 
-void check_tap_penalty_backward_args(
+void check_weighted_relu_sum_backward_args(
     const at::Tensor& grad,
     const at::Tensor& activation,
-    const at::Tensor& downscaled_mask);
+    const at::Tensor& weights);
+
+// float for float32/float16/bfloat16 activations, double for float64: the
+// dtype of the penalty and of all accumulation.
+at::ScalarType accumulate_dtype(at::ScalarType activation_dtype);
+
+// D's dtype: the requested one, else float64 for a float64 mask, else float32.
+at::ScalarType downscaled_dtype(const at::Tensor& mask, std::optional<at::ScalarType> dtype);
 
 // The gradient's layout: channels_last when the activation is (and is not
 // also plain contiguous), contiguous otherwise. The fake kernel mirrors this.
@@ -40,10 +53,6 @@ at::Tensor empty_activation_grad(const at::Tensor& activation);
 
 // (N,1,H,W) or (N,H,W) -> (N,H,W) view.
 at::Tensor mask_as_nhw(const at::Tensor& mask);
-
-// float for float32/float16/bfloat16 activations, double for float64: the
-// dtype of the penalty, of the downscaled mask and of all accumulation.
-at::ScalarType accumulate_dtype(at::ScalarType activation_dtype);
 
 // Size of the stride-1 max-pooled mask: H + 2*(k/2) - k + 1 (H for odd k).
 C10_HOST_DEVICE inline int64_t dilated_size(int64_t size, int64_t kernel_size) {

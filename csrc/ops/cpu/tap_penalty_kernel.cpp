@@ -1,10 +1,14 @@
-// CPU kernels of the TAP penalty (TAP paper Eq. 7-8).
+// CPU kernels of the TAP ops (TAP paper Eq. 7-8).
 //
-// Forward reads the activation once: each (n, c) plane (or, for channels_last,
-// each (n, i) row) is reduced against the tiny downscaled mask D(M) into a
-// per-plane partial sum; the (N, h, w) channel sum is never materialised.
-// D(M) is computed per sample with a separable max pool followed by the
-// adaptive average windows; the mask range check rides along for free.
+// downscale_mask: per sample, each input row is read once (converted, range
+//   checked, dilated horizontally into a ring of k rows); each dilated row is
+//   the max over the ring and is added into the row-window sums of every
+//   requested size; the column windows are summed at the end. Cost: a few
+//   vector operations per mask pixel, for all targeted layers together.
+// weighted_relu_sum: each (n, c) plane (or, for channels_last, each (n, i)
+//   row) is reduced against W in one streaming pass with four independent
+//   vector accumulators; partials are added per sample in double, so the
+//   result does not depend on the thread count.
 #include "../tap_penalty.h"
 
 #include <ATen/Dispatch.h>
@@ -18,15 +22,17 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace auditkit {
 
 namespace {
 
-// Inner loops compiled for AVX-512, AVX2+FMA and a baseline; the loader picks
-// the best one for the running CPU (GCC function multi-versioning).
+// Hot loops are compiled for AVX-512, AVX2+FMA and a baseline; the loader
+// picks the best for the running CPU (GCC function multi-versioning).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     !defined(AUDITKIT_NO_TARGET_CLONES)
 #define AUDITKIT_MULTIVERSION \
@@ -35,54 +41,394 @@ namespace {
 #define AUDITKIT_MULTIVERSION
 #endif
 
-template <typename scalar_t, typename acc_t>
-AUDITKIT_MULTIVERSION acc_t
-dot_relu_contiguous(const scalar_t* a, const acc_t* d, int64_t len) {
+// 64-byte vectors (GCC vector extensions): one zmm register on AVX-512, two
+// ymm on AVX2, four xmm on the baseline.
+template <typename T>
+struct Vec64;
+template <>
+struct Vec64<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int lanes = 16;
+};
+template <>
+struct Vec64<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int lanes = 8;
+};
+
+template <typename T>
+inline typename Vec64<T>::type load(const T* p) {
+  typename Vec64<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// sum_k w[k] * relu(a[k]), or sum_k relu(a[k]) when w is null.
+template <typename acc_t>
+AUDITKIT_MULTIVERSION acc_t weighted_relu_sum_run(const acc_t* a, const acc_t* w, int64_t len) {
+  using V = typename Vec64<acc_t>::type;
+  constexpr int L = Vec64<acc_t>::lanes;
+  const V zero = {};
+  V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t k = 0;
+  if (w != nullptr) {
+    for (; k + 4 * L <= len; k += 4 * L) {
+      const V a0 = load(a + k), a1 = load(a + k + L), a2 = load(a + k + 2 * L), a3 = load(a + k + 3 * L);
+      s0 += a0 > zero ? a0 * load(w + k) : zero;
+      s1 += a1 > zero ? a1 * load(w + k + L) : zero;
+      s2 += a2 > zero ? a2 * load(w + k + 2 * L) : zero;
+      s3 += a3 > zero ? a3 * load(w + k + 3 * L) : zero;
+    }
+  } else {
+    for (; k + 4 * L <= len; k += 4 * L) {
+      const V a0 = load(a + k), a1 = load(a + k + L), a2 = load(a + k + 2 * L), a3 = load(a + k + 3 * L);
+      s0 += a0 > zero ? a0 : zero;
+      s1 += a1 > zero ? a1 : zero;
+      s2 += a2 > zero ? a2 : zero;
+      s3 += a3 > zero ? a3 : zero;
+    }
+  }
+  const V s = (s0 + s1) + (s2 + s3);
   acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < len; ++k) {
-    const acc_t v = static_cast<acc_t>(a[k]);
-    acc += v > acc_t(0) ? v * d[k] : acc_t(0);
+  for (int l = 0; l < L; ++l) {
+    acc += s[l];
+  }
+  for (; k < len; ++k) {
+    const acc_t v = a[k];
+    acc += v > acc_t(0) ? (w != nullptr ? v * w[k] : v) : acc_t(0);
   }
   return acc;
 }
 
+// The same for reduced-precision inputs: converted in small chunks.
 template <typename scalar_t, typename acc_t>
-AUDITKIT_MULTIVERSION acc_t sum_relu_contiguous(const scalar_t* a, int64_t len) {
-  acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < len; ++k) {
-    const acc_t v = static_cast<acc_t>(a[k]);
-    acc += v > acc_t(0) ? v : acc_t(0);
-  }
-  return acc;
-}
-
-template <typename scalar_t, typename acc_t>
-AUDITKIT_MULTIVERSION void grad_row_contiguous(
-    scalar_t* out,
-    const scalar_t* a,
-    const acc_t* weight,
-    int64_t len) {
-#pragma omp simd
-  for (int64_t k = 0; k < len; ++k) {
-    const acc_t v = static_cast<acc_t>(a[k]);
-    out[k] = static_cast<scalar_t>(v > acc_t(0) ? weight[k] : acc_t(0));
+acc_t weighted_relu_sum_contiguous(const scalar_t* a, const acc_t* w, int64_t len) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return weighted_relu_sum_run<acc_t>(a, w, len);
+  } else {
+    constexpr int64_t kChunk = 256;
+    acc_t buffer[kChunk];
+    acc_t acc = 0;
+    for (int64_t start = 0; start < len; start += kChunk) {
+      const int64_t n = std::min(kChunk, len - start);
+      for (int64_t k = 0; k < n; ++k) {
+        buffer[k] = static_cast<acc_t>(a[start + k]);
+      }
+      acc += weighted_relu_sum_run<acc_t>(buffer, w == nullptr ? nullptr : w + start, n);
+    }
+    return acc;
   }
 }
 
+// out[k] = a[k] > 0 ? w[k] : 0   (w = g[n] * W[n] for this row)
 template <typename scalar_t, typename acc_t>
-AUDITKIT_MULTIVERSION void grad_row_constant_weight(
-    scalar_t* out,
-    const scalar_t* a,
-    acc_t weight,
-    int64_t len) {
+AUDITKIT_MULTIVERSION void relu_grad_row(scalar_t* out, const scalar_t* a, const acc_t* w, int64_t len) {
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) {
-    const acc_t v = static_cast<acc_t>(a[k]);
-    out[k] = static_cast<scalar_t>(v > acc_t(0) ? weight : acc_t(0));
+    out[k] = static_cast<scalar_t>(static_cast<acc_t>(a[k]) > acc_t(0) ? w[k] : acc_t(0));
   }
 }
+
+// out[k] = a[k] > 0 ? weight : 0
+template <typename scalar_t, typename acc_t>
+AUDITKIT_MULTIVERSION void relu_grad_constant(scalar_t* out, const scalar_t* a, acc_t weight, int64_t len) {
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) {
+    out[k] = static_cast<scalar_t>(static_cast<acc_t>(a[k]) > acc_t(0) ? weight : acc_t(0));
+  }
+}
+
+// ---- downscale_mask -----------------------------------------------------------
+
+// dst[c] = max_{t < k} src[c + t * stride]: one max-pool direction over a
+// whole padded plane (stride 1: along rows; stride = row length: along columns).
+template <typename work_t>
+AUDITKIT_MULTIVERSION void window_max(
+    work_t* __restrict__ dst,
+    const work_t* __restrict__ src,
+    int64_t len,
+    int64_t k,
+    int64_t stride) {
+  if (k == 3) { // the default kernel size: one pass
+    const work_t* s1 = src + stride;
+    const work_t* s2 = src + 2 * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) {
+      const work_t m = src[c] > s1[c] ? src[c] : s1[c];
+      dst[c] = m > s2[c] ? m : s2[c];
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) {
+    dst[c] = src[c];
+  }
+  for (int64_t t = 1; t < k; ++t) {
+    const work_t* st = src + t * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) {
+      dst[c] = st[c] > dst[c] ? st[c] : dst[c];
+    }
+  }
+}
+
+// Copies one mask row into the work buffer and counts values outside [0, 1]
+// (NaN included) on the way. (Written as a plain loop: GCC vectorises it per
+// target clone, while explicit vector-extension compares combined with & are
+// lowered for the baseline target and end up scalar.)
+template <typename mask_t, typename work_t>
+AUDITKIT_MULTIVERSION int64_t load_row_and_count_outside_unit(
+    work_t* __restrict__ dst,
+    const mask_t* __restrict__ src,
+    int64_t len) {
+  work_t bad = 0; // exact: per-lane counts stay far below 2^24
+#pragma omp simd reduction(+ : bad)
+  for (int64_t x = 0; x < len; ++x) {
+    const work_t v = static_cast<work_t>(src[x]);
+    dst[x] = v;
+    bad += (v >= work_t(0) && v <= work_t(1)) ? work_t(0) : work_t(1);
+  }
+  return static_cast<int64_t>(bad);
+}
+
+// sums[c] += max_{t < k} src[c + t * stride]: the vertical max pool fused
+// with the row-window sum of the adaptive average.
+template <typename work_t>
+AUDITKIT_MULTIVERSION void add_window_max(
+    work_t* __restrict__ sums,
+    const work_t* __restrict__ src,
+    int64_t len,
+    int64_t k,
+    int64_t stride) {
+  if (k == 3) {
+    const work_t* s1 = src + stride;
+    const work_t* s2 = src + 2 * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) {
+      const work_t m = src[c] > s1[c] ? src[c] : s1[c];
+      sums[c] += m > s2[c] ? m : s2[c];
+    }
+    return;
+  }
+  for (int64_t c = 0; c < len; ++c) {
+    work_t m = src[c];
+    for (int64_t t = 1; t < k; ++t) {
+      const work_t v = src[c + t * stride];
+      m = v > m ? v : m;
+    }
+    sums[c] += m;
+  }
+}
+
+// One targeted layer's output size, its adaptive windows over the dilated
+// mask (precomputed: 64-bit divisions are not cheap) and, when its windows
+// are exact unions of a finer layer's windows, that layer (its D is then
+// summed from the finer window sums instead of from the mask).
+struct LayerWindows {
+  int64_t h, w;
+  int64_t finer = -1; // index into the size list, or -1
+  std::vector<int64_t> row_start, row_end, col_start, col_end;
+
+  LayerWindows(int64_t h_, int64_t w_, int64_t Hd, int64_t Wd) : h(h_), w(w_) {
+    for (int64_t i = 0; i < h; ++i) {
+      row_start.push_back(adaptive_start(i, Hd, h));
+      row_end.push_back(adaptive_end(i, Hd, h));
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      col_start.push_back(adaptive_start(j, Wd, w));
+      col_end.push_back(adaptive_end(j, Wd, w));
+    }
+  }
+};
+
+// Sizes from finest to coarsest, each linked to a finer size that nests it.
+std::vector<size_t> plan_layer_windows(std::vector<LayerWindows>& sizes, int64_t Hd, int64_t Wd) {
+  std::vector<size_t> order(sizes.size());
+  for (size_t l = 0; l < order.size(); ++l) {
+    order[l] = l;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return sizes[a].h * sizes[a].w > sizes[b].h * sizes[b].w;
+  });
+  for (size_t pos = 0; pos < order.size(); ++pos) {
+    LayerWindows& coarse = sizes[order[pos]];
+    for (size_t prev = 0; prev < pos; ++prev) {
+      const LayerWindows& fine = sizes[order[prev]];
+      const bool nests = Hd % fine.h == 0 && Wd % fine.w == 0 && fine.h % coarse.h == 0 &&
+          fine.w % coarse.w == 0 && fine.finer < 0;
+      if (nests) {
+        coarse.finer = static_cast<int64_t>(order[prev]);
+        break;
+      }
+    }
+  }
+  return order;
+}
+
+// Per-thread buffers for one mask geometry (H, W, k).
+template <typename work_t>
+struct DownscaleWorkspace {
+  int64_t H = -1, W = -1, k = -1;
+  std::vector<work_t> gathered;  // one strided mask row
+  std::vector<work_t> row;       // one mask row with a -inf border of k/2
+  std::vector<work_t> horiz;     // horizontal max of every row, (H + 2 pad) x Wd, -inf border rows
+  std::vector<work_t> row_sums;  // sum over one row window: Wd
+  std::vector<std::vector<double>> window_sums; // per size: h x w
+
+  void prepare(int64_t H_, int64_t W_, int64_t k_) {
+    if (H_ == H && W_ == W && k_ == k) {
+      return;
+    }
+    H = H_, W = W_, k = k_;
+    const int64_t pad = k / 2;
+    const work_t neg_inf = -std::numeric_limits<work_t>::infinity();
+    gathered.assign(W, 0);
+    row.assign(W + 2 * pad, neg_inf); // the border stays -inf; the interior is overwritten
+    horiz.assign((H + 2 * pad) * dilated_size(W, k), neg_inf);
+    row_sums.assign(dilated_size(W, k), 0);
+  }
+};
+
+// D(M) for one sample and every size. Each mask row is read once (converted,
+// range checked and max-pooled along the row); the max pool along columns is
+// fused with the row-window sums. -inf borders stand for the clipping of the
+// pooling windows. Returns the number of mask values outside [0, 1] (NaN
+// included).
+template <typename mask_t, typename work_t, typename out_t>
+int64_t downscale_one_sample(
+    const mask_t* m,
+    int64_t sH,
+    int64_t sW,
+    int64_t H,
+    int64_t W,
+    int64_t k,
+    const std::vector<LayerWindows>& sizes,
+    const std::vector<size_t>& order,
+    const std::vector<out_t*>& outs,
+    DownscaleWorkspace<work_t>& ws) {
+  ws.prepare(H, W, k);
+  const int64_t pad = k / 2;
+  const int64_t Wd = dilated_size(W, k);
+  int64_t bad = 0;
+  work_t* row = ws.row.data() + pad;
+  for (int64_t r = 0; r < H; ++r) {
+    const mask_t* src = m + r * sH;
+    if (sW == 1) {
+      bad += load_row_and_count_outside_unit<mask_t, work_t>(row, src, W);
+    } else {
+      for (int64_t x = 0; x < W; ++x) {
+        ws.gathered[x] = static_cast<work_t>(src[x * sW]);
+      }
+      bad += load_row_and_count_outside_unit<work_t, work_t>(row, ws.gathered.data(), W);
+    }
+    work_t* dst = ws.horiz.data() + (r + pad) * Wd;
+    if (k > 1) {
+      window_max<work_t>(dst, ws.row.data(), Wd, k, 1);
+    } else {
+      std::copy_n(row, W, dst);
+    }
+  }
+  ws.window_sums.resize(sizes.size());
+  for (const size_t l : order) {
+    const LayerWindows& win = sizes[l];
+    std::vector<double>& sums = ws.window_sums[l];
+    sums.assign(win.h * win.w, 0.0);
+    if (win.finer >= 0) {
+      // Exact unions of the finer layer's windows: add their sums.
+      const LayerWindows& fine = sizes[win.finer];
+      const std::vector<double>& fine_sums = ws.window_sums[win.finer];
+      const int64_t bh = fine.h / win.h, bw = fine.w / win.w;
+      for (int64_t i = 0; i < fine.h; ++i) {
+        double* coarse_row = sums.data() + (i / bh) * win.w;
+        const double* fine_row = fine_sums.data() + i * fine.w;
+        for (int64_t j = 0; j < win.w; ++j) {
+          for (int64_t b = 0; b < bw; ++b) {
+            coarse_row[j] += fine_row[j * bw + b];
+          }
+        }
+      }
+    } else {
+      work_t* row_sums = ws.row_sums.data();
+      for (int64_t i = 0; i < win.h; ++i) {
+        std::fill(row_sums, row_sums + Wd, work_t(0));
+        for (int64_t r = win.row_start[i]; r < win.row_end[i]; ++r) {
+          // Dilated row r is the max over padded horizontal rows r .. r + k - 1.
+          add_window_max<work_t>(row_sums, ws.horiz.data() + r * Wd, Wd, k, Wd);
+        }
+        for (int64_t j = 0; j < win.w; ++j) {
+          double total = 0.0;
+          for (int64_t c = win.col_start[j]; c < win.col_end[j]; ++c) {
+            total += static_cast<double>(row_sums[c]);
+          }
+          sums[i * win.w + j] = total;
+        }
+      }
+    }
+    for (int64_t i = 0; i < win.h; ++i) {
+      const double rows = static_cast<double>(win.row_end[i] - win.row_start[i]);
+      for (int64_t j = 0; j < win.w; ++j) {
+        const double count = rows * static_cast<double>(win.col_end[j] - win.col_start[j]);
+        outs[l][i * win.w + j] = static_cast<out_t>(sums[i * win.w + j] / count);
+      }
+    }
+  }
+  return bad;
+}
+
+std::vector<at::Tensor> downscale_mask_cpu(
+    const at::Tensor& mask,
+    int64_t kernel_size,
+    c10::IntArrayRef sizes,
+    std::optional<at::ScalarType> dtype) {
+  const auto pairs = check_downscale_mask_args(mask, kernel_size, sizes, dtype);
+  const at::Tensor m = mask_as_nhw(mask);
+  const int64_t N = m.size(0), H = m.size(1), W = m.size(2);
+  const auto out_dtype = downscaled_dtype(mask, dtype);
+  std::vector<LayerWindows> layer_sizes;
+  std::vector<at::Tensor> outputs;
+  for (const auto& [h, w] : pairs) {
+    layer_sizes.emplace_back(h, w, dilated_size(H, kernel_size), dilated_size(W, kernel_size));
+    outputs.push_back(at::empty({N, h, w}, m.options().dtype(out_dtype)));
+  }
+  const auto order = plan_layer_windows(layer_sizes, dilated_size(H, kernel_size), dilated_size(W, kernel_size));
+  if (N == 0) {
+    return outputs;
+  }
+  std::atomic<int64_t> bad_values{0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "downscale_mask_cpu", [&] {
+    using mask_t = scalar_t;
+    // Max pooling is exact in float for every mask dtype but float64.
+    using work_t = std::conditional_t<std::is_same_v<mask_t, double>, double, float>;
+    const mask_t* mp = m.const_data_ptr<mask_t>();
+    AT_DISPATCH_FLOATING_TYPES(out_dtype, "downscale_mask_cpu_out", [&] {
+      using out_t = scalar_t;
+      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, H * W * (kernel_size + 1)));
+      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+        // Kept per thread across calls: a training step asks for the same
+        // geometry every batch, so the buffers are allocated once.
+        thread_local DownscaleWorkspace<work_t> ws;
+        std::vector<out_t*> outs(outputs.size());
+        int64_t bad = 0;
+        for (int64_t n = begin; n < end; ++n) {
+          for (size_t l = 0; l < outputs.size(); ++l) {
+            outs[l] = outputs[l].mutable_data_ptr<out_t>() + n * layer_sizes[l].h * layer_sizes[l].w;
+          }
+          bad += downscale_one_sample<mask_t, work_t, out_t>(
+              mp + n * m.stride(0), m.stride(1), m.stride(2), H, W, kernel_size, layer_sizes, order, outs, ws);
+        }
+        bad_values.fetch_add(bad);
+      });
+    });
+  });
+  TORCH_CHECK_VALUE(
+      bad_values.load() == 0,
+      "tap_penalty: `mask` values must lie in [0, 1] (1 = spurious pixel); found ",
+      bad_values.load(),
+      " outside that range or NaN");
+  return outputs;
+}
+
+// ---- weighted_relu_sum ----------------------------------------------------------
 
 struct Strides4 {
   int64_t n, c, h, w;
@@ -92,175 +438,76 @@ Strides4 strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// D(M) for one sample, computed in double: max is exact, the window means are
-// rounded once when stored. `bad` is set when a mask value lies outside [0, 1]
-// (NaN included), which the caller turns into an error.
-template <typename mask_t, typename out_t>
-void downscale_one_sample(
-    const mask_t* m,
-    int64_t sH,
-    int64_t sW,
-    int64_t H,
-    int64_t W,
-    int64_t h,
-    int64_t w,
-    int64_t k,
-    out_t* out,
-    std::vector<double>& row_max,
-    std::vector<double>& dilated,
-    bool& bad) {
-  const int64_t pad = k / 2;
-  const int64_t Hd = dilated_size(H, k);
-  const int64_t Wd = dilated_size(W, k);
-  row_max.resize(static_cast<size_t>(H * Wd));
-  dilated.resize(static_cast<size_t>(Hd * Wd));
-  constexpr double neg_inf = -std::numeric_limits<double>::infinity();
-  for (const auto r : c10::irange(H)) {
-    const mask_t* row = m + r * sH;
-    for (const auto c : c10::irange(Wd)) {
-      const int64_t lo = std::max<int64_t>(c - pad, 0);
-      const int64_t hi = std::min<int64_t>(c - pad + k, W);
-      double best = neg_inf;
-      for (int64_t x = lo; x < hi; ++x) {
-        const double v = static_cast<double>(row[x * sW]);
-        best = v > best ? v : best;
-      }
-      row_max[r * Wd + c] = best;
-    }
-    for (const auto x : c10::irange(W)) {
-      const double v = static_cast<double>(row[x * sW]);
-      bad |= !(v >= 0.0 && v <= 1.0);
-    }
-  }
-  for (const auto r : c10::irange(Hd)) {
-    const int64_t lo = std::max<int64_t>(r - pad, 0);
-    const int64_t hi = std::min<int64_t>(r - pad + k, H);
-    double* dst = dilated.data() + r * Wd;
-    std::fill(dst, dst + Wd, neg_inf);
-    for (int64_t y = lo; y < hi; ++y) {
-      const double* src = row_max.data() + y * Wd;
-      for (const auto c : c10::irange(Wd)) {
-        dst[c] = src[c] > dst[c] ? src[c] : dst[c];
-      }
-    }
-  }
-  for (const auto i : c10::irange(h)) {
-    const int64_t r0 = adaptive_start(i, Hd, h);
-    const int64_t r1 = adaptive_end(i, Hd, h);
-    for (const auto j : c10::irange(w)) {
-      const int64_t c0 = adaptive_start(j, Wd, w);
-      const int64_t c1 = adaptive_end(j, Wd, w);
-      double sum = 0.0;
-      for (int64_t r = r0; r < r1; ++r) {
-        const double* src = dilated.data() + r * Wd;
-        for (int64_t c = c0; c < c1; ++c) {
-          sum += src[c];
-        }
-      }
-      out[i * w + j] =
-          static_cast<out_t>(sum / static_cast<double>((r1 - r0) * (c1 - c0)));
-    }
-  }
-}
-
-// D(M) as a contiguous (N, h, w) tensor of dtype `out_dtype`.
-at::Tensor downscale_mask_cpu_impl(
-    const at::Tensor& mask,
-    int64_t h,
-    int64_t w,
-    int64_t k,
-    at::ScalarType out_dtype) {
-  const at::Tensor m = mask_as_nhw(mask);
-  const int64_t N = m.size(0), H = m.size(1), W = m.size(2);
-  at::Tensor out = at::empty({N, h, w}, m.options().dtype(out_dtype));
-  if (N == 0) {
-    return out;
-  }
-  const int64_t sN = m.stride(0), sH = m.stride(1), sW = m.stride(2);
-  std::atomic<bool> any_bad{false};
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, m.scalar_type(), "downscale_mask_cpu", [&] {
-        using mask_t = scalar_t;
-        const mask_t* mp = m.const_data_ptr<mask_t>();
-        AT_DISPATCH_FLOATING_TYPES(out_dtype, "downscale_mask_cpu_out", [&] {
-          scalar_t* op = out.mutable_data_ptr<scalar_t>();
-          // Each sample costs about H*W*(2k+1) operations.
-          const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * (2 * k + 1)));
-          at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-            std::vector<double> row_max, dilated;
-            bool bad = false;
-            for (int64_t n = begin; n < end; ++n) {
-              downscale_one_sample<mask_t, scalar_t>(
-                  mp + n * sN, sH, sW, H, W, h, w, k, op + n * h * w,
-                  row_max, dilated, bad);
-            }
-            if (bad) {
-              any_bad.store(true);
-            }
-          });
-        });
-      });
-  TORCH_CHECK_VALUE(
-      !any_bad.load(),
-      "tap_penalty: `mask` values must lie in [0, 1] (1 = spurious pixel); "
-      "found values outside that range or NaN");
-  return out;
-}
-
-at::Tensor downscale_mask_cpu(
-    const at::Tensor& mask,
-    int64_t height,
-    int64_t width,
-    int64_t kernel_size) {
-  check_downscale_mask_args(mask, height, width, kernel_size);
-  return downscale_mask_cpu_impl(
-      mask, height, width, kernel_size,
-      mask.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
+// Planes smaller than this are reduced several channels per call: when a
+// sample's channels are contiguous, W is tiled over `planes_per_tile` planes
+// (an L1-resident buffer) and the block is one long dot product; per-plane
+// calls would be dominated by call and loop overhead.
+constexpr int64_t kSmallPlane = 2048;
+constexpr int64_t kTileElements = 2048;
+constexpr int64_t kElementsPerUnit = 32768;
 
 template <typename scalar_t, typename acc_t>
-void penalty_forward_cpu_kernel(
-    const at::Tensor& activation,
-    const acc_t* d,
-    acc_t* penalty) {
-  const int64_t N = activation.size(0), C = activation.size(1),
-                h = activation.size(2), w = activation.size(3);
+void weighted_relu_sum_cpu_kernel(const at::Tensor& activation, const acc_t* wts, acc_t* penalty) {
+  const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2),
+                w = activation.size(3);
   const int64_t hw = h * w;
   const Strides4 s = strides_of(activation);
   const scalar_t* a = activation.const_data_ptr<scalar_t>();
-  // One partial per (n, c) plane, or per (n, i) row for channels_last; summed
-  // per sample in double so the result does not depend on the thread count.
-  const bool channels_inner = s.c == 1 && s.w != 1 && C > 1;
-  const int64_t units = channels_inner ? N * h : N * C;
-  const int64_t units_per_sample = channels_inner ? h : C;
-  const int64_t unit_elems = channels_inner ? w * C : hw;
+  enum class Mode { kChannelsInner, kChannelBlocks, kPlanes };
+  const Mode mode = (s.c == 1 && s.w != 1 && C > 1) ? Mode::kChannelsInner
+      : (s.w == 1 && s.h == w && s.c == hw && hw < kSmallPlane) ? Mode::kChannelBlocks
+                                                                : Mode::kPlanes;
+  const int64_t planes_per_tile = std::max<int64_t>(1, kTileElements / hw);
+  // Work units: (n, i) rows, (n, channel block) or (n, c) planes; one partial
+  // each, summed per sample in double so the result does not depend on the
+  // thread count.
+  const int64_t block = std::clamp<int64_t>((kElementsPerUnit + hw - 1) / hw, 1, C);
+  const int64_t units_per_sample = mode == Mode::kChannelsInner ? h
+      : mode == Mode::kChannelBlocks                           ? (C + block - 1) / block
+                                                                : C;
+  const int64_t unit_elems = mode == Mode::kChannelsInner ? w * C
+      : mode == Mode::kChannelBlocks                      ? block * hw
+                                                          : hw;
+  const int64_t units = N * units_per_sample;
   std::vector<acc_t> partial(static_cast<size_t>(units));
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, unit_elems));
+  const int64_t grain = std::max<int64_t>(1, kElementsPerUnit / std::max<int64_t>(1, unit_elems));
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tiled(mode == Mode::kChannelBlocks ? planes_per_tile * hw : 0);
+    int64_t tiled_for = -1; // the sample whose W is tiled in `tiled`
     for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / units_per_sample, part = u % units_per_sample;
+      const acc_t* wn = wts + n * hw;
       acc_t acc = 0;
-      if (channels_inner) {
-        const int64_t n = u / h, i = u % h;
-        const scalar_t* row = a + n * s.n + i * s.h;
-        const acc_t* drow = d + n * hw + i * w;
+      if (mode == Mode::kChannelsInner) {
+        const scalar_t* row = a + n * s.n + part * s.h;
         for (const auto j : c10::irange(w)) {
-          acc += drow[j] * sum_relu_contiguous<scalar_t, acc_t>(row + j * s.w, C);
+          acc += wn[part * w + j] * weighted_relu_sum_contiguous<scalar_t, acc_t>(row + j * s.w, nullptr, C);
+        }
+      } else if (mode == Mode::kChannelBlocks) {
+        if (tiled_for != n) {
+          for (int64_t p = 0; p < planes_per_tile; ++p) {
+            std::copy_n(wn, hw, tiled.data() + p * hw);
+          }
+          tiled_for = n;
+        }
+        const int64_t c_end = std::min(C, (part + 1) * block);
+        for (int64_t c = part * block; c < c_end; c += planes_per_tile) {
+          const int64_t planes = std::min(planes_per_tile, c_end - c);
+          acc += weighted_relu_sum_contiguous<scalar_t, acc_t>(a + n * s.n + c * hw, tiled.data(), planes * hw);
         }
       } else {
-        const int64_t n = u / C, c = u % C;
-        const scalar_t* plane = a + n * s.n + c * s.c;
-        const acc_t* dn = d + n * hw;
+        const scalar_t* plane = a + n * s.n + part * s.c;
         if (s.w == 1 && s.h == w) {
-          acc = dot_relu_contiguous<scalar_t, acc_t>(plane, dn, hw);
+          acc = weighted_relu_sum_contiguous<scalar_t, acc_t>(plane, wn, hw);
         } else if (s.w == 1) {
           for (const auto i : c10::irange(h)) {
-            acc += dot_relu_contiguous<scalar_t, acc_t>(plane + i * s.h, dn + i * w, w);
+            acc += weighted_relu_sum_contiguous<scalar_t, acc_t>(plane + i * s.h, wn + i * w, w);
           }
         } else {
           for (const auto i : c10::irange(h)) {
             for (const auto j : c10::irange(w)) {
               const acc_t v = static_cast<acc_t>(plane[i * s.h + j * s.w]);
-              acc += v > acc_t(0) ? v * dn[i * w + j] : acc_t(0);
+              acc += v > acc_t(0) ? v * wn[i * w + j] : acc_t(0);
             }
           }
         }
@@ -277,38 +524,30 @@ void penalty_forward_cpu_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> tap_penalty_cpu(
-    const at::Tensor& activation,
-    const at::Tensor& mask,
-    int64_t kernel_size) {
-  check_tap_penalty_args(activation, mask, kernel_size);
-  TORCH_CHECK(activation.device().is_cpu(), "tap_penalty_cpu: expected CPU tensors");
-  const int64_t N = activation.size(0), h = activation.size(2),
-                w = activation.size(3);
+at::Tensor weighted_relu_sum_cpu(const at::Tensor& activation, const at::Tensor& weights) {
+  check_weighted_relu_sum_args(activation, weights);
   const auto acc_dtype = accumulate_dtype(activation.scalar_type());
-  at::Tensor dmask = downscale_mask_cpu_impl(mask, h, w, kernel_size, acc_dtype);
-  at::Tensor penalty = at::zeros({N}, activation.options().dtype(acc_dtype));
+  at::Tensor penalty = at::zeros({activation.size(0)}, activation.options().dtype(acc_dtype));
   if (activation.numel() == 0) {
-    return {penalty, dmask};
+    return penalty;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, activation.scalar_type(), "tap_penalty_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        penalty_forward_cpu_kernel<scalar_t, acc_t>(
-            activation, dmask.const_data_ptr<acc_t>(),
-            penalty.mutable_data_ptr<acc_t>());
-      });
-  return {penalty, dmask};
+  const at::Tensor wts = weights.to(acc_dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, activation.scalar_type(), "weighted_relu_sum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    weighted_relu_sum_cpu_kernel<scalar_t, acc_t>(
+        activation, wts.const_data_ptr<acc_t>(), penalty.mutable_data_ptr<acc_t>());
+  });
+  return penalty;
 }
 
 template <typename scalar_t, typename acc_t>
-void penalty_backward_cpu_kernel(
+void weighted_relu_sum_backward_cpu_kernel(
     const acc_t* g,
     const at::Tensor& activation,
-    const acc_t* d,
+    const acc_t* wts,
     at::Tensor& grad_activation) {
-  const int64_t N = activation.size(0), C = activation.size(1),
-                h = activation.size(2), w = activation.size(3);
+  const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2),
+                w = activation.size(3);
   const int64_t hw = h * w;
   const Strides4 s = strides_of(activation);
   const Strides4 o = strides_of(grad_activation);
@@ -317,43 +556,40 @@ void penalty_backward_cpu_kernel(
   const bool channels_inner = s.c == 1 && o.c == 1 && (s.w != 1 || o.w != 1) && C > 1;
   const int64_t units = channels_inner ? N * h : N * C;
   const int64_t unit_elems = channels_inner ? w * C : hw;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, unit_elems));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, unit_elems));
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scaled(static_cast<size_t>(channels_inner ? 0 : hw));
-    int64_t scaled_for = -1; // sample whose g*D is in `scaled`
+    int64_t scaled_for = -1; // the sample whose g * W is in `scaled`
     for (int64_t u = begin; u < end; ++u) {
       if (channels_inner) {
         const int64_t n = u / h, i = u % h;
-        const acc_t* drow = d + n * hw + i * w;
+        const acc_t* wrow = wts + n * hw + i * w;
         for (const auto j : c10::irange(w)) {
-          grad_row_constant_weight<scalar_t, acc_t>(
-              out + n * o.n + i * o.h + j * o.w, a + n * s.n + i * s.h + j * s.w,
-              g[n] * drow[j], C);
+          relu_grad_constant<scalar_t, acc_t>(
+              out + n * o.n + i * o.h + j * o.w, a + n * s.n + i * s.h + j * s.w, g[n] * wrow[j], C);
         }
         continue;
       }
       const int64_t n = u / C, c = u % C;
       if (scaled_for != n) {
         for (const auto k : c10::irange(hw)) {
-          scaled[k] = g[n] * d[n * hw + k];
+          scaled[k] = g[n] * wts[n * hw + k];
         }
         scaled_for = n;
       }
       const scalar_t* plane = a + n * s.n + c * s.c;
       scalar_t* oplane = out + n * o.n + c * o.c;
       if (s.w == 1 && o.w == 1 && s.h == w && o.h == w) {
-        grad_row_contiguous<scalar_t, acc_t>(oplane, plane, scaled.data(), hw);
+        relu_grad_row<scalar_t, acc_t>(oplane, plane, scaled.data(), hw);
       } else if (s.w == 1 && o.w == 1) {
         for (const auto i : c10::irange(h)) {
-          grad_row_contiguous<scalar_t, acc_t>(
-              oplane + i * o.h, plane + i * s.h, scaled.data() + i * w, w);
+          relu_grad_row<scalar_t, acc_t>(oplane + i * o.h, plane + i * s.h, scaled.data() + i * w, w);
         }
       } else {
         for (const auto i : c10::irange(h)) {
           for (const auto j : c10::irange(w)) {
             const acc_t v = static_cast<acc_t>(plane[i * s.h + j * s.w]);
-            oplane[i * o.h + j * o.w] =
-                static_cast<scalar_t>(v > acc_t(0) ? scaled[i * w + j] : acc_t(0));
+            oplane[i * o.h + j * o.w] = static_cast<scalar_t>(v > acc_t(0) ? scaled[i * w + j] : acc_t(0));
           }
         }
       }
@@ -361,24 +597,23 @@ void penalty_backward_cpu_kernel(
   });
 }
 
-at::Tensor tap_penalty_backward_cpu(
+at::Tensor weighted_relu_sum_backward_cpu(
     const at::Tensor& grad,
     const at::Tensor& activation,
-    const at::Tensor& downscaled_mask) {
-  check_tap_penalty_backward_args(grad, activation, downscaled_mask);
+    const at::Tensor& weights) {
+  check_weighted_relu_sum_backward_args(grad, activation, weights);
   at::Tensor grad_activation = empty_activation_grad(activation);
   if (activation.numel() == 0) {
     return grad_activation;
   }
   const auto acc_dtype = accumulate_dtype(activation.scalar_type());
   const at::Tensor g = grad.to(acc_dtype).contiguous();
-  const at::Tensor d = downscaled_mask.to(acc_dtype).contiguous();
+  const at::Tensor wts = weights.to(acc_dtype).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, activation.scalar_type(), "tap_penalty_backward_cpu", [&] {
+      at::kHalf, at::kBFloat16, activation.scalar_type(), "weighted_relu_sum_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        penalty_backward_cpu_kernel<scalar_t, acc_t>(
-            g.const_data_ptr<acc_t>(), activation, d.const_data_ptr<acc_t>(),
-            grad_activation);
+        weighted_relu_sum_backward_cpu_kernel<scalar_t, acc_t>(
+            g.const_data_ptr<acc_t>(), activation, wts.const_data_ptr<acc_t>(), grad_activation);
       });
   return grad_activation;
 }
@@ -386,9 +621,9 @@ at::Tensor tap_penalty_backward_cpu(
 } // namespace
 
 TORCH_LIBRARY_IMPL(auditkit, CPU, m) {
-  m.impl("tap_penalty", &tap_penalty_cpu);
-  m.impl("tap_penalty_backward", &tap_penalty_backward_cpu);
   m.impl("downscale_mask", &downscale_mask_cpu);
+  m.impl("weighted_relu_sum", &weighted_relu_sum_cpu);
+  m.impl("weighted_relu_sum_backward", &weighted_relu_sum_backward_cpu);
 }
 
 } // namespace auditkit

@@ -1,18 +1,16 @@
-// CUDA kernels of the TAP penalty (TAP paper Eq. 7-8).
+// CUDA kernels of the TAP ops (TAP paper Eq. 7-8).
 //
-// downscale_mask_kernel: one thread per D(M)[n,i,j]; the stride-1 max pool is
-//   evaluated inside each adaptive window (D is tiny: N*h*w outputs).
-// penalty_partial_kernel: each sample is split over `blocks_per_sample` blocks
-//   that stream its activation once, in memory order, and reduce
-//   sum relu(A) * D into one partial per block; partials are then summed per
-//   sample (deterministic, no atomics).
-// penalty_backward_kernel: grad = g[n] * D[n,i,j] * 1[A > 0], elementwise.
+// downscale_mask: dilate_kernel writes MaxPool_k(M) once (one thread per
+//   dilated pixel); window_mean_kernel then gives each D_l[n,i,j] one warp that
+//   averages its adaptive window (windows reach 32x32 pixels for ResNet's last
+//   block at 224x224, so one thread per output would be slow).
+// weighted_relu_sum: each sample is split over `blocks_per_sample` blocks that
+//   stream its activation once, in memory order, and reduce W * relu(A) into
+//   one partial per block; partials are summed per sample (deterministic, no
+//   atomics).
+// weighted_relu_sum_backward: g[n] * W[n,i,j] * 1[A > 0], elementwise.
 //
 // Mask values are not range-checked here: that would need a device sync on
-// every call. The Python wrapper checks them when debug checks are on.
-//
-// Only c10/ATen core headers are used (no ATen/cuda/CUDAContext.h), so a CUDA
-// toolkit without the math libraries' headers (cuBLAS, cuSPARSE) suffices.
 #include "../tap_penalty.h"
 
 #include <ATen/Dispatch.h>
@@ -62,8 +60,8 @@ int64_t num_blocks_for(int64_t elements) {
   return std::max<int64_t>(1, std::min<int64_t>(wanted, sms * 16));
 }
 
-template <typename mask_t, typename out_t>
-__global__ void downscale_mask_kernel(
+template <typename mask_t, typename work_t>
+__global__ void dilate_kernel(
     const mask_t* __restrict__ mask,
     int64_t sN,
     int64_t sH,
@@ -71,43 +69,69 @@ __global__ void downscale_mask_kernel(
     int64_t N,
     int64_t H,
     int64_t W,
+    int64_t k,
+    work_t* __restrict__ dilated) {
+  const int64_t pad = k / 2;
+  const int64_t Hd = dilated_size(H, k), Wd = dilated_size(W, k);
+  const int64_t total = N * Hd * Wd;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % Wd;
+    const int64_t r = (idx / Wd) % Hd;
+    const int64_t n = idx / (Hd * Wd);
+    const mask_t* m = mask + n * sN;
+    // Windows are clipped to the image (padding is -inf); each holds at least
+    // one pixel because pad = k/2 < k.
+    const int64_t ylo = r - pad > 0 ? r - pad : 0;
+    const int64_t yhi = r - pad + k < H ? r - pad + k : H;
+    const int64_t xlo = c - pad > 0 ? c - pad : 0;
+    const int64_t xhi = c - pad + k < W ? c - pad + k : W;
+    work_t best = static_cast<work_t>(m[ylo * sH + xlo * sW]);
+    for (int64_t y = ylo; y < yhi; ++y) {
+      for (int64_t x = xlo; x < xhi; ++x) {
+        const work_t v = static_cast<work_t>(m[y * sH + x * sW]);
+        best = v > best ? v : best;
+      }
+    }
+    dilated[idx] = best;
+  }
+}
+
+// One warp per output element D[n,i,j].
+template <typename work_t, typename out_t>
+__global__ void window_mean_kernel(
+    const work_t* __restrict__ dilated,
+    int64_t N,
+    int64_t Hd,
+    int64_t Wd,
     int64_t h,
     int64_t w,
-    int64_t k,
     out_t* __restrict__ out) {
+  const int64_t warps_per_block = blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
   const int64_t total = N * h * w;
-  const int64_t pad = k / 2;
-  const int64_t Hd = dilated_size(H, k);
-  const int64_t Wd = dilated_size(W, k);
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t idx = blockIdx.x * warps_per_block + threadIdx.x / 32; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * warps_per_block) {
     const int64_t j = idx % w;
     const int64_t i = (idx / w) % h;
     const int64_t n = idx / (h * w);
-    const mask_t* m = mask + n * sN;
     const int64_t r0 = adaptive_start(i, Hd, h), r1 = adaptive_end(i, Hd, h);
     const int64_t c0 = adaptive_start(j, Wd, w), c1 = adaptive_end(j, Wd, w);
-    out_t sum = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      // Max-pool windows are clipped to the image (padding is -inf); each
-      // holds at least one pixel because pad = k/2 < k.
-      const int64_t ylo = r - pad > 0 ? r - pad : 0;
-      const int64_t yhi = r - pad + k < H ? r - pad + k : H;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t xlo = c - pad > 0 ? c - pad : 0;
-        const int64_t xhi = c - pad + k < W ? c - pad + k : W;
-        out_t best = static_cast<out_t>(m[ylo * sH + xlo * sW]);
-        for (int64_t y = ylo; y < yhi; ++y) {
-          for (int64_t x = xlo; x < xhi; ++x) {
-            const out_t v = static_cast<out_t>(m[y * sH + x * sW]);
-            best = v > best ? v : best;
-          }
-        }
-        sum += best;
-      }
+    const int64_t cols = c1 - c0;
+    const int64_t count = (r1 - r0) * cols;
+    const work_t* base = dilated + n * Hd * Wd;
+    double sum = 0.0;
+    for (int64_t e = lane; e < count; e += 32) {
+      const int64_t r = r0 + e / cols, c = c0 + e % cols;
+      sum += static_cast<double>(base[r * Wd + c]);
     }
-    out[idx] = sum / static_cast<out_t>((r1 - r0) * (c1 - c0));
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    }
+    if (lane == 0) {
+      out[idx] = static_cast<out_t>(sum / static_cast<double>(count));
+    }
   }
 }
 
@@ -163,9 +187,9 @@ __device__ __forceinline__ void locate(
 }
 
 template <typename scalar_t, typename acc_t, int LAYOUT, typename index_t>
-__global__ void __launch_bounds__(kThreads) penalty_partial_kernel(
+__global__ void __launch_bounds__(kThreads) weighted_sum_partial_kernel(
     const scalar_t* __restrict__ activation,
-    const acc_t* __restrict__ dmask,
+    const acc_t* __restrict__ weights,
     acc_t* __restrict__ partial,
     index_t C,
     index_t h,
@@ -180,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) penalty_partial_kernel(
   const index_t hw = h * w;
   const index_t per_sample = C * hw;
   const scalar_t* a = activation + n * sN;
-  const acc_t* d = dmask + n * hw;
+  const acc_t* d = weights + n * hw;
   const index_t step = static_cast<index_t>(blocks_per_sample) * kThreads;
   acc_t acc = 0;
   index_t e = b * kThreads + threadIdx.x;
@@ -213,10 +237,10 @@ __global__ void __launch_bounds__(kThreads) penalty_partial_kernel(
 }
 
 template <typename scalar_t, typename acc_t, int LAYOUT, typename index_t>
-__global__ void __launch_bounds__(kThreads) penalty_backward_kernel(
+__global__ void __launch_bounds__(kThreads) relu_grad_kernel(
     const acc_t* __restrict__ grad,
     const scalar_t* __restrict__ activation,
-    const acc_t* __restrict__ dmask,
+    const acc_t* __restrict__ weights,
     scalar_t* __restrict__ out,
     index_t total,
     index_t C,
@@ -238,61 +262,64 @@ __global__ void __launch_bounds__(kThreads) penalty_backward_kernel(
     locate<LAYOUT, index_t>(e - n * per_sample, C, hw, w, sC, sH, sW, offset, q);
     const acc_t v = static_cast<acc_t>(activation[n * sN + offset]);
     out[e] = static_cast<scalar_t>(
-        v > acc_t(0) ? grad[n] * dmask[n * hw + q] : acc_t(0));
+        v > acc_t(0) ? grad[n] * weights[n * hw + q] : acc_t(0));
   }
 }
 
-at::Tensor downscale_mask_cuda_impl(
+std::vector<at::Tensor> downscale_mask_cuda(
     const at::Tensor& mask,
-    int64_t h,
-    int64_t w,
-    int64_t k,
-    at::ScalarType out_dtype) {
+    int64_t kernel_size,
+    c10::IntArrayRef sizes,
+    std::optional<at::ScalarType> dtype) {
+  const auto pairs = check_downscale_mask_args(mask, kernel_size, sizes, dtype);
+  const c10::cuda::CUDAGuard guard(mask.device());
   const at::Tensor m = mask_as_nhw(mask);
   const int64_t N = m.size(0), H = m.size(1), W = m.size(2);
-  at::Tensor out = at::empty({N, h, w}, m.options().dtype(out_dtype));
+  const int64_t Hd = dilated_size(H, kernel_size), Wd = dilated_size(W, kernel_size);
+  const auto out_dtype = downscaled_dtype(mask, dtype);
+  std::vector<at::Tensor> outputs;
+  for (const auto& [h, w] : pairs) {
+    outputs.push_back(at::empty({N, h, w}, m.options().dtype(out_dtype)));
+  }
   if (N == 0) {
-    return out;
+    return outputs;
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = num_blocks_for(N * h * w);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, m.scalar_type(), "downscale_mask_cuda", [&] {
-        using mask_t = scalar_t;
+  // Max pooling is exact in float for every mask dtype but float64.
+  const auto work_dtype = m.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dilated = at::empty({N, Hd, Wd}, m.options().dtype(work_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "downscale_mask_cuda", [&] {
+    using mask_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(work_dtype, "downscale_mask_cuda_work", [&] {
+      using work_t = scalar_t;
+      dilate_kernel<mask_t, work_t><<<num_blocks_for(N * Hd * Wd), kThreads, 0, stream>>>(
+          m.const_data_ptr<mask_t>(), m.stride(0), m.stride(1), m.stride(2), N, H, W, kernel_size,
+          dilated.mutable_data_ptr<work_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (size_t l = 0; l < outputs.size(); ++l) {
+        const int64_t h = pairs[l].first, w = pairs[l].second;
+        const int64_t warps = N * h * w;
         AT_DISPATCH_FLOATING_TYPES(out_dtype, "downscale_mask_cuda_out", [&] {
-          downscale_mask_kernel<mask_t, scalar_t>
-              <<<blocks, kThreads, 0, stream>>>(
-                  m.const_data_ptr<mask_t>(), m.stride(0), m.stride(1),
-                  m.stride(2), N, H, W, h, w, k,
-                  out.mutable_data_ptr<scalar_t>());
+          window_mean_kernel<work_t, scalar_t><<<num_blocks_for(warps * 32), kThreads, 0, stream>>>(
+              dilated.const_data_ptr<work_t>(), N, Hd, Wd, h, w, outputs[l].mutable_data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-      });
-  return out;
-}
-
-at::Tensor downscale_mask_cuda(
-    const at::Tensor& mask,
-    int64_t height,
-    int64_t width,
-    int64_t kernel_size) {
-  check_downscale_mask_args(mask, height, width, kernel_size);
-  const c10::cuda::CUDAGuard guard(mask.device());
-  return downscale_mask_cuda_impl(
-      mask, height, width, kernel_size,
-      mask.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+      }
+    });
+  });
+  return outputs;
 }
 
 template <typename scalar_t, typename acc_t, int LAYOUT, typename index_t>
-void launch_penalty_partial(
+void launch_weighted_sum_partial(
     const at::Tensor& a,
-    const at::Tensor& dmask,
+    const at::Tensor& weights,
     at::Tensor& partial,
     int blocks_per_sample) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  penalty_partial_kernel<scalar_t, acc_t, LAYOUT, index_t>
+  weighted_sum_partial_kernel<scalar_t, acc_t, LAYOUT, index_t>
       <<<partial.numel(), kThreads, 0, stream>>>(
-          a.const_data_ptr<scalar_t>(), dmask.const_data_ptr<acc_t>(),
+          a.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(),
           partial.mutable_data_ptr<acc_t>(), static_cast<index_t>(a.size(1)),
           static_cast<index_t>(a.size(2)), static_cast<index_t>(a.size(3)),
           a.stride(0), static_cast<index_t>(a.stride(1)),
@@ -302,20 +329,20 @@ void launch_penalty_partial(
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-void launch_penalty_partial_any_layout(
+void launch_weighted_sum_partial_any_layout(
     const at::Tensor& a,
-    const at::Tensor& dmask,
+    const at::Tensor& weights,
     at::Tensor& partial,
     int blocks_per_sample) {
   switch (layout_of(a)) {
     case kContiguous:
-      launch_penalty_partial<scalar_t, acc_t, kContiguous, index_t>(a, dmask, partial, blocks_per_sample);
+      launch_weighted_sum_partial<scalar_t, acc_t, kContiguous, index_t>(a, weights, partial, blocks_per_sample);
       break;
     case kChannelsLast:
-      launch_penalty_partial<scalar_t, acc_t, kChannelsLast, index_t>(a, dmask, partial, blocks_per_sample);
+      launch_weighted_sum_partial<scalar_t, acc_t, kChannelsLast, index_t>(a, weights, partial, blocks_per_sample);
       break;
     default:
-      launch_penalty_partial<scalar_t, acc_t, kStrided, index_t>(a, dmask, partial, blocks_per_sample);
+      launch_weighted_sum_partial<scalar_t, acc_t, kStrided, index_t>(a, weights, partial, blocks_per_sample);
   }
 }
 
@@ -326,49 +353,44 @@ bool fits_int32(const at::Tensor& t) {
       t.numel() <= std::numeric_limits<int32_t>::max();
 }
 
-std::tuple<at::Tensor, at::Tensor> tap_penalty_cuda(
-    const at::Tensor& activation,
-    const at::Tensor& mask,
-    int64_t kernel_size) {
-  check_tap_penalty_args(activation, mask, kernel_size);
+at::Tensor weighted_relu_sum_cuda(const at::Tensor& activation, const at::Tensor& weights) {
+  check_weighted_relu_sum_args(activation, weights);
   const c10::cuda::CUDAGuard guard(activation.device());
-  const int64_t N = activation.size(0), C = activation.size(1),
-                h = activation.size(2), w = activation.size(3);
+  const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2),
+                w = activation.size(3);
   const auto acc_dtype = accumulate_dtype(activation.scalar_type());
-  at::Tensor dmask = downscale_mask_cuda_impl(mask, h, w, kernel_size, acc_dtype);
   if (activation.numel() == 0) {
-    return {at::zeros({N}, activation.options().dtype(acc_dtype)), dmask};
+    return at::zeros({N}, activation.options().dtype(acc_dtype));
   }
+  const at::Tensor wts = weights.to(acc_dtype).contiguous();
   const int64_t per_sample = C * h * w;
   const int64_t sms = multiprocessor_count();
   // At least kThreads * kUnroll * 2 elements per block, and about 16 blocks
   // per SM over the whole batch.
   const int64_t by_work = (per_sample + kThreads * kUnroll * 2 - 1) / (kThreads * kUnroll * 2);
   const int64_t by_occupancy = std::max<int64_t>(1, (sms * 16 + N - 1) / N);
-  const int blocks_per_sample =
-      static_cast<int>(std::max<int64_t>(1, std::min(by_work, by_occupancy)));
+  const int blocks_per_sample = static_cast<int>(std::max<int64_t>(1, std::min(by_work, by_occupancy)));
   at::Tensor partial = at::empty({N, blocks_per_sample}, activation.options().dtype(acc_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, activation.scalar_type(), "tap_penalty_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        if (fits_int32(activation)) {
-          launch_penalty_partial_any_layout<scalar_t, acc_t, int32_t>(activation, dmask, partial, blocks_per_sample);
-        } else {
-          launch_penalty_partial_any_layout<scalar_t, acc_t, int64_t>(activation, dmask, partial, blocks_per_sample);
-        }
-      });
-  return {partial.sum(1), dmask};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, activation.scalar_type(), "weighted_relu_sum_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (fits_int32(activation)) {
+      launch_weighted_sum_partial_any_layout<scalar_t, acc_t, int32_t>(activation, wts, partial, blocks_per_sample);
+    } else {
+      launch_weighted_sum_partial_any_layout<scalar_t, acc_t, int64_t>(activation, wts, partial, blocks_per_sample);
+    }
+  });
+  return partial.sum(1);
 }
 
 template <typename scalar_t, typename acc_t, int LAYOUT, typename index_t>
-void launch_penalty_backward(
+void launch_relu_grad(
     const at::Tensor& g,
     const at::Tensor& a,
     const at::Tensor& d,
     at::Tensor& out) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = num_blocks_for(a.numel());
-  penalty_backward_kernel<scalar_t, acc_t, LAYOUT, index_t>
+  relu_grad_kernel<scalar_t, acc_t, LAYOUT, index_t>
       <<<blocks, kThreads, 0, stream>>>(
           g.const_data_ptr<acc_t>(), a.const_data_ptr<scalar_t>(),
           d.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
@@ -380,28 +402,28 @@ void launch_penalty_backward(
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-void launch_penalty_backward_any_layout(
+void launch_relu_grad_any_layout(
     const at::Tensor& g,
     const at::Tensor& a,
     const at::Tensor& d,
     at::Tensor& out) {
   switch (layout_of(a)) {
     case kContiguous:
-      launch_penalty_backward<scalar_t, acc_t, kContiguous, index_t>(g, a, d, out);
+      launch_relu_grad<scalar_t, acc_t, kContiguous, index_t>(g, a, d, out);
       break;
     case kChannelsLast:
-      launch_penalty_backward<scalar_t, acc_t, kChannelsLast, index_t>(g, a, d, out);
+      launch_relu_grad<scalar_t, acc_t, kChannelsLast, index_t>(g, a, d, out);
       break;
     default:
-      launch_penalty_backward<scalar_t, acc_t, kStrided, index_t>(g, a, d, out);
+      launch_relu_grad<scalar_t, acc_t, kStrided, index_t>(g, a, d, out);
   }
 }
 
-at::Tensor tap_penalty_backward_cuda(
+at::Tensor weighted_relu_sum_backward_cuda(
     const at::Tensor& grad,
     const at::Tensor& activation,
-    const at::Tensor& downscaled_mask) {
-  check_tap_penalty_backward_args(grad, activation, downscaled_mask);
+    const at::Tensor& weights) {
+  check_weighted_relu_sum_backward_args(grad, activation, weights);
   const c10::cuda::CUDAGuard guard(activation.device());
   at::Tensor out = empty_activation_grad(activation);
   if (activation.numel() == 0) {
@@ -409,14 +431,14 @@ at::Tensor tap_penalty_backward_cuda(
   }
   const auto acc_dtype = accumulate_dtype(activation.scalar_type());
   const at::Tensor g = grad.to(acc_dtype).contiguous();
-  const at::Tensor d = downscaled_mask.to(acc_dtype).contiguous();
+  const at::Tensor d = weights.to(acc_dtype).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, activation.scalar_type(), "tap_penalty_backward_cuda", [&] {
+      at::kHalf, at::kBFloat16, activation.scalar_type(), "weighted_relu_sum_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         if (fits_int32(activation)) {
-          launch_penalty_backward_any_layout<scalar_t, acc_t, int32_t>(g, activation, d, out);
+          launch_relu_grad_any_layout<scalar_t, acc_t, int32_t>(g, activation, d, out);
         } else {
-          launch_penalty_backward_any_layout<scalar_t, acc_t, int64_t>(g, activation, d, out);
+          launch_relu_grad_any_layout<scalar_t, acc_t, int64_t>(g, activation, d, out);
         }
       });
   return out;
@@ -425,9 +447,9 @@ at::Tensor tap_penalty_backward_cuda(
 } // namespace
 
 TORCH_LIBRARY_IMPL(auditkit, CUDA, m) {
-  m.impl("tap_penalty", &tap_penalty_cuda);
-  m.impl("tap_penalty_backward", &tap_penalty_backward_cuda);
   m.impl("downscale_mask", &downscale_mask_cuda);
+  m.impl("weighted_relu_sum", &weighted_relu_sum_cuda);
+  m.impl("weighted_relu_sum_backward", &weighted_relu_sum_backward_cuda);
 }
 
 } // namespace auditkit
