@@ -1,0 +1,5 @@
+"""`python -m auditkit` is the `auditkit` command."""
+
+from .cli import main
+
+main()
