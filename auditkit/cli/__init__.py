@@ -16,7 +16,7 @@ app = typer.Typer(
     name="auditkit",
     help=(
         "Audit an image classifier for shortcut learning and repair it with TAP or TEA.\n\n"
-        "Example: auditkit doctor"
+        "Example: auditkit train --data builtin:decoy-mnist --arch tap-cnn --out shortcut.safetensors"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -48,9 +48,13 @@ def _root(
     """auditkit: audit, then repair, fast."""
 
 
-from . import doctor as _doctor  # noqa: E402  (registers the command)
+from . import data as _data  # noqa: E402  (each module registers its command)
+from . import doctor as _doctor  # noqa: E402
+from . import models as _models  # noqa: E402
+from . import train as _train  # noqa: E402
 
-_doctor.register(app)
+for _module in (_data, _train, _models, _doctor):
+    _module.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,73 @@
+"""What every command shares: error handling, JSON output, shared option types."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+EXIT_ERROR = 2
+
+JsonOption = Annotated[
+    Optional[Path], typer.Option("--json", help="Also write a machine-readable JSON report here ('-' for stdout).")
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (a GPU when there is one).")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random choice; the same seed repeats a run.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output instead of refusing.")]
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    """One clear line on stderr, then exit (no traceback)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(command):
+    """Turns AuditkitError (bad input) into one line + exit 2 and Ctrl-C into exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from ..errors import AuditkitError
+
+        try:
+            return command(*args, **kwargs)
+        except AuditkitError as error:
+            fail(str(error))
+        except FileExistsError as error:
+            fail(str(error))
+        except KeyboardInterrupt:
+            typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def write_json(path: Optional[Path], payload: Any) -> None:
+    """Writes ``payload`` as JSON to ``path`` atomically ('-' prints it to stdout)."""
+    if path is None:
+        return
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        return
+    from .._io import atomic_write_text
+
+    atomic_write_text(path, text, overwrite=True)
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """['bias=0.9', 'texture=smooth'] -> {'bias': 0.9, 'texture': 'smooth'}."""
+    from ..data.builtin import parse_value
+    from ..errors import AuditkitError
+
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AuditkitError(f"--param expects KEY=VALUE; got {pair!r}")
+        params[key.strip().replace("-", "_")] = parse_value(value.strip())
+    return params

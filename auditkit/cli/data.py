@@ -1,0 +1,115 @@
+"""`auditkit data`: make contaminated datasets, describe datasets, list what is built in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import ForceOption, JsonOption, SeedOption, handles_errors, parse_params, write_json
+
+app = typer.Typer(
+    help="Make contaminated datasets and inspect datasets.\n\nExample: auditkit data make decoy-patch out/decoy-mnist",
+    no_args_is_help=True,
+)
+
+
+@app.command("make")
+@handles_errors
+def make(
+    kind: Annotated[str, typer.Argument(help="Contamination: decoy-patch, coloured-background, text-tag or stripe.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create (refused if it exists, unless --force).")],
+    source: Annotated[
+        str,
+        typer.Option("--source", help="Images to contaminate: mnist (5,000 real digits), sklearn-digits, or a dataset."),
+    ] = "mnist",
+    param: Annotated[
+        list[str], typer.Option("--param", "-p", help="Generator parameter KEY=VALUE (see `auditkit data list`).")
+    ] = [],  # noqa: B006 (typer needs a literal default)
+    seed: SeedOption = 0,
+    fmt: Annotated[str, typer.Option("--format", help="png (manifest.csv + PNG files) or npz.")] = "png",
+    force: ForceOption = False,
+    json_path: JsonOption = None,
+) -> None:
+    """Write the contaminated, permuted and clean variants of every split, with a mask per image.
+
+    Example: auditkit data make coloured-background out/colored -p bias=0.95 -p texture=smooth
+    """
+    from rich.console import Console
+
+    from .._progress import progress_bar
+    from ..data import make_dataset, write_dataset
+
+    dataset = make_dataset(kind, source=source, params=parse_params(param), seed=seed)
+    with progress_bar(f"writing {len(dataset)} images", total=len(dataset)) as bar:
+        folder = write_dataset(dataset, out_dir, fmt=fmt, overwrite=force, progress=bar.advance)
+    summary = dataset.summary()
+    _print_summary(Console(), summary)
+    Console().print(f"written to [bold]{folder}[/bold] (open it with --data {folder})")
+    write_json(json_path, {"path": str(folder), **summary})
+
+
+@app.command("show")
+@handles_errors
+def show(
+    spec: Annotated[str, typer.Argument(help="A dataset: folder, .csv of boxes, .npz or builtin:NAME.")],
+    json_path: JsonOption = None,
+) -> None:
+    """Describe a dataset: splits, variants, classes, masks.
+
+    Example: auditkit data show builtin:decoy-mnist
+    """
+    from rich.console import Console
+
+    from ..data import open_dataset
+
+    summary = open_dataset(spec).summary()
+    if json_path is not None and str(json_path) == "-":
+        write_json(json_path, summary)
+        return
+    _print_summary(Console(), summary)
+    write_json(json_path, summary)
+
+
+@app.command("list")
+def list_builtins() -> None:
+    """List the built-in datasets and the contamination generators with their parameters.
+
+    Example: auditkit data list
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data import BUILTINS, CONTAMINATIONS, make_contamination
+
+    console = Console()
+    table = Table("built-in dataset", "images", "contamination")
+    for name, (source, kind) in BUILTINS.items():
+        table.add_row(f"builtin:{name}", source, kind or "none (clean)")
+    console.print(table)
+    table = Table("generator", "variants", "parameters (defaults)")
+    for kind in CONTAMINATIONS:
+        generator = make_contamination(kind)
+        params = {k: v for k, v in generator.params().items() if k != "kind"}
+        table.add_row(kind, ", ".join(generator.variants), ", ".join(f"{k}={v}" for k, v in params.items()))
+    console.print(table)
+
+
+def _print_summary(console, summary: dict) -> None:
+    from rich.table import Table
+
+    console.print(
+        f"[bold]{summary['name']}[/bold]: {summary['samples']} samples, {len(summary['classes'])} classes, "
+        f"{summary['channels']} channel(s), {summary['image_size'][1]}x{summary['image_size'][0]} px, "
+        f"{summary['with_masks']} with masks ({summary['mask_meaning']} regions)"
+    )
+    variants = sorted({v for counts in summary["splits"].values() for v in counts})
+    table = Table("split", *variants)
+    for split, counts in summary["splits"].items():
+        table.add_row(split, *(str(counts.get(v, 0)) for v in variants))
+    console.print(table)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="data")

@@ -1,0 +1,119 @@
+"""`auditkit train`: plain training into an auditkit checkpoint, then accuracy per test variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import DeviceOption, ForceOption, JsonOption, SeedOption, handles_errors, write_json
+
+
+@handles_errors
+def train(
+    data: Annotated[str, typer.Option("--data", help="Dataset: folder, .csv of boxes, .npz or builtin:NAME.")],
+    arch: Annotated[str, typer.Option("--arch", help="Architecture (see `auditkit models`), e.g. tap-cnn, resnet18.")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.safetensors, or .pt).")],
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 6,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd (momentum 0.9).")] = "adam",
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
+    split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
+    val_split: Annotated[str, typer.Option(help="Split for the per-epoch validation accuracy ('none' to skip).")] = "val",
+    test_split: Annotated[str, typer.Option(help="Split evaluated per variant at the end ('none' to skip).")] = "test",
+    variant: Annotated[
+        Optional[str], typer.Option(help="Variant to train on (default: contaminated if present, else the only one).")
+    ] = None,
+    layers: Annotated[
+        Optional[str], typer.Option(help="Comma-separated module names TAP should target (default: the arch's preset).")
+    ] = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
+    force: ForceOption = False,
+    json_path: JsonOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Train a classifier (the paper's "No XS" model on contaminated data) and save a checkpoint.
+
+    Example: auditkit train --data builtin:decoy-mnist --arch tap-cnn --out shortcut.safetensors
+    """
+    import time
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data import open_dataset
+    from ..errors import AuditkitError
+    from ..models import build_model, save_checkpoint
+    from ..train import TrainConfig, choose_training_variant, evaluate, history_as_dicts, train_classifier
+
+    console = Console()
+    config = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, seed, device)
+    config.validate()
+    if out.exists() and not force:
+        raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")
+    dataset = open_dataset(data)
+    train_all = dataset.select(split=split)
+    chosen_variant = choose_training_variant(train_all, variant)
+    train_set = train_all.select(variant=chosen_variant)
+    val_set = None if val_split == "none" else dataset.select(split=val_split, variant=chosen_variant)
+
+    torch.manual_seed(seed)  # the same seed gives the same initial weights
+    model = build_model(
+        arch,
+        num_classes=dataset.num_classes,
+        in_channels=dataset.channels,
+        input_size=dataset.image_size,
+        class_names=dataset.classes,
+        target_layers=layers.split(",") if layers else None,
+    )
+    console.print(
+        f"training [bold]{arch}[/bold] on {len(train_set)} {chosen_variant} images of {data} ({split} split), "
+        f"{epochs} epochs, {config.optimizer} lr={lr:g}, batch {batch_size}, seed {seed}, {device}"
+    )
+
+    def report(stats) -> None:
+        val = f", val accuracy {stats.val_accuracy:.3f}" if stats.val_accuracy is not None else ""
+        console.print(
+            f"  epoch {stats.epoch}: loss {stats.train_loss:.4f}, train accuracy {stats.train_accuracy:.3f}{val} "
+            f"({stats.seconds:.1f} s)"
+        )
+
+    start = time.perf_counter()
+    history = train_classifier(model, train_set, val_set, config, show_progress=not quiet, on_epoch=report)
+    seconds = time.perf_counter() - start
+    training = {
+        "data": data,
+        "data_fingerprint": train_set.fingerprint(),
+        "split": split,
+        "variant": chosen_variant,
+        "config": vars(config),
+        "history": history_as_dicts(history),
+        "seconds": round(seconds, 2),
+    }
+    results = {}
+    if test_split != "none":
+        results = evaluate(model, dataset.select(split=test_split), device=next(model.parameters()).device)
+        table = Table(f"{test_split} variant", "samples", "accuracy")
+        for result in results.values():
+            table.add_row(result.variant, str(result.samples), f"{result.accuracy:.3f}")
+        console.print(table)
+    training["test_accuracy"] = {name: result.accuracy for name, result in results.items()}
+    path = save_checkpoint(model.cpu(), out, extra={"training": training}, overwrite=force)
+    console.print(f"checkpoint written to [bold]{path}[/bold] ({seconds:.1f} s of training)")
+    write_json(
+        json_path,
+        {
+            "checkpoint": str(path),
+            "arch": arch,
+            "training": training,
+            "test": {name: vars(result) for name, result in results.items()},
+        },
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

@@ -1,0 +1,375 @@
+"""One dataset type for every source: samples of (image, label, mask or none, variant, group).
+
+Resize/normalise policy (documented in docs/data.md):
+- images become float32 tensors (C, H, W) in [0, 1]: 8-bit files are divided by 255, 16-bit
+  files (common for radiographs) by 65535, float arrays must already lie in [0, 1];
+- channels: the dataset has one channel count (1 = grey, 3 = RGB). Grey images in an RGB
+  dataset are replicated; RGB images in a grey dataset are converted to luminance; alpha is
+  dropped;
+- size: every image is resized to the dataset's ``image_size`` (default: the size of the first
+  image) with area averaging when shrinking and bilinear interpolation when enlarging; masks get
+  the same geometry, so a mask always lines up with its image, and stay in [0, 1];
+- mean/std normalisation is *not* applied here: it belongs to the model (see
+  auditkit.models), so images, masks and explanations share one pixel space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Union
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DataError
+
+# Variants in the order reports list them.
+VARIANT_ORDER = ("contaminated", "permuted", "inverted", "clean", "original")
+
+# A box is (x0, y0, x1, y1) in pixels of the original image, end exclusive.
+Box = tuple[int, int, int, int]
+ImageSource = Union[Path, np.ndarray]
+MaskSource = Union[Path, np.ndarray, tuple[Box, ...], None]
+
+
+@dataclass(frozen=True)
+class Record:
+    """Where one sample comes from. ``image``/``mask`` are file paths or in-memory arrays
+    (H, W) or (H, W, C), uint8/uint16 or float in [0, 1]; a mask may also be a tuple of boxes."""
+
+    image: ImageSource
+    label: int
+    mask: MaskSource = None
+    variant: str = "original"
+    group: str = ""
+    split: str = ""
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: torch.Tensor  # (C, H, W) float32 in [0, 1]
+    label: int
+    mask: torch.Tensor | None  # (1, H, W) float32 in [0, 1], 1 = annotated pixel
+    variant: str
+    group: str
+    index: int
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (N, C, H, W)
+    labels: torch.Tensor  # (N,)
+    masks: torch.Tensor  # (N, 1, H, W), zeros where a sample has no mask
+    has_mask: torch.Tensor  # (N,) bool
+    variants: list[str]
+    groups: list[str]
+    indices: torch.Tensor  # (N,) positions in the dataset
+
+    def to(self, device) -> Batch:
+        return replace(
+            self,
+            images=self.images.to(device, non_blocking=True),
+            labels=self.labels.to(device, non_blocking=True),
+            masks=self.masks.to(device, non_blocking=True),
+            has_mask=self.has_mask.to(device, non_blocking=True),
+        )
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    images = torch.stack([s.image for s in samples])
+    n, _, height, width = images.shape
+    masks = torch.zeros(n, 1, height, width)
+    has_mask = torch.zeros(n, dtype=torch.bool)
+    for k, sample in enumerate(samples):
+        if sample.mask is not None:
+            masks[k] = sample.mask
+            has_mask[k] = True
+    return Batch(
+        images=images,
+        labels=torch.tensor([s.label for s in samples], dtype=torch.long),
+        masks=masks,
+        has_mask=has_mask,
+        variants=[s.variant for s in samples],
+        groups=[s.group for s in samples],
+        indices=torch.tensor([s.index for s in samples], dtype=torch.long),
+    )
+
+
+# ---- reading pixels -------------------------------------------------------------
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """An image file as (H, W) or (H, W, 3) float32 in [0, 1] (RGB order, alpha dropped)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise DataError(f"{path}: not a readable image (OpenCV could not decode it)")
+    return _as_unit_float(pixels, str(path), from_opencv=True)
+
+
+def _as_unit_float(pixels: np.ndarray, where: str, from_opencv: bool = False) -> np.ndarray:
+    if pixels.dtype == np.uint8:
+        out = pixels.astype(np.float32) / 255.0
+    elif pixels.dtype == np.uint16:
+        out = pixels.astype(np.float32) / 65535.0
+    elif np.issubdtype(pixels.dtype, np.floating):
+        out = pixels.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise DataError(f"{where}: contains NaN or infinite values")
+        if out.size and (out.min() < 0.0 or out.max() > 1.0):
+            raise DataError(f"{where}: float pixels must lie in [0, 1]; found [{out.min():g}, {out.max():g}]")
+    else:
+        raise DataError(f"{where}: unsupported pixel type {pixels.dtype} (use 8- or 16-bit, or float in [0, 1])")
+    if out.ndim == 3:
+        if out.shape[2] == 1:
+            out = out[:, :, 0]
+        elif out.shape[2] in (3, 4):
+            out = out[:, :, :3]
+            if from_opencv:
+                out = out[:, :, ::-1]  # OpenCV reads BGR
+        else:
+            raise DataError(f"{where}: {out.shape[2]} channels; expected grey, RGB or RGBA")
+    elif out.ndim != 2:
+        raise DataError(f"{where}: expected a 2-D image; got shape {tuple(pixels.shape)}")
+    return np.ascontiguousarray(out)
+
+
+def _boxes_to_mask(boxes: tuple[Box, ...], height: int, width: int, where: str) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=np.float32)
+    for x0, y0, x1, y1 in boxes:
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise DataError(f"{where}: box ({x0}, {y0}, {x1}, {y1}) lies outside the {width}x{height} image")
+        mask[y0:y1, x0:x1] = 1.0
+    return mask
+
+
+def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    height, width = size
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    shrinking = height * width < pixels.shape[0] * pixels.shape[1]
+    resized = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return np.clip(resized, 0.0, 1.0)
+
+
+def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    if pixels.ndim == 2:
+        return pixels[None] if channels == 1 else np.repeat(pixels[None], 3, axis=0)
+    if channels == 3:
+        return pixels.transpose(2, 0, 1)
+    # ITU-R BT.601 luminance, as OpenCV's RGB->grey conversion.
+    return (pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[None]
+
+
+def _describe(source) -> str:
+    return str(source) if isinstance(source, Path) else "in-memory image"
+
+
+# ---- the dataset -------------------------------------------------------------------
+
+
+@dataclass
+class DatasetInfo:
+    """What a dataset is, for reports and checkpoint metadata."""
+
+    name: str
+    source: str
+    classes: tuple[str, ...]
+    mask_meaning: str = "spurious"  # what mask = 1 marks: "spurious" (TAP, RRR) or "object" (Energy)
+    generator: dict = field(default_factory=dict)  # the contamination that made it, if any
+
+
+class AuditDataset(Dataset):
+    """Samples of (image, label, mask or none, variant, group) from any source.
+
+    ``records`` say where each sample comes from; pixels are read, converted and resized on
+    access (see the module docstring for the policy).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        info: DatasetInfo,
+        *,
+        channels: int | None = None,
+        image_size: tuple[int, int] | None = None,
+    ):
+        self.records = list(records)
+        self.info = info
+        for record in self.records:
+            if not 0 <= record.label < len(info.classes):
+                raise DataError(
+                    f"{info.name}: label {record.label} of {_describe(record.image)} is outside the "
+                    f"{len(info.classes)} classes"
+                )
+        if (channels is None or image_size is None) and self.records:
+            first = self._read_pixels(self.records[0])
+            channels = channels or (3 if first.ndim == 3 else 1)
+            image_size = image_size or (int(first.shape[0]), int(first.shape[1]))
+        if channels not in (1, 3, None):
+            raise DataError(f"{info.name}: channels must be 1 or 3; got {channels}")
+        self.channels = channels or 1
+        self.image_size = tuple(image_size) if image_size else (0, 0)
+        self._fingerprint: str | None = None
+
+    # -- access --
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        pixels = self._read_pixels(record)
+        original_size = pixels.shape[:2]
+        image = torch.from_numpy(_to_channels(_resize(pixels, self.image_size), self.channels).copy())
+        mask = None
+        if record.mask is not None:
+            mask_pixels = self._read_mask(record, original_size)
+            mask = torch.from_numpy(_resize(mask_pixels, self.image_size)[None].copy())
+        return Sample(image, record.label, mask, record.variant, record.group, index)
+
+    def _read_pixels(self, record: Record) -> np.ndarray:
+        if isinstance(record.image, Path):
+            return read_image_file(record.image)
+        return _as_unit_float(np.asarray(record.image), "in-memory image")
+
+    def _read_mask(self, record: Record, size: tuple[int, int]) -> np.ndarray:
+        source = record.mask
+        where = f"mask of {_describe(record.image)}"
+        if isinstance(source, tuple):
+            return _boxes_to_mask(source, size[0], size[1], where)
+        if isinstance(source, Path):
+            mask = read_image_file(source)
+            where = str(source)
+        else:
+            mask = _as_unit_float(np.asarray(source), where)
+        if mask.ndim == 3:
+            mask = mask.max(axis=2)
+        if mask.shape != size:
+            raise DataError(
+                f"{where} is {mask.shape[1]}x{mask.shape[0]} but its image {_describe(record.image)} is "
+                f"{size[1]}x{size[0]}"
+            )
+        return mask
+
+    # -- views --
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.info.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info.classes)
+
+    @property
+    def variants(self) -> list[str]:
+        present = {r.variant for r in self.records}
+        return [v for v in VARIANT_ORDER if v in present] + sorted(present - set(VARIANT_ORDER))
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({r.split for r in self.records})
+
+    @property
+    def has_masks(self) -> bool:
+        return any(r.mask is not None for r in self.records)
+
+    def select(
+        self,
+        *,
+        split: str | None = None,
+        variant: str | Iterable[str] | None = None,
+        indices: Iterable[int] | None = None,
+    ) -> AuditDataset:
+        """A dataset over a subset of the records (same classes, channels and size)."""
+        if split is not None and split not in self.splits:
+            raise DataError(f"{self.info.name}: no split {split!r}; it has {', '.join(self.splits) or 'none'}")
+        wanted = {variant} if isinstance(variant, str) else set(variant) if variant is not None else None
+        if wanted is not None and not wanted <= set(self.variants):
+            missing = ", ".join(sorted(wanted - set(self.variants)))
+            raise DataError(f"{self.info.name}: no variant {missing}; it has {', '.join(self.variants)}")
+        chosen = range(len(self.records)) if indices is None else indices
+        records = [
+            self.records[i]
+            for i in chosen
+            if (split is None or self.records[i].split == split)
+            and (wanted is None or self.records[i].variant in wanted)
+        ]
+        return AuditDataset(records, self.info, channels=self.channels, image_size=self.image_size)
+
+    def with_format(self, *, channels: int | None = None, image_size: tuple[int, int] | None = None) -> AuditDataset:
+        """The same samples converted to another channel count or size (e.g. a model's input)."""
+        return AuditDataset(
+            self.records,
+            self.info,
+            channels=channels or self.channels,
+            image_size=tuple(image_size) if image_size else self.image_size,
+        )
+
+    def fingerprint(self) -> str:
+        """A short hash identifying the records (files: path, size and time; arrays: bytes)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for record in self.records:
+                for source in (record.image, record.mask):
+                    if isinstance(source, Path):
+                        stat = source.stat()
+                        digest.update(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+                    elif isinstance(source, np.ndarray):
+                        digest.update(np.ascontiguousarray(source).tobytes())
+                    else:
+                        digest.update(repr(source).encode())
+                digest.update(f"|{record.label}|{record.variant}|{record.group}|{record.split}".encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def summary(self) -> dict:
+        """Counts per split, variant and class, for people and JSON."""
+        by_split_variant = Counter((r.split or "-", r.variant) for r in self.records)
+        by_label = Counter(r.label for r in self.records)
+        return {
+            "name": self.info.name,
+            "source": self.info.source,
+            "samples": len(self.records),
+            "classes": list(self.classes),
+            "channels": self.channels,
+            "image_size": list(self.image_size),
+            "splits": {
+                split: {v: n for (s, v), n in sorted(by_split_variant.items()) if s == split}
+                for split in sorted({s for s, _ in by_split_variant})
+            },
+            "per_class": {self.classes[k]: by_label[k] for k in sorted(by_label)},
+            "with_masks": sum(r.mask is not None for r in self.records),
+            "mask_meaning": self.info.mask_meaning,
+            "generator": self.info.generator,
+        }
+
+
+def make_loader(
+    dataset: AuditDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader yielding Batch objects; shuffling is seeded for repeatable runs."""
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.info.name}: no samples to load (check --split and --variant)")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+    )

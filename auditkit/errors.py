@@ -1,0 +1,25 @@
+"""Errors a user can fix. The CLI prints their message as one line and exits 2.
+
+Raise these (not ValueError) where user input enters auditkit: files,
+datasets, checkpoints, architecture and layer names, command options.
+Library misuse inside Python (wrong tensor shapes passed to an op) keeps
+raising ValueError/TypeError.
+"""
+
+from __future__ import annotations
+
+
+class AuditkitError(Exception):
+    """Bad input: a missing or corrupt file, an unknown name, inconsistent data."""
+
+
+class DataError(AuditkitError):
+    """A dataset, image or mask that cannot be read or does not fit."""
+
+
+class CheckpointError(AuditkitError):
+    """A checkpoint that cannot be read safely, or does not match its model."""
+
+
+class ModelError(AuditkitError):
+    """An unknown architecture or layer name, or a model that cannot be built."""

@@ -1,0 +1,41 @@
+"""Models auditkit builds, audits and repairs: architectures, activation capture, checkpoints.
+
+    from auditkit.models import build_model, capture_activations, save_checkpoint, load_checkpoint
+
+    model = build_model("resnet18", num_classes=2, in_channels=3, input_size=(64, 64))
+    with capture_activations(model, model.meta.target_layers) as activations:
+        logits = model(images)          # activations: one tensor per target layer
+    save_checkpoint(model, "model.safetensors", extra={"epochs": 3})
+    model = load_checkpoint("model.safetensors")
+"""
+
+from __future__ import annotations
+
+from .checkpoint import FORMAT_VERSION, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .hooks import capture_activations
+from .zoo import (
+    ARCHITECTURES,
+    CUSTOM_ARCH,
+    ArchSpec,
+    AuditModel,
+    ModelMeta,
+    build_model,
+    get_arch,
+    resolve_layers,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "CUSTOM_ARCH",
+    "FORMAT_VERSION",
+    "ArchSpec",
+    "AuditModel",
+    "ModelMeta",
+    "build_model",
+    "capture_activations",
+    "get_arch",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "resolve_layers",
+    "save_checkpoint",
+]

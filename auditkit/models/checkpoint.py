@@ -1,0 +1,448 @@
+"""Saving and loading models without running code from the file.
+
+Formats, by suffix:
+
+* ``.safetensors`` (recommended): the state_dict as safetensors, with the
+  model's metadata as JSON under the header key ``"auditkit"``.
+* ``.pt`` / ``.pth``: ``torch.save`` of ``{"format": "auditkit", "meta": ...,
+  "state_dict": ...}``, built only from tensors, dicts, lists, strings and
+  numbers, so ``torch.load(weights_only=True)`` reads it.
+
+Loading never unpickles by default. A ``.pt`` file that holds pickled Python
+objects (a whole ``nn.Module``, custom classes) is refused unless the caller
+passes ``trust_pickle=True`` (``--trust-pickle``), because unpickling runs
+arbitrary code. Bare state_dicts (e.g. a torchvision resnet18 ``.pth``) load
+when the architecture is named. Every failure is a CheckpointError with a
+one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_model
+from torch import nn
+
+from .._io import atomic_write
+from .._version import __version__
+from ..errors import CheckpointError, ModelError
+from .zoo import (
+    ARCHITECTURES,
+    CUSTOM_ARCH,
+    AuditModel,
+    ModelMeta,
+    build_model,
+    classifier_name,
+    first_conv_name,
+    get_arch,
+)
+
+FORMAT_VERSION = 1
+_META_KEY = "auditkit"
+_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+_REQUIRED_META = (
+    "format_version",
+    "arch",
+    "num_classes",
+    "in_channels",
+    "input_size",
+    "mean",
+    "std",
+    "class_names",
+    "target_layers",
+    "gradcam_layer",
+)
+# Input size assumed for a bare state_dict when none is given: the torchvision default.
+_BARE_STATE_DICT_INPUT_SIZE = (224, 224)
+_MAX_REASON_CHARS = 200
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _one_line(text: str, limit: int = _MAX_REASON_CHARS) -> str:
+    """First line of ``text`` without terminal colour codes, trimmed to ``limit`` characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text)).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _unreadable(path: Path, reason: str | BaseException) -> CheckpointError:
+    if isinstance(reason, BaseException):
+        # First sentence only: torch appends paragraphs of advice to its errors.
+        fallback = "file ends early" if isinstance(reason, EOFError) else type(reason).__name__
+        reason = _one_line(str(reason)).split(". ")[0] or fallback
+    return CheckpointError(f"{path} is not a readable checkpoint ({_one_line(reason)})")
+
+
+def _pickle_refused(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} contains pickled Python objects; auditkit does not unpickle untrusted files. "
+        "If you trust its author, pass --trust-pickle."
+    )
+
+
+def _format_of(path: Path) -> str:
+    try:
+        return _FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint suffix '{path.suffix}'; use .safetensors (recommended), .pt or .pth"
+        ) from None
+
+
+def _check_readable_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise _unreadable(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise _unreadable(path, "empty file")
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def checkpoint_meta(model: AuditModel, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata dict stored with ``model``: its :class:`ModelMeta`, format and auditkit version, ``extra``.
+
+    ``extra`` (e.g. a training data fingerprint and a training summary) is
+    stored under the key "extra" after a JSON round trip, so both formats
+    read back exactly the same dict.
+    """
+    try:
+        extra_json = json.loads(json.dumps(dict(extra or {})))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"extra checkpoint metadata must be JSON-serialisable: {err}") from None
+    return {
+        "format_version": FORMAT_VERSION,
+        "auditkit_version": __version__,
+        **model.meta.to_dict(),
+        "extra": extra_json,
+    }
+
+
+def save_checkpoint(
+    model: AuditModel,
+    path: str | Path,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes ``model`` to ``path`` (format by suffix, see the module docstring) and returns the path.
+
+    The file appears atomically (never half-written). An existing file is
+    only replaced with ``overwrite=True``. Only built-in architectures can be
+    saved: a checkpoint is a state_dict plus the recipe to rebuild the
+    network, and a wrapped custom module has no recipe.
+    """
+    if not isinstance(model, AuditModel):
+        raise TypeError(f"save_checkpoint needs an AuditModel, got {type(model).__name__}")
+    path = Path(path)
+    fmt = _format_of(path)
+    if model.meta.arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"cannot save a '{model.meta.arch}' model: only built-in architectures can be rebuilt from a checkpoint "
+            f"({', '.join(ARCHITECTURES)})"
+        )
+    meta = checkpoint_meta(model, extra)
+
+    def write_safetensors(tmp: Path) -> None:
+        # save_model drops duplicate names of shared tensors and makes every tensor contiguous.
+        save_model(model, str(tmp), metadata={_META_KEY: json.dumps(meta)}, force_contiguous=True)
+
+    def write_torch(tmp: Path) -> None:
+        state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        torch.save({"format": "auditkit", "meta": meta, "state_dict": state_dict}, tmp)
+
+    try:
+        return atomic_write(path, write_safetensors if fmt == "safetensors" else write_torch, overwrite=overwrite)
+    except FileExistsError as err:
+        raise CheckpointError(_one_line(str(err))) from None
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
+    """``meta`` if it is auditkit metadata this version understands; CheckpointError otherwise."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has auditkit metadata of the wrong type ({type(meta).__name__})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version {version!r}; auditkit {__version__} reads version {FORMAT_VERSION}"
+        )
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path} has incomplete auditkit metadata (no '{missing[0]}')")
+    return meta
+
+
+def _read_safetensors(path: Path, with_tensors: bool) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+    """(auditkit metadata or None, tensors) of a safetensors file; tensors only when asked for."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            header = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()} if with_tensors else {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+    if _META_KEY not in header:
+        return None, tensors
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} has unreadable auditkit metadata ({_one_line(str(err))})") from None
+    return _check_meta(path, meta), tensors
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether the file starts like torch.save's zip archive or a pickle stream (protocol 2-5).
+
+    Every torch.save output does; checking first keeps garbage from reaching
+    the unpickler, whose errors on it are cryptic.
+    """
+    with path.open("rb") as file:
+        head = file.read(4)
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """The object in a torch.save file, read with ``weights_only=True`` unless the caller trusts pickles."""
+    if not _looks_like_torch_file(path):
+        raise _unreadable(path, "not a PyTorch checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's safe unpickler refuses classes, functions and opcodes it does not implement.
+        if not str(err).startswith("Weights only load failed"):
+            raise _unreadable(path, err) from None
+        if not trust_pickle:
+            raise _pickle_refused(path) from None
+    except Exception as err:  # the file's bytes decide what breaks: zip, EOF, decode errors alike
+        raise _unreadable(path, err) from None
+
+    warnings.warn(
+        f"unpickling {path} because --trust-pickle was given: this can run arbitrary code stored in the file",
+        UserWarning,
+        stacklevel=3,
+    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # e.g. a class the pickle names that cannot be imported here
+        raise _unreadable(path, err) from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _is_auditkit_payload(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == "auditkit"
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The auditkit metadata of a checkpoint without building the model; {} for a bare state_dict.
+
+    For safetensors only the header is read. Pickled files are refused as in
+    :func:`load_checkpoint` without ``trust_pickle``.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    _check_readable_file(path)
+    if fmt == "safetensors":
+        meta, _ = _read_safetensors(path, with_tensors=False)
+        return dict(meta or {})
+    payload = _torch_load(path, trust_pickle=False)
+    if _is_auditkit_payload(payload):
+        return dict(_check_meta(path, payload.get("meta")))
+    if _is_state_dict(payload):
+        return {}
+    raise CheckpointError(f"{path} holds a {type(payload).__name__}, neither an auditkit checkpoint nor a state_dict")
+
+
+# --------------------------------------------------------------------------- building models
+
+
+def _first_given(*values: Any) -> Any:
+    """The first value that is not None (None if all are)."""
+    return next((value for value in values if value is not None), None)
+
+
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state_dict with keys relative to the network: drops a common "net." (ours) or "module." (DataParallel)."""
+    state = dict(state_dict)
+    for prefix in ("net.", "module."):
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def _infer_sizes(arch: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[int | None, int | None]:
+    """(in_channels, num_classes) read off the input conv's and the final linear layer's weights, None if absent."""
+    with torch.device("meta"):  # a shape-only probe: no memory, no initialisation cost
+        probe = get_arch(arch).build(3, 2)
+    conv = state_dict.get(f"{first_conv_name(probe)}.weight")
+    linear = state_dict.get(f"{classifier_name(probe)}.weight")
+    in_channels = int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None
+    num_classes = int(linear.shape[0]) if linear is not None and linear.dim() == 2 else None
+    return in_channels, num_classes
+
+
+def _load_weights(path: Path, model: AuditModel, state_dict: dict[str, torch.Tensor]) -> None:
+    """Loads ``state_dict`` into ``model.net``; CheckpointError naming the first key that does not fit."""
+    meta = model.meta
+    what = f"{path} does not match {meta.arch} (in_channels={meta.in_channels}, num_classes={meta.num_classes})"
+    expected = model.net.state_dict()
+    # BatchNorm's step counter is bookkeeping, absent from some older state_dicts.
+    for key in expected:
+        if key not in state_dict and key.endswith("num_batches_tracked"):
+            state_dict[key] = expected[key]
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing or unexpected:
+        counts = f"{len(missing)} missing, {len(unexpected)} unexpected"
+        if missing:
+            raise CheckpointError(f"{what}: missing key 'net.{missing[0]}' ({counts})")
+        raise CheckpointError(f"{what}: unexpected key 'net.{unexpected[0]}' ({counts})")
+    for key, tensor in expected.items():
+        if state_dict[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{what}: key 'net.{key}' has shape {tuple(state_dict[key].shape)} in the file, "
+                f"{tuple(tensor.shape)} in the model"
+            )
+    model.net.load_state_dict(state_dict, strict=True)
+
+
+def _model_from_state_dict(
+    path: Path,
+    meta: dict[str, Any] | None,
+    state_dict: Mapping[str, torch.Tensor],
+    overrides: dict[str, Any],
+) -> AuditModel:
+    """Builds the model that ``meta`` (or, for a bare state_dict, ``overrides``) describes and loads the weights.
+
+    Arguments in ``overrides`` win over the file's metadata. Presets tied to
+    the stored architecture (layers, class names, normalisation) are kept
+    only while they still fit.
+    """
+    state = _strip_prefix(state_dict)
+    if meta is None:
+        arch = overrides["arch"]
+        if arch is None:
+            raise CheckpointError(f"{path} is a bare state_dict; pass --arch NAME ({', '.join(ARCHITECTURES)})")
+        inferred_channels, inferred_classes = _infer_sizes(arch, state)
+        # Sizes that cannot be inferred only matter if the keys are missing, which _load_weights reports.
+        in_channels = _first_given(overrides["in_channels"], inferred_channels, 3)
+        num_classes = _first_given(overrides["num_classes"], inferred_classes, 2)
+        input_size = _first_given(overrides["input_size"], _BARE_STATE_DICT_INPUT_SIZE)
+        model = build_model(arch, num_classes, in_channels, tuple(input_size))
+    else:
+        arch = _first_given(overrides["arch"], meta["arch"])
+        in_channels = _first_given(overrides["in_channels"], meta["in_channels"])
+        num_classes = _first_given(overrides["num_classes"], meta["num_classes"])
+        same_arch = arch == meta["arch"]
+        model = build_model(
+            arch,
+            num_classes,
+            in_channels,
+            tuple(_first_given(overrides["input_size"], meta["input_size"])),
+            mean=meta["mean"] if len(meta["mean"]) == in_channels else None,
+            std=meta["std"] if len(meta["std"]) == in_channels else None,
+            class_names=meta["class_names"] if len(meta["class_names"]) == num_classes else None,
+            target_layers=meta["target_layers"] if same_arch else None,
+            gradcam_layer=meta["gradcam_layer"] if same_arch else None,
+        )
+    _load_weights(path, model, state)
+    return model
+
+
+def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> AuditModel:
+    """Wraps a trusted pickled ``nn.Module``.
+
+    With ``arch`` given, its weights go into a freshly built network of that
+    architecture (so the presets apply). Otherwise it becomes arch "custom":
+    no TAP or Grad-CAM presets (pass --layers), no normalisation (mean 0,
+    std 1: auditkit cannot know what the module expects, so it gets the
+    [0, 1] images unchanged) and no upsampling.
+    """
+    if overrides["arch"] is not None:
+        return _model_from_state_dict(path, None, net.state_dict(), overrides)
+    in_channels, num_classes = overrides["in_channels"], overrides["num_classes"]
+    try:
+        if in_channels is None:
+            in_channels = net.get_submodule(first_conv_name(net)).in_channels
+        if num_classes is None:
+            num_classes = net.get_submodule(classifier_name(net)).out_features
+    except ModelError:  # no Conv2d or no Linear to read sizes from
+        raise CheckpointError(
+            f"{path} holds a {type(net).__name__} whose sizes cannot be inferred; pass --in-channels and --num-classes"
+        ) from None
+    meta = ModelMeta(
+        arch=CUSTOM_ARCH,
+        num_classes=int(num_classes),
+        in_channels=int(in_channels),
+        input_size=tuple(_first_given(overrides["input_size"], _BARE_STATE_DICT_INPUT_SIZE)),
+        mean=(0.0,) * int(in_channels),
+        std=(1.0,) * int(in_channels),
+        class_names=tuple(str(i) for i in range(int(num_classes))),
+        target_layers=(),
+        gradcam_layer="",
+    )
+    return AuditModel(net, meta, min_input_size=1)
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    trust_pickle: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> AuditModel:
+    """The :class:`AuditModel` stored at ``path``, on ``map_location``.
+
+    Reads auditkit checkpoints of both formats and bare state_dicts (with or
+    without a "net." prefix; ``arch`` required, ``in_channels`` and
+    ``num_classes`` inferred from the weights, ``input_size`` default
+    224x224). Arguments given override the file's metadata. Pickled objects
+    load only with ``trust_pickle=True`` (with a warning): an auditkit dict, a
+    state_dict, an AuditModel (returned as is) or a plain ``nn.Module``
+    (see :func:`_wrap_module`). Weights are read on the CPU and the finished
+    model is moved once.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    _check_readable_file(path)
+    overrides = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+    if fmt == "safetensors":
+        meta, tensors = _read_safetensors(path, with_tensors=True)
+        model = _model_from_state_dict(path, meta, tensors, overrides)
+    else:
+        payload = _torch_load(path, trust_pickle)
+        if isinstance(payload, AuditModel):
+            model = payload
+        elif isinstance(payload, nn.Module):
+            model = _wrap_module(path, payload, overrides)
+        elif _is_auditkit_payload(payload):
+            state_dict = payload.get("state_dict")
+            if not _is_state_dict(state_dict):
+                raise CheckpointError(f"{path} is an auditkit checkpoint without a valid state_dict")
+            model = _model_from_state_dict(path, _check_meta(path, payload.get("meta")), state_dict, overrides)
+        elif _is_state_dict(payload):
+            model = _model_from_state_dict(path, None, payload, overrides)
+        else:
+            raise CheckpointError(
+                f"{path} holds a {type(payload).__name__}, neither an auditkit checkpoint nor a state_dict"
+            )
+    return model.to(map_location)
