@@ -42,6 +42,7 @@ class TrainConfig:
             raise AuditkitError(f"--lr must be a positive number; got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise AuditkitError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        resolve_device(self.device)
 
 
 @dataclass
@@ -86,6 +87,21 @@ def choose_training_variant(dataset: AuditDataset, requested: str | None) -> str
     if len(variants) == 1:
         return variants[0]
     raise DataError(f"the training data has variants {', '.join(variants)}; choose one with --variant")
+
+
+def align_dataset_to_model(dataset: AuditDataset, meta) -> AuditDataset:
+    """The dataset in the model's input format (channels, size), after checking its classes.
+
+    Images are converted by the dataset policy (grey <-> RGB, resize); class names must match
+    the checkpoint's, in order, or predictions would be compared with the wrong labels.
+    """
+    if tuple(dataset.classes) != tuple(meta.class_names):
+        ours, theirs = ", ".join(dataset.classes[:6]), ", ".join(meta.class_names[:6])
+        raise DataError(
+            f"the dataset's classes ({ours}{', ...' if dataset.num_classes > 6 else ''}) do not match the "
+            f"checkpoint's ({theirs}{', ...' if len(meta.class_names) > 6 else ''})"
+        )
+    return dataset.with_format(channels=meta.in_channels, image_size=tuple(meta.input_size))
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -29,6 +29,9 @@ def train(
     layers: Annotated[
         Optional[str], typer.Option(help="Comma-separated module names TAP should target (default: the arch's preset).")
     ] = None,
+    normalize: Annotated[
+        str, typer.Option(help="Input normalisation stored in the checkpoint: dataset (per-channel mean/std of the training images) or none.")
+    ] = "dataset",
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     force: ForceOption = False,
@@ -61,6 +64,9 @@ def train(
     train_set = train_all.select(variant=chosen_variant)
     val_set = None if val_split == "none" else dataset.select(split=val_split, variant=chosen_variant)
 
+    if normalize not in ("dataset", "none"):
+        raise AuditkitError(f"--normalize must be dataset or none; got {normalize!r}")
+    mean, std = train_set.channel_stats() if normalize == "dataset" else ((0.0,) * dataset.channels, (1.0,) * dataset.channels)
     torch.manual_seed(seed)  # the same seed gives the same initial weights
     model = build_model(
         arch,
@@ -69,6 +75,8 @@ def train(
         input_size=dataset.image_size,
         class_names=dataset.classes,
         target_layers=layers.split(",") if layers else None,
+        mean=mean,
+        std=std,
     )
     console.print(
         f"training [bold]{arch}[/bold] on {len(train_set)} {chosen_variant} images of {data} ({split} split), "

@@ -329,6 +329,18 @@ class AuditDataset(Dataset):
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
+    def channel_stats(self, max_samples: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and standard deviation of the pixels (of up to ``max_samples``
+        evenly spaced samples): the input normalisation a model trained on this data uses."""
+        if not self.records:
+            raise DataError(f"{self.info.name}: no samples to compute statistics from")
+        step = max(1, len(self.records) // max_samples)
+        pixels = torch.stack([self[k].image for k in range(0, len(self.records), step)])
+        channels = pixels.transpose(0, 1).reshape(self.channels, -1).double()
+        mean = channels.mean(dim=1)
+        std = channels.std(dim=1).clamp_min(1e-3)  # a constant channel must not divide by zero
+        return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
     def summary(self) -> dict:
         """Counts per split, variant and class, for people and JSON."""
         by_split_variant = Counter((r.split or "-", r.variant) for r in self.records)

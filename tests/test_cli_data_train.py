@@ -1,0 +1,168 @@
+"""`auditkit data`, `train`, `inspect`, `evaluate`, `models` from the command line, good and bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from auditkit.cli import app
+from auditkit.data import open_dataset
+from auditkit.models import build_model, load_checkpoint, save_checkpoint
+from auditkit.train import TrainConfig, evaluate, train_classifier
+
+runner = CliRunner()
+
+
+class Payload:
+    """An arbitrary class: unpickling an instance runs an import of this module."""
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    """The single line a failing command printed (the CLI must not print tracebacks)."""
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "decoy-digits"
+    result = run("data", "make", "decoy-patch", folder, "--source", "sklearn-digits", "--json", folder.parent / "s.json")
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(digits_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    result = run(
+        "train", "--data", digits_folder, "--arch", "tap-cnn", "--out", out, "--epochs", "2", "--quiet", "--json", "-"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    return out, report
+
+
+def test_data_make_writes_every_variant(digits_folder):
+    summary = json.loads((digits_folder.parent / "s.json").read_text())
+    assert set(summary["splits"]["test"]) == {"contaminated", "permuted", "clean"}
+    assert (digits_folder / "manifest.csv").is_file() and (digits_folder / "dataset.json").is_file()
+
+
+def test_data_make_refuses_to_overwrite_and_checks_parameters(digits_folder, tmp_path):
+    assert "already exists" in error_line(run("data", "make", "decoy-patch", digits_folder, "--source", "sklearn-digits"))
+    assert "unknown" in error_line(run("data", "make", "glitter", tmp_path / "x"))
+    assert "step" in error_line(run("data", "make", "decoy-patch", tmp_path / "y", "--source", "sklearn-digits", "-p", "step=100"))
+    assert "KEY=VALUE" in error_line(run("data", "make", "stripe", tmp_path / "z", "-p", "width"))
+    assert not (tmp_path / "y").exists()
+
+
+def test_data_show_and_list():
+    result = run("data", "show", "builtin:decoy-digits", "--json", "-")
+    assert result.exit_code == 0 and json.loads(result.output)["classes"][0] == "0"
+    listing = run("data", "list")
+    assert listing.exit_code == 0 and "builtin:colored-mnist" in listing.output and "coloured-background" in listing.output
+    assert "no such file" in error_line(run("data", "show", "/nonexistent/dataset"))
+
+
+def test_train_writes_a_checkpoint_and_reports_every_test_variant(trained):
+    out, report = trained
+    assert out.is_file()
+    assert set(report["test"]) == {"contaminated", "permuted", "clean"}
+    assert report["training"]["variant"] == "contaminated" and len(report["training"]["history"]) == 2
+    model = load_checkpoint(out)
+    assert model.meta.arch == "tap-cnn" and model.meta.in_channels == 1 and tuple(model.meta.input_size) == (8, 8)
+    assert model.meta.mean != (0.5,)  # normalised with the training images' statistics
+
+
+def test_train_bad_input_is_one_line_with_exit_2(trained, digits_folder, tmp_path):
+    out, _ = trained
+    args = ("--data", digits_folder, "--epochs", "1", "--quiet")
+    assert "already exists" in error_line(run("train", *args, "--arch", "tap-cnn", "--out", out))
+    assert "did you mean" in error_line(run("train", *args, "--arch", "resnet", "--out", tmp_path / "a.safetensors"))
+    assert "no such file" in error_line(run("train", "--data", tmp_path / "nope", "--arch", "tap-cnn", "--out", tmp_path / "b.pt"))
+    assert "layer" in error_line(run("train", *args, "--arch", "tap-cnn", "--layers", "net.conv9", "--out", tmp_path / "c.pt"))
+    assert "--lr" in error_line(run("train", *args, "--arch", "tap-cnn", "--lr", "-1", "--out", tmp_path / "d.pt"))
+    assert "no variant" in error_line(run("train", *args, "--arch", "tap-cnn", "--variant", "x", "--out", tmp_path / "e.pt"))
+    assert "cuda" in error_line(run("train", *args, "--arch", "tap-cnn", "--device", "cuda", "--out", tmp_path / "f.pt")) or torch.cuda.is_available()
+    assert not any(tmp_path.iterdir())
+
+
+def test_layer_override_is_stored(digits_folder, tmp_path):
+    out = tmp_path / "m.pt"
+    result = run("train", "--data", digits_folder, "--arch", "tap-cnn", "--layers", "conv1", "--epochs", "1", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out).meta.target_layers == ("net.conv1",)
+
+
+def test_inspect_and_evaluate_load_the_checkpoint(trained, digits_folder):
+    out, report = trained
+    shown = run("inspect", out, "--json", "-")
+    assert shown.exit_code == 0 and json.loads(shown.output)["arch"] == "tap-cnn"
+    scored = run("evaluate", out, "--data", digits_folder, "--json", "-")
+    assert scored.exit_code == 0, scored.output
+    results = json.loads(scored.output[scored.output.index("{") :])["results"]
+    assert results["contaminated"]["accuracy"] == pytest.approx(report["test"]["contaminated"]["accuracy"])
+
+
+def test_evaluate_refuses_data_with_other_classes(trained, tmp_path):
+    import numpy as np
+
+    out, _ = trained
+    np.savez(tmp_path / "two.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 0, 1]))
+    assert "do not match the checkpoint's" in error_line(run("evaluate", out, "--data", tmp_path / "two.npz", "--split", "all"))
+
+
+def test_unsafe_and_corrupt_checkpoints(trained, tmp_path):
+    out, _ = trained
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(out.read_bytes()[:100])
+    assert "not a readable checkpoint" in error_line(run("inspect", truncated))
+
+    pickled = tmp_path / "evil.pt"
+    pickled.write_bytes(pickle.dumps({"state_dict": Payload()}))  # loading it needs this module's code
+    assert "--trust-pickle" in error_line(run("inspect", pickled))
+
+    whole = tmp_path / "whole.pt"
+    torch.save(load_checkpoint(out), whole)
+    assert "--trust-pickle" in error_line(run("inspect", whole))
+    trusted = run("inspect", whole, "--trust-pickle")
+    assert trusted.exit_code == 0, trusted.output
+
+
+def test_models_lists_the_zoo():
+    result = run("models")
+    assert result.exit_code == 0 and "resnet18" in result.output and "layer4" in result.output
+
+
+def test_python_api_round_trip(tmp_path):
+    dataset = open_dataset("builtin:decoy-digits")
+    train_set = dataset.select(split="train", variant="contaminated")
+    torch.manual_seed(0)
+    model = build_model("tap-cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=train_set.channel_stats()[0])
+    train_classifier(model, train_set, None, TrainConfig(epochs=1), show_progress=False)
+    path = save_checkpoint(model, tmp_path / "m.safetensors", extra={"note": "api"})
+    again = load_checkpoint(path).eval()
+    test = dataset.select(split="test")
+    assert {k: v.accuracy for k, v in evaluate(model, test).items()} == {k: v.accuracy for k, v in evaluate(again, test).items()}
+
+
+@pytest.mark.slow
+def test_decoy_mnist_shortcut_model_from_the_cli(tmp_path):
+    """The shortcut the audit must find (FINDINGS.md): accurate with the decoy, clearly worse without it."""
+    out = tmp_path / "shortcut.safetensors"
+    result = run("train", "--data", "builtin:decoy-mnist", "--arch", "tap-cnn", "--out", out, "--seed", "0", "--quiet", "--json", "-")
+    assert result.exit_code == 0, result.output
+    test = json.loads(result.output[result.output.index("{") :])["test"]
+    contaminated, permuted, clean = (test[v]["accuracy"] for v in ("contaminated", "permuted", "clean"))
+    assert contaminated > 0.95
+    assert permuted < contaminated - 0.1 and clean < contaminated - 0.15
