@@ -58,3 +58,46 @@ def tap_penalty_reference(activation: torch.Tensor, mask: torch.Tensor, kernel_s
         mask.detach(), activation.shape[-2:], kernel_size, accumulate_dtype(activation.dtype)
     )
     return weighted_relu_sum_reference(activation, weights)
+
+
+# ---- LRP-epsilon (seed 004 Eq. A1-A3) ---------------------------------------------------------
+# Relevance may hold K explanations per sample: shape (K*N, ...) target-major, while the
+# forward's tensors keep batch N and are broadcast over K.
+
+
+def lrp_targets(relevance: torch.Tensor, output: torch.Tensor) -> int:
+    """K, the number of explanations per sample carried by ``relevance``."""
+    n = output.shape[0]
+    return 1 if n == 0 else relevance.shape[0] // n
+
+
+def lrp_stabilise(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """z + eps * sign(z) with sign(0) = +1: never smaller than eps in magnitude."""
+    # The sign is built as exact +-1 in z's dtype and then scaled: torch.where with Python
+    # scalars would make a float32 epsilon and lose precision for float64 inputs.
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def lrp_epsilon_ratio_reference(relevance: torch.Tensor, output: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """s = R / (z + eps * sign z), z broadcast over the K explanations per sample."""
+    k = lrp_targets(relevance, output)
+    return (relevance.view(k, *output.shape) / lrp_stabilise(output, epsilon)).reshape(relevance.shape)
+
+
+def _times_activation(contribution: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    k = contribution.shape[0] // max(activation.shape[0], 1)
+    return (contribution.view(k, *activation.shape) * activation).reshape(contribution.shape)
+
+
+def lrp_epsilon_conv2d_reference(input, output, relevance, weight, stride, padding, dilation, groups, epsilon):
+    """R_in = a * W^T (R / (z + eps sign z)) for z = conv2d(a, W) + b."""
+    s = lrp_epsilon_ratio_reference(relevance, output, epsilon)
+    shape = (relevance.shape[0], *input.shape[1:])
+    contribution = torch.nn.grad.conv2d_input(shape, weight, s, stride, padding, dilation, groups)
+    return _times_activation(contribution, input)
+
+
+def lrp_epsilon_linear_reference(input, output, relevance, weight, epsilon):
+    """R_in = a * W^T (R / (z + eps sign z)) for z = a W^T + b."""
+    s = lrp_epsilon_ratio_reference(relevance, output, epsilon)
+    return _times_activation(s @ weight, input)

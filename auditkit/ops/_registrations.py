@@ -17,6 +17,11 @@ from ._checks import check_downscale_mask_args, check_mask_values, check_weighte
 from ._reference import (
     accumulate_dtype,
     downscale_mask_reference,
+    lrp_epsilon_conv2d_reference,
+    lrp_epsilon_linear_reference,
+    lrp_epsilon_ratio_reference,
+    lrp_stabilise,
+    lrp_targets,
     weighted_relu_sum_backward_reference,
     weighted_relu_sum_reference,
 )
@@ -30,7 +35,18 @@ SCHEMAS = {
     "weighted_relu_sum_backward": (
         "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights) -> Tensor"
     ),
+    "lrp_epsilon_ratio": "lrp_epsilon_ratio(Tensor relevance, Tensor output, float epsilon) -> Tensor",
+    "lrp_epsilon_conv2d": (
+        "lrp_epsilon_conv2d(Tensor input, Tensor output, Tensor relevance, Tensor weight, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, float epsilon) -> Tensor"
+    ),
+    "lrp_epsilon_linear": (
+        "lrp_epsilon_linear(Tensor input, Tensor output, Tensor relevance, Tensor weight, float epsilon) -> Tensor"
+    ),
 }
+# Device-generic compositions in csrc (CompositeExplicitAutograd): only the ratio has
+# per-device kernels, so only it needs a CUDA fallback when CUDA kernels are missing.
+_COMPOSITE_OPS = {"lrp_epsilon_conv2d", "lrp_epsilon_linear"}
 
 
 def size_pairs(sizes) -> list[tuple[int, int]]:
@@ -81,6 +97,9 @@ _REFERENCE_KERNELS = {
     "downscale_mask": _downscale_mask_reference_kernel,
     "weighted_relu_sum": _weighted_relu_sum_reference_kernel,
     "weighted_relu_sum_backward": _weighted_relu_sum_backward_reference_kernel,
+    "lrp_epsilon_ratio": lrp_epsilon_ratio_reference,
+    "lrp_epsilon_conv2d": lrp_epsilon_conv2d_reference,
+    "lrp_epsilon_linear": lrp_epsilon_linear_reference,
 }
 
 STATUS = _extension.status()
@@ -96,7 +115,8 @@ if not STATUS.loaded:
 elif not STATUS.cuda_kernels:
     _lib = torch.library.Library("auditkit", "IMPL")
     for _name, _kernel in _REFERENCE_KERNELS.items():
-        _lib.impl(_name, _kernel, "CUDA")
+        if _name not in _COMPOSITE_OPS:
+            _lib.impl(_name, _kernel, "CUDA")
     _libraries.append(_lib)
 
 
@@ -120,6 +140,21 @@ def _weighted_relu_sum_fake(activation, weights):
 @torch.library.register_fake("auditkit::weighted_relu_sum_backward")
 def _weighted_relu_sum_backward_fake(grad, activation, weights):
     return empty_activation_grad(activation)
+
+
+@torch.library.register_fake("auditkit::lrp_epsilon_ratio")
+def _lrp_epsilon_ratio_fake(relevance, output, epsilon):
+    return torch.empty_like(relevance, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("auditkit::lrp_epsilon_conv2d")
+def _lrp_epsilon_conv2d_fake(input, output, relevance, weight, stride, padding, dilation, groups, epsilon):
+    return input.new_empty((relevance.shape[0], *input.shape[1:]))
+
+
+@torch.library.register_fake("auditkit::lrp_epsilon_linear")
+def _lrp_epsilon_linear_fake(input, output, relevance, weight, epsilon):
+    return input.new_empty((relevance.shape[0], input.shape[1]))
 
 
 # ---- autograd -------------------------------------------------------------------
@@ -169,3 +204,96 @@ torch.library.register_autograd(
     _refuse("auditkit: downscale_mask is not differentiable; masks are constant annotations"),
     setup_context=_no_context,
 )
+
+
+# ---- LRP-epsilon: differentiable so that TEA can train on heatmaps --------------------
+# With s = R / stab(z), stab(z) = z + eps sign z, and a step R_in = a * T(s) (T = W^T):
+#   d/dR    = T^T(g a) / stab(z)
+#   d/dz    = -sum_K T^T(g a) * s / stab(z)            (z is shared by the K targets)
+#   d/da    = sum_K g * T(s)
+#   d/dW    from <g a, W^T s> = <W (g a), s>: the weight gradient of a layer whose
+#           input is g*a and whose output gradient is s.
+
+
+def _per_target(t, k):
+    return t.view(k, t.shape[0] // k, *t.shape[1:])
+
+
+def _ratio_backward_parts(grad_s, relevance, output, epsilon, needs_relevance, needs_output):
+    k = lrp_targets(relevance, output)
+    stab = lrp_stabilise(output, epsilon)
+    grad_relevance = (_per_target(grad_s, k) / stab).reshape(relevance.shape) if needs_relevance else None
+    grad_output = None
+    if needs_output:
+        s = lrp_epsilon_ratio_reference(relevance, output, epsilon)
+        grad_output = -(_per_target(grad_s, k) * _per_target(s, k) / stab).sum(0)
+    return grad_relevance, grad_output
+
+
+def _lrp_ratio_setup(ctx, inputs, output):
+    relevance, z, epsilon = inputs
+    ctx.epsilon = epsilon
+    ctx.save_for_backward(relevance, z)
+
+
+def _lrp_ratio_backward(ctx, grad):
+    relevance, z = ctx.saved_tensors
+    grad_relevance, grad_output = _ratio_backward_parts(
+        grad, relevance, z, ctx.epsilon, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    )
+    return grad_relevance, grad_output, None
+
+
+torch.library.register_autograd("auditkit::lrp_epsilon_ratio", _lrp_ratio_backward, setup_context=_lrp_ratio_setup)
+
+
+def _lrp_step_setup(ctx, inputs, output):
+    input, z, relevance, weight, *config = inputs
+    ctx.config = config
+    ctx.save_for_backward(input, z, relevance, weight)
+
+
+def _lrp_step_backward(ctx, grad, transposed, forward, weight_grad):
+    """Shared backward of the conv2d and linear steps; the three callables are the layer's
+    W^T (transposed), W (forward) and weight gradient."""
+    input, z, relevance, weight = ctx.saved_tensors
+    epsilon = ctx.config[-1]
+    k = lrp_targets(relevance, z)
+    s = torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, epsilon)
+    weighted = (_per_target(grad, k) * input).reshape(grad.shape)  # g * a
+    needs_input, needs_z, needs_relevance, needs_weight = ctx.needs_input_grad[:4]
+    grad_input = (_per_target(grad, k) * _per_target(transposed(s), k)).sum(0) if needs_input else None
+    grad_weight = weight_grad(weighted, s) if needs_weight else None
+    grad_relevance = grad_output = None
+    if needs_z or needs_relevance:
+        grad_s = forward(weighted)
+        grad_relevance, grad_output = _ratio_backward_parts(grad_s, relevance, z, epsilon, needs_relevance, needs_z)
+    return grad_input, grad_output, grad_relevance, grad_weight, *([None] * len(ctx.config))
+
+
+def _lrp_conv2d_backward(ctx, grad):
+    input, _z, relevance, weight = ctx.saved_tensors
+    stride, padding, dilation, groups, _epsilon = ctx.config
+    shape = (relevance.shape[0], *input.shape[1:])
+
+    def transposed(s):
+        return torch.nn.grad.conv2d_input(shape, weight, s, stride, padding, dilation, groups)
+
+    def forward(x):
+        return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    def weight_grad(x, s):
+        return torch.ops.aten.convolution_backward(
+            s, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False]
+        )[1]
+
+    return _lrp_step_backward(ctx, grad, transposed, forward, weight_grad)
+
+
+def _lrp_linear_backward(ctx, grad):
+    weight = ctx.saved_tensors[3]
+    return _lrp_step_backward(ctx, grad, lambda s: s @ weight, lambda x: x @ weight.t(), lambda x, s: s.t() @ x)
+
+
+torch.library.register_autograd("auditkit::lrp_epsilon_conv2d", _lrp_conv2d_backward, setup_context=_lrp_step_setup)
+torch.library.register_autograd("auditkit::lrp_epsilon_linear", _lrp_linear_backward, setup_context=_lrp_step_setup)

@@ -1,0 +1,436 @@
+"""LRP-epsilon (seed 004 Eq. A1-A3; Bassi et al., TEA) for any network torch.fx can trace.
+
+The network is traced once into a graph of its modules and functions. An explanation runs the
+forward pass through that graph (the model's own modules and parameters — nothing is copied,
+replaced or hooked, so the model, its optimizer and its gradients are untouched), keeps every
+node's input and output, and then propagates relevance from the target logit back to the input
+node by node:
+
+- conv2d / linear, z = W a + b:  R_in = a * W^T (R / (z + eps sign z))   (the fused ops)
+- batch norm after a conv: merged into it on the fly, W' = W gamma / sigma (the module is not
+  changed); any other batch norm is an elementwise affine layer under the same rule;
+- average / adaptive average pooling, bilinear resizing: linear maps under the same rule;
+- residual additions z = a1 + a2: R_i = a_i R / (z + eps sign z) (split by contribution);
+- max pooling: relevance goes to the maximum (winner takes all);
+- activations, dropout, stochastic depth: relevance passes through unchanged;
+- flatten / reshape / concatenation: relevance is rearranged back;
+- gating products such as squeeze-excitation (x * g(x), g broadcast): all relevance goes to x.
+
+Anything else is refused with an error naming the module or function, never a silent wrong map.
+With ``create_graph=True`` every step is differentiable (the ops have autograd formulas), so a
+loss on the heatmap trains the model (TEA).
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .. import ops as _ops  # noqa: F401  (registers the auditkit::lrp_epsilon_* ops)
+from ..errors import ModelError
+
+DEFAULT_EPSILON = 1e-6
+
+
+class UnsupportedLayerError(ModelError):
+    """The network contains a layer LRP-epsilon has no rule for."""
+
+
+# ---- tracing -----------------------------------------------------------------------------------
+
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Dropout, nn.Dropout2d, nn.Identity,
+)
+_PASS_FUNCTIONS = {F.relu, F.relu6, F.silu, F.gelu, F.leaky_relu, F.elu, F.dropout, torch.relu, torch.sigmoid,
+                   torch.tanh, F.hardswish, torch.nn.functional.sigmoid}
+_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "contiguous", "clone", "float", "to", "type_as", "detach"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "view_as", "reshape_as"}
+
+
+def _stochastic_depth():
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return (), set()
+    return (StochasticDepth,), {stochastic_depth}
+
+
+_SD_MODULES, _SD_FUNCTIONS = _stochastic_depth()
+
+
+class _Tracer(fx.Tracer):
+    # Keep torchvision's stochastic depth as one call instead of tracing into it.
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _SD_MODULES) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class TracedNetwork:
+    root: nn.Module
+    graph: fx.Graph
+    # Conv nodes whose output feeds only one batch norm: merged into it.
+    merged: dict[fx.Node, fx.Node] = field(default_factory=dict)  # bn node -> conv node
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.root.get_submodule(node.target)
+
+
+_TRACES: "weakref.WeakKeyDictionary[nn.Module, TracedNetwork]" = weakref.WeakKeyDictionary()
+
+
+def trace(net: nn.Module) -> TracedNetwork:
+    """The network's graph (cached per module object)."""
+    cached = _TRACES.get(net)
+    if cached is not None:
+        return cached
+    try:
+        graph = _Tracer().trace(net)
+    except Exception as error:  # tracing failures come in many types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsupportedLayerError(
+            f"LRP could not trace {type(net).__name__} with torch.fx ({first[:160]}); "
+            "use gradient-based methods or make its forward traceable"
+        ) from error
+    traced = TracedNetwork(net, graph)
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(traced.module(node), nn.BatchNorm2d):
+            source = node.args[0]
+            if (
+                isinstance(source, fx.Node)
+                and source.op == "call_module"
+                and isinstance(traced.module(source), nn.Conv2d)
+                and len(source.users) == 1
+            ):
+                traced.merged[node] = source
+    _TRACES[net] = traced
+    return traced
+
+
+def _describe(traced: TracedNetwork, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r} ({type(traced.module(node)).__name__})"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{'method' if node.op == 'call_method' else 'function'} {name!r} (graph node {node.name})"
+
+
+# ---- forward -------------------------------------------------------------------------------------
+
+# In-place activations would overwrite the values the rules need (torchvision's ResNet applies
+# ReLU(inplace=True) to batch-norm outputs), so the forward uses out-of-place equivalents.
+_OUT_OF_PLACE = {
+    nn.ReLU: lambda m, x: F.relu(x),
+    nn.ReLU6: lambda m, x: F.relu6(x),
+    nn.SiLU: lambda m, x: F.silu(x),
+    nn.Hardswish: lambda m, x: F.hardswish(x),
+    nn.Hardsigmoid: lambda m, x: F.hardsigmoid(x),
+    nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope),
+    nn.ELU: lambda m, x: F.elu(x, m.alpha),
+    nn.Dropout: lambda m, x: F.dropout(x, m.p, m.training),
+}
+
+
+_OUT_OF_PLACE_OPERATORS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+
+def _call_module(module: nn.Module, args, kwargs):
+    if getattr(module, "inplace", False):
+        out_of_place = _OUT_OF_PLACE.get(type(module))
+        if out_of_place is not None and len(args) == 1 and not kwargs:
+            return out_of_place(module, args[0])
+        args = (args[0].clone(), *args[1:])
+    return module(*args, **kwargs)
+
+
+def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, dict[fx.Node, object]]:
+    """Runs the graph with the network's own modules; returns (output, every node's value)."""
+    env: dict[fx.Node, object] = {}
+
+    def value(arg):
+        return fx.node.map_arg(arg, lambda n: env[n])
+
+    output = None
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = x
+        elif node.op == "get_attr":
+            target = traced.root
+            for part in node.target.split("."):
+                target = getattr(target, part)
+            env[node] = target
+        elif node.op == "call_module":
+            env[node] = _call_module(traced.module(node), value(node.args), value(node.kwargs))
+        elif node.op == "call_function":
+            kwargs = value(node.kwargs)
+            if kwargs.get("inplace"):
+                kwargs = {**kwargs, "inplace": False}
+            function = _OUT_OF_PLACE_OPERATORS.get(node.target, node.target)
+            env[node] = function(*value(node.args), **kwargs)
+        elif node.op == "call_method":
+            receiver, *rest = value(node.args)
+            method = node.target[:-1] if node.target.endswith("_") and not node.target.endswith("__") else node.target
+            env[node] = getattr(receiver, method)(*rest, **value(node.kwargs))
+        elif node.op == "output":
+            output = value(node.args[0])
+    if not isinstance(output, torch.Tensor):
+        raise UnsupportedLayerError("LRP needs a network that returns one tensor of logits")
+    return output, env
+
+
+# ---- rules -----------------------------------------------------------------------------------
+
+
+def _per_target(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t.view(k, t.shape[0] // k, *t.shape[1:])
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _batch_norm_scale(bn: nn.BatchNorm2d, bn_input: torch.Tensor) -> torch.Tensor:
+    """gamma / sigma with the statistics the module used in this forward pass."""
+    if bn.training or bn.running_var is None:
+        variance = bn_input.detach().var(dim=(0, 2, 3), unbiased=False)
+    else:
+        variance = bn.running_var
+    scale = torch.rsqrt(variance + bn.eps)
+    return scale * bn.weight if bn.weight is not None else scale
+
+
+def _linear_map_rule(fn, a: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor, k: int, epsilon: float, create_graph: bool):
+    """The epsilon rule for a bias-free linear map z = fn(a) (pooling, resizing):
+    R_in = a * J^T (R / (z + eps sign z)), with J^T from autograd (fn is linear, so any point works)."""
+    s = torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, epsilon)
+    with torch.enable_grad():
+        probe = torch.zeros((relevance.shape[0], *a.shape[1:]), dtype=a.dtype, device=a.device, requires_grad=True)
+        (contribution,) = torch.autograd.grad(fn(probe), probe, s, create_graph=create_graph)
+    return _flat(_per_target(contribution, k) * a)
+
+
+def _max_pool_rule(module_or_args, a: torch.Tensor, relevance: torch.Tensor, k: int):
+    """Winner takes all: each output's relevance goes to the input position of its maximum."""
+    kernel, stride, padding, dilation, ceil_mode = module_or_args
+    _, indices = F.max_pool2d(a.detach(), kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    indices = indices.flatten(2).repeat(k, 1, 1)
+    out = torch.zeros((relevance.shape[0], a.shape[1], a.shape[2] * a.shape[3]), dtype=relevance.dtype, device=relevance.device)
+    return out.scatter_add(2, indices, relevance.flatten(2)).view(relevance.shape[0], *a.shape[1:])
+
+
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+
+
+def _is_gate(traced: TracedNetwork, node: fx.Node) -> bool:
+    """A factor produced by a sigmoid: a gate in [0, 1] (squeeze-excitation, attention)."""
+    if node.op == "call_module":
+        return isinstance(traced.module(node), _GATE_MODULES)
+    if node.op == "call_function":
+        return node.target in _GATE_FUNCTIONS
+    return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+@dataclass
+class _Context:
+    traced: TracedNetwork
+    env: dict
+    k: int
+    epsilon: float
+    create_graph: bool
+
+    def value(self, arg):
+        return self.env[arg] if isinstance(arg, fx.Node) else arg
+
+
+def _conv_rule(ctx: _Context, conv: nn.Conv2d, a, z, relevance, weight=None):
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise UnsupportedLayerError(f"LRP supports zero-padded convolutions with numeric padding; got {conv}")
+    return torch.ops.auditkit.lrp_epsilon_conv2d(
+        a, z, relevance, conv.weight if weight is None else weight, list(_pair(conv.stride)),
+        list(_pair(conv.padding)), list(_pair(conv.dilation)), conv.groups, ctx.epsilon,
+    )
+
+
+def _module_rule(ctx: _Context, node: fx.Node, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    module = ctx.traced.module(node)
+    source = node.args[0]
+    a, z = ctx.value(source), ctx.env[node]
+    if node in ctx.traced.merged:  # conv followed by this batch norm: one linear layer
+        conv_node = ctx.traced.merged[node]
+        conv = ctx.traced.module(conv_node)
+        scale = _batch_norm_scale(module, a)
+        merged_weight = conv.weight * scale.view(-1, 1, 1, 1)
+        return [(conv_node.args[0], _conv_rule(ctx, conv, ctx.value(conv_node.args[0]), z, relevance, merged_weight))]
+    if isinstance(module, nn.Conv2d):
+        return [(source, _conv_rule(ctx, module, a, z, relevance))]
+    if isinstance(module, nn.Linear):
+        return [(source, torch.ops.auditkit.lrp_epsilon_linear(a, z, relevance, module.weight, ctx.epsilon))]
+    if isinstance(module, nn.BatchNorm2d):  # not after a conv: an elementwise affine layer
+        s = torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, ctx.epsilon)
+        scale = _batch_norm_scale(module, a).view(1, -1, 1, 1)
+        return [(source, _flat(_per_target(s, ctx.k) * (a * scale)))]
+    if isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        return [(source, _linear_map_rule(module, a, z, relevance, ctx.k, ctx.epsilon, ctx.create_graph))]
+    if isinstance(module, nn.MaxPool2d):
+        args = (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+        return [(source, _max_pool_rule(args, a, relevance, ctx.k))]
+    if isinstance(module, nn.Flatten):
+        return [(source, relevance.reshape(relevance.shape[0], *a.shape[1:]))]
+    if isinstance(module, _PASS_MODULES + _SD_MODULES):
+        return [(source, relevance)]
+    raise UnsupportedLayerError(f"LRP-epsilon has no rule for {_describe(ctx.traced, node)}")
+
+
+def _function_rule(ctx: _Context, node: fx.Node, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    target, args = node.target, node.args
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if target in _PASS_FUNCTIONS or target in _SD_FUNCTIONS or (node.op == "call_method" and name in _PASS_METHODS):
+        return [(args[0], relevance)]
+    if target in _RESHAPE_FUNCTIONS or (node.op == "call_method" and name in _RESHAPE_METHODS):
+        a = ctx.value(args[0])
+        return [(args[0], relevance.reshape(relevance.shape[0], *a.shape[1:]))]
+    if target is torch.cat:
+        tensors = args[0]
+        dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        if dim in (0, -ctx.value(tensors[0]).dim()):
+            raise UnsupportedLayerError(f"LRP cannot split relevance of a concatenation along the batch ({node.name})")
+        sizes = [ctx.value(t).shape[dim] for t in tensors]
+        return list(zip(tensors, torch.split(relevance, sizes, dim=dim)))
+    if target in (operator.add, torch.add, operator.iadd):
+        left, right = args[0], args[1]
+        tensors = [arg for arg in (left, right) if isinstance(arg, fx.Node) and isinstance(ctx.value(arg), torch.Tensor)]
+        z = ctx.env[node]
+        if len(tensors) == 1:  # adding a constant: relevance stays with the tensor
+            return [(tensors[0], relevance)]
+        if any(ctx.value(t).shape != z.shape for t in tensors):
+            raise UnsupportedLayerError(f"LRP supports additions of same-shape tensors only ({node.name})")
+        s = _per_target(torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, ctx.epsilon), ctx.k)
+        return [(t, _flat(s * ctx.value(t))) for t in tensors]
+    if target in (operator.mul, torch.mul, operator.imul):
+        tensors = [arg for arg in args[:2] if isinstance(arg, fx.Node) and isinstance(ctx.value(arg), torch.Tensor)]
+        z = ctx.env[node]
+        if len(tensors) == 1:
+            return [(tensors[0], relevance)]
+        gates = [t for t in tensors if _is_gate(ctx.traced, t)]
+        if len(gates) != 1:  # no sigmoid: the broadcast factor is the gate
+            gates = [t for t in tensors if ctx.value(t).shape != z.shape]
+        if len(gates) != 1:
+            raise UnsupportedLayerError(
+                f"LRP supports products where one factor is a gate (a sigmoid, as in squeeze-excitation, "
+                f"or a broadcast factor); {node.name} is neither"
+            )
+        signal = next(t for t in tensors if t is not gates[0])
+        return [(signal, relevance)]  # the gate g(x) only modulates x
+    if target in (F.adaptive_avg_pool2d, F.avg_pool2d):
+        a = ctx.value(args[0])
+        rest = [ctx.value(v) for v in args[1:]]
+        kwargs = {key: ctx.value(v) for key, v in node.kwargs.items()}
+        return [(args[0], _linear_map_rule(lambda t: target(t, *rest, **kwargs), a, ctx.env[node], relevance,
+                                           ctx.k, ctx.epsilon, ctx.create_graph))]
+    if target is F.max_pool2d:
+        a = ctx.value(args[0])
+        params = [ctx.value(v) for v in args[1:]] + [None] * 5
+        kernel = params[0]
+        stride = params[1] if params[1] is not None else kernel
+        padding = params[2] if params[2] is not None else 0
+        dilation = params[3] if params[3] is not None else 1
+        ceil_mode = params[4] if params[4] is not None else False
+        return [(args[0], _max_pool_rule((kernel, stride, padding, dilation, ceil_mode), a, relevance, ctx.k))]
+    raise UnsupportedLayerError(f"LRP-epsilon has no rule for {_describe(ctx.traced, node)}")
+
+
+def propagate(
+    traced: TracedNetwork,
+    env: dict,
+    output_relevance: torch.Tensor,
+    *,
+    k: int,
+    epsilon: float,
+    create_graph: bool,
+) -> torch.Tensor:
+    """Relevance at the network input, (K*N, ...) target-major, from relevance at its output."""
+    nodes = list(traced.graph.nodes)
+    output_node = next(n for n in reversed(nodes) if n.op == "output")
+    relevance: dict[fx.Node, torch.Tensor] = {output_node.args[0]: output_relevance}
+    ctx = _Context(traced, env, k, epsilon, create_graph)
+    input_relevance = None
+    for node in reversed(nodes):
+        if node not in relevance:
+            continue
+        r = relevance.pop(node)
+        if node.op == "placeholder":
+            input_relevance = r
+            continue
+        if node.op == "call_module":
+            contributions = _module_rule(ctx, node, r)
+        elif node.op in ("call_function", "call_method"):
+            contributions = _function_rule(ctx, node, r)
+        else:
+            raise UnsupportedLayerError(f"LRP-epsilon has no rule for graph node {node.name} ({node.op})")
+        for source, value in contributions:
+            if not isinstance(source, fx.Node):
+                continue
+            relevance[source] = relevance[source] + value if source in relevance else value
+    if input_relevance is None:
+        raise UnsupportedLayerError("no relevance reached the network input (is the output independent of it?)")
+    return input_relevance
+
+
+def lrp_epsilon(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    epsilon: float = DEFAULT_EPSILON,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """LRP-epsilon heatmaps (N, K, H, W) for ``targets`` (N, K) class indices.
+
+    Relevance starts at the target logit (Eq. A3: R = z_c for the explained class, 0 elsewhere)
+    and is propagated to the input (Eq. A1); the heatmap sums it over channels. For an
+    auditkit model it is the relevance of the normalised input pixels, mapped back through the
+    model's resizing, so it lines up with the image and its mask.
+    """
+    from ..models import AuditModel
+
+    n, k = targets.shape
+    with torch.set_grad_enabled(create_graph):
+        if isinstance(model, AuditModel):
+            normalised = (x - model.mean) / model.std
+            network_input = model._upsample_to_min_size(normalised)
+            traced = trace(model.net)
+        else:
+            normalised = network_input = x
+            traced = trace(model)
+        logits, env = run_forward(traced, network_input)
+        if logits.dim() != 2 or logits.shape[0] != n:
+            raise UnsupportedLayerError(f"LRP expects logits of shape (N, classes); got {tuple(logits.shape)}")
+        rows = torch.arange(n, device=x.device).repeat(k)
+        columns = targets.t().reshape(-1)  # target-major: all samples' first target, then the second, ...
+        start = torch.zeros((k * n, logits.shape[1]), dtype=logits.dtype, device=logits.device)
+        start = start.index_put((torch.arange(k * n, device=x.device), columns), logits[rows, columns])
+        relevance = propagate(traced, env, start, k=k, epsilon=epsilon, create_graph=create_graph)
+        if network_input is not normalised:  # undo the model's resize with the same rule
+            size = network_input.shape[-2:]
+
+            def resize(t):
+                return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+            relevance = _linear_map_rule(resize, normalised, network_input, relevance, k, epsilon, create_graph)
+        heatmaps = relevance.sum(dim=1)  # (K*N, H, W)
+        return heatmaps.view(k, n, *heatmaps.shape[1:]).transpose(0, 1)

@@ -1,0 +1,78 @@
+// CPU kernel of lrp_epsilon_ratio: s = R / (z + eps * sign(z)), one fused pass,
+// z broadcast over the K explanations per sample held in R.
+#include "../lrp_epsilon.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace auditkit {
+
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    !defined(AUDITKIT_NO_TARGET_CLONES)
+#define AUDITKIT_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AUDITKIT_MULTIVERSION
+#endif
+
+template <typename scalar_t>
+AUDITKIT_MULTIVERSION void ratio_run(
+    scalar_t* __restrict__ out,
+    const scalar_t* __restrict__ relevance,
+    const scalar_t* __restrict__ z,
+    int64_t len,
+    double epsilon) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t eps = static_cast<acc_t>(epsilon);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t zi = static_cast<acc_t>(z[i]);
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(relevance[i]) / lrp_stabilise(zi, eps));
+  }
+}
+
+at::Tensor lrp_epsilon_ratio_cpu(const at::Tensor& relevance_in, const at::Tensor& output_in, double epsilon) {
+  check_lrp_broadcast(relevance_in, output_in, "lrp_epsilon_ratio");
+  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio: `epsilon` must be >= 0; got ", epsilon);
+  const at::Tensor relevance = relevance_in.contiguous();
+  const at::Tensor output = output_in.contiguous();
+  at::Tensor out = at::empty(relevance.sizes(), relevance.options());
+  const int64_t per_target = output.numel();
+  if (relevance.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, relevance.scalar_type(), "lrp_epsilon_ratio_cpu", [&] {
+    const scalar_t* r = relevance.const_data_ptr<scalar_t>();
+    const scalar_t* z = output.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    // Chunks never straddle two targets, so z is read contiguously.
+    constexpr int64_t kChunk = 16384;
+    const int64_t chunks_per_target = (per_target + kChunk - 1) / kChunk;
+    const int64_t targets = relevance.numel() / per_target;
+    at::parallel_for(0, targets * chunks_per_target, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t target = c / chunks_per_target;
+        const int64_t start = (c % chunks_per_target) * kChunk;
+        const int64_t len = std::min(kChunk, per_target - start);
+        const int64_t offset = target * per_target + start;
+        ratio_run<scalar_t>(o + offset, r + offset, z + start, len, epsilon);
+      }
+    });
+  });
+  return out;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(auditkit, CPU, m) {
+  m.impl("lrp_epsilon_ratio", &lrp_epsilon_ratio_cpu);
+}
+
+} // namespace auditkit

@@ -1,0 +1,70 @@
+// CUDA kernel of lrp_epsilon_ratio: s = R / (z + eps * sign(z)), one fused pass,
+// z broadcast over the K explanations per sample held in R (grid-stride loop,
+// blockIdx.y = target, so no division per element).
+#include "../lrp_epsilon.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace auditkit {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+__global__ void ratio_kernel(
+    scalar_t* __restrict__ out,
+    const scalar_t* __restrict__ relevance,
+    const scalar_t* __restrict__ z,
+    int64_t per_target,
+    double epsilon) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t eps = static_cast<acc_t>(epsilon);
+  const int64_t offset = static_cast<int64_t>(blockIdx.y) * per_target;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_target;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t zi = static_cast<acc_t>(z[i]);
+    out[offset + i] = static_cast<scalar_t>(static_cast<acc_t>(relevance[offset + i]) / lrp_stabilise(zi, eps));
+  }
+}
+
+at::Tensor lrp_epsilon_ratio_cuda(const at::Tensor& relevance_in, const at::Tensor& output_in, double epsilon) {
+  check_lrp_broadcast(relevance_in, output_in, "lrp_epsilon_ratio");
+  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio: `epsilon` must be >= 0; got ", epsilon);
+  const c10::cuda::CUDAGuard guard(relevance_in.device());
+  const at::Tensor relevance = relevance_in.contiguous();
+  const at::Tensor output = output_in.contiguous();
+  at::Tensor out = at::empty(relevance.sizes(), relevance.options());
+  const int64_t per_target = output.numel();
+  if (relevance.numel() == 0) {
+    return out;
+  }
+  const int64_t targets = relevance.numel() / per_target;
+  TORCH_CHECK_VALUE(targets <= 65535, "lrp_epsilon_ratio: at most 65535 explanations per sample on CUDA");
+  const int64_t blocks_x = std::min<int64_t>((per_target + kThreads - 1) / kThreads, 4096);
+  const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(targets));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, relevance.scalar_type(), "lrp_epsilon_ratio_cuda", [&] {
+    ratio_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        out.mutable_data_ptr<scalar_t>(), relevance.const_data_ptr<scalar_t>(), output.const_data_ptr<scalar_t>(),
+        per_target, epsilon);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(auditkit, CUDA, m) {
+  m.impl("lrp_epsilon_ratio", &lrp_epsilon_ratio_cuda);
+}
+
+} // namespace auditkit

@@ -1,0 +1,164 @@
+// LRP-epsilon steps (seed 004 Eq. A1-A3; Bassi et al., TEA) for a layer z = W a + b:
+//
+//   s     = R_out / (z + eps * sign(z))      sign(0) taken as +1 (the "ratio")
+//   c     = W^T s                             conv_transpose2d / GEMM (vendor libraries)
+//   R_in  = a (.) c
+//
+// Batched over targets: `relevance` may hold K explanations per sample, laid out
+// target-major as (K*N, ...), while `input`/`output` keep the forward's batch N;
+// the kernels broadcast them over K instead of copying.
+//
+// lrp_epsilon_ratio has CPU and CUDA kernels (cpu/, cuda/); the conv2d and
+// linear steps are device-generic compositions of it with ATen's matrix ops.
+// Autograd (TEA differentiates the heatmap) and fake kernels are registered
+// from Python (auditkit/ops/_registrations.py).
+#include "lrp_epsilon.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+namespace auditkit {
+
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+} // namespace
+
+int64_t check_lrp_broadcast(const at::Tensor& relevance, const at::Tensor& output, const char* op) {
+  TORCH_CHECK_TYPE(
+      is_supported_float(relevance.scalar_type()) && relevance.scalar_type() == output.scalar_type(),
+      op, ": `relevance` and `output` must share one floating dtype; got ",
+      relevance.scalar_type(), " and ", output.scalar_type());
+  TORCH_CHECK_VALUE(
+      relevance.device() == output.device(),
+      op, ": `relevance` is on ", relevance.device(), " but `output` is on ", output.device());
+  TORCH_CHECK_VALUE(
+      output.dim() >= 1 && relevance.dim() == output.dim() &&
+          relevance.sizes().slice(1) == output.sizes().slice(1),
+      op, ": `relevance` must have the shape of `output` except for its batch; got ",
+      shape_str(relevance), " and ", shape_str(output));
+  const int64_t n = output.size(0);
+  TORCH_CHECK_VALUE(
+      (n == 0 && relevance.size(0) == 0) || (n > 0 && relevance.size(0) % n == 0),
+      op, ": the batch of `relevance` (", relevance.size(0),
+      ") must be a multiple of the batch of `output` (", n, "): K explanations per sample");
+  return n == 0 ? 1 : relevance.size(0) / n;
+}
+
+static void check_step_args(
+    const at::Tensor& input,
+    const at::Tensor& output,
+    const at::Tensor& relevance,
+    const at::Tensor& weight,
+    const char* op) {
+  check_lrp_broadcast(relevance, output, op);
+  TORCH_CHECK_VALUE(
+      input.size(0) == output.size(0),
+      op, ": `input` and `output` must have the same batch; got ", shape_str(input), " and ", shape_str(output));
+  TORCH_CHECK_TYPE(
+      input.scalar_type() == output.scalar_type() && weight.scalar_type() == output.scalar_type(),
+      op, ": `input`, `output`, `relevance` and `weight` must share one dtype");
+  TORCH_CHECK_VALUE(
+      input.device() == output.device() && weight.device() == output.device(),
+      op, ": all tensors must be on one device");
+}
+
+// (K*N, ...) relevance-like tensor times (N, ...) activation, in place.
+static at::Tensor multiply_by_activation_(at::Tensor contribution, const at::Tensor& activation, int64_t k) {
+  std::vector<int64_t> shape{k};
+  for (const auto size : activation.sizes()) {
+    shape.push_back(size);
+  }
+  contribution.view(shape).mul_(activation.unsqueeze(0));
+  return contribution;
+}
+
+static at::Tensor call_ratio(const at::Tensor& relevance, const at::Tensor& output, double epsilon) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("auditkit::lrp_epsilon_ratio", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(relevance, output, epsilon);
+}
+
+at::Tensor lrp_epsilon_conv2d_composite(
+    const at::Tensor& input,
+    const at::Tensor& output,
+    const at::Tensor& relevance,
+    const at::Tensor& weight,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t groups,
+    double epsilon) {
+  check_step_args(input, output, relevance, weight, "lrp_epsilon_conv2d");
+  TORCH_CHECK_VALUE(
+      input.dim() == 4 && output.dim() == 4 && weight.dim() == 4,
+      "lrp_epsilon_conv2d: `input`, `output` and `weight` must be 4-D; got ", shape_str(input), ", ",
+      shape_str(output), ", ", shape_str(weight));
+  TORCH_CHECK_VALUE(
+      stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && groups >= 1,
+      "lrp_epsilon_conv2d: stride, padding and dilation must have 2 entries and groups >= 1");
+  const int64_t k = check_lrp_broadcast(relevance, output, "lrp_epsilon_conv2d");
+  const at::Tensor s = call_ratio(relevance, output, epsilon);
+  // W^T s is the transposed convolution; output_padding recovers input sizes
+  // that the forward's striding made ambiguous.
+  std::vector<int64_t> output_padding(2);
+  for (int d = 0; d < 2; ++d) {
+    const int64_t produced = (output.size(2 + d) - 1) * stride[d] - 2 * padding[d] +
+        dilation[d] * (weight.size(2 + d) - 1) + 1;
+    output_padding[d] = input.size(2 + d) - produced;
+    TORCH_CHECK_VALUE(
+        output_padding[d] >= 0 && output_padding[d] < std::max(stride[d], dilation[d]),
+        "lrp_epsilon_conv2d: `input` (", shape_str(input), ") does not match `output` (", shape_str(output),
+        ") for this convolution");
+  }
+  at::Tensor contribution =
+      at::conv_transpose2d(s, weight, /*bias=*/{}, stride, padding, output_padding, groups, dilation);
+  return multiply_by_activation_(contribution, input, k);
+}
+
+at::Tensor lrp_epsilon_linear_composite(
+    const at::Tensor& input,
+    const at::Tensor& output,
+    const at::Tensor& relevance,
+    const at::Tensor& weight,
+    double epsilon) {
+  check_step_args(input, output, relevance, weight, "lrp_epsilon_linear");
+  TORCH_CHECK_VALUE(
+      input.dim() == 2 && output.dim() == 2 && weight.dim() == 2 && weight.size(0) == output.size(1) &&
+          weight.size(1) == input.size(1),
+      "lrp_epsilon_linear: expected input (N, in), output (N, out), weight (out, in); got ", shape_str(input),
+      ", ", shape_str(output), ", ", shape_str(weight));
+  const int64_t k = check_lrp_broadcast(relevance, output, "lrp_epsilon_linear");
+  const at::Tensor s = call_ratio(relevance, output, epsilon);
+  at::Tensor contribution = at::mm(s, weight); // (K*N, in)
+  return multiply_by_activation_(contribution, input, k);
+}
+
+TORCH_LIBRARY_FRAGMENT(auditkit, m) {
+  m.def("lrp_epsilon_ratio(Tensor relevance, Tensor output, float epsilon) -> Tensor");
+  m.def(
+      "lrp_epsilon_conv2d(Tensor input, Tensor output, Tensor relevance, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, float epsilon) -> Tensor");
+  m.def(
+      "lrp_epsilon_linear(Tensor input, Tensor output, Tensor relevance, Tensor weight, float epsilon) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(auditkit, CompositeExplicitAutograd, m) {
+  m.impl("lrp_epsilon_conv2d", &lrp_epsilon_conv2d_composite);
+  m.impl("lrp_epsilon_linear", &lrp_epsilon_linear_composite);
+}
+
+} // namespace auditkit

@@ -1,0 +1,22 @@
+// Shared declarations for the LRP-epsilon ops (see lrp_epsilon.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+namespace auditkit {
+
+// Checks that `relevance` is `output`'s shape with a batch K times larger and
+// returns K (the number of explanations per sample).
+int64_t check_lrp_broadcast(const at::Tensor& relevance, const at::Tensor& output, const char* op);
+
+// The epsilon stabiliser: z + eps * sign(z) with sign(0) = +1, so the result
+// is never smaller than eps in magnitude.
+template <typename T>
+C10_HOST_DEVICE inline T lrp_stabilise(T z, T eps) {
+  return z >= T(0) ? z + eps : z - eps;
+}
+
+} // namespace auditkit
