@@ -35,6 +35,11 @@ PROBE = textwrap.dedent(
     mask = (torch.rand(3, 1, 37, 45) > 0.6).float()
     loss = ops.tap_loss([a, b], mask)
     loss.backward()
+    from auditkit.explain import attribute
+    from auditkit.models import build_model
+    torch.manual_seed(3)
+    model = build_model("resnet18", num_classes=4, in_channels=1, input_size=(32, 32)).eval()
+    heatmap = attribute(model, torch.rand(2, 1, 32, 32), torch.tensor([[0, 3], [2, 1]]), "lrp_epsilon", epsilon=0.01)
     status = ops.extension_status()
     print(json.dumps({
         "module": auditkit.ops.__file__,
@@ -45,6 +50,7 @@ PROBE = textwrap.dedent(
         "penalty": ops.tap_penalty(a, mask).tolist(),
         "grad_a": a.grad.flatten().tolist(),
         "grad_b": b.grad.flatten().tolist(),
+        "lrp": heatmap.flatten().tolist(),
     }))
     """
 )
@@ -66,6 +72,7 @@ def run_probe(env_extra=None, pythonpath=None):
 def assert_same_numbers(left, right):
     for key in ("penalty", "grad_a", "grad_b"):
         torch.testing.assert_close(torch.tensor(left[key]), torch.tensor(right[key]), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(left["lrp"]), torch.tensor(right["lrp"]), rtol=1e-4, atol=1e-7)
     assert left["loss"] == pytest.approx(right["loss"], rel=2e-6)
 
 

@@ -336,6 +336,22 @@ def _function_rule(ctx: _Context, node: fx.Node, relevance: torch.Tensor) -> lis
             )
         signal = next(t for t in tensors if t is not gates[0])
         return [(signal, relevance)]  # the gate g(x) only modulates x
+    if target in (F.conv2d, F.linear):
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        given = {**dict(zip(names, args)), **node.kwargs}
+        a, weight, z = ctx.value(given["input"]), ctx.value(given["weight"]), ctx.env[node]
+        if target is F.linear:
+            if a.dim() != 2:
+                raise UnsupportedLayerError(f"LRP supports linear layers on (N, features) inputs ({node.name})")
+            return [(given["input"], torch.ops.auditkit.lrp_epsilon_linear(a, z, relevance, weight, ctx.epsilon))]
+        padding = ctx.value(given.get("padding", 0))
+        if isinstance(padding, str):
+            raise UnsupportedLayerError(f"LRP supports numeric convolution padding; {node.name} has {padding!r}")
+        step = torch.ops.auditkit.lrp_epsilon_conv2d(
+            a, z, relevance, weight, list(_pair(ctx.value(given.get("stride", 1)))), list(_pair(padding)),
+            list(_pair(ctx.value(given.get("dilation", 1)))), ctx.value(given.get("groups", 1)), ctx.epsilon,
+        )
+        return [(given["input"], step)]
     if target in (F.adaptive_avg_pool2d, F.avg_pool2d):
         a = ctx.value(args[0])
         rest = [ctx.value(v) for v in args[1:]]
@@ -343,14 +359,12 @@ def _function_rule(ctx: _Context, node: fx.Node, relevance: torch.Tensor) -> lis
         return [(args[0], _linear_map_rule(lambda t: target(t, *rest, **kwargs), a, ctx.env[node], relevance,
                                            ctx.k, ctx.epsilon, ctx.create_graph))]
     if target is F.max_pool2d:
-        a = ctx.value(args[0])
-        params = [ctx.value(v) for v in args[1:]] + [None] * 5
-        kernel = params[0]
-        stride = params[1] if params[1] is not None else kernel
-        padding = params[2] if params[2] is not None else 0
-        dilation = params[3] if params[3] is not None else 1
-        ceil_mode = params[4] if params[4] is not None else False
-        return [(args[0], _max_pool_rule((kernel, stride, padding, dilation, ceil_mode), a, relevance, ctx.k))]
+        names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+        given = {key: ctx.value(v) for key, v in {**dict(zip(names, args)), **node.kwargs}.items()}
+        kernel = given["kernel_size"]
+        stride = given.get("stride") or kernel  # None or an empty list mean "the kernel size"
+        params = (kernel, stride, given.get("padding", 0), given.get("dilation", 1), given.get("ceil_mode", False))
+        return [(args[0], _max_pool_rule(params, given["input"], relevance, ctx.k))]
     raise UnsupportedLayerError(f"LRP-epsilon has no rule for {_describe(ctx.traced, node)}")
 
 
