@@ -1,0 +1,102 @@
+"""Heatmap pictures: colour maps, overlays on the image, and captioned grids (OpenCV).
+
+Signed maps (LRP, gradients) use a blue-white-red scale symmetric around zero (red: evidence
+for the class, blue: against); non-negative maps (Grad-CAM) use OpenCV's "jet". Each map is
+scaled by its own largest magnitude, so pictures show where, not how much.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ..errors import AuditkitError
+
+
+def _blue_white_red() -> np.ndarray:
+    """A 256-entry BGR lookup table: blue (-1) -> white (0) -> red (+1)."""
+    t = np.linspace(-1.0, 1.0, 256)
+    red = np.where(t < 0, 1.0 + t, 1.0)
+    green = 1.0 - np.abs(t)
+    blue = np.where(t > 0, 1.0 - t, 1.0)
+    return (np.stack([blue, green, red], axis=1) * 255).round().astype(np.uint8).reshape(256, 1, 3)
+
+
+_BWR = _blue_white_red()
+
+
+def colorize(heatmap: torch.Tensor, signed: bool | None = None) -> np.ndarray:
+    """(H, W) map -> (H, W, 3) uint8 RGB picture."""
+    values = heatmap.detach().float().cpu().numpy()
+    if signed is None:
+        signed = bool((values < 0).any())
+    scale = float(np.abs(values).max()) or 1.0
+    if signed:
+        index = np.clip((values / scale + 1.0) * 127.5, 0, 255).astype(np.uint8)
+        bgr = cv2.applyColorMap(index, _BWR)
+    else:
+        index = np.clip(values / scale * 255.0, 0, 255).astype(np.uint8)
+        bgr = cv2.applyColorMap(index, cv2.COLORMAP_JET)
+    return bgr[:, :, ::-1].copy()
+
+
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().numpy()
+    pixels = np.repeat(pixels, 3, axis=0) if pixels.shape[0] == 1 else pixels[:3]
+    return pixels.transpose(1, 2, 0).copy()
+
+
+def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.55, signed: bool | None = None) -> np.ndarray:
+    """The image (greyed) with the coloured heatmap blended on top."""
+    base = to_rgb(image).astype(np.float32)
+    grey = base.mean(axis=2, keepdims=True).repeat(3, axis=2)
+    colour = colorize(heatmap, signed).astype(np.float32)
+    return np.clip((1 - alpha) * grey + alpha * colour, 0, 255).astype(np.uint8)
+
+
+def upscale(picture: np.ndarray, min_side: int = 128) -> np.ndarray:
+    """Small images (28x28 digits) enlarged with nearest neighbours so pixels stay visible."""
+    factor = max(1, -(-min_side // min(picture.shape[:2])))
+    if factor == 1:
+        return picture
+    return cv2.resize(picture, (picture.shape[1] * factor, picture.shape[0] * factor), interpolation=cv2.INTER_NEAREST)
+
+
+def captioned(picture: np.ndarray, caption: str) -> np.ndarray:
+    """``picture`` with a white strip and a caption underneath."""
+    height = 18
+    strip = np.full((height, picture.shape[1], 3), 255, np.uint8)
+    cv2.putText(strip, caption[: max(1, picture.shape[1] // 7)], (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([picture, strip], axis=0)
+
+
+def grid(tiles: list[np.ndarray], columns: int = 8, gap: int = 4) -> np.ndarray:
+    """Tiles of equal size laid out in rows on a white background."""
+    if not tiles:
+        raise AuditkitError("nothing to lay out in a grid")
+    height, width = tiles[0].shape[:2]
+    columns = max(1, min(columns, len(tiles)))
+    rows = -(-len(tiles) // columns)
+    canvas = np.full((rows * (height + gap) + gap, columns * (width + gap) + gap, 3), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, columns)
+        y, x = gap + r * (height + gap), gap + c * (width + gap)
+        canvas[y : y + height, x : x + width] = tile
+    return canvas
+
+
+def write_png(path: str | Path, picture: np.ndarray) -> Path:
+    """Writes an RGB uint8 picture (atomically: temp file, then rename)."""
+    from .._io import atomic_write
+
+    def write(tmp: Path) -> None:
+        ok, encoded = cv2.imencode(".png", picture[:, :, ::-1])
+        if not ok:
+            raise AuditkitError(f"{path}: could not encode the PNG")
+        tmp.write_bytes(encoded.tobytes())
+
+    return atomic_write(path, write, overwrite=True)
