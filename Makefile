@@ -41,8 +41,12 @@ demo: setup
 	$(VENV)/bin/auditkit doctor
 	$(PY) tools/tap_demo.py
 
-bench: setup
-	$(PY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name $(PYTEST_ARGS)
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.deps-installed
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+bench: setup $(VENV)/.bench-installed
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name $(PYTEST_ARGS)
 
 clean:
 	rm -rf build auditkit/_C*.so *.egg-info .pytest_cache .benchmarks

@@ -104,8 +104,9 @@ def gradcam(model, x, targets, *, layer: str | None = None, create_graph: bool =
                 retain_graph=create_graph or k + 1 < targets.shape[1],
                 create_graph=create_graph,
             )
-            weights = grad.mean(dim=(2, 3), keepdim=True)
-            maps.append(F.relu((weights * activation).sum(dim=1)))
+            weights = grad.mean(dim=(2, 3))
+            # sum_c alpha_c A_c as a batched product: no (N, C, h, w) temporary.
+            maps.append(F.relu(torch.einsum("nc,nchw->nhw", weights, activation)))
     cams = torch.stack(maps, dim=1)
     cams = F.interpolate(cams, size=x.shape[-2:], mode="bilinear", align_corners=False)
     return cams if create_graph else cams.detach()
