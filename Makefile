@@ -12,7 +12,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 
-.PHONY: setup build test unit-test cmake-check demo bench clean
+.PHONY: setup build browser test unit-test cmake-check demo bench clean
 
 $(VENV)/.deps-installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,10 @@ $(VENV)/.deps-installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-setup: $(VENV)/.deps-installed build
+setup: $(VENV)/.deps-installed build browser
+
+browser:
+	bash tools/install_browser.sh
 
 # Incremental: ninja recompiles only what changed.
 build: $(VENV)/.deps-installed

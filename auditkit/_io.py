@@ -8,6 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _default_file_mode() -> int:
+    """0o666 minus the process umask: what open() would have given the file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Calls ``write(tmp_path)`` and renames the result to ``path``.
 
@@ -24,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwri
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600 files
         os.replace(tmp, target)
     finally:
         if tmp.exists():

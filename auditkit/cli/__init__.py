@@ -16,7 +16,7 @@ app = typer.Typer(
     name="auditkit",
     help=(
         "Audit an image classifier for shortcut learning and repair it with TAP or TEA.\n\n"
-        "Example: auditkit train --data builtin:decoy-mnist --arch tap-cnn --out shortcut.safetensors"
+        "Example: auditkit audit shortcut.safetensors --data builtin:decoy-mnist --report-dir audit"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -48,14 +48,15 @@ def _root(
     """auditkit: audit, then repair, fast."""
 
 
-from . import checkpoints as _checkpoints  # noqa: E402  (each module registers its command)
+from . import audit as _audit  # noqa: E402  (each module registers its command)
+from . import checkpoints as _checkpoints  # noqa: E402
 from . import data as _data  # noqa: E402
 from . import doctor as _doctor  # noqa: E402
 from . import explain as _explain  # noqa: E402
 from . import models as _models  # noqa: E402
 from . import train as _train  # noqa: E402
 
-for _module in (_data, _train, _explain, _checkpoints, _models, _doctor):
+for _module in (_audit, _data, _train, _explain, _checkpoints, _models, _doctor):
     _module.register(app)
 
 

@@ -1,0 +1,49 @@
+"""The audit's readable terminal summary (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+COLOURS = {"reliant": "red", "not reliant": "green", "inconclusive": "yellow"}
+
+
+def _interval(entry: dict) -> str:
+    if entry["value"] is None:
+        return "–"
+    low, high = entry["ci"]
+    return f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def print_summary(report, console: Console | None = None) -> None:
+    console = console or Console()
+    data = report.data
+    verdict = data["verdict"]
+    colour = COLOURS[verdict["label"]]
+    console.print(Panel(f"[bold {colour}]{verdict['label'].upper()}[/bold {colour}]  {verdict['summary']}",
+                        title=f"audit of {data['checkpoint']['path'] or data['checkpoint']['arch']}"))
+    metric = data["task"]["metric"]
+    table = Table(f"variant ({data['data']['spec']})", f"{metric} [{int(data['config']['confidence'] * 100)}% CI]", "samples")
+    for variant, entry in data["task"]["per_variant"].items():
+        table.add_row(variant, _interval(entry), str(entry["samples"]))
+    console.print(table)
+    evidence = Table("behavioural test", "value [CI]", "threshold", "finding")
+    for e in verdict["evidence"]:
+        style = {"shows reliance": "red", "clears": "green"}.get(e["finding"], "yellow")
+        evidence.add_row(e["test"], _interval(e), f"{e['threshold']:g}", f"[{style}]{e['finding']}[/{style}]")
+    if verdict["evidence"]:
+        console.print(evidence)
+    localisation = Table("method", "variant", "energy in mask [CI]", "chance", "top-25% recall", "IoU")
+    for method, variants in data["localisation"].items():
+        for variant, entry in variants.items():
+            localisation.add_row(method, variant, _interval(entry["energy_in_mask"]),
+                                 f"{entry['chance']['energy_in_mask']:.3f}", _interval(entry["top_quartile_recall"]),
+                                 _interval(entry["iou"]))
+    if data["localisation"]:
+        console.print(localisation)
+    if data["activation_share"]:
+        shares = Table("targeted layer", "activation inside the mask [CI]", "chance")
+        for entry in data["activation_share"]:
+            shares.add_row(entry["layer"], _interval(entry["share"]), f"{entry['chance']:.3f}")
+        console.print(shares)

@@ -1,0 +1,81 @@
+"""From measurements to a verdict: reliant, not reliant, or inconclusive — with the evidence named.
+
+Only behavioural tests decide, because only they show what the model *does* with the signal:
+- degradation (Δ-metric) from the contaminated data to the permuted and to the clean variants;
+- the swap counterfactual: the rate at which the prediction changes when the masked region is
+  replaced by another class's;
+- the removal counterfactual: the drop in the task metric when the masked region is filled with
+  the image's own background statistics.
+
+A test *shows reliance* when the lower end of its confidence interval is above its threshold, and
+*clears* the model when the upper end is below it. The verdict is
+- **reliant** if any test shows reliance;
+- **not reliant** if at least one test was possible and every test clears the model;
+- **inconclusive** otherwise (an interval straddles its threshold, or no behavioural test was
+  possible: then attribution localisation is reported, but it cannot decide on its own).
+
+Attribution and activation localisation are listed as supporting evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .metrics import Estimate
+
+RELIANT, NOT_RELIANT, INCONCLUSIVE = "reliant", "not reliant", "inconclusive"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a measured effect counts (all in the task metric's units, or rates)."""
+
+    degradation: float = 0.05  # Δ-metric, contaminated -> permuted / clean
+    swap_flip_rate: float = 0.10  # share of predictions changed by swapping the masked region
+    removal_drop: float = 0.05  # drop of the task metric when the masked region is removed
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    test: str
+    estimate: Estimate
+    threshold: float
+    finding: str  # "shows reliance" | "clears" | "inconclusive" | "not run"
+    explanation: str
+
+    def as_dict(self) -> dict:
+        return {"test": self.test, **self.estimate.as_dict(), "threshold": self.threshold,
+                "finding": self.finding, "explanation": self.explanation}
+
+
+def judge(test: str, estimate: Estimate, threshold: float, what: str) -> Evidence:
+    """Compare a confidence interval with a threshold."""
+    if estimate.samples == 0 or math.isnan(estimate.low):
+        return Evidence(test, estimate, threshold, "not run", f"{what}: no data for this test")
+    interval = f"{estimate.value:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"
+    if estimate.low > threshold:
+        return Evidence(test, estimate, threshold, "shows reliance", f"{what} {interval} is above {threshold:g}")
+    if estimate.high < threshold:
+        return Evidence(test, estimate, threshold, "clears", f"{what} {interval} is below {threshold:g}")
+    return Evidence(test, estimate, threshold, "inconclusive", f"{what} {interval} straddles {threshold:g}")
+
+
+def decide(evidence: list[Evidence]) -> tuple[str, str]:
+    """(verdict, one-sentence summary) from behavioural evidence."""
+    run = [e for e in evidence if e.finding != "not run"]
+    showing = [e for e in run if e.finding == "shows reliance"]
+    if showing:
+        return RELIANT, "The model relies on the annotated signal: " + "; ".join(e.explanation for e in showing) + "."
+    if run and all(e.finding == "clears" for e in run):
+        return NOT_RELIANT, "No reliance found: " + "; ".join(e.explanation for e in run) + "."
+    if not run:
+        return INCONCLUSIVE, (
+            "No behavioural test was possible (the data has no permuted or clean variant and no masks); "
+            "attribution localisation alone cannot decide."
+        )
+    unsure = [e for e in run if e.finding == "inconclusive"]
+    return INCONCLUSIVE, "Inconclusive: " + "; ".join(e.explanation for e in unsure) + "."

@@ -1,0 +1,95 @@
+"""`auditkit audit`: does a checkpoint rely on the annotated signal? Terminal, JSON, HTML, exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import DeviceOption, JsonOption, SeedOption, handles_errors, write_json
+from .checkpoints import ArchOption, TrustPickleOption, load
+
+
+@handles_errors
+def audit(
+    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors or .pt checkpoint.")],
+    data: Annotated[str, typer.Option("--data", help="Dataset with masks and/or variants (folder, csv, npz, builtin:NAME).")],
+    split: Annotated[str, typer.Option(help="Split to audit ('all' for every sample).")] = "test",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated attribution methods for localisation.")
+    ] = "gradcam,lrp_epsilon,gradient",
+    report_dir: Annotated[
+        Optional[Path], typer.Option("--report-dir", help="Write report.json and report.html here.")
+    ] = None,
+    json_path: JsonOption = None,
+    fail_on_shortcut: Annotated[
+        bool, typer.Option("--fail-on-shortcut", help="Exit 1 when the verdict is 'reliant' (for CI gates).")
+    ] = False,
+    task: Annotated[str, typer.Option(help="auto, multiclass (accuracy), binary (F-score) or ordinal (MAE).")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+    counterfactuals: Annotated[
+        bool, typer.Option("--counterfactuals/--no-counterfactuals", help="Swap and removal tests on masked samples.")
+    ] = True,
+    degradation_threshold: Annotated[float, typer.Option(help="Δ-metric that counts as reliance.")] = 0.05,
+    flip_threshold: Annotated[float, typer.Option(help="Swap flip rate that counts as reliance.")] = 0.10,
+    removal_threshold: Annotated[float, typer.Option(help="Metric drop on removal that counts as reliance.")] = 0.05,
+    confidence: Annotated[float, typer.Option(help="Confidence level of the bootstrap intervals.")] = 0.95,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    layers: Annotated[Optional[str], typer.Option(help="Layers for the activation share (default: TAP targets).")] = None,
+    epsilon: Annotated[float, typer.Option(help="LRP-epsilon stabiliser for the audit's maps.")] = 0.01,
+    arch: ArchOption = None,
+    trust_pickle: TrustPickleOption = False,
+    device: DeviceOption = "cpu",
+    seed: SeedOption = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Measure a checkpoint's reliance on a suspected spurious signal and report the evidence.
+
+    Exit codes: 0 done (1 with --fail-on-shortcut and a 'reliant' verdict), 2 bad input.
+    Under `torchrun --nproc_per_node N -m auditkit audit ...` the work is sharded over N processes.
+
+    Example: auditkit audit shortcut.safetensors --data builtin:decoy-mnist --report-dir audit --fail-on-shortcut
+    """
+    from .. import distributed
+    from ..audit import AuditConfig, Thresholds, print_summary, run_audit, write_html
+    from ..data import open_dataset
+    from ..models import resolve_layers
+    from ..train import align_dataset_to_model, resolve_device
+
+    resolve_device(device)
+    context = distributed.init_from_environment(device)
+    device = distributed.device_for(context, device)
+    try:
+        model = load(checkpoint, arch, trust_pickle).to(device)
+        dataset = align_dataset_to_model(open_dataset(data, split=None if split == "all" else split), model.meta)
+        config = AuditConfig(
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            task=task,
+            thresholds=Thresholds(degradation_threshold, flip_threshold, removal_threshold),
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            bootstrap=bootstrap,
+            confidence=confidence,
+            counterfactuals=counterfactuals,
+            epsilon=epsilon,
+            layers=tuple(resolve_layers(model, layers.split(","))) if layers else None,
+        )
+        report = run_audit(model, dataset, config, context=context, show_progress=not quiet,
+                           data_spec=data, checkpoint=str(checkpoint))
+        if context.is_main:
+            if json_path is None or str(json_path) != "-":
+                print_summary(report)
+            if report_dir is not None:
+                write_json(report_dir / "report.json", report.data)
+                html_path = write_html(report, model, dataset, report_dir / "report.html", device)
+                typer.echo(f"report: {report_dir / 'report.json'} and {html_path}")
+            write_json(json_path, report.data)
+    finally:
+        distributed.finish(context)
+    raise typer.Exit(report.exit_code(fail_on_shortcut))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("audit")(audit)
