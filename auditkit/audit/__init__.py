@@ -10,7 +10,7 @@ See docs/audit.md for what is measured, the verdict rules and the report schema.
 
 from __future__ import annotations
 
-from .html import render_html, write_html
+from .html import render_comparison_html, render_html, write_html
 from .runner import SCHEMA, AuditConfig, AuditReport, run_audit
 from .summary import print_summary
 from .verdict import INCONCLUSIVE, NOT_RELIANT, RELIANT, Thresholds
@@ -24,6 +24,7 @@ __all__ = [
     "AuditReport",
     "Thresholds",
     "print_summary",
+    "render_comparison_html",
     "render_html",
     "run_audit",
     "write_html",

@@ -174,3 +174,53 @@ def write_html(report, model, dataset, path: str | Path, device="cpu") -> Path:
     from .._io import atomic_write_text
 
     return atomic_write_text(path, render_html(report, model, dataset, device), overwrite=True)
+
+
+def render_comparison_html(before, after, model_before, model_after, dataset, device="cpu", title="Repair") -> str:
+    """Before/after page for a repair: verdicts, metric changes, and heatmaps of both models."""
+    b, a = before.data, after.data
+    metric = a["task"]["metric"]
+
+    def value(entry):
+        return None if entry is None else entry.get("value")
+
+    def row(name, x, y):
+        change = "–" if x is None or y is None else f"{y - x:+.3f}"
+        return f"<tr><td class=l>{html.escape(name)}</td><td>{_fmt(x)}</td><td>{_fmt(y)}</td><td>{change}</td></tr>"
+
+    out = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>auditkit {html.escape(title)}</title>",
+           f"<style>{STYLE}</style></head><body data-images-loaded=pending>",
+           f"<h1>{html.escape(title)}: before and after</h1>",
+           f"<p class=muted>{html.escape(a['data']['spec'])}, {a['data']['samples']} samples; auditkit {a['auditkit_version']}</p>"]
+    for label, report in (("Before", b), ("After", a)):
+        css_class = report["verdict"]["label"].replace(" ", "")
+        out.append(f"<div class='verdict {css_class}' style='margin:.5rem 0'><b>{label}: {html.escape(report['verdict']['label'])}.</b> "
+                   f"{html.escape(report['verdict']['summary'])}</div>")
+    out.append(f"<h2>Changes</h2><table><tr><th class=l>measure</th><th>before</th><th>after</th><th>change</th></tr>")
+    for variant in a["task"]["per_variant"]:
+        out.append(row(f"{metric}, {variant}", value(b["task"]["per_variant"].get(variant)), value(a["task"]["per_variant"][variant])))
+    for other in a["degradation"]:
+        out.append(row(f"degradation to {other}", value(b["degradation"].get(other)), value(a["degradation"][other])))
+    for name, path in (("swap flip rate", ("swap", "flip_rate")), ("removal drop", ("removal", "drop"))):
+        x = b["counterfactual"].get(path[0], {}).get(path[1])
+        y = a["counterfactual"].get(path[0], {}).get(path[1])
+        if y is not None:
+            out.append(row(name, value(x), value(y)))
+    for method, variants in a["localisation"].items():
+        reference = a["reference_variant"]
+        if reference in variants:
+            x = b["localisation"].get(method, {}).get(reference, {}).get("energy_in_mask")
+            out.append(row(f"{method}: energy in mask ({reference})", value(x), value(variants[reference]["energy_in_mask"])))
+    for x, y in zip(b["activation_share"], a["activation_share"]):
+        out.append(row(f"activation inside mask, {y['layer']}", value(x["share"]), value(y["share"])))
+    out.append("</table>")
+    reference = a["reference_variant"]
+    for label, report, model in (("before", before, model_before), ("after", after, model_after)):
+        examples = {reference: report.examples.get(reference, {"correct": [], "wrong": []})}
+        out.append(f"<h2>Heatmaps {label} ({html.escape(reference)} variant)</h2>")
+        out += _example_grids(model, dataset, examples, a["config"]["methods"][:1], a["checkpoint"]["classes"],
+                              a["config"]["epsilon"], device)
+    out.append("<script>addEventListener('load',()=>{const i=[...document.images];"
+               "document.body.dataset.imagesLoaded=i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length;});</script>")
+    out.append("</body></html>")
+    return "\n".join(out)

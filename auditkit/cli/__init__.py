@@ -54,9 +54,10 @@ from . import data as _data  # noqa: E402
 from . import doctor as _doctor  # noqa: E402
 from . import explain as _explain  # noqa: E402
 from . import models as _models  # noqa: E402
+from . import repair as _repair  # noqa: E402
 from . import train as _train  # noqa: E402
 
-for _module in (_audit, _data, _train, _explain, _checkpoints, _models, _doctor):
+for _module in (_audit, _repair, _data, _train, _explain, _checkpoints, _models, _doctor):
     _module.register(app)
 
 

@@ -251,7 +251,8 @@ class AuditDataset(Dataset):
             mask = _as_unit_float(np.asarray(source), where)
         if mask.ndim == 3:
             mask = mask.max(axis=2)
-        if mask.shape != size:
+        if mask.shape != size and not (isinstance(source, np.ndarray) and mask.shape == tuple(self.image_size)):
+            # (an in-memory mask already made at the dataset's size, e.g. a teacher annotation, is fine)
             raise DataError(
                 f"{where} is {mask.shape[1]}x{mask.shape[0]} but its image {_describe(record.image)} is "
                 f"{size[1]}x{size[0]}"
