@@ -88,6 +88,7 @@ def repair(
     from ..errors import AuditkitError
     from ..models import resolve_layers, save_checkpoint
     from ..repair import FitConfig, RepairConfig, run_repair
+    from ..repair.runner import check_data
     from ..train import align_dataset_to_model, resolve_device
 
     resolve_device(device)
@@ -95,6 +96,9 @@ def repair(
         raise AuditkitError("--out is the input checkpoint; auditkit never overwrites the model it repairs")
     if out.exists() and not force and not resume:
         raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")
+    state_path = out.with_name(out.name + ".state.pt")
+    if resume and not state_path.is_file():
+        raise AuditkitError(f"--resume: no saved state at {state_path}; run without --resume to start")
     try:
         lam_value = lam if lam in ("auto", "default") else float(lam)
     except ValueError as error:
@@ -127,6 +131,8 @@ def repair(
                 methods=tuple(m for m in audit_methods.split(",") if m), device=device, seed=seed),
             audit_split=audit_split,
         )
+        config.validate()
+        check_data(dataset, config)
         if context.is_main:
             console.print(f"repairing [bold]{checkpoint}[/bold] with {method} on {data} ({device}, seed {seed})")
 
@@ -135,7 +141,6 @@ def repair(
                 console.print(f"  epoch {record.epoch}: task loss {record.task_loss:.4f}, {method} loss "
                               f"{record.explanation_loss:.4g}, train accuracy {record.accuracy:.3f} ({record.seconds:.1f} s)")
 
-        state_path = out.with_name(out.name + ".state.pt")
         result = run_repair(model, dataset, config, state_path=state_path, resume=resume, context=context,
                             show_progress=not quiet, on_epoch=report)
         if context.is_main:

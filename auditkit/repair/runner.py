@@ -127,19 +127,28 @@ def _with_object_masks(dataset: AuditDataset) -> AuditDataset:
     return AuditDataset(records, dataset.info, channels=dataset.channels, image_size=dataset.image_size)
 
 
-def training_data(dataset: AuditDataset, config: RepairConfig, model, show_progress: bool) -> tuple[AuditDataset, dict | None]:
+def check_data(dataset: AuditDataset, config: RepairConfig) -> AuditDataset:
+    """Fails early, with one line, when the data cannot serve this repair; returns the training data."""
     train = dataset.select(split=config.train_split)
     train = train.select(variant=choose_training_variant(train, config.variant))
+    needs_masks = config.method in ("tap", "rrr", "energy") and not (config.teacher is not None and config.annotation)
+    if needs_masks and not train.has_masks:
+        raise AuditkitError(
+            f"{config.method} needs masks and the training data has none: pass --teacher CHECKPOINT --tau 0.1 "
+            "to annotate them with a teacher, or use --method tea"
+        )
+    if config.lam == "auto" and config.val_split not in dataset.splits:
+        raise AuditkitError(f"--lambda auto needs a validation split; the data has {', '.join(dataset.splits)}")
+    return train
+
+
+def training_data(dataset: AuditDataset, config: RepairConfig, model, show_progress: bool) -> tuple[AuditDataset, dict | None]:
+    train = check_data(dataset, config)
     stats = None
     if config.method in ("tap", "rrr", "energy"):
         if config.teacher is not None and config.annotation is not None:
             train, stats = annotate(config.teacher, train, config.annotation, cache_dir=config.cache_dir,
                                     teacher_fingerprint=config.teacher_name, show_progress=show_progress)
-        elif not train.has_masks:
-            raise AuditkitError(
-                f"{config.method} needs masks and the training data has none: pass --teacher CHECKPOINT --tau 0.1 "
-                "to annotate them with a teacher, or use --method tea"
-            )
         if config.method == "energy" and dataset.info.mask_meaning == "spurious":
             train = _with_object_masks(train)
     if config.method == "masktune":
@@ -215,6 +224,7 @@ def run_repair(
 ) -> RepairResult:
     """Fine-tunes ``model`` in place; audits it before and after on the audit split."""
     config.validate()
+    check_data(dataset, config)
     context = context or Context()
     device = config.fit.device
     model.to(device)

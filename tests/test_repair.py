@@ -1,0 +1,194 @@
+"""`auditkit repair` and its trainer: resume, interruption, NaN, bad input, sweep, annotate, torchrun,
+and the decoy-MNIST repair the issue asks for."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from auditkit.cli import app
+from auditkit.data import open_dataset
+from auditkit.models import build_model, load_checkpoint, save_checkpoint
+from auditkit.repair import FitConfig, Interrupted, Objective, TapObjective, TrainingStopped, fit
+from auditkit.train import TrainConfig, train_classifier
+
+from .test_cli_data_train import error_line
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return open_dataset("builtin:decoy-digits")
+
+
+@pytest.fixture(scope="module")
+def digits_models(digits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits")
+    paths = {}
+    for name, variant in (("shortcut", "contaminated"), ("teacher", "clean")):
+        train = digits.select(split="train", variant=variant)
+        torch.manual_seed(0)
+        model = build_model("tap-cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=train.channel_stats()[0])
+        train_classifier(model, train, None, TrainConfig(epochs=2), show_progress=False)
+        paths[name] = save_checkpoint(model, folder / f"{name}.safetensors")
+    return paths
+
+
+def small_training_set(digits):
+    return digits.select(split="train", variant="contaminated").select(indices=range(256))
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(digits, digits_models, tmp_path):
+    train = small_training_set(digits)
+    config = FitConfig(epochs=2, batch_size=32, lr=1e-3, lam=0.1, seed=3)
+    objective = TapObjective(layers=("net.conv1", "net.conv2"))
+
+    straight = load_checkpoint(digits_models["shortcut"])
+    fit(straight, train, objective, config, show_progress=False)
+
+    def stop(epoch, step):
+        if (epoch, step) == (1, 2):
+            raise KeyboardInterrupt
+
+    state = tmp_path / "run.state.pt"
+    interrupted = load_checkpoint(digits_models["shortcut"])
+    with pytest.raises(Interrupted, match="--resume"):
+        fit(interrupted, train, objective, config, state_path=state, show_progress=False, on_step=stop)
+    assert state.is_file()
+    resumed = load_checkpoint(digits_models["shortcut"])
+    history = fit(resumed, train, objective, config, state_path=state, resume=True, show_progress=False)
+    assert [h["epoch"] for h in history] == [1, 2]
+    for key, value in weights(straight).items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+
+
+class ExplodingObjective(Objective):
+    name = "exploding"
+
+    def __init__(self):
+        self.calls = 0
+
+    def loss(self, model, batch, logits, activations):
+        self.calls += 1
+        return logits.new_tensor(float("nan") if self.calls > 10 else 0.0)
+
+
+def test_nan_loss_stops_with_the_last_good_state(digits, digits_models, tmp_path):
+    train = small_training_set(digits)
+    state = tmp_path / "run.state.pt"
+    model = load_checkpoint(digits_models["shortcut"])
+    with pytest.raises(TrainingStopped, match=r"loss became nan at epoch 2, step 3; the last good state \(end of epoch 1\)"):
+        fit(model, train, ExplodingObjective(), FitConfig(epochs=3, batch_size=32), state_path=state, show_progress=False)
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == 1 and saved["step"] == 0  # the end of the last complete epoch
+
+
+def repair(*args):
+    return runner.invoke(app, ["repair", *map(str, args)])
+
+
+def test_repair_cli_writes_the_checkpoint_and_the_proof(digits_models, tmp_path):
+    out = tmp_path / "fixed.safetensors"
+    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", out, "--epochs", "1",
+                    "--quiet", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert document["schema"] == "auditkit.repair/1" and document["before"]["verdict"] in ("reliant", "inconclusive", "not reliant")
+    assert document["after_audit"]["schema"] == "auditkit.audit/1"
+    for suffix in (".audit.json", ".audit.html", ".state.pt"):
+        assert (tmp_path / f"fixed.safetensors{suffix}").is_file()
+    repaired = load_checkpoint(out)
+    from auditkit.models import read_checkpoint_meta
+
+    assert read_checkpoint_meta(out)["extra"]["repair"]["method"] == "tap"
+    assert repaired.meta.class_names == load_checkpoint(digits_models["shortcut"]).meta.class_names
+
+
+def test_repair_bad_input(digits_models, tmp_path):
+    shortcut = digits_models["shortcut"]
+
+    def fails(*args):
+        result = repair(*args)
+        assert result.exit_code == 2, result.output
+        return error_line(result)
+
+    assert "never overwrites" in fails(shortcut, "--data", "builtin:decoy-digits", "--out", shortcut, "--force")
+    existing = tmp_path / "exists.safetensors"
+    existing.write_bytes(b"mine")
+    assert "already exists" in fails(shortcut, "--data", "builtin:decoy-digits", "--out", existing)
+    assert existing.read_bytes() == b"mine"
+    assert "needs masks" in fails(shortcut, "--data", "builtin:digits", "--out", tmp_path / "a.pt")
+    assert "needs a teacher" in fails(shortcut, "--data", "builtin:decoy-digits", "--method", "tea", "--out", tmp_path / "b.pt")
+    assert "--lambda must be a number or auto" in fails(shortcut, "--data", "builtin:decoy-digits", "--lambda", "big", "--out", tmp_path / "c.pt")
+    assert "no saved state" in fails(shortcut, "--data", "builtin:decoy-digits", "--resume", "--out", tmp_path / "d.pt")
+    assert "--method must be one of" in fails(shortcut, "--data", "builtin:decoy-digits", "--method", "magic", "--out", tmp_path / "e.pt")
+
+
+def test_lambda_auto_sweeps_and_reports(digits_models, tmp_path):
+    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "s.pt", "--lambda", "auto",
+                    "--epochs", "1", "--audit-split", "none", "--quiet", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "s.json").read_text())
+    from auditkit.repair import SWEEP
+
+    assert [row["lambda"] for row in document["sweep"]] == SWEEP["tap"]
+    best = min(document["sweep"], key=lambda row: row["val_loss"])
+    assert document["lambda"] == best["lambda"]
+
+
+def test_teacher_masks_are_cached_and_scored_against_ground_truth(digits_models, tmp_path):
+    out = tmp_path / "masks"
+    result = runner.invoke(app, ["annotate", "--teacher", str(digits_models["teacher"]), "--data", "builtin:decoy-digits",
+                                 "--tau", "0.2", "--out", str(out), "--json", str(tmp_path / "a.json")])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "a.json").read_text())
+    assert 0 <= stats["recall"] <= 1 and 0 <= stats["precision"] <= 1 and 0 < stats["mean_mask_area"] < 1
+    annotated = open_dataset(out)
+    assert annotated.has_masks and len(annotated) == len(open_dataset("builtin:decoy-digits", split="train"))
+    cache = tmp_path / "cache"
+    for _ in range(2):  # the second run reads the cached masks
+        result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "t.pt", "--force",
+                        "--teacher", digits_models["teacher"], "--tau", "0.2", "--epochs", "1", "--audit-split", "none",
+                        "--cache-dir", cache, "--quiet", "--json", tmp_path / "t.json")
+        assert result.exit_code == 0, result.output
+    assert len(list(cache.glob("annotations-*.npz"))) == 1
+    assert json.loads((tmp_path / "t.json").read_text())["annotation"]["cached"]
+
+
+def test_torchrun_two_process_repair(digits_models, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "auditkit",
+         "repair", str(digits_models["shortcut"]), "--data", "builtin:decoy-digits", "--out", str(out), "--epochs", "1",
+         "--audit-split", "none", "--quiet"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert load_checkpoint(out).meta.arch == "tap-cnn"
+
+
+@pytest.mark.slow
+def test_tap_repairs_the_decoy_mnist_shortcut(decoy_mnist_models, tmp_path):
+    shortcut, _ = decoy_mnist_models["shortcut"]
+    _, clean_accuracy = decoy_mnist_models["clean"]
+    out = tmp_path / "repaired.safetensors"
+    result = repair(shortcut, "--data", "builtin:decoy-mnist", "--method", "tap", "--out", out, "--quiet",
+                    "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert document["before"]["verdict"] == "reliant" and document["after"]["verdict"] == "not reliant"
+    after = document["after"]["metric"]
+    for variant in ("permuted", "clean"):
+        assert after[variant] >= clean_accuracy[variant] - 0.03, (variant, after, clean_accuracy)
