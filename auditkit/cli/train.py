@@ -26,6 +26,9 @@ def train(
     variant: Annotated[
         Optional[str], typer.Option(help="Variant to train on (default: contaminated if present, else the only one).")
     ] = None,
+    fraction: Annotated[
+        float, typer.Option(help="Train on a stratified, seeded fraction of the split (e.g. 0.1 for a teacher's small clean split).")
+    ] = 1.0,
     layers: Annotated[
         Optional[str], typer.Option(help="Comma-separated module names TAP should target (default: the arch's preset).")
     ] = None,
@@ -44,6 +47,7 @@ def train(
     """
     import time
 
+    import numpy as np
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -62,6 +66,14 @@ def train(
     train_all = dataset.select(split=split)
     chosen_variant = choose_training_variant(train_all, variant)
     train_set = train_all.select(variant=chosen_variant)
+    if not 0 < fraction <= 1:
+        raise AuditkitError(f"--fraction must lie in (0, 1]; got {fraction}")
+    if fraction < 1:
+        from ..data import stratified_split
+
+        labels = np.array([r.label for r in train_set.records])
+        keep = stratified_split(labels, seed, {"kept": fraction, "rest": 1 - fraction})["kept"]
+        train_set = train_set.select(indices=keep.tolist())
     val_set = None if val_split == "none" else dataset.select(split=val_split, variant=chosen_variant)
 
     if normalize not in ("dataset", "none"):
@@ -98,6 +110,8 @@ def train(
         "data_fingerprint": train_set.fingerprint(),
         "split": split,
         "variant": chosen_variant,
+        "fraction": fraction,
+        "samples": len(train_set),
         "config": vars(config),
         "history": history_as_dicts(history),
         "seconds": round(seconds, 2),
