@@ -32,12 +32,15 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | sgd (momentum 0.9)
     weight_decay: float = 0.0
+    shift: int = 0  # augmentation: random translations of up to this many pixels (small clean splits)
     seed: int = 0
     device: str = "cpu"
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise AuditkitError("--epochs and --batch-size must be at least 1")
+        if self.shift < 0:
+            raise AuditkitError(f"--shift must be at least 0; got {self.shift}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise AuditkitError(f"--lr must be a positive number; got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
@@ -145,6 +148,17 @@ def evaluate(
     return results
 
 
+def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image translated by its own random (dy, dx) in [-shift, shift]; borders repeat the edge
+    pixels, so a coloured background stays one colour."""
+    if shift == 0:
+        return images
+    n, _, h, w = images.shape
+    padded = nn.functional.pad(images, (shift, shift, shift, shift), mode="replicate")
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
 def train_classifier(
     model: nn.Module,
     train_set: AuditDataset,
@@ -160,13 +174,15 @@ def train_classifier(
     model.to(device).train()
     optimizer = _make_optimizer(model, config)
     loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
+    augment = torch.Generator().manual_seed(config.seed)
     history = []
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(train_set), enabled=show_progress) as bar:
             for step, batch in enumerate(loader):
-                images, labels = batch.images.to(device), batch.labels.to(device)
+                images = random_shift(batch.images, config.shift, augment).to(device)
+                labels = batch.labels.to(device)
                 logits = model(images)
                 loss = nn.functional.cross_entropy(logits, labels)
                 if not torch.isfinite(loss):

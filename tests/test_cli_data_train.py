@@ -165,3 +165,19 @@ def test_decoy_mnist_shortcut_model_from_the_cli(decoy_mnist_models):
     assert shortcut["permuted"] < shortcut["contaminated"] - 0.1 and shortcut["clean"] < shortcut["contaminated"] - 0.15
     _, clean = decoy_mnist_models["clean"]
     assert max(clean.values()) - min(clean.values()) < 0.03 and min(clean.values()) > 0.9
+
+
+def test_random_shift_translates_each_image_and_repeats_the_edges():
+    from auditkit.train import random_shift
+
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    assert random_shift(images, 0, torch.Generator().manual_seed(0)) is images
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
+    for i in range(2):  # every output is one 5x5 window of the edge-padded image
+        windows = [padded[i, :, dy:dy + 5, dx:dx + 5] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(shifted[i], w) for w in windows)
+    again = random_shift(images, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(shifted, again)  # seeded
+    many = random_shift(images.repeat(16, 1, 1, 1), 2, torch.Generator().manual_seed(2))
+    assert not all(torch.equal(many[0], m) for m in many[::2])  # offsets differ between images

@@ -51,7 +51,8 @@ def weights(model):
 
 def test_resume_after_ctrl_c_equals_an_uninterrupted_run(digits, digits_models, tmp_path):
     train = small_training_set(digits)
-    config = FitConfig(epochs=2, batch_size=32, lr=1e-3, lam=0.1, seed=3)
+    # Cosine schedule and clipping on: the resumed run must continue the lr curve exactly.
+    config = FitConfig(epochs=2, batch_size=32, lr=1e-3, lam=0.1, seed=3, schedule="cosine", grad_clip=1.0)
     objective = TapObjective(layers=("net.conv1", "net.conv2"))
 
     straight = load_checkpoint(digits_models["shortcut"])
@@ -115,6 +116,20 @@ def test_repair_cli_writes_the_checkpoint_and_the_proof(digits_models, tmp_path)
     assert repaired.meta.class_names == load_checkpoint(digits_models["shortcut"]).meta.class_names
 
 
+@pytest.mark.parametrize("method", ["tap", "tea", "rrr", "energy", "masktune"])
+def test_every_method_runs_from_the_cli(method, digits_models, tmp_path):
+    out = tmp_path / f"{method}.safetensors"
+    teacher = ["--teacher", digits_models["teacher"]] if method == "tea" else []
+    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--method", method, *teacher, "--out", out,
+                    "--epochs", "1", "--audit-split", "none", "--quiet", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert document["method"] == method and len(document["history"]) == 1
+    assert document["history"][0]["explanation_loss"] >= 0 or method == "energy"  # energy's loss is -EPG
+    before, after = load_checkpoint(digits_models["shortcut"]).state_dict(), load_checkpoint(out).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the repair changed no weight"
+
+
 def test_repair_bad_input(digits_models, tmp_path):
     shortcut = digits_models["shortcut"]
 
@@ -132,6 +147,8 @@ def test_repair_bad_input(digits_models, tmp_path):
     assert "needs a teacher" in fails(shortcut, "--data", "builtin:decoy-digits", "--method", "tea", "--out", tmp_path / "b.pt")
     assert "--lambda must be a number or auto" in fails(shortcut, "--data", "builtin:decoy-digits", "--lambda", "big", "--out", tmp_path / "c.pt")
     assert "no saved state" in fails(shortcut, "--data", "builtin:decoy-digits", "--resume", "--out", tmp_path / "d.pt")
+    assert "--schedule must be one of" in fails(shortcut, "--data", "builtin:decoy-digits", "--schedule", "step", "--out", tmp_path / "f.pt")
+    assert "--grad-clip must be" in fails(shortcut, "--data", "builtin:decoy-digits", "--grad-clip", "-1", "--out", tmp_path / "g.pt")
     assert "--method must be one of" in fails(shortcut, "--data", "builtin:decoy-digits", "--method", "magic", "--out", tmp_path / "e.pt")
 
 

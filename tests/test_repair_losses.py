@@ -112,3 +112,13 @@ def test_tea_loss_is_zero_when_the_student_is_the_teacher_and_trains_otherwise()
     assert loss.item() > 0
     grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_learning_rate_schedules():
+    from auditkit.repair.trainer import FitConfig, learning_rate
+
+    cosine = FitConfig(lr=0.2, schedule="cosine")
+    assert learning_rate(cosine, 0, 100) == pytest.approx(0.2)
+    assert learning_rate(cosine, 50, 100) == pytest.approx(0.1)
+    assert learning_rate(cosine, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(FitConfig(lr=0.2), 73, 100) == 0.2

@@ -44,10 +44,16 @@ def repair(
     out: Annotated[Path, typer.Option("--out", help="The repaired checkpoint to write (.safetensors or .pt).")],
     method: Annotated[str, typer.Option(help="tap, tea, rrr, energy or masktune.")] = "tap",
     lam: Annotated[str, typer.Option("--lambda", help="Weight of the explanation loss: a number, or auto (sweep).")] = "default",
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 3; MaskTune: 1).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: TAP, RRR, Energy 3; TEA 15; MaskTune 1).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
+    grad_clip: Annotated[
+        Optional[float], typer.Option(help="Max gradient norm, 0 = off (default: 1 for TEA, RRR, Energy; off for TAP).")
+    ] = None,
+    schedule: Annotated[
+        Optional[str], typer.Option(help="constant or cosine learning rate (default: cosine for TEA, else constant).")
+    ] = None,
     layers: Annotated[Optional[str], typer.Option(help="TAP: comma-separated layers (default: the arch's preset).")] = None,
     kernel_size: Annotated[int, typer.Option(help="TAP: max-pool size of the mask downscaling (Eq. 7).")] = 3,
     teacher: TeacherOption = None,
@@ -88,7 +94,7 @@ def repair(
     from ..errors import AuditkitError
     from ..models import resolve_layers, save_checkpoint
     from ..repair import FitConfig, RepairConfig, run_repair
-    from ..repair.runner import check_data
+    from ..repair.runner import METHOD_DEFAULTS, check_data
     from ..train import align_dataset_to_model, resolve_device
 
     resolve_device(device)
@@ -112,10 +118,12 @@ def repair(
         teacher_model = load(teacher, None, trust_pickle).to(device) if teacher else None
         if teacher_model is not None:
             align_dataset_to_model(dataset, teacher_model.meta)  # the teacher must know the same classes
+        defaults = METHOD_DEFAULTS.get(method, METHOD_DEFAULTS["tap"])  # an unknown method fails in validate()
+        given = {k: v for k, v in {"epochs": epochs, "grad_clip": grad_clip, "schedule": schedule}.items() if v is not None}
         config = RepairConfig(
             method=method,
-            fit=FitConfig(epochs=epochs or (1 if method == "masktune" else 3), batch_size=batch_size, lr=lr,
-                          optimizer=optimizer, seed=seed, device=device),
+            fit=FitConfig(**{**defaults, **given}, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed,
+                          device=device),
             lam=lam_value,
             layers=tuple(resolve_layers(model, layers.split(","))) if layers else None,
             kernel_size=kernel_size,

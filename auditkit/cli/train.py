@@ -20,6 +20,9 @@ def train(
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd (momentum 0.9).")] = "adam",
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
+    shift: Annotated[
+        int, typer.Option(help="Augment: translate each image by up to this many pixels (helps small clean splits).")
+    ] = 0,
     split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     val_split: Annotated[str, typer.Option(help="Split for the per-epoch validation accuracy ('none' to skip).")] = "val",
     test_split: Annotated[str, typer.Option(help="Split evaluated per variant at the end ('none' to skip).")] = "test",
@@ -58,7 +61,7 @@ def train(
     from ..train import TrainConfig, choose_training_variant, evaluate, history_as_dicts, train_classifier
 
     console = Console()
-    config = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, seed, device)
+    config = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, shift=shift, seed=seed, device=device)
     config.validate()
     if out.exists() and not force:
         raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")

@@ -52,7 +52,8 @@ class FitConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     lam: float = 0.1
-    grad_clip: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off (the double-backward losses want ~1)
+    schedule: str = "constant"  # or "cosine": lr decays to 0 over the run (a steadier end point)
     seed: int = 0
     device: str = "cpu"
 
@@ -63,6 +64,20 @@ class FitConfig:
             raise AuditkitError(f"--lr must be positive and --lambda non-negative; got {self.lr}, {self.lam}")
         if self.optimizer not in ("adam", "sgd"):
             raise AuditkitError(f"--optimizer must be adam or sgd; got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise AuditkitError(f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise AuditkitError(f"--grad-clip must be a non-negative number; got {self.grad_clip}")
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: FitConfig, step: int, total_steps: int) -> float:
+    """The lr of global step ``step``: a pure function of the step, so a resumed run continues exactly."""
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+    return config.lr
 
 
 @dataclass
@@ -201,6 +216,8 @@ def fit(
                         _average_gradients(model, context)
                     if config.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
                     optimizer.step()
                     sums["task"] += task.item() * len(mine)
                     sums["explanation"] += explanation.item() * len(mine)
