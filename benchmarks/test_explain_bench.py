@@ -25,9 +25,6 @@ Run: make bench   (or: python -m pytest benchmarks/test_explain_bench.py -q)
 from __future__ import annotations
 
 import copy
-import statistics
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -35,6 +32,7 @@ from torch import nn
 from auditkit.explain import attribute
 from auditkit.models import build_model
 
+from ._timing import DEVICES, interleaved_ratio, synchronize
 from .conftest import REPORTS, device_name, median_seconds
 
 EPSILON = 0.01  # TEA's value; timings do not depend on it (see the docstring for agreement)
@@ -44,10 +42,6 @@ CONFIGS = {
     "two_layer_cnn_256x28": ("tap-cnn", 256, 1, 28),
     "resnet18_16x224": ("resnet18", 16, 3, 224),
 }
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")),
-]
 ROUNDS = {"cpu": 5, "cuda": 50}
 _CACHE: dict = {}
 
@@ -69,10 +63,6 @@ def setup(config: str, device: str):
         _CACHE[key] = (net, x, targets)
     return _CACHE[key]
 
-
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def input_gradient(net, x, targets, k=1):
@@ -201,8 +191,7 @@ def test_explanation_speed(benchmark, record, impl, config, device):
         record(key, f"{impl}_difference", relative_difference(ours, result))
 
 
-# Ratios against a baseline: measured interleaved (baseline, candidate, baseline, ...) and
-# summarised by the median of the per-pair ratios, so drifting machine load cancels out.
+# Ratios against a baseline, measured interleaved (see _timing.interleaved_ratio).
 RATIOS = {
     # name: (candidate, baseline, goal)
     "lrp_vs_gradient": ("auditkit_lrp", "input_gradient", 1.10),
@@ -213,20 +202,6 @@ RATIOS = {
     "gradcam_vs_pytorch_grad_cam": ("auditkit_gradcam", "pytorch_grad_cam", None),
 }
 PAIRS = {"cpu": {"two_layer_cnn_256x28": 15, "resnet18_16x224": 5}, "cuda": {"two_layer_cnn_256x28": 50, "resnet18_16x224": 50}}
-
-
-def interleaved_ratio(candidate, baseline, pairs, device):
-    ratios = []
-    for _ in range(pairs):
-        times = []
-        for fn in (baseline, candidate):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        ratios.append(times[1] / times[0])
-    return statistics.median(ratios)
 
 
 @pytest.mark.parametrize("device", DEVICES)

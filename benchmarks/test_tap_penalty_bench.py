@@ -22,6 +22,7 @@ from auditkit import ops
 from auditkit.ops._reference import tap_penalty_reference
 
 from ._memory import peak_bytes
+from ._timing import DEVICES, synchronize
 from .conftest import REPORTS, device_name, median_seconds
 
 CONFIGS = {
@@ -32,10 +33,6 @@ CONFIGS = {
         [(16, 64, 56, 56), (16, 128, 28, 28), (16, 256, 14, 14), (16, 512, 7, 7)],
     ),
 }
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")),
-]
 ROUNDS = {"cpu": 30, "cuda": 200}
 
 
@@ -69,10 +66,6 @@ def compiled_loss():
 
 LOSSES = {"fused": lambda: fused_loss, "eager": lambda: eager_loss, "compiled": compiled_loss}
 
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def forward_backward(loss_fn, activations, mask, device):

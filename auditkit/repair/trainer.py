@@ -154,6 +154,15 @@ def _average_gradients(model: nn.Module, context: Context) -> None:
         offset += g.numel()
 
 
+def training_loss(model: nn.Module, batch, objective: Objective, lam: float):
+    """(loss, task loss, explanation loss, logits) of one batch: task_weight · CE + λ · objective (TAP Eq. 3)."""
+    with capture_activations(model, objective.layers) as activations:
+        logits = model(batch.images)
+    task = F.cross_entropy(logits, batch.labels)
+    explanation = objective.loss(model, batch, logits, list(activations))
+    return objective.task_weight * task + lam * explanation, task, explanation, logits
+
+
 def fit(
     model: nn.Module,
     train_set: AuditDataset,
@@ -198,11 +207,7 @@ def fit(
                     if len(mine) == 0:
                         mine = indices[:1]
                     batch = collate([train_set[int(i)] for i in mine]).to(device)
-                    with capture_activations(model, objective.layers) as activations:
-                        logits = model(batch.images)
-                    task = F.cross_entropy(logits, batch.labels)
-                    explanation = objective.loss(model, batch, logits, list(activations))
-                    loss = objective.task_weight * task + config.lam * explanation
+                    loss, task, explanation, logits = training_loss(model, batch, objective, config.lam)
                     value = loss.item()
                     if not math.isfinite(value):
                         where = f"the last good state (end of epoch {state.epoch}) is in {state_path}" if state_path else ""
