@@ -44,7 +44,7 @@ def test_rrr_by_hand():
     x = torch.rand(2, 1, h, w, dtype=torch.float64)
     masks = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]], [[[0.0, 0.0], [1.0, 0.0]]]], dtype=torch.float64)
     model = Linear(weight).double()
-    loss = RrrObjective().loss(model, batch_of(x, torch.zeros(2, dtype=torch.long), masks), None, [])
+    _, loss = RrrObjective().forward_and_loss(model, batch_of(x, torch.zeros(2, dtype=torch.long), masks))
     # d/dz sum_k log softmax_k(z) = 1 - K p  =>  d/dx = W^T (1 - K p)
     expected = 0.0
     for n in range(2):
@@ -67,7 +67,8 @@ def test_energy_objective_uses_input_x_gradient_of_the_true_class():
     weight = torch.tensor([[1.0, 2.0, -1.0, 0.5], [0.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     x = torch.tensor([[[[1.0, 1.0], [2.0, 4.0]]]], dtype=torch.float64)
     masks = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]], dtype=torch.float64)
-    loss = EnergyObjective().loss(Linear(weight), batch_of(x, torch.tensor([0]), masks), None, [])
+    logits, loss = EnergyObjective().forward_and_loss(Linear(weight), batch_of(x, torch.tensor([0]), masks))
+    torch.testing.assert_close(logits, x.flatten(1) @ weight.t())  # the same forward serves the task loss
     ixg = (x.flatten() * weight[0]).numpy()  # x * W_0 = [1, 2, -2, 2]
     positive = np.clip(ixg, 0, None)
     assert loss.item() == pytest.approx(-(positive[0] + positive[3]) / positive.sum())
@@ -106,9 +107,11 @@ def test_tea_loss_is_zero_when_the_student_is_the_teacher_and_trains_otherwise()
     images = torch.rand(3, 3, 16, 16)
     batch = batch_of(images, torch.zeros(3, dtype=torch.long), torch.zeros(3, 1, 16, 16))
     objective = TeaObjective(teacher=teacher, epsilon=0.01)
-    assert objective.loss(teacher, batch, None, []).item() == pytest.approx(0.0, abs=1e-6)
+    logits, loss = objective.forward_and_loss(teacher, batch)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(logits, teacher(images))  # LRP's forward gives the logits
     student = build_model("shortcut-cnn", num_classes=4, in_channels=3, input_size=(16, 16))
-    loss = objective.loss(student.eval(), batch, None, [])
+    _, loss = objective.forward_and_loss(student.eval(), batch)
     assert loss.item() > 0
     grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
@@ -122,3 +125,25 @@ def test_learning_rate_schedules():
     assert learning_rate(cosine, 50, 100) == pytest.approx(0.1)
     assert learning_rate(cosine, 100, 100) == pytest.approx(0.0, abs=1e-12)
     assert learning_rate(FitConfig(lr=0.2), 73, 100) == 0.2
+
+
+def test_tea_teacher_cache_gives_the_same_loss_as_computing_per_batch():
+    from auditkit.data import collate, open_dataset
+    from auditkit.models import build_model
+
+    data = open_dataset("builtin:decoy-digits").select(split="train", variant="contaminated").select(indices=range(40))
+    torch.manual_seed(1)
+    teacher = build_model("tap-cnn", num_classes=10, in_channels=1, input_size=(8, 8)).eval()
+    student = build_model("tap-cnn", num_classes=10, in_channels=1, input_size=(8, 8)).eval()
+    batch = collate([data[i] for i in (3, 17, 39, 0)])
+    fresh = TeaObjective(teacher=teacher, epsilon=0.01)
+    cached = TeaObjective(teacher=teacher, epsilon=0.01)
+    cached.prepare(data, "cpu")
+    assert cached._cache is not None and cached._cache[1].shape == (40, 8, 8)
+    torch.testing.assert_close(cached.forward_and_loss(student, batch)[1], fresh.forward_and_loss(student, batch)[1])
+    tiny_budget = TeaObjective(teacher=teacher, epsilon=0.01, cache_bytes=100)
+    tiny_budget.prepare(data, "cpu")
+    assert tiny_budget._cache is None  # over budget: computed per batch
+    randomised = TeaObjective(teacher=teacher, epsilon=0.01, explained_class="random")
+    randomised.prepare(data, "cpu")
+    assert randomised._cache is None  # random classes change every step

@@ -460,7 +460,20 @@ def lrp_epsilon(
     epsilon: float = DEFAULT_EPSILON,
     create_graph: bool = False,
 ) -> torch.Tensor:
-    """LRP-epsilon heatmaps (N, K, H, W) for ``targets`` (N, K) class indices.
+    """LRP-epsilon heatmaps (N, K, H, W) for ``targets`` (N, K) class indices (see lrp_epsilon_and_logits)."""
+    return lrp_epsilon_and_logits(model, x, targets, epsilon=epsilon, create_graph=create_graph)[0]
+
+
+def lrp_epsilon_and_logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    epsilon: float = DEFAULT_EPSILON,
+    create_graph: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LRP-epsilon heatmaps (N, K, H, W) for ``targets`` (N, K) class indices, logits (N, classes)).
+    The logits come from the same forward pass (TEA uses them instead of running the model twice).
 
     Relevance starts at the target logit (Eq. A3: R = z_c for the explained class, 0 elsewhere)
     and is propagated to the input (Eq. A1); the heatmap sums it over channels. For an
@@ -501,4 +514,4 @@ def lrp_epsilon(
 
                 relevance = _linear_map_rule(resize, normalised, network_input, relevance, per_group, epsilon, create_graph)
             maps.append(relevance.sum(dim=1).view(per_group, n, *relevance.shape[2:]))  # (k, N, H, W)
-        return torch.cat(maps).transpose(0, 1)
+        return torch.cat(maps).transpose(0, 1), logits

@@ -26,16 +26,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Batch
-from ..explain import attribute
+from ..explain.lrp import lrp_epsilon_and_logits
+from ..models import capture_activations
 from ..ops import tap_loss
 
 
 class Objective:
-    """Base: no extra loss. ``layers``: modules whose outputs the trainer captures for ``loss``."""
+    """Base: no extra loss. ``forward_and_loss(model, batch) -> (logits, explanation loss)`` runs the
+    model once: the trainer adds ``task_weight`` · CE(logits) and λ · the explanation loss.
+    ``layers``: modules whose outputs ``loss`` receives (TAP). ``prepare`` runs once before training."""
 
     name = "plain"
     layers: tuple[str, ...] = ()
     task_weight: float = 1.0
+
+    def prepare(self, train_set, device, show_progress: bool = False) -> None:
+        """Work done once per run (e.g. caching a teacher's heatmaps)."""
+
+    def forward_and_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with capture_activations(model, self.layers) as activations:
+            logits = model(batch.images)
+        return logits, self.loss(model, batch, logits, list(activations))
 
     def loss(self, model: nn.Module, batch: Batch, logits: torch.Tensor, activations: list[torch.Tensor]) -> torch.Tensor:
         return logits.new_zeros(())
@@ -51,22 +62,22 @@ class TapObjective(Objective):
         return tap_loss(activations, batch.masks, self.kernel_size)
 
 
-def input_gradients(model: nn.Module, images: torch.Tensor, scores) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, d scores(logits) / d images) with the graph kept for a second backward."""
+def forward_with_input_gradient(model: nn.Module, images: torch.Tensor, scores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(leaf images, logits, d scores(logits).sum() / d images), the graph kept for a second backward.
+    One forward serves both the task loss (logits) and the input-gradient loss."""
     images = images.detach().requires_grad_(True)
     logits = model(images)
     (grad,) = torch.autograd.grad(scores(logits).sum(), images, create_graph=True)
-    return logits, grad
+    return images, logits, grad
 
 
 @dataclass
 class RrrObjective(Objective):
     name = "rrr"
 
-    def loss(self, model, batch, logits, activations):
-        # A fresh forward with the input as a leaf: RRR differentiates w.r.t. the pixels.
-        _, grad = input_gradients(model, batch.images, lambda out: F.log_softmax(out, dim=1).sum(dim=1))
-        return ((batch.masks * grad.sum(dim=1, keepdim=True)) ** 2).sum(dim=(1, 2, 3)).mean()
+    def forward_and_loss(self, model, batch):
+        _, logits, grad = forward_with_input_gradient(model, batch.images, lambda out: F.log_softmax(out, dim=1).sum(dim=1))
+        return logits, ((batch.masks * grad.sum(dim=1, keepdim=True)) ** 2).sum(dim=(1, 2, 3)).mean()
 
 
 def energy_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -80,10 +91,11 @@ def energy_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 class EnergyObjective(Objective):
     name = "energy"
 
-    def loss(self, model, batch, logits, activations):
-        targets = batch.labels
-        maps = attribute(model, batch.images, targets, "input_x_gradient", create_graph=True)[:, 0]
-        return -energy_in_mask(maps, batch.masks[:, 0]).mean()
+    def forward_and_loss(self, model, batch):
+        # Input x gradient of the true class's logit (seed 003 uses IxG for its B-cos-free models).
+        images, logits, grad = forward_with_input_gradient(model, batch.images, lambda out: out.gather(1, batch.labels[:, None]))
+        maps = (images * grad).sum(dim=1)
+        return logits, -energy_in_mask(maps, batch.masks[:, 0]).mean()
 
 
 def heat_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -106,6 +118,9 @@ def multiresolution_heat_loss(student: torch.Tensor, teacher: torch.Tensor, scal
     return total / usable
 
 
+TEACHER_CACHE_BYTES = 1 << 30  # cache the teacher's heatmaps when they fit in 1 GiB
+
+
 @dataclass
 class TeaObjective(Objective):
     teacher: nn.Module | None = None
@@ -113,14 +128,51 @@ class TeaObjective(Objective):
     scales: int = 4
     explained_class: str = "teacher"  # "teacher": the teacher's prediction; "random": a random logit
     task_weight: float = 0.0  # TEA trains on explanations alone by default (FINDINGS: task loss brings the shortcut back)
+    cache_bytes: int = TEACHER_CACHE_BYTES
     name = "tea"
 
-    def loss(self, model, batch, logits, activations):
+    def __post_init__(self) -> None:
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (targets (N,), maps (N, H, W)) per training sample
+
+    def teacher_explanation(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets, teacher maps) for a batch: the class explained and the teacher's LRP-epsilon heatmap."""
         with torch.no_grad():
+            logits = self.teacher(images)
             if self.explained_class == "teacher":
-                targets = self.teacher(batch.images).argmax(1)
+                targets = logits.argmax(1)
             else:
-                targets = torch.randint(0, logits.shape[1], (len(batch.labels),), device=logits.device)
-        teacher_maps = attribute(self.teacher, batch.images, targets, "lrp_epsilon", epsilon=self.epsilon)[:, 0]
-        student_maps = attribute(model, batch.images, targets, "lrp_epsilon", epsilon=self.epsilon, create_graph=True)[:, 0]
-        return multiresolution_heat_loss(student_maps, teacher_maps.detach(), self.scales)
+                targets = torch.randint(0, logits.shape[1], (images.shape[0],), device=images.device)
+        maps, _ = lrp_epsilon_and_logits(self.teacher, images, targets[:, None], epsilon=self.epsilon)
+        return targets, maps[:, 0]
+
+    def prepare(self, train_set, device, show_progress: bool = False) -> None:
+        """The teacher and the training images do not change during a repair, so with the teacher's
+        own class explained its heatmaps are computed once here instead of in every step."""
+        self._cache = None
+        if self.explained_class != "teacher" or len(train_set) == 0:
+            return
+        channels, height, width = train_set[0].image.shape
+        if len(train_set) * height * width * 4 > self.cache_bytes:
+            return
+        from .._progress import progress_bar
+        from ..data import make_loader
+
+        targets, maps = [], []
+        with progress_bar("teacher heatmaps", total=len(train_set), enabled=show_progress) as bar:
+            for batch in make_loader(train_set, 128):
+                t, m = self.teacher_explanation(batch.images.to(device))
+                targets.append(t)
+                maps.append(m)
+                bar.advance(len(t))
+        self._cache = (torch.cat(targets), torch.cat(maps))
+
+    def forward_and_loss(self, model, batch):
+        if self._cache is not None:
+            targets, teacher_maps = (c[batch.indices.to(c.device)] for c in self._cache)
+        else:
+            targets, teacher_maps = self.teacher_explanation(batch.images)
+        # One LRP forward gives the student's logits (for accuracy, and the task loss if weighted) and maps.
+        student_maps, logits = lrp_epsilon_and_logits(model, batch.images, targets[:, None], epsilon=self.epsilon,
+                                                      create_graph=True)
+        return logits, multiresolution_heat_loss(student_maps[:, 0], teacher_maps.detach(), self.scales)
+

@@ -30,7 +30,6 @@ from .._progress import progress_bar
 from ..data import AuditDataset, collate
 from ..distributed import Context
 from ..errors import AuditkitError
-from ..models import capture_activations
 from .objectives import Objective
 
 STATE_FORMAT = "auditkit-repair-state/1"
@@ -156,10 +155,8 @@ def _average_gradients(model: nn.Module, context: Context) -> None:
 
 def training_loss(model: nn.Module, batch, objective: Objective, lam: float):
     """(loss, task loss, explanation loss, logits) of one batch: task_weight · CE + λ · objective (TAP Eq. 3)."""
-    with capture_activations(model, objective.layers) as activations:
-        logits = model(batch.images)
+    logits, explanation = objective.forward_and_loss(model, batch)
     task = F.cross_entropy(logits, batch.labels)
-    explanation = objective.loss(model, batch, logits, list(activations))
     return objective.task_weight * task + lam * explanation, task, explanation, logits
 
 
@@ -190,6 +187,7 @@ def fit(
         state = load_state(state_path, model, optimizer)
     if len(train_set) == 0:
         raise AuditkitError("no training samples for the repair (check the data's train split)")
+    objective.prepare(train_set, device, show_progress and context.is_main)
     per_rank = max(1, config.batch_size // context.world_size)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     for epoch in range(state.epoch, config.epochs):
