@@ -12,6 +12,7 @@ import auditkit.ops  # noqa: F401  (registers the ops)
 from auditkit.ops._reference import (
     lrp_epsilon_conv2d_reference,
     lrp_epsilon_linear_reference,
+    lrp_epsilon_ratio_backward_reference,
     lrp_epsilon_ratio_reference,
 )
 
@@ -74,6 +75,42 @@ def test_linear_step_and_ratio_match_reference(device, n, k, fan_in, fan_out, se
     torch.testing.assert_close(ratio, lrp_epsilon_ratio_reference(relevance, z, 0.01), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    shape=st.lists(st.integers(0, 7), min_size=1, max_size=4),
+    k=st.integers(1, 3),
+    epsilon=st.sampled_from([0.0, 1e-6, 1e-2, 0.5]),
+    seed=st.integers(0, 10**6),
+)
+def test_ratio_backward_matches_reference(device, shape, k, epsilon, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*shape, generator=g, dtype=torch.float64)
+    z = (z + 0.1 * torch.where(z >= 0, 1.0, -1.0).double()).to(device)  # epsilon 0 must not divide by 0
+    relevance = torch.randn(k * shape[0], *shape[1:], generator=g, dtype=torch.float64).to(device)
+    grad = torch.randn(relevance.shape, generator=g, dtype=torch.float64).to(device)
+    got_relevance, got_output = torch.ops.auditkit.lrp_epsilon_ratio_backward(grad, relevance, z, epsilon)
+    want_relevance, want_output = lrp_epsilon_ratio_backward_reference(grad, relevance, z, epsilon)
+    torch.testing.assert_close(got_relevance, want_relevance, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_output, want_output, rtol=1e-12, atol=1e-12)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        low = [t.to(dtype) for t in (grad, relevance, z)]
+        got_relevance, got_output = torch.ops.auditkit.lrp_epsilon_ratio_backward(*low, epsilon)
+        want_relevance, want_output = lrp_epsilon_ratio_backward_reference(*(t.double() for t in low), epsilon)
+        assert got_relevance.dtype == dtype and got_output.dtype == dtype
+        if want_output.numel() and want_output.abs().max() < 1e4:  # float16's range
+            assert relative_error(got_relevance, want_relevance) < tolerance
+            assert relative_error(got_output, want_output) < tolerance
+
+
+def test_ratio_backward_is_not_differentiable_again():
+    z = torch.randn(2, 3, dtype=torch.float64) + 2.0
+    relevance = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    (s,) = [torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, 0.1)]
+    (grad,) = torch.autograd.grad(s.sum(), relevance, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(grad.sum(), relevance)
+
+
 def test_stabiliser_treats_zero_as_positive_and_never_divides_by_zero():
     z = torch.tensor([[0.0, -0.0, 1e-9, -1e-9]])
     ratio = torch.ops.auditkit.lrp_epsilon_ratio(torch.ones_like(z), z, 0.5)
@@ -93,6 +130,7 @@ def test_opcheck(device):
         tensors = [t.clone().requires_grad_(requires_grad) for t in (a, z, relevance, weight)]
         torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_conv2d.default, (*tensors, [2, 2], [1, 1], [1, 1], 2, 0.01))
         torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio.default, (tensors[2], tensors[1], 0.01))
+    torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio_backward.default, (relevance.clone(), relevance, z, 0.01))
     x = torch.randn(3, 5, generator=g).to(device)
     w = torch.randn(4, 5, generator=g).to(device)
     torch.library.opcheck(

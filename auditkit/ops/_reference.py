@@ -84,6 +84,17 @@ def lrp_epsilon_ratio_reference(relevance: torch.Tensor, output: torch.Tensor, e
     return (relevance.view(k, *output.shape) / lrp_stabilise(output, epsilon)).reshape(relevance.shape)
 
 
+def lrp_epsilon_ratio_backward_reference(
+    grad: torch.Tensor, relevance: torch.Tensor, output: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of s = R / stab(z): (grad / stab(z), -sum_K grad * R / stab(z)^2)."""
+    k = lrp_targets(relevance, output)
+    stab = lrp_stabilise(output, epsilon)
+    per_target = grad.reshape(k, *output.shape) / stab
+    grad_output = -(per_target * relevance.reshape(k, *output.shape) / stab).sum(0)
+    return per_target.reshape(relevance.shape).contiguous(), grad_output
+
+
 def _times_activation(contribution: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
     k = contribution.shape[0] // max(activation.shape[0], 1)
     return (contribution.view(k, *activation.shape) * activation).reshape(contribution.shape)

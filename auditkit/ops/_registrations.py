@@ -19,8 +19,8 @@ from ._reference import (
     downscale_mask_reference,
     lrp_epsilon_conv2d_reference,
     lrp_epsilon_linear_reference,
+    lrp_epsilon_ratio_backward_reference,
     lrp_epsilon_ratio_reference,
-    lrp_stabilise,
     lrp_targets,
     weighted_relu_sum_backward_reference,
     weighted_relu_sum_reference,
@@ -36,6 +36,9 @@ SCHEMAS = {
         "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights) -> Tensor"
     ),
     "lrp_epsilon_ratio": "lrp_epsilon_ratio(Tensor relevance, Tensor output, float epsilon) -> Tensor",
+    "lrp_epsilon_ratio_backward": (
+        "lrp_epsilon_ratio_backward(Tensor grad, Tensor relevance, Tensor output, float epsilon) -> (Tensor, Tensor)"
+    ),
     "lrp_epsilon_conv2d": (
         "lrp_epsilon_conv2d(Tensor input, Tensor output, Tensor relevance, Tensor weight, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, float epsilon) -> Tensor"
@@ -98,6 +101,7 @@ _REFERENCE_KERNELS = {
     "weighted_relu_sum": _weighted_relu_sum_reference_kernel,
     "weighted_relu_sum_backward": _weighted_relu_sum_backward_reference_kernel,
     "lrp_epsilon_ratio": lrp_epsilon_ratio_reference,
+    "lrp_epsilon_ratio_backward": lrp_epsilon_ratio_backward_reference,
     "lrp_epsilon_conv2d": lrp_epsilon_conv2d_reference,
     "lrp_epsilon_linear": lrp_epsilon_linear_reference,
 }
@@ -145,6 +149,12 @@ def _weighted_relu_sum_backward_fake(grad, activation, weights):
 @torch.library.register_fake("auditkit::lrp_epsilon_ratio")
 def _lrp_epsilon_ratio_fake(relevance, output, epsilon):
     return torch.empty_like(relevance, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("auditkit::lrp_epsilon_ratio_backward")
+def _lrp_epsilon_ratio_backward_fake(grad, relevance, output, epsilon):
+    return (torch.empty_like(relevance, memory_format=torch.contiguous_format),
+            torch.empty_like(output, memory_format=torch.contiguous_format))
 
 
 @torch.library.register_fake("auditkit::lrp_epsilon_conv2d")
@@ -200,6 +210,11 @@ torch.library.register_autograd(
     setup_context=_no_context,
 )
 torch.library.register_autograd(
+    "auditkit::lrp_epsilon_ratio_backward",
+    _refuse("auditkit: LRP-epsilon is differentiable once (what TEA needs); its backward is not differentiable"),
+    setup_context=_no_context,
+)
+torch.library.register_autograd(
     "auditkit::downscale_mask",
     _refuse("auditkit: downscale_mask is not differentiable; masks are constant annotations"),
     setup_context=_no_context,
@@ -220,14 +235,8 @@ def _per_target(t, k):
 
 
 def _ratio_backward_parts(grad_s, relevance, output, epsilon, needs_relevance, needs_output):
-    k = lrp_targets(relevance, output)
-    stab = lrp_stabilise(output, epsilon)
-    grad_relevance = (_per_target(grad_s, k) / stab).reshape(relevance.shape) if needs_relevance else None
-    grad_output = None
-    if needs_output:
-        s = lrp_epsilon_ratio_reference(relevance, output, epsilon)
-        grad_output = -(_per_target(grad_s, k) * _per_target(s, k) / stab).sum(0)
-    return grad_relevance, grad_output
+    grad_relevance, grad_output = torch.ops.auditkit.lrp_epsilon_ratio_backward(grad_s, relevance, output, epsilon)
+    return (grad_relevance if needs_relevance else None), (grad_output if needs_output else None)
 
 
 def _lrp_ratio_setup(ctx, inputs, output):

@@ -8,7 +8,7 @@
 // target-major as (K*N, ...), while `input`/`output` keep the forward's batch N;
 // the kernels broadcast them over K instead of copying.
 //
-// lrp_epsilon_ratio has CPU and CUDA kernels (cpu/, cuda/); the conv2d and
+// lrp_epsilon_ratio and its backward have CPU and CUDA kernels (cpu/, cuda/); the conv2d and
 // linear steps are device-generic compositions of it with ATen's matrix ops.
 // Autograd (TEA differentiates the heatmap) and fake kernels are registered
 // from Python (auditkit/ops/_registrations.py).
@@ -158,6 +158,11 @@ at::Tensor lrp_epsilon_linear_composite(
 
 TORCH_LIBRARY_FRAGMENT(auditkit, m) {
   m.def("lrp_epsilon_ratio(Tensor relevance, Tensor output, float epsilon) -> Tensor");
+  // Its backward in one pass (TEA's double backward runs it once per layer):
+  //   grad_relevance = grad / stab(z)                      (K*N, ...)
+  //   grad_output    = -sum_K grad * relevance / stab(z)^2  (N, ...)
+  m.def(
+      "lrp_epsilon_ratio_backward(Tensor grad, Tensor relevance, Tensor output, float epsilon) -> (Tensor, Tensor)");
   m.def(
       "lrp_epsilon_conv2d(Tensor input, Tensor output, Tensor relevance, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, float epsilon) -> Tensor");

@@ -1,5 +1,5 @@
-// CPU kernel of lrp_epsilon_ratio: s = R / (z + eps * sign(z)), one fused pass,
-// z broadcast over the K explanations per sample held in R.
+// CPU kernels of lrp_epsilon_ratio, s = R / (z + eps * sign(z)), and of its
+// backward, each one fused pass, z broadcast over the K explanations per sample held in R.
 #include "../lrp_epsilon.h"
 
 #include <ATen/Dispatch.h>
@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
 namespace auditkit {
 
@@ -69,10 +70,78 @@ at::Tensor lrp_epsilon_ratio_cpu(const at::Tensor& relevance_in, const at::Tenso
   return out;
 }
 
+// One target's contribution to both gradients over a run of positions; the
+// first target writes grad_output, the others add to it.
+template <typename scalar_t>
+AUDITKIT_MULTIVERSION void ratio_backward_run(
+    scalar_t* __restrict__ grad_relevance,
+    scalar_t* __restrict__ grad_output,
+    const scalar_t* __restrict__ grad,
+    const scalar_t* __restrict__ relevance,
+    const scalar_t* __restrict__ z,
+    int64_t len,
+    double epsilon,
+    bool first) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t eps = static_cast<acc_t>(epsilon);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t inverse = acc_t(1) / lrp_stabilise(static_cast<acc_t>(z[i]), eps);
+    const acc_t g = static_cast<acc_t>(grad[i]) * inverse;
+    grad_relevance[i] = static_cast<scalar_t>(g);
+    const acc_t dz = -g * static_cast<acc_t>(relevance[i]) * inverse;
+    grad_output[i] = static_cast<scalar_t>(first ? dz : static_cast<acc_t>(grad_output[i]) + dz);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cpu(
+    const at::Tensor& grad_in,
+    const at::Tensor& relevance_in,
+    const at::Tensor& output_in,
+    double epsilon) {
+  const int64_t k = check_lrp_broadcast(relevance_in, output_in, "lrp_epsilon_ratio_backward");
+  TORCH_CHECK_VALUE(
+      grad_in.sizes() == relevance_in.sizes() && grad_in.scalar_type() == relevance_in.scalar_type() &&
+          grad_in.device() == relevance_in.device(),
+      "lrp_epsilon_ratio_backward: `grad` must have the shape, dtype and device of `relevance`");
+  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio_backward: `epsilon` must be >= 0; got ", epsilon);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor relevance = relevance_in.contiguous();
+  const at::Tensor output = output_in.contiguous();
+  at::Tensor grad_relevance = at::empty(relevance.sizes(), relevance.options());
+  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  const int64_t per_target = output.numel();
+  if (per_target == 0) {
+    return {grad_relevance, grad_output};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, relevance.scalar_type(), "lrp_epsilon_ratio_backward_cpu", [&] {
+        const scalar_t* g = grad.const_data_ptr<scalar_t>();
+        const scalar_t* r = relevance.const_data_ptr<scalar_t>();
+        const scalar_t* z = output.const_data_ptr<scalar_t>();
+        scalar_t* gr = grad_relevance.mutable_data_ptr<scalar_t>();
+        scalar_t* gz = grad_output.mutable_data_ptr<scalar_t>();
+        // Parallel over positions (each chunk owns its grad_output entries), targets inside.
+        constexpr int64_t kChunk = 16384;
+        at::parallel_for(0, (per_target + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            const int64_t start = c * kChunk;
+            const int64_t len = std::min(kChunk, per_target - start);
+            for (int64_t t = 0; t < k; ++t) {
+              const int64_t offset = t * per_target + start;
+              ratio_backward_run<scalar_t>(gr + offset, gz + start, g + offset, r + offset, z + start, len, epsilon, t == 0);
+            }
+          }
+        });
+      });
+  return {grad_relevance, grad_output};
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(auditkit, CPU, m) {
   m.impl("lrp_epsilon_ratio", &lrp_epsilon_ratio_cpu);
+  m.impl("lrp_epsilon_ratio_backward", &lrp_epsilon_ratio_backward_cpu);
 }
 
 } // namespace auditkit

@@ -1,4 +1,5 @@
-// CUDA kernel of lrp_epsilon_ratio: s = R / (z + eps * sign(z)), one fused pass,
+// CUDA kernels of lrp_epsilon_ratio, s = R / (z + eps * sign(z)), and of its
+// backward. The ratio is one fused pass,
 // z broadcast over the K explanations per sample held in R (grid-stride loop,
 // blockIdx.y = target, so no division per element).
 #include "../lrp_epsilon.h"
@@ -12,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
 namespace auditkit {
 
@@ -61,10 +63,73 @@ at::Tensor lrp_epsilon_ratio_cuda(const at::Tensor& relevance_in, const at::Tens
   return out;
 }
 
+// One thread per position of z; it loops over the K targets, so grad_output
+// needs no atomics.
+template <typename scalar_t>
+__global__ void ratio_backward_kernel(
+    scalar_t* __restrict__ grad_relevance,
+    scalar_t* __restrict__ grad_output,
+    const scalar_t* __restrict__ grad,
+    const scalar_t* __restrict__ relevance,
+    const scalar_t* __restrict__ z,
+    int64_t per_target,
+    int64_t targets,
+    double epsilon) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t eps = static_cast<acc_t>(epsilon);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_target;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t inverse = acc_t(1) / lrp_stabilise(static_cast<acc_t>(z[i]), eps);
+    acc_t dz = 0;
+    for (int64_t t = 0; t < targets; ++t) {
+      const int64_t index = t * per_target + i;
+      const acc_t g = static_cast<acc_t>(grad[index]) * inverse;
+      grad_relevance[index] = static_cast<scalar_t>(g);
+      dz -= g * static_cast<acc_t>(relevance[index]) * inverse;
+    }
+    grad_output[i] = static_cast<scalar_t>(dz);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cuda(
+    const at::Tensor& grad_in,
+    const at::Tensor& relevance_in,
+    const at::Tensor& output_in,
+    double epsilon) {
+  const int64_t k = check_lrp_broadcast(relevance_in, output_in, "lrp_epsilon_ratio_backward");
+  TORCH_CHECK_VALUE(
+      grad_in.sizes() == relevance_in.sizes() && grad_in.scalar_type() == relevance_in.scalar_type() &&
+          grad_in.device() == relevance_in.device(),
+      "lrp_epsilon_ratio_backward: `grad` must have the shape, dtype and device of `relevance`");
+  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio_backward: `epsilon` must be >= 0; got ", epsilon);
+  const c10::cuda::CUDAGuard guard(relevance_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor relevance = relevance_in.contiguous();
+  const at::Tensor output = output_in.contiguous();
+  at::Tensor grad_relevance = at::empty(relevance.sizes(), relevance.options());
+  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  const int64_t per_target = output.numel();
+  if (per_target == 0) {
+    return {grad_relevance, grad_output};
+  }
+  const int64_t blocks = std::min<int64_t>((per_target + kThreads - 1) / kThreads, 4096);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, relevance.scalar_type(), "lrp_epsilon_ratio_backward_cuda", [&] {
+        ratio_backward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            grad_relevance.mutable_data_ptr<scalar_t>(), grad_output.mutable_data_ptr<scalar_t>(),
+            grad.const_data_ptr<scalar_t>(), relevance.const_data_ptr<scalar_t>(), output.const_data_ptr<scalar_t>(),
+            per_target, k, epsilon);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return {grad_relevance, grad_output};
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(auditkit, CUDA, m) {
   m.impl("lrp_epsilon_ratio", &lrp_epsilon_ratio_cuda);
+  m.impl("lrp_epsilon_ratio_backward", &lrp_epsilon_ratio_backward_cuda);
 }
 
 } // namespace auditkit
