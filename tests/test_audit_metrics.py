@@ -112,3 +112,15 @@ def test_verdict_rules():
     assert decide([clears, unsure])[0] == INCONCLUSIVE
     label, summary = decide([missing])
     assert label == INCONCLUSIVE and "No behavioural test" in summary
+
+
+def test_degradation_decides_when_it_ran_and_counterfactuals_otherwise():
+    degradation_clears = judge("degradation_to_permuted", estimate(0.01, -0.01, 0.03), 0.05, "d")
+    degradation_shows = judge("degradation_to_clean", estimate(0.2, 0.1, 0.3), 0.05, "d")
+    swap_shows = judge("swap_flip_rate", estimate(0.9, 0.8, 0.95), 0.1, "s")
+    swap_clears = judge("swap_flip_rate", estimate(0.01, 0.0, 0.02), 0.1, "s")
+    label, summary = decide([degradation_clears, swap_shows])
+    assert label == NOT_RELIANT and "swap" not in summary and "d " in summary
+    assert decide([degradation_shows, swap_clears])[0] == RELIANT
+    assert decide([judge("degradation_to_permuted", M.EMPTY, 0.05, "d"), swap_shows])[0] == RELIANT
+    assert decide([swap_clears])[0] == NOT_RELIANT

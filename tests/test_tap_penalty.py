@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from auditkit import ops
+from auditkit.models import capture_activations
 from auditkit.ops._reference import (
     downscale_mask_reference,
     tap_penalty_reference,
@@ -149,6 +150,11 @@ def test_opcheck(device):
         torch.library.opcheck(
             torch.ops.auditkit.weighted_relu_sum_backward.default, (grad, activation.detach(), weights)
         )
+        for base_layout in ("contiguous", "permuted"):  # same strides as the result, and a copy
+            base = with_layout(torch.randn(activation.shape, device=device, dtype=activation.dtype), base_layout)
+            torch.library.opcheck(
+                torch.ops.auditkit.weighted_relu_sum_backward.default, (grad, activation.detach(), weights, base)
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -269,3 +275,73 @@ def test_weighted_relu_sum_with_unit_weights_is_the_relu_total():
     activation = torch.randn(3, 5, 6, 7, dtype=torch.float64)
     total = ops.weighted_relu_sum(activation, torch.ones(3, 6, 7, dtype=torch.float64))
     torch.testing.assert_close(total, activation.relu().sum(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=tap_cases(), base_layout=st.sampled_from(LAYOUTS))
+def test_backward_with_base_adds_it_in_one_pass(device, case, base_layout):
+    """weighted_relu_sum_backward(g, A, D, base) = base + g·D·1[A > 0] on random shapes, layouts and dtypes."""
+    n, c, h, w, height, width, kernel_size, layout, dtype, mask_dtype, soft, four_d, seed = case
+    generator = torch.Generator().manual_seed(seed)
+    activation = with_layout(torch.randn(n, c, h, w, generator=generator).to(device=device, dtype=dtype), layout)
+    base = with_layout(torch.randn(n, c, h, w, generator=generator).to(device=device, dtype=dtype), base_layout)
+    grad = torch.randn(n, generator=generator).to(device)
+    weights = ops.downscale_mask(random_mask(n, height, width, device, mask_dtype, soft, four_d), (h, w), kernel_size)
+    got = torch.ops.auditkit.weighted_relu_sum_backward(grad, activation, weights, base)
+    expected = weighted_relu_sum_backward_reference(grad.double(), activation.double(), weights.double(), base.double())
+    assert got.dtype == dtype and got.shape == activation.shape
+    # One rounding to the activation's dtype of a float32 (float64) sum.
+    tol = GRAD_RTOL[dtype] * (expected.abs() + base.double().abs()) + (1e-12 if dtype == torch.float64 else 1e-6)
+    assert torch.all((got.double() - expected).abs() <= tol)
+
+
+class ResidualNet(torch.nn.Module):
+    """conv -> relu(inplace) -> conv + skip -> relu -> head: the targeted outputs feed both a
+    residual addition and further layers, as in a ResNet block."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        a1 = torch.relu_(self.conv1(x))  # modifies the captured conv1 output in place
+        a2 = torch.relu(self.conv2(a1) + a1)
+        return self.head(a2.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_deferred_gradient_equals_the_standard_one(layout):
+    """tap_loss(..., defer_gradient=True) adds dP/dA when backward reaches each layer; the
+    parameter gradients equal autograd through the plain penalty, also through a skip connection."""
+    torch.manual_seed(0)
+    model = ResidualNet().double()
+    images = with_layout(torch.randn(3, 2, 9, 9, dtype=torch.float64), layout)
+    mask = random_mask(3, 9, 9, "cpu", torch.float64, soft=True)
+    labels = torch.tensor([0, 2, 1])
+
+    def step(defer):
+        model.zero_grad()
+        with capture_activations(model, ["conv1", "conv2"]) as activations:
+            logits = model(images)
+        loss = torch.nn.functional.cross_entropy(logits, labels) + 0.7 * ops.tap_loss(
+            activations, mask, 3, defer_gradient=defer
+        )
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_standard, grads_standard = step(False)
+    loss_deferred, grads_deferred = step(True)
+    torch.testing.assert_close(loss_deferred, loss_standard, rtol=1e-12, atol=0)
+    for got, expected in zip(grads_deferred, grads_standard):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in grads_deferred)
+
+
+def test_deferred_gradient_refuses_a_layer_that_feeds_only_the_penalty():
+    """Autograd cannot turn "no incoming gradient" into one, so this says what to do instead."""
+    activation = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(2, 8, 8, "cpu", torch.float64, soft=True)
+    with pytest.raises(RuntimeError, match="reaches the loss only through the penalty"):
+        ops.tap_loss([activation * 2], mask, defer_gradient=True).backward()

@@ -95,3 +95,12 @@ def test_backward_op_checks_shapes():
 def test_odd_size_list_is_rejected():
     with pytest.raises(ValueError, match="pairs"):
         torch.ops.auditkit.downscale_mask(torch.ones(*GOOD_MASK), 3, [4, 4, 2])
+
+
+def test_backward_op_checks_the_base():
+    activation = torch.randn(*GOOD_ACTIVATION)
+    grad, weights = torch.ones(2), torch.ones(2, 4, 4)
+    with pytest.raises(ValueError, match="`base` must have the activation's shape"):
+        torch.ops.auditkit.weighted_relu_sum_backward(grad, activation, weights, torch.ones(2, 3, 4, 5))
+    with pytest.raises(TypeError, match="`base` must have the activation's dtype"):
+        torch.ops.auditkit.weighted_relu_sum_backward(grad, activation, weights, activation.double())

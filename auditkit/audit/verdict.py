@@ -8,7 +8,12 @@ Only behavioural tests decide, because only they show what the model *does* with
   the image's own background statistics.
 
 A test *shows reliance* when the lower end of its confidence interval is above its threshold, and
-*clears* the model when the upper end is below it. The verdict is
+*clears* the model when the upper end is below it. Degradation is the direct test — the same images
+with the signal decorrelated from the label (TAP §5.2) — so when it ran, it alone decides and the
+counterfactuals are reported beside it. They are proxies for data without permuted or clean variants
+(the audit issue), and they change more than the signal when the mask covers much of the image: on
+coloured MNIST the mask is the whole background, so pasting another image's "background" pastes its
+digit strokes too, and a model that ignores colour still flips. The verdict, over the deciding tests, is
 - **reliant** if any test shows reliance;
 - **not reliant** if at least one test was possible and every test clears the model;
 - **inconclusive** otherwise (an interval straddles its threshold, or no behavioural test was
@@ -64,9 +69,18 @@ def judge(test: str, estimate: Estimate, threshold: float, what: str) -> Evidenc
     return Evidence(test, estimate, threshold, "inconclusive", f"{what} {interval} straddles {threshold:g}")
 
 
+DIRECT_TESTS = ("degradation_to_permuted", "degradation_to_clean")
+
+
+def deciding(evidence: list[Evidence]) -> list[Evidence]:
+    """The tests that decide: the degradation tests when any ran, else every test."""
+    direct = [e for e in evidence if e.test in DIRECT_TESTS and e.finding != "not run"]
+    return direct or evidence
+
+
 def decide(evidence: list[Evidence]) -> tuple[str, str]:
-    """(verdict, one-sentence summary) from behavioural evidence."""
-    run = [e for e in evidence if e.finding != "not run"]
+    """(verdict, one-sentence summary) from behavioural evidence (see ``deciding``)."""
+    run = [e for e in deciding(evidence) if e.finding != "not run"]
     showing = [e for e in run if e.finding == "shows reliance"]
     if showing:
         return RELIANT, "The model relies on the annotated signal: " + "; ".join(e.explanation for e in showing) + "."

@@ -106,6 +106,23 @@ def check_weighted_relu_sum_args(activation: torch.Tensor, weights: torch.Tensor
         )
 
 
+def check_weighted_relu_sum_backward_base(activation: torch.Tensor, base: torch.Tensor | None) -> None:
+    """Same rules as csrc's check_weighted_relu_sum_backward_args for the optional `base`."""
+    if base is None:
+        return
+    if tuple(base.shape) != tuple(activation.shape):
+        raise ValueError(
+            f"weighted_relu_sum_backward: `base` must have the activation's shape {_shape(activation)}; "
+            f"got {_shape(base)}"
+        )
+    if base.dtype != activation.dtype:
+        raise TypeError(
+            f"weighted_relu_sum_backward: `base` must have the activation's dtype {activation.dtype}; got {base.dtype}"
+        )
+    if base.device != activation.device:
+        raise ValueError("weighted_relu_sum_backward: all tensors must be on one device")
+
+
 def check_tap_penalty_args(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int) -> None:
     check_activation(activation)
     check_mask_tensor(mask)

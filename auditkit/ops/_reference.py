@@ -43,13 +43,16 @@ def weighted_relu_sum_reference(activation: torch.Tensor, weights: torch.Tensor)
 
 
 def weighted_relu_sum_backward_reference(
-    grad: torch.Tensor, activation: torch.Tensor, weights: torch.Tensor
+    grad: torch.Tensor, activation: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """dP/dA = g[n] * weights[n,i,j] * 1[A > 0], in the activation's dtype."""
+    """dP/dA = g[n] * weights[n,i,j] * 1[A > 0] (plus ``base`` when given), in the activation's dtype."""
     acc = accumulate_dtype(activation.dtype)
     scaled = grad.to(acc)[:, None, None, None] * weights.to(acc)[:, None]
     zero = torch.zeros((), dtype=acc, device=activation.device)
-    return torch.where(activation > 0, scaled, zero).to(activation.dtype)
+    out = torch.where(activation > 0, scaled, zero)
+    if base is not None:
+        out = out + base.to(acc)
+    return out.to(activation.dtype)
 
 
 def tap_penalty_reference(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:

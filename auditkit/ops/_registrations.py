@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 
 from . import _extension
-from ._checks import check_downscale_mask_args, check_mask_values, check_weighted_relu_sum_args
+from ._checks import (
+    check_downscale_mask_args,
+    check_mask_values,
+    check_weighted_relu_sum_args,
+    check_weighted_relu_sum_backward_base,
+)
 from ._reference import (
     accumulate_dtype,
     downscale_mask_reference,
@@ -33,7 +38,7 @@ SCHEMAS = {
     ),
     "weighted_relu_sum": "weighted_relu_sum(Tensor activation, Tensor weights) -> Tensor",
     "weighted_relu_sum_backward": (
-        "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights) -> Tensor"
+        "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights, Tensor? base=None) -> Tensor"
     ),
     "lrp_epsilon_ratio": "lrp_epsilon_ratio(Tensor relevance, Tensor output, float epsilon) -> Tensor",
     "lrp_epsilon_ratio_backward": (
@@ -90,9 +95,10 @@ def _weighted_relu_sum_reference_kernel(activation, weights):
     return weighted_relu_sum_reference(activation, weights)
 
 
-def _weighted_relu_sum_backward_reference_kernel(grad, activation, weights):
+def _weighted_relu_sum_backward_reference_kernel(grad, activation, weights, base=None):
+    check_weighted_relu_sum_backward_base(activation, base)
     out = empty_activation_grad(activation)
-    out.copy_(weighted_relu_sum_backward_reference(grad, activation, weights))
+    out.copy_(weighted_relu_sum_backward_reference(grad, activation, weights, base))
     return out
 
 
@@ -142,7 +148,8 @@ def _weighted_relu_sum_fake(activation, weights):
 
 
 @torch.library.register_fake("auditkit::weighted_relu_sum_backward")
-def _weighted_relu_sum_backward_fake(grad, activation, weights):
+def _weighted_relu_sum_backward_fake(grad, activation, weights, base=None):
+    check_weighted_relu_sum_backward_base(activation, base)
     return empty_activation_grad(activation)
 
 

@@ -89,11 +89,62 @@ def tap_penalty(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int =
     return torch.ops.auditkit.weighted_relu_sum(activation, weights)
 
 
-def tap_loss(activations: Sequence[torch.Tensor], mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
+class _DeferredPenaltyGradient(torch.autograd.Function):
+    """P = weighted_relu_sum(A, D) whose backward does not return dP/dA: it hands (g, A, D) to the
+    gradient hook on A (see tap_loss), which adds g·D·1[A > 0] to A's incoming gradient in one pass."""
+
+    @staticmethod
+    def forward(ctx, activation, weights, pending):
+        ctx.save_for_backward(activation, weights)  # also checks A was not modified in place since
+        ctx.pending = pending
+        return torch.ops.auditkit.weighted_relu_sum(activation, weights)
+
+    @staticmethod
+    def backward(ctx, grad_penalty):
+        activation, weights = ctx.saved_tensors
+        ctx.pending.append((grad_penalty, activation, weights))
+        return None, None, None
+
+
+def _penalty_with_deferred_gradient(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add_penalty_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
+        # Runs when backward reaches A: A's grad_fn depends on the penalty's node, so `pending`
+        # is filled by then (empty only if the penalty was not differentiated in this pass).
+        if not pending:
+            return None
+        if grad is None:  # autograd will not let a hook turn "no gradient" into one
+            raise RuntimeError(
+                "tap_loss(defer_gradient=True): a targeted layer's output reaches the loss only through "
+                "the penalty; target layers the network uses, or pass defer_gradient=False"
+            )
+        grad_penalty, saved, w = pending.pop()
+        return torch.ops.auditkit.weighted_relu_sum_backward(grad_penalty, saved, w, grad)
+
+    activation.register_hook(add_penalty_gradient)
+    return _DeferredPenaltyGradient.apply(activation, weights, pending)
+
+
+def tap_loss(
+    activations: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    kernel_size: int = 3,
+    *,
+    defer_gradient: bool = False,
+) -> torch.Tensor:
     """L_TAP of Eq. 8: the mean over layers of the batch-mean penalty.
 
     This is what training adds to the task loss (times lambda). D(M) is
     computed once for all layers. An empty batch gives 0.
+
+    ``defer_gradient=True`` (what ``auditkit repair`` uses) gives the same
+    gradients at a plain step's peak memory: backward reaches the penalties
+    first and would otherwise materialise every layer's dP/dA at once, held
+    until backward reaches that layer; deferred, each dP/dA is added to the
+    layer's incoming gradient by one fused pass when backward gets there.
+    It needs activations that require grad and a ``backward()`` (or
+    ``autograd.grad``) that runs through the layers, as a training step does.
     """
     if len(activations) == 0:
         raise ValueError("tap_loss: `activations` is empty; pass the outputs of the targeted layers")
@@ -102,10 +153,14 @@ def tap_loss(activations: Sequence[torch.Tensor], mask: torch.Tensor, kernel_siz
     sizes = list(dict.fromkeys((int(a.shape[2]), int(a.shape[3])) for a in activations))
     precise = any(accumulate_dtype(a.dtype) == torch.float64 for a in activations)
     weights = dict(zip(sizes, downscale_masks(mask, sizes, kernel_size, torch.float64 if precise else torch.float32)))
-    total = sum(
-        torch.ops.auditkit.weighted_relu_sum(a, weights[(int(a.shape[2]), int(a.shape[3]))]).sum()
-        for a in activations
-    )
+    total = 0
+    for a in activations:
+        w = weights[(int(a.shape[2]), int(a.shape[3]))]
+        if defer_gradient and a.requires_grad and torch.is_grad_enabled():
+            penalty = _penalty_with_deferred_gradient(a, w)
+        else:
+            penalty = torch.ops.auditkit.weighted_relu_sum(a, w)
+        total = total + penalty.sum()
     return total / (len(activations) * max(int(activations[0].shape[0]), 1))
 
 

@@ -59,7 +59,7 @@ class TapObjective(Objective):
     name = "tap"
 
     def loss(self, model, batch, logits, activations):
-        return tap_loss(activations, batch.masks, self.kernel_size)
+        return tap_loss(activations, batch.masks, self.kernel_size, defer_gradient=True)
 
 
 def forward_with_input_gradient(model: nn.Module, images: torch.Tensor, scores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

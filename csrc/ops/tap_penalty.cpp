@@ -4,6 +4,7 @@
 #include "tap_penalty.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -42,6 +43,19 @@ at::Tensor empty_activation_grad(const at::Tensor& activation) {
       activation.sizes(),
       activation.options().memory_format(
           channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+}
+
+at::Tensor base_in_layout_of(const std::optional<at::Tensor>& base, const at::Tensor& out) {
+  if (!base.has_value() || !base->defined()) {
+    return at::Tensor();
+  }
+  if (base->strides() == out.strides()) {
+    return *base;
+  }
+  // Rare (an incoming gradient in another layout): one copy, never aliasing `out`.
+  at::Tensor copy = at::empty_strided(out.sizes(), out.strides(), out.options());
+  copy.copy_(*base);
+  return copy;
 }
 
 at::Tensor mask_as_nhw(const at::Tensor& mask) {
@@ -119,7 +133,8 @@ void check_weighted_relu_sum_args(const at::Tensor& activation, const at::Tensor
 void check_weighted_relu_sum_backward_args(
     const at::Tensor& grad,
     const at::Tensor& activation,
-    const at::Tensor& weights) {
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& base) {
   check_weighted_relu_sum_args(activation, weights);
   TORCH_CHECK_VALUE(
       grad.dim() == 1 && grad.size(0) == activation.size(0),
@@ -131,6 +146,19 @@ void check_weighted_relu_sum_backward_args(
   TORCH_CHECK_VALUE(
       grad.device() == activation.device(),
       "weighted_relu_sum_backward: all tensors must be on one device");
+  if (base.has_value() && base->defined()) {
+    TORCH_CHECK_VALUE(
+        base->sizes() == activation.sizes(),
+        "weighted_relu_sum_backward: `base` must have the activation's shape ",
+        shape_str(activation), "; got ", shape_str(*base));
+    TORCH_CHECK_TYPE(
+        base->scalar_type() == activation.scalar_type(),
+        "weighted_relu_sum_backward: `base` must have the activation's dtype ",
+        activation.scalar_type(), "; got ", base->scalar_type());
+    TORCH_CHECK_VALUE(
+        base->device() == activation.device(),
+        "weighted_relu_sum_backward: all tensors must be on one device");
+  }
 }
 
 TORCH_LIBRARY_FRAGMENT(auditkit, m) {
@@ -139,7 +167,7 @@ TORCH_LIBRARY_FRAGMENT(auditkit, m) {
       "downscale_mask(Tensor mask, int kernel_size, int[] sizes, ScalarType? dtype=None) -> Tensor[]");
   m.def("weighted_relu_sum(Tensor activation, Tensor weights) -> Tensor");
   m.def(
-      "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights) -> Tensor");
+      "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights, Tensor? base=None) -> Tensor");
 }
 
 } // namespace auditkit

@@ -8,7 +8,10 @@
 //       size in one pass over the mask (a training step calls it once per batch);
 //   weighted_relu_sum(A, W) -> P  one streaming pass over the activation,
 //       P[n] = sum_{c,i,j} W[n,i,j] * relu(A[n,c,i,j]); the (N,h,w) channel sum
-//       is never materialised. Its backward is g[n] * W[n,i,j] * 1[A > 0].
+//       is never materialised. Its backward is g[n] * W[n,i,j] * 1[A > 0];
+//       weighted_relu_sum_backward(..., base) returns base + that in one pass, so
+//       a training step can add the penalty's gradient to the activation's
+//       incoming gradient without materialising it (auditkit.ops.tap_loss_injected).
 //
 // Backend kernels live in cpu/ and cuda/; this header holds what every backend
 // shares: argument checks and the window arithmetic of the two poolings.
@@ -38,7 +41,8 @@ void check_weighted_relu_sum_args(const at::Tensor& activation, const at::Tensor
 void check_weighted_relu_sum_backward_args(
     const at::Tensor& grad,
     const at::Tensor& activation,
-    const at::Tensor& weights);
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& base);
 
 // float for float32/float16/bfloat16 activations, double for float64: the
 // dtype of the penalty and of all accumulation.
@@ -50,6 +54,11 @@ at::ScalarType downscaled_dtype(const at::Tensor& mask, std::optional<at::Scalar
 // The gradient's layout: channels_last when the activation is (and is not
 // also plain contiguous), contiguous otherwise. The fake kernel mirrors this.
 at::Tensor empty_activation_grad(const at::Tensor& activation);
+
+// The optional gradient that weighted_relu_sum_backward adds its result to,
+// with `out`'s strides (itself when they match, else a copy; never `out`).
+// Undefined when there is none.
+at::Tensor base_in_layout_of(const std::optional<at::Tensor>& base, const at::Tensor& out);
 
 // (N,1,H,W) or (N,H,W) -> (N,H,W) view.
 at::Tensor mask_as_nhw(const at::Tensor& mask);

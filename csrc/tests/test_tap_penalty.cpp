@@ -36,7 +36,7 @@ int main() {
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
   auto weighted_sum_backward = c10::Dispatcher::singleton()
       .findSchemaOrThrow("auditkit::weighted_relu_sum_backward", "")
-      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
 
   for (const int64_t k : {1, 2, 3, 5}) {
     const auto activation = at::randn({3, 6, 7, 9});
@@ -54,10 +54,13 @@ int main() {
            "penalty equals the ATen composition, k=" + std::to_string(k));
 
     const auto grad = at::randn({3});
-    const auto grad_activation = weighted_sum_backward.call(grad, activation, weights);
+    const auto grad_activation = weighted_sum_backward.call(grad, activation, weights, std::nullopt);
     const auto expected_grad = grad.view({3, 1, 1, 1}) * weights.unsqueeze(1) * (activation > 0);
     expect(at::allclose(grad_activation, expected_grad, 1e-6, 1e-7),
            "backward equals g * D * 1[A > 0], k=" + std::to_string(k));
+    const auto base = at::randn({3, 6, 7, 9});
+    expect(at::allclose(weighted_sum_backward.call(grad, activation, weights, base), base + expected_grad, 1e-6, 1e-6),
+           "backward with a base adds it, k=" + std::to_string(k));
 
     const auto channels_last = activation.contiguous(at::MemoryFormat::ChannelsLast);
     expect(at::allclose(weighted_sum.call(channels_last, weights), penalty, 1e-5, 1e-5),

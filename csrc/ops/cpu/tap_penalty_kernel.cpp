@@ -120,21 +120,40 @@ acc_t weighted_relu_sum_contiguous(const scalar_t* a, const acc_t* w, int64_t le
   }
 }
 
-// out[k] = a[k] > 0 ? w[k] : 0   (w = g[n] * W[n] for this row)
+// out[k] = base[k] + (a[k] > 0 ? w[k] : 0)   (w = g[n] * W[n] for this row;
+// base = nullptr reads as 0). `base` has out's strides and may alias it.
 template <typename scalar_t, typename acc_t>
-AUDITKIT_MULTIVERSION void relu_grad_row(scalar_t* out, const scalar_t* a, const acc_t* w, int64_t len) {
+AUDITKIT_MULTIVERSION void relu_grad_row(
+    scalar_t* out, const scalar_t* base, const scalar_t* a, const acc_t* w, int64_t len) {
+  if (base == nullptr) {
 #pragma omp simd
-  for (int64_t k = 0; k < len; ++k) {
-    out[k] = static_cast<scalar_t>(static_cast<acc_t>(a[k]) > acc_t(0) ? w[k] : acc_t(0));
+    for (int64_t k = 0; k < len; ++k) {
+      out[k] = static_cast<scalar_t>(static_cast<acc_t>(a[k]) > acc_t(0) ? w[k] : acc_t(0));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) {
+      out[k] = static_cast<scalar_t>(
+          static_cast<acc_t>(base[k]) + (static_cast<acc_t>(a[k]) > acc_t(0) ? w[k] : acc_t(0)));
+    }
   }
 }
 
-// out[k] = a[k] > 0 ? weight : 0
+// out[k] = base[k] + (a[k] > 0 ? weight : 0)
 template <typename scalar_t, typename acc_t>
-AUDITKIT_MULTIVERSION void relu_grad_constant(scalar_t* out, const scalar_t* a, acc_t weight, int64_t len) {
+AUDITKIT_MULTIVERSION void relu_grad_constant(
+    scalar_t* out, const scalar_t* base, const scalar_t* a, acc_t weight, int64_t len) {
+  if (base == nullptr) {
 #pragma omp simd
-  for (int64_t k = 0; k < len; ++k) {
-    out[k] = static_cast<scalar_t>(static_cast<acc_t>(a[k]) > acc_t(0) ? weight : acc_t(0));
+    for (int64_t k = 0; k < len; ++k) {
+      out[k] = static_cast<scalar_t>(static_cast<acc_t>(a[k]) > acc_t(0) ? weight : acc_t(0));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) {
+      out[k] = static_cast<scalar_t>(
+          static_cast<acc_t>(base[k]) + (static_cast<acc_t>(a[k]) > acc_t(0) ? weight : acc_t(0)));
+    }
   }
 }
 
@@ -545,6 +564,7 @@ void weighted_relu_sum_backward_cpu_kernel(
     const acc_t* g,
     const at::Tensor& activation,
     const acc_t* wts,
+    const scalar_t* base,
     at::Tensor& grad_activation) {
   const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2),
                 w = activation.size(3);
@@ -565,8 +585,10 @@ void weighted_relu_sum_backward_cpu_kernel(
         const int64_t n = u / h, i = u % h;
         const acc_t* wrow = wts + n * hw + i * w;
         for (const auto j : c10::irange(w)) {
+          const int64_t at_out = n * o.n + i * o.h + j * o.w;
           relu_grad_constant<scalar_t, acc_t>(
-              out + n * o.n + i * o.h + j * o.w, a + n * s.n + i * s.h + j * s.w, g[n] * wrow[j], C);
+              out + at_out, base == nullptr ? nullptr : base + at_out, a + n * s.n + i * s.h + j * s.w,
+              g[n] * wrow[j], C);
         }
         continue;
       }
@@ -579,17 +601,21 @@ void weighted_relu_sum_backward_cpu_kernel(
       }
       const scalar_t* plane = a + n * s.n + c * s.c;
       scalar_t* oplane = out + n * o.n + c * o.c;
+      const scalar_t* bplane = base == nullptr ? nullptr : base + n * o.n + c * o.c;
       if (s.w == 1 && o.w == 1 && s.h == w && o.h == w) {
-        relu_grad_row<scalar_t, acc_t>(oplane, plane, scaled.data(), hw);
+        relu_grad_row<scalar_t, acc_t>(oplane, bplane, plane, scaled.data(), hw);
       } else if (s.w == 1 && o.w == 1) {
         for (const auto i : c10::irange(h)) {
-          relu_grad_row<scalar_t, acc_t>(oplane + i * o.h, plane + i * s.h, scaled.data() + i * w, w);
+          relu_grad_row<scalar_t, acc_t>(
+              oplane + i * o.h, bplane == nullptr ? nullptr : bplane + i * o.h, plane + i * s.h,
+              scaled.data() + i * w, w);
         }
       } else {
         for (const auto i : c10::irange(h)) {
           for (const auto j : c10::irange(w)) {
             const acc_t v = static_cast<acc_t>(plane[i * s.h + j * s.w]);
-            oplane[i * o.h + j * o.w] = static_cast<scalar_t>(v > acc_t(0) ? scaled[i * w + j] : acc_t(0));
+            const acc_t b = bplane == nullptr ? acc_t(0) : static_cast<acc_t>(bplane[i * o.h + j * o.w]);
+            oplane[i * o.h + j * o.w] = static_cast<scalar_t>(b + (v > acc_t(0) ? scaled[i * w + j] : acc_t(0)));
           }
         }
       }
@@ -600,12 +626,14 @@ void weighted_relu_sum_backward_cpu_kernel(
 at::Tensor weighted_relu_sum_backward_cpu(
     const at::Tensor& grad,
     const at::Tensor& activation,
-    const at::Tensor& weights) {
-  check_weighted_relu_sum_backward_args(grad, activation, weights);
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& base) {
+  check_weighted_relu_sum_backward_args(grad, activation, weights, base);
   at::Tensor grad_activation = empty_activation_grad(activation);
   if (activation.numel() == 0) {
     return grad_activation;
   }
+  const at::Tensor added_to = base_in_layout_of(base, grad_activation);
   const auto acc_dtype = accumulate_dtype(activation.scalar_type());
   const at::Tensor g = grad.to(acc_dtype).contiguous();
   const at::Tensor wts = weights.to(acc_dtype).contiguous();
@@ -613,7 +641,8 @@ at::Tensor weighted_relu_sum_backward_cpu(
       at::kHalf, at::kBFloat16, activation.scalar_type(), "weighted_relu_sum_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         weighted_relu_sum_backward_cpu_kernel<scalar_t, acc_t>(
-            g.const_data_ptr<acc_t>(), activation, wts.const_data_ptr<acc_t>(), grad_activation);
+            g.const_data_ptr<acc_t>(), activation, wts.const_data_ptr<acc_t>(),
+            added_to.defined() ? added_to.const_data_ptr<scalar_t>() : nullptr, grad_activation);
       });
   return grad_activation;
 }

@@ -8,7 +8,7 @@
 //   stream its activation once, in memory order, and reduce W * relu(A) into
 //   one partial per block; partials are summed per sample (deterministic, no
 //   atomics).
-// weighted_relu_sum_backward: g[n] * W[n,i,j] * 1[A > 0], elementwise.
+// weighted_relu_sum_backward: base + g[n] * W[n,i,j] * 1[A > 0], elementwise.
 //
 // Mask values are not range-checked here: that would need a device sync on
 #include "../tap_penalty.h"
@@ -241,6 +241,7 @@ __global__ void __launch_bounds__(kThreads) relu_grad_kernel(
     const acc_t* __restrict__ grad,
     const scalar_t* __restrict__ activation,
     const acc_t* __restrict__ weights,
+    const scalar_t* __restrict__ base,
     scalar_t* __restrict__ out,
     index_t total,
     index_t C,
@@ -256,13 +257,14 @@ __global__ void __launch_bounds__(kThreads) relu_grad_kernel(
        e < total;
        e += static_cast<index_t>(gridDim.x) * kThreads) {
     // `out` is dense in the activation's layout (contiguous for kStrided),
-    // so e is also its offset.
+    // so e is also its offset, and `base`'s (same strides, never aliasing out).
     const index_t n = e / per_sample;
     index_t offset, q;
     locate<LAYOUT, index_t>(e - n * per_sample, C, hw, w, sC, sH, sW, offset, q);
     const acc_t v = static_cast<acc_t>(activation[n * sN + offset]);
+    const acc_t added_to = base == nullptr ? acc_t(0) : static_cast<acc_t>(base[e]);
     out[e] = static_cast<scalar_t>(
-        v > acc_t(0) ? grad[n] * weights[n * hw + q] : acc_t(0));
+        added_to + (v > acc_t(0) ? grad[n] * weights[n * hw + q] : acc_t(0)));
   }
 }
 
@@ -387,13 +389,15 @@ void launch_relu_grad(
     const at::Tensor& g,
     const at::Tensor& a,
     const at::Tensor& d,
+    const at::Tensor& base,
     at::Tensor& out) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = num_blocks_for(a.numel());
   relu_grad_kernel<scalar_t, acc_t, LAYOUT, index_t>
       <<<blocks, kThreads, 0, stream>>>(
           g.const_data_ptr<acc_t>(), a.const_data_ptr<scalar_t>(),
-          d.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
+          d.const_data_ptr<acc_t>(), base.defined() ? base.const_data_ptr<scalar_t>() : nullptr,
+          out.mutable_data_ptr<scalar_t>(),
           static_cast<index_t>(a.numel()), static_cast<index_t>(a.size(1)),
           static_cast<index_t>(a.size(2)), static_cast<index_t>(a.size(3)),
           static_cast<index_t>(a.stride(0)), static_cast<index_t>(a.stride(1)),
@@ -406,29 +410,32 @@ void launch_relu_grad_any_layout(
     const at::Tensor& g,
     const at::Tensor& a,
     const at::Tensor& d,
+    const at::Tensor& base,
     at::Tensor& out) {
   switch (layout_of(a)) {
     case kContiguous:
-      launch_relu_grad<scalar_t, acc_t, kContiguous, index_t>(g, a, d, out);
+      launch_relu_grad<scalar_t, acc_t, kContiguous, index_t>(g, a, d, base, out);
       break;
     case kChannelsLast:
-      launch_relu_grad<scalar_t, acc_t, kChannelsLast, index_t>(g, a, d, out);
+      launch_relu_grad<scalar_t, acc_t, kChannelsLast, index_t>(g, a, d, base, out);
       break;
     default:
-      launch_relu_grad<scalar_t, acc_t, kStrided, index_t>(g, a, d, out);
+      launch_relu_grad<scalar_t, acc_t, kStrided, index_t>(g, a, d, base, out);
   }
 }
 
 at::Tensor weighted_relu_sum_backward_cuda(
     const at::Tensor& grad,
     const at::Tensor& activation,
-    const at::Tensor& weights) {
-  check_weighted_relu_sum_backward_args(grad, activation, weights);
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& base) {
+  check_weighted_relu_sum_backward_args(grad, activation, weights, base);
   const c10::cuda::CUDAGuard guard(activation.device());
   at::Tensor out = empty_activation_grad(activation);
   if (activation.numel() == 0) {
     return out;
   }
+  const at::Tensor added_to = base_in_layout_of(base, out);
   const auto acc_dtype = accumulate_dtype(activation.scalar_type());
   const at::Tensor g = grad.to(acc_dtype).contiguous();
   const at::Tensor d = weights.to(acc_dtype).contiguous();
@@ -436,9 +443,9 @@ at::Tensor weighted_relu_sum_backward_cuda(
       at::kHalf, at::kBFloat16, activation.scalar_type(), "weighted_relu_sum_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         if (fits_int32(activation)) {
-          launch_relu_grad_any_layout<scalar_t, acc_t, int32_t>(g, activation, d, out);
+          launch_relu_grad_any_layout<scalar_t, acc_t, int32_t>(g, activation, d, added_to, out);
         } else {
-          launch_relu_grad_any_layout<scalar_t, acc_t, int64_t>(g, activation, d, out);
+          launch_relu_grad_any_layout<scalar_t, acc_t, int64_t>(g, activation, d, added_to, out);
         }
       });
   return out;
