@@ -40,9 +40,10 @@ test: unit-test cmake-check
 cmake-check: $(VENV)/.deps-installed
 	bash tools/cmake_check.sh $(PY)
 
+# The main job on real digits: train a shortcut model, audit, repair with TAP, audit again.
 demo: setup
 	$(VENV)/bin/auditkit doctor
-	$(PY) tools/tap_demo.py
+	$(VENV)/bin/auditkit demo --out auditkit-demo --force
 
 $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.deps-installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt

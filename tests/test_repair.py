@@ -197,15 +197,19 @@ def test_torchrun_two_process_repair(digits_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_tap_repairs_the_decoy_mnist_shortcut(decoy_mnist_models, tmp_path):
-    shortcut, _ = decoy_mnist_models["shortcut"]
+def test_demo_trains_audits_repairs_with_tap_and_proves_it(decoy_mnist_models, tmp_path):
+    """`auditkit demo` = `train` + `repair --method tap` on decoy MNIST (the issue's done-when): the
+    shortcut model is called reliant, the repaired one not reliant, with permuted and clean accuracy
+    within 3 points of the model trained on clean data."""
     _, clean_accuracy = decoy_mnist_models["clean"]
-    out = tmp_path / "repaired.safetensors"
-    result = repair(shortcut, "--data", "builtin:decoy-mnist", "--method", "tap", "--out", out, "--quiet",
-                    "--json", tmp_path / "r.json")
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--quiet", "--json", str(tmp_path / "demo.json")])
     assert result.exit_code == 0, result.output
-    document = json.loads((tmp_path / "r.json").read_text())
-    assert document["before"]["verdict"] == "reliant" and document["after"]["verdict"] == "not reliant"
-    after = document["after"]["metric"]
+    document = json.loads((tmp_path / "demo.json").read_text())
+    assert document["before"]["label"] == "reliant" and document["after"]["label"] == "not reliant"
+    assert (out / "repaired.safetensors.audit.html").is_file() and "before/after report" in result.output
+    after = document["accuracy"]["after"]
     for variant in ("permuted", "clean"):
         assert after[variant] >= clean_accuracy[variant] - 0.03, (variant, after, clean_accuracy)
+    again = runner.invoke(app, ["demo", "--out", str(out), "--quiet"])
+    assert again.exit_code == 2 and "not empty" in error_line(again)  # never overwrites a finished demo

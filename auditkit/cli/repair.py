@@ -44,7 +44,7 @@ def repair(
     out: Annotated[Path, typer.Option("--out", help="The repaired checkpoint to write (.safetensors or .pt).")],
     method: Annotated[str, typer.Option(help="tap, tea, rrr, energy or masktune.")] = "tap",
     lam: Annotated[str, typer.Option("--lambda", help="Weight of the explanation loss: a number, or auto (sweep).")] = "default",
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: TAP, RRR, Energy 3; TEA 15; MaskTune 1).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: TAP, RRR, Energy 3; TEA 30; MaskTune 1).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",

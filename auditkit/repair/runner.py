@@ -39,7 +39,7 @@ METHOD_DEFAULTS = {
     "tap": {"epochs": 3, "grad_clip": 0.0, "schedule": "constant"},
     "rrr": {"epochs": 3, "grad_clip": 1.0, "schedule": "constant"},
     "energy": {"epochs": 3, "grad_clip": 1.0, "schedule": "constant"},
-    "tea": {"epochs": 15, "grad_clip": 1.0, "schedule": "cosine"},
+    "tea": {"epochs": 30, "grad_clip": 1.0, "schedule": "cosine"},
     "masktune": {"epochs": 1, "grad_clip": 0.0, "schedule": "constant"},
 }
 # Log-spaced sweeps (TAP App. C searches 1e-9 .. 1 for TAP and RRR; the top decades are where
