@@ -18,6 +18,7 @@ JsonOption = Annotated[
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (a GPU when there is one).")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random choice; the same seed repeats a run.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output instead of refusing.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> None:

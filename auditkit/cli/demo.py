@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import DeviceOption, ForceOption, JsonOption, SeedOption, handles_errors, write_json
+from ._common import DeviceOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
 
 DEMO_DATA = "builtin:decoy-mnist"
 
@@ -23,7 +23,7 @@ def demo(
     device: DeviceOption = "cpu",
     force: ForceOption = False,
     json_path: JsonOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train a shortcut model on decoy MNIST, audit it, repair it with TAP, audit again (about a minute on 2 cores).
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, ForceOption, JsonOption, SeedOption, handles_errors, write_json
+from ._common import DeviceOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
 from .checkpoints import ArchOption, TrustPickleOption, load
 
 TeacherOption = Annotated[
@@ -74,7 +74,7 @@ def repair(
     seed: SeedOption = 0,
     force: ForceOption = False,
     json_path: JsonOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Fine-tune a checkpoint so it stops relying on the annotated signal, then audit before and after.
 

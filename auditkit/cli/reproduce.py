@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import JsonOption, handles_errors, write_json
+from ._common import JsonOption, QuietOption, handles_errors, write_json
 
 
 @handles_errors
@@ -16,7 +16,7 @@ def reproduce(
     seeds: Annotated[int, typer.Option(help="Number of seeds (0, 1, ...); the tables use 5.")] = 5,
     out: Annotated[Path, typer.Option("--out", help="Folder for NAME.md (the table) and NAME.json (per-seed numbers).")] = Path("reproductions"),
     json_path: JsonOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Re-run a published experiment on the built-in data over several seeds and write its table beside the paper's.
 

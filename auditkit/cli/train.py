@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, ForceOption, JsonOption, SeedOption, handles_errors, write_json
+from ._common import DeviceOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
 
 
 @handles_errors
@@ -42,7 +42,7 @@ def train(
     device: DeviceOption = "cpu",
     force: ForceOption = False,
     json_path: JsonOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train a classifier (the paper's "No XS" model on contaminated data) and save a checkpoint.
 
