@@ -30,7 +30,7 @@ from ._progress import progress_bar
 from .data import AuditDataset, open_dataset, stratified_split
 from .models import build_model
 from .repair import AnnotationConfig, FitConfig, RepairConfig, annotate, run_repair
-from .repair.runner import METHOD_DEFAULTS
+from .repair.runner import METHOD_DEFAULTS, TEACHER_MASK_LAMBDA
 from .train import TrainConfig, evaluate, train_classifier
 
 # Published numbers, for the tables: {case: {variant: (mean, std)}}.
@@ -185,7 +185,7 @@ def table12(seeds: list[int], step: Callable[[str], None]) -> Reproduction:
                 annotated, stats = annotate(teacher, train, AnnotationConfig(tau=tau), show_progress=False)
                 repaired_data = AuditDataset(annotated.records + data.select(split="val").records + test.records,
                                              data.info, channels=data.channels, image_size=data.image_size)
-                model = repair_model(_copy(shortcut), repaired_data, "tap", seed)
+                model = repair_model(_copy(shortcut), repaired_data, "tap", seed, lam=TEACHER_MASK_LAMBDA["tap"])
                 out.add(f"{name} τ={tau}", evaluate(model, test),
                         {"annotation recall": stats["recall"], "annotation precision": stats["precision"],
                          "mask area": stats["mean_mask_area"]})

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from auditkit.cli import app
 from auditkit.data import open_dataset
 from auditkit.models import build_model, load_checkpoint, save_checkpoint
-from auditkit.repair import FitConfig, Interrupted, Objective, TapObjective, TrainingStopped, fit
+from auditkit.repair import FitConfig, Interrupted, Objective, RepairConfig, TapObjective, TrainingStopped, fit
 from auditkit.train import TrainConfig, train_classifier
 
 from .test_cli_data_train import error_line
@@ -213,3 +213,12 @@ def test_demo_trains_audits_repairs_with_tap_and_proves_it(decoy_mnist_models, t
         assert after[variant] >= clean_accuracy[variant] - 0.03, (variant, after, clean_accuracy)
     again = runner.invoke(app, ["demo", "--out", str(out), "--quiet"])
     assert again.exit_code == 2 and "not empty" in error_line(again)  # never overwrites a finished demo
+
+
+def test_tap_default_lambda_is_lower_with_teacher_masks():
+    from auditkit.repair import AnnotationConfig
+    from auditkit.repair.runner import DEFAULT_LAMBDA, TEACHER_MASK_LAMBDA, default_lambda
+
+    assert default_lambda(RepairConfig(method="tap")) == DEFAULT_LAMBDA["tap"] == 0.1
+    assert default_lambda(RepairConfig(method="tap", annotation=AnnotationConfig(tau=0.1))) == TEACHER_MASK_LAMBDA["tap"] == 0.01
+    assert default_lambda(RepairConfig(method="rrr", annotation=AnnotationConfig(tau=0.1))) == DEFAULT_LAMBDA["rrr"]
