@@ -25,7 +25,7 @@ def demo(
     json_path: JsonOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Train a shortcut model on decoy MNIST, audit it, repair it with TAP, audit again (about a minute on 2 cores).
+    """Train a shortcut model on decoy MNIST, audit it, repair it with TAP, audit again (under a minute on 2 cores).
 
     Decoy MNIST (TAP §5): real digits with a grey patch in a random corner whose shade tells the class.
     Writes OUT/shortcut.safetensors, OUT/repaired.safetensors and the before/after proof
