@@ -280,10 +280,12 @@ def _lrp_step_backward(ctx, grad, transposed, forward, weight_grad):
     needs_input, needs_z, needs_relevance, needs_weight = ctx.needs_input_grad[:4]
     grad_input = (_per_target(grad, k) * _per_target(transposed(s), k)).sum(0) if needs_input else None
     grad_weight = weight_grad(weighted, s) if needs_weight else None
+    del s  # an output-sized tensor: freed before the two output-sized gradients below exist (peak memory)
     grad_relevance = grad_output = None
     if needs_z or needs_relevance:
-        grad_s = forward(weighted)
-        grad_relevance, grad_output = _ratio_backward_parts(grad_s, relevance, z, epsilon, needs_relevance, needs_z)
+        grad_relevance, grad_output = _ratio_backward_parts(
+            forward(weighted), relevance, z, epsilon, needs_relevance, needs_z
+        )
     return grad_input, grad_output, grad_relevance, grad_weight, *([None] * len(ctx.config))
 
 
