@@ -57,6 +57,23 @@ int64_t check_lrp_broadcast(const at::Tensor& relevance, const at::Tensor& outpu
   return n == 0 ? 1 : relevance.size(0) / n;
 }
 
+int64_t check_lrp_ratio_args(const at::Tensor& relevance, const at::Tensor& output, double epsilon) {
+  const int64_t k = check_lrp_broadcast(relevance, output, "lrp_epsilon_ratio");
+  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio: `epsilon` must be >= 0; got ", epsilon);
+  return k;
+}
+
+int64_t check_lrp_ratio_backward_args(
+    const at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output, double epsilon) {
+  const int64_t k = check_lrp_broadcast(relevance, output, "lrp_epsilon_ratio_backward");
+  TORCH_CHECK_VALUE(
+      grad.sizes() == relevance.sizes() && grad.scalar_type() == relevance.scalar_type() &&
+          grad.device() == relevance.device(),
+      "lrp_epsilon_ratio_backward: `grad` must have the shape, dtype and device of `relevance`");
+  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio_backward: `epsilon` must be >= 0; got ", epsilon);
+  return k;
+}
+
 static void check_step_args(
     const at::Tensor& input,
     const at::Tensor& output,

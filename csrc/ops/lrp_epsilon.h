@@ -12,6 +12,12 @@ namespace auditkit {
 // returns K (the number of explanations per sample).
 int64_t check_lrp_broadcast(const at::Tensor& relevance, const at::Tensor& output, const char* op);
 
+// Every backend's argument checks of lrp_epsilon_ratio and its backward
+// (shapes, dtypes, devices and epsilon, never values); both return K.
+int64_t check_lrp_ratio_args(const at::Tensor& relevance, const at::Tensor& output, double epsilon);
+int64_t check_lrp_ratio_backward_args(
+    const at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output, double epsilon);
+
 // The epsilon stabiliser: z + eps * sign(z) with sign(0) = +1, so the result
 // is never smaller than eps in magnitude.
 template <typename T>

@@ -1,6 +1,7 @@
 // CPU kernels of lrp_epsilon_ratio, s = R / (z + eps * sign(z)), and of its
 // backward, each one fused pass, z broadcast over the K explanations per sample held in R.
 #include "../lrp_epsilon.h"
+#include "multiversion.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,14 +15,6 @@
 namespace auditkit {
 
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    !defined(AUDITKIT_NO_TARGET_CLONES)
-#define AUDITKIT_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define AUDITKIT_MULTIVERSION
-#endif
 
 template <typename scalar_t>
 AUDITKIT_MULTIVERSION void ratio_run(
@@ -40,8 +33,7 @@ AUDITKIT_MULTIVERSION void ratio_run(
 }
 
 at::Tensor lrp_epsilon_ratio_cpu(const at::Tensor& relevance_in, const at::Tensor& output_in, double epsilon) {
-  check_lrp_broadcast(relevance_in, output_in, "lrp_epsilon_ratio");
-  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio: `epsilon` must be >= 0; got ", epsilon);
+  check_lrp_ratio_args(relevance_in, output_in, epsilon);
   const at::Tensor relevance = relevance_in.contiguous();
   const at::Tensor output = output_in.contiguous();
   at::Tensor out = at::empty(relevance.sizes(), relevance.options());
@@ -99,12 +91,7 @@ std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cpu(
     const at::Tensor& relevance_in,
     const at::Tensor& output_in,
     double epsilon) {
-  const int64_t k = check_lrp_broadcast(relevance_in, output_in, "lrp_epsilon_ratio_backward");
-  TORCH_CHECK_VALUE(
-      grad_in.sizes() == relevance_in.sizes() && grad_in.scalar_type() == relevance_in.scalar_type() &&
-          grad_in.device() == relevance_in.device(),
-      "lrp_epsilon_ratio_backward: `grad` must have the shape, dtype and device of `relevance`");
-  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio_backward: `epsilon` must be >= 0; got ", epsilon);
+  const int64_t k = check_lrp_ratio_backward_args(grad_in, relevance_in, output_in, epsilon);
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor relevance = relevance_in.contiguous();
   const at::Tensor output = output_in.contiguous();

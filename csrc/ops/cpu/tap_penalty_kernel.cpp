@@ -10,6 +10,7 @@
 //   vector accumulators; partials are added per sample in double, so the
 //   result does not depend on the thread count.
 #include "../tap_penalty.h"
+#include "multiversion.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,16 +31,6 @@
 namespace auditkit {
 
 namespace {
-
-// Hot loops are compiled for AVX-512, AVX2+FMA and a baseline; the loader
-// picks the best for the running CPU (GCC function multi-versioning).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    !defined(AUDITKIT_NO_TARGET_CLONES)
-#define AUDITKIT_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define AUDITKIT_MULTIVERSION
-#endif
 
 // 64-byte vectors (GCC vector extensions): one zmm register on AVX-512, two
 // ymm on AVX2, four xmm on the baseline.

@@ -39,8 +39,7 @@ __global__ void ratio_kernel(
 }
 
 at::Tensor lrp_epsilon_ratio_cuda(const at::Tensor& relevance_in, const at::Tensor& output_in, double epsilon) {
-  check_lrp_broadcast(relevance_in, output_in, "lrp_epsilon_ratio");
-  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio: `epsilon` must be >= 0; got ", epsilon);
+  check_lrp_ratio_args(relevance_in, output_in, epsilon);
   const c10::cuda::CUDAGuard guard(relevance_in.device());
   const at::Tensor relevance = relevance_in.contiguous();
   const at::Tensor output = output_in.contiguous();
@@ -96,12 +95,7 @@ std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cuda(
     const at::Tensor& relevance_in,
     const at::Tensor& output_in,
     double epsilon) {
-  const int64_t k = check_lrp_broadcast(relevance_in, output_in, "lrp_epsilon_ratio_backward");
-  TORCH_CHECK_VALUE(
-      grad_in.sizes() == relevance_in.sizes() && grad_in.scalar_type() == relevance_in.scalar_type() &&
-          grad_in.device() == relevance_in.device(),
-      "lrp_epsilon_ratio_backward: `grad` must have the shape, dtype and device of `relevance`");
-  TORCH_CHECK_VALUE(epsilon >= 0, "lrp_epsilon_ratio_backward: `epsilon` must be >= 0; got ", epsilon);
+  const int64_t k = check_lrp_ratio_backward_args(grad_in, relevance_in, output_in, epsilon);
   const c10::cuda::CUDAGuard guard(relevance_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor relevance = relevance_in.contiguous();
