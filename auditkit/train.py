@@ -33,6 +33,8 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | sgd (momentum 0.9)
     weight_decay: float = 0.0
     shift: int = 0  # augmentation: random translations of up to this many pixels (small clean splits)
+    rotate: float = 0.0  # augmentation: random rotations of up to this many degrees
+    scale: float = 0.0  # augmentation: random zoom by a factor in [1 - scale, 1 + scale]
     seed: int = 0
     device: str = "cpu"
 
@@ -41,6 +43,10 @@ class TrainConfig:
             raise AuditkitError("--epochs and --batch-size must be at least 1")
         if self.shift < 0:
             raise AuditkitError(f"--shift must be at least 0; got {self.shift}")
+        if not 0 <= self.rotate <= 180:
+            raise AuditkitError(f"--rotate must lie in [0, 180] degrees; got {self.rotate}")
+        if not 0 <= self.scale < 1:
+            raise AuditkitError(f"--scale must lie in [0, 1); got {self.scale}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise AuditkitError(f"--lr must be a positive number; got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
@@ -159,6 +165,27 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -
     return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
+def random_rotate_scale(images: torch.Tensor, rotate: float, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image rotated by its own angle in [-rotate, rotate] degrees and zoomed by a factor in
+    [1 - scale, 1 + scale] about its centre; outside pixels repeat the border, as ``random_shift``."""
+    if rotate == 0 and scale == 0:
+        return images
+    n = images.shape[0]
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(rotate)
+    zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * scale
+    # affine_grid maps output to input coordinates: the inverse of the wanted zoom.
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    grid = nn.functional.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    return nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment_batch(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
+    """The augmentation ``config`` (anything with ``shift``, ``rotate``, ``scale``) asks for."""
+    images = random_rotate_scale(images, config.rotate, config.scale, generator)
+    return random_shift(images, config.shift, generator)
+
+
 def train_classifier(
     model: nn.Module,
     train_set: AuditDataset,
@@ -181,7 +208,7 @@ def train_classifier(
         loss_sum, correct, seen = 0.0, 0, 0
         with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(train_set), enabled=show_progress) as bar:
             for step, batch in enumerate(loader):
-                images = random_shift(batch.images, config.shift, augment).to(device)
+                images = augment_batch(batch.images, config, augment).to(device)
                 labels = batch.labels.to(device)
                 logits = model(images)
                 loss = nn.functional.cross_entropy(logits, labels)

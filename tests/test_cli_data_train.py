@@ -181,3 +181,35 @@ def test_random_shift_translates_each_image_and_repeats_the_edges():
     assert torch.equal(shifted, again)  # seeded
     many = random_shift(images.repeat(16, 1, 1, 1), 2, torch.Generator().manual_seed(2))
     assert not all(torch.equal(many[0], m) for m in many[::2])  # offsets differ between images
+
+
+def test_random_rotate_scale_keeps_a_uniform_background_and_turns_each_image_by_its_own_angle():
+    from auditkit.train import random_rotate_scale
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.zeros(8, 3, 16, 16)
+    images[:, :] = torch.tensor([0.2, 0.5, 0.9])[:, None, None]  # a coloured background ...
+    images[:, :, 2:14, 7:9] = 1.0  # ... with a vertical bar through the centre
+    assert random_rotate_scale(images, 0.0, 0.0, generator) is images
+    # Identity when the ranges are tiny: bilinear sampling at the pixel centres reproduces the image.
+    assert torch.allclose(random_rotate_scale(images, 1e-6, 1e-6, generator), images, atol=1e-4)
+    turned = random_rotate_scale(images, 90.0, 0.0, torch.Generator().manual_seed(1))
+    # Border padding: the corners keep the background colour exactly (no black wedges).
+    assert torch.allclose(turned[:, :, 0, 0], images[:, :, 0, 0])
+    # The bar's mass stays (rotation about the centre), but where it lies differs between images.
+    assert torch.allclose(turned.sum((1, 2, 3)), images.sum((1, 2, 3)), rtol=0.08)
+    assert not all(torch.allclose(turned[0], t, atol=1e-3) for t in turned[1:])
+    again = random_rotate_scale(images, 90.0, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(turned, again)  # seeded
+    zoomed = random_rotate_scale(images, 0.0, 0.5, torch.Generator().manual_seed(4))
+    bar_width = (zoomed[:, 0, 8] - 0.2).sum(1) / 0.8  # the bar's width (pixels) on the middle row follows the zoom
+    assert bar_width.min() < 1.8 and bar_width.max() > 2.2 and (bar_width - 2).abs().max() <= 1.0 + 1e-4
+
+
+def test_train_config_rejects_augmentation_out_of_range():
+    from auditkit.errors import AuditkitError
+    from auditkit.train import TrainConfig
+
+    for bad in ({"rotate": -1.0}, {"rotate": 200.0}, {"scale": 1.0}, {"scale": -0.1}):
+        with pytest.raises(AuditkitError):
+            TrainConfig(**bad).validate()

@@ -139,7 +139,7 @@ def test_tea_teacher_cache_gives_the_same_loss_as_computing_per_batch():
     fresh = TeaObjective(teacher=teacher, epsilon=0.01)
     cached = TeaObjective(teacher=teacher, epsilon=0.01)
     cached.prepare(data, "cpu")
-    assert cached._cache is not None and cached._cache[1].shape == (40, 8, 8)
+    assert cached._cache is not None and cached._cache[1].shape == (40, 1, 8, 8)
     torch.testing.assert_close(cached.forward_and_loss(student, batch)[1], fresh.forward_and_loss(student, batch)[1])
     tiny_budget = TeaObjective(teacher=teacher, epsilon=0.01, cache_bytes=100)
     tiny_budget.prepare(data, "cpu")
@@ -147,3 +147,25 @@ def test_tea_teacher_cache_gives_the_same_loss_as_computing_per_batch():
     randomised = TeaObjective(teacher=teacher, epsilon=0.01, explained_class="random")
     randomised.prepare(data, "cpu")
     assert randomised._cache is None  # random classes change every step
+
+
+def test_tea_with_two_classes_is_the_mean_heat_loss_of_the_teachers_top_two():
+    from auditkit.explain import lrp_epsilon
+    from auditkit.models import build_model
+    from auditkit.repair.objectives import multiresolution_heat_loss
+
+    torch.manual_seed(2)
+    teacher = build_model("shortcut-cnn", num_classes=5, in_channels=3, input_size=(16, 16)).eval()
+    student = build_model("shortcut-cnn", num_classes=5, in_channels=3, input_size=(16, 16)).eval()
+    images = torch.rand(6, 3, 16, 16)
+    batch = batch_of(images, torch.zeros(6, dtype=torch.long), torch.zeros(6, 1, 16, 16))
+    _, loss = TeaObjective(teacher=teacher, epsilon=0.01, classes=2).forward_and_loss(student, batch)
+    order = teacher(images).argsort(dim=1, descending=True)
+    expected = 0.0
+    for rank in range(2):  # one heat loss per rank of the teacher's classes, then their mean
+        target = order[:, rank:rank + 1]
+        expected += multiresolution_heat_loss(lrp_epsilon(student, images, target, epsilon=0.01)[:, 0],
+                                              lrp_epsilon(teacher, images, target, epsilon=0.01)[:, 0]) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    random_pairs, _ = TeaObjective(teacher=teacher, explained_class="random", classes=3).teacher_explanation(images)
+    assert random_pairs.shape == (6, 3) and all(len(set(row.tolist())) == 3 for row in random_pairs)

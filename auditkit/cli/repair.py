@@ -62,7 +62,8 @@ def repair(
     annotation_method: AnnotationMethodOption = "gradient",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache for teacher masks (default: beside --out).")] = None,
     epsilon: Annotated[float, typer.Option(help="TEA: LRP-epsilon stabiliser.")] = 0.01,
-    tea_class: Annotated[str, typer.Option(help="TEA: explain the teacher's predicted class or a random logit.")] = "teacher",
+    tea_class: Annotated[str, typer.Option(help="TEA: explain the teacher's most likely classes or random logits.")] = "teacher",
+    tea_classes: Annotated[int, typer.Option(help="TEA: classes explained per image (the teacher's top K, or K random ones).")] = 1,
     task_weight: Annotated[float, typer.Option(help="TEA: weight of the task loss (0 = explanations alone).")] = 0.0,
     variant: Annotated[Optional[str], typer.Option(help="Training variant (default: contaminated).")] = None,
     audit_split: Annotated[str, typer.Option(help="Split audited before and after ('none' to skip).")] = "test",
@@ -134,6 +135,7 @@ def repair(
             cache_dir=cache_dir or out.parent / ".auditkit-cache",
             tea_epsilon=epsilon,
             tea_class=tea_class,
+            tea_classes=tea_classes,
             tea_task_weight=task_weight,
             audit=None if audit_split == "none" else AuditConfig(
                 methods=tuple(m for m in audit_methods.split(",") if m), device=device, seed=seed),

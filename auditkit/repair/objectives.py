@@ -126,33 +126,36 @@ class TeaObjective(Objective):
     teacher: nn.Module | None = None
     epsilon: float = 0.01
     scales: int = 4
-    explained_class: str = "teacher"  # "teacher": the teacher's prediction; "random": a random logit
+    explained_class: str = "teacher"  # "teacher": the teacher's most likely classes; "random": random logits
+    classes: int = 1  # classes explained per image (the loss is their mean)
     task_weight: float = 0.0  # TEA trains on explanations alone by default (FINDINGS: task loss brings the shortcut back)
     cache_bytes: int = TEACHER_CACHE_BYTES
     name = "tea"
 
     def __post_init__(self) -> None:
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (targets (N,), maps (N, H, W)) per training sample
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (targets (N, K), maps (N, K, H, W)) per training sample
 
     def teacher_explanation(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(targets, teacher maps) for a batch: the class explained and the teacher's LRP-epsilon heatmap."""
+        """(targets (N, K), teacher maps (N, K, H, W)) for a batch: the classes explained and the
+        teacher's LRP-epsilon heatmap of each."""
         with torch.no_grad():
             logits = self.teacher(images)
+            k = min(self.classes, logits.shape[1])
             if self.explained_class == "teacher":
-                targets = logits.argmax(1)
-            else:
-                targets = torch.randint(0, logits.shape[1], (images.shape[0],), device=images.device)
-        maps, _ = lrp_epsilon_and_logits(self.teacher, images, targets[:, None], epsilon=self.epsilon)
-        return targets, maps[:, 0]
+                targets = logits.topk(k, dim=1).indices
+            else:  # k distinct random classes per image
+                targets = torch.rand(logits.shape, device=images.device).argsort(dim=1)[:, :k]
+        maps, _ = lrp_epsilon_and_logits(self.teacher, images, targets, epsilon=self.epsilon)
+        return targets, maps
 
     def prepare(self, train_set, device, show_progress: bool = False) -> None:
         """The teacher and the training images do not change during a repair, so with the teacher's
-        own class explained its heatmaps are computed once here instead of in every step."""
+        own classes explained its heatmaps are computed once here instead of in every step."""
         self._cache = None
         if self.explained_class != "teacher" or len(train_set) == 0:
             return
         channels, height, width = train_set[0].image.shape
-        if len(train_set) * height * width * 4 > self.cache_bytes:
+        if len(train_set) * self.classes * height * width * 4 > self.cache_bytes:
             return
         from .._progress import progress_bar
         from ..data import make_loader
@@ -172,7 +175,8 @@ class TeaObjective(Objective):
         else:
             targets, teacher_maps = self.teacher_explanation(batch.images)
         # One LRP forward gives the student's logits (for accuracy, and the task loss if weighted) and maps.
-        student_maps, logits = lrp_epsilon_and_logits(model, batch.images, targets[:, None], epsilon=self.epsilon,
+        student_maps, logits = lrp_epsilon_and_logits(model, batch.images, targets, epsilon=self.epsilon,
                                                       create_graph=True)
-        return logits, multiresolution_heat_loss(student_maps[:, 0], teacher_maps.detach(), self.scales)
-
+        # Every (image, class) pair is one sample of the heat loss: the mean over both.
+        loss = multiresolution_heat_loss(student_maps.flatten(0, 1), teacher_maps.detach().flatten(0, 1), self.scales)
+        return logits, loss

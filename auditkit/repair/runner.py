@@ -76,6 +76,7 @@ class RepairConfig:
     tea_epsilon: float = 0.01
     tea_scales: int = 4
     tea_class: str = "teacher"
+    tea_classes: int = 1  # classes explained per image (the teacher's top K; the loss is their mean)
     tea_task_weight: float = 0.0
     masktune_sigmas: float = 2.0
     sweep_epochs: int = 1
@@ -94,6 +95,8 @@ class RepairConfig:
             raise AuditkitError("TEA needs a teacher: pass --teacher CHECKPOINT (e.g. trained with auditkit train on a small clean split)")
         if self.tea_class not in ("teacher", "random"):
             raise AuditkitError(f"--tea-class must be teacher or random; got {self.tea_class!r}")
+        if self.tea_classes < 1:
+            raise AuditkitError(f"--tea-classes must be at least 1; got {self.tea_classes}")
         if isinstance(self.lam, str) and self.lam not in ("default", "auto"):
             raise AuditkitError(f"--lambda must be a number or auto; got {self.lam!r}")
         self.fit.validate()
@@ -137,7 +140,7 @@ def build_objective(config: RepairConfig, model) -> Objective:
     if config.method == "tea":
         config.teacher.eval()
         return TeaObjective(teacher=config.teacher, epsilon=config.tea_epsilon, scales=config.tea_scales,
-                            explained_class=config.tea_class, task_weight=config.tea_task_weight)
+                            explained_class=config.tea_class, classes=config.tea_classes, task_weight=config.tea_task_weight)
     return Objective()  # masktune: plain cross-entropy on masked images
 
 
