@@ -35,6 +35,7 @@ class TrainConfig:
     shift: int = 0  # augmentation: random translations of up to this many pixels (small clean splits)
     rotate: float = 0.0  # augmentation: random rotations of up to this many degrees
     scale: float = 0.0  # augmentation: random zoom by a factor in [1 - scale, 1 + scale]
+    channel_shuffle: bool = False  # augmentation: each image's colour channels in a random order
     seed: int = 0
     device: str = "cpu"
 
@@ -180,9 +181,18 @@ def random_rotate_scale(images: torch.Tensor, rotate: float, scale: float, gener
     return nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def random_channel_shuffle(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image's channels in its own random order. A teacher trained on a few hundred images can
+    otherwise pick up chance colour-class correlations of its small sample (docs/methods/tea.md)."""
+    order = torch.rand(images.shape[:2], generator=generator).argsort(dim=1).to(images.device)
+    return images.gather(1, order[:, :, None, None].expand_as(images))
+
+
 def augment_batch(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
-    """The augmentation ``config`` (anything with ``shift``, ``rotate``, ``scale``) asks for."""
+    """The augmentation ``config`` (a TrainConfig) asks for."""
     images = random_rotate_scale(images, config.rotate, config.scale, generator)
+    if config.channel_shuffle:
+        images = random_channel_shuffle(images, generator)
     return random_shift(images, config.shift, generator)
 
 

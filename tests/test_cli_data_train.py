@@ -213,3 +213,21 @@ def test_train_config_rejects_augmentation_out_of_range():
     for bad in ({"rotate": -1.0}, {"rotate": 200.0}, {"scale": 1.0}, {"scale": -0.1}):
         with pytest.raises(AuditkitError):
             TrainConfig(**bad).validate()
+
+
+def test_random_channel_shuffle_permutes_each_images_channels_on_its_own():
+    from auditkit.train import TrainConfig, augment_batch, random_channel_shuffle
+
+    images = torch.rand(32, 3, 5, 5)
+    shuffled = random_channel_shuffle(images, torch.Generator().manual_seed(0))
+    orders = set()
+    for original, out in zip(images, shuffled):
+        # Every output channel is one input channel, each used once: a permutation of the channels.
+        order = tuple(next(c for c in range(3) if torch.equal(out[k], original[c])) for k in range(3))
+        assert sorted(order) == [0, 1, 2]
+        orders.add(order)
+    assert len(orders) > 1  # images draw their own orders
+    assert torch.equal(shuffled, random_channel_shuffle(images, torch.Generator().manual_seed(0)))  # seeded
+    config = TrainConfig(channel_shuffle=True)
+    assert torch.equal(augment_batch(images, config, torch.Generator().manual_seed(0)), shuffled)  # shift 0: nothing else
+    assert augment_batch(images, TrainConfig(), torch.Generator().manual_seed(0)) is images  # no augmentation asked

@@ -159,7 +159,7 @@ def test_tea_with_two_classes_is_the_mean_heat_loss_of_the_teachers_top_two():
     student = build_model("shortcut-cnn", num_classes=5, in_channels=3, input_size=(16, 16)).eval()
     images = torch.rand(6, 3, 16, 16)
     batch = batch_of(images, torch.zeros(6, dtype=torch.long), torch.zeros(6, 1, 16, 16))
-    _, loss = TeaObjective(teacher=teacher, epsilon=0.01, classes=2).forward_and_loss(student, batch)
+    _, loss = TeaObjective(teacher=teacher, epsilon=0.01, classes=2, distill_weight=0.0).forward_and_loss(student, batch)
     order = teacher(images).argsort(dim=1, descending=True)
     expected = 0.0
     for rank in range(2):  # one heat loss per rank of the teacher's classes, then their mean
@@ -167,5 +167,40 @@ def test_tea_with_two_classes_is_the_mean_heat_loss_of_the_teachers_top_two():
         expected += multiresolution_heat_loss(lrp_epsilon(student, images, target, epsilon=0.01)[:, 0],
                                               lrp_epsilon(teacher, images, target, epsilon=0.01)[:, 0]) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    random_pairs, _ = TeaObjective(teacher=teacher, explained_class="random", classes=3).teacher_explanation(images)
+    random_pairs, _, _ = TeaObjective(teacher=teacher, explained_class="random", classes=3).teacher_explanation(images)
     assert random_pairs.shape == (6, 3) and all(len(set(row.tolist())) == 3 for row in random_pairs)
+
+
+def test_distillation_loss_matches_hand_computed_kl_divergences():
+    from auditkit.repair.objectives import distillation_loss
+
+    # Teacher p = (1/4, 3/4), student q = (1/2, 1/2): KL(p || q) = 1/4 ln(1/2) + 3/4 ln(3/2).
+    teacher = torch.tensor([[0.0, math.log(3.0)]])
+    student = torch.zeros(1, 2)
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert distillation_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    # T = 2: p = softmax((0, ln 3) / 2) = (1, sqrt 3) / (1 + sqrt 3); the loss is scaled by T² = 4.
+    p1 = math.sqrt(3) / (1 + math.sqrt(3))
+    expected_t2 = 4 * ((1 - p1) * math.log(2 * (1 - p1)) + p1 * math.log(2 * p1))
+    assert distillation_loss(student, teacher, temperature=2.0).item() == pytest.approx(expected_t2, rel=1e-6)
+    # Zero when the student already agrees (a shift of the logits changes no probability); batch mean.
+    both = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    assert distillation_loss(both + 7.0, both).item() == pytest.approx(0.0, abs=1e-6)
+    pair = distillation_loss(torch.cat([student, student]), torch.cat([teacher, torch.zeros(1, 2)]))
+    assert pair.item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_tea_distillation_adds_the_weighted_kl_to_the_teachers_probabilities():
+    from auditkit.models import build_model
+    from auditkit.repair.objectives import distillation_loss
+
+    torch.manual_seed(3)
+    teacher = build_model("shortcut-cnn", num_classes=4, in_channels=3, input_size=(16, 16)).eval()
+    student = build_model("shortcut-cnn", num_classes=4, in_channels=3, input_size=(16, 16)).eval()
+    images = torch.rand(5, 3, 16, 16)
+    batch = batch_of(images, torch.zeros(5, dtype=torch.long), torch.zeros(5, 1, 16, 16))
+    logits, heat_only = TeaObjective(teacher=teacher, distill_weight=0.0).forward_and_loss(student, batch)
+    _, with_distillation = TeaObjective(teacher=teacher, distill_weight=0.5, temperature=2.0).forward_and_loss(student, batch)
+    expected = heat_only + 0.5 * distillation_loss(logits, teacher(images), 2.0)
+    torch.testing.assert_close(with_distillation, expected, rtol=1e-5, atol=1e-6)
+    assert (with_distillation - heat_only).item() > 1e-4  # untrained nets disagree: the term is not zero

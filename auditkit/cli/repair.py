@@ -65,6 +65,10 @@ def repair(
     tea_class: Annotated[str, typer.Option(help="TEA: explain the teacher's most likely classes or random logits.")] = "teacher",
     tea_classes: Annotated[int, typer.Option(help="TEA: classes explained per image (the teacher's top K, or K random ones).")] = 1,
     task_weight: Annotated[float, typer.Option(help="TEA: weight of the task loss (0 = explanations alone).")] = 0.0,
+    distill_weight: Annotated[
+        float, typer.Option(help="TEA: weight of distilling the teacher's class probabilities (0 = heatmaps alone).")
+    ] = 1.0,
+    temperature: Annotated[float, typer.Option(help="TEA: distillation temperature.")] = 1.0,
     variant: Annotated[Optional[str], typer.Option(help="Training variant (default: contaminated).")] = None,
     audit_split: Annotated[str, typer.Option(help="Split audited before and after ('none' to skip).")] = "test",
     audit_methods: Annotated[str, typer.Option(help="Attribution methods of the audits.")] = "lrp_epsilon,gradient",
@@ -137,6 +141,8 @@ def repair(
             tea_class=tea_class,
             tea_classes=tea_classes,
             tea_task_weight=task_weight,
+            tea_distill_weight=distill_weight,
+            tea_temperature=temperature,
             audit=None if audit_split == "none" else AuditConfig(
                 methods=tuple(m for m in audit_methods.split(",") if m), device=device, seed=seed),
             audit_split=audit_split,

@@ -25,6 +25,9 @@ def train(
     ] = 0,
     rotate: Annotated[float, typer.Option(help="Augment: rotate each image by up to this many degrees.")] = 0.0,
     scale: Annotated[float, typer.Option(help="Augment: zoom each image by a factor in [1 - scale, 1 + scale].")] = 0.0,
+    channel_shuffle: Annotated[
+        bool, typer.Option("--channel-shuffle", help="Augment: put each image's colour channels in a random order.")
+    ] = False,
     split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     val_split: Annotated[str, typer.Option(help="Split for the per-epoch validation accuracy ('none' to skip).")] = "val",
     test_split: Annotated[str, typer.Option(help="Split evaluated per variant at the end ('none' to skip).")] = "test",
@@ -63,7 +66,7 @@ def train(
     from ..train import TrainConfig, choose_training_variant, evaluate, history_as_dicts, train_classifier
 
     console = Console()
-    config = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, shift=shift, rotate=rotate, scale=scale, seed=seed, device=device)
+    config = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, shift=shift, rotate=rotate, scale=scale, channel_shuffle=channel_shuffle, seed=seed, device=device)
     config.validate()
     if out.exists() and not force:
         raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")

@@ -9,8 +9,11 @@
   map, where M marks the *object*; averaged over the batch. Double backward.
 - TEA (Bassi et al.; seed 004): the multi-resolution heat loss between the student's and the
   teacher's LRP-ε heatmaps, (1/S) Σ_m d(AvgPool_2^m(Hs), AvgPool_2^m(Ht)) with
-  d(a, b) = ‖a − b‖₁ / sqrt(‖a‖₁ ‖b‖₁) per sample. The heatmap is differentiable through the LRP
-  kernels' autograd formulas.
+  d(a, b) = ‖a − b‖₁ / sqrt(‖a‖₁ ‖b‖₁) per sample, for the teacher's top K classes (their mean).
+  The heatmap is differentiable through the LRP kernels' autograd formulas. Optionally plus
+  distillation (Hinton et al. 2015): T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)) on the same images,
+  which gives the student the teacher's answers while the heat loss keeps it from reaching them
+  through the shortcut (docs/methods/tea.md has the ablation).
 
 Each objective is a small class: ``loss(model, batch, logits, activations) -> tensor`` and the layers it
 needs captured (TAP only). The task loss is added by the trainer with its own weight.
@@ -118,6 +121,14 @@ def multiresolution_heat_loss(student: torch.Tensor, teacher: torch.Tensor, scal
     return total / usable
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)), averaged over the batch (Hinton et al. 2015; the T²
+    keeps the gradient's size independent of T)."""
+    teacher_log_p = F.log_softmax(teacher_logits / temperature, dim=1)
+    student_log_p = F.log_softmax(student_logits / temperature, dim=1)
+    return temperature**2 * F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
+
+
 TEACHER_CACHE_BYTES = 1 << 30  # cache the teacher's heatmaps when they fit in 1 GiB
 
 
@@ -129,15 +140,18 @@ class TeaObjective(Objective):
     explained_class: str = "teacher"  # "teacher": the teacher's most likely classes; "random": random logits
     classes: int = 1  # classes explained per image (the loss is their mean)
     task_weight: float = 0.0  # TEA trains on explanations alone by default (FINDINGS: task loss brings the shortcut back)
+    distill_weight: float = 1.0  # weight of the distillation term (0: heatmaps alone; docs/methods/tea.md)
+    temperature: float = 1.0  # distillation temperature T
     cache_bytes: int = TEACHER_CACHE_BYTES
     name = "tea"
 
     def __post_init__(self) -> None:
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (targets (N, K), maps (N, K, H, W)) per training sample
+        # (targets (N, K), maps (N, K, H, W), teacher logits (N, classes)) per training sample
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def teacher_explanation(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(targets (N, K), teacher maps (N, K, H, W)) for a batch: the classes explained and the
-        teacher's LRP-epsilon heatmap of each."""
+    def teacher_explanation(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(targets (N, K), teacher maps (N, K, H, W), teacher logits (N, classes)) for a batch: the
+        classes explained, the teacher's LRP-epsilon heatmap of each, and its logits."""
         with torch.no_grad():
             logits = self.teacher(images)
             k = min(self.classes, logits.shape[1])
@@ -146,7 +160,7 @@ class TeaObjective(Objective):
             else:  # k distinct random classes per image
                 targets = torch.rand(logits.shape, device=images.device).argsort(dim=1)[:, :k]
         maps, _ = lrp_epsilon_and_logits(self.teacher, images, targets, epsilon=self.epsilon)
-        return targets, maps
+        return targets, maps, logits
 
     def prepare(self, train_set, device, show_progress: bool = False) -> None:
         """The teacher and the training images do not change during a repair, so with the teacher's
@@ -160,23 +174,23 @@ class TeaObjective(Objective):
         from .._progress import progress_bar
         from ..data import make_loader
 
-        targets, maps = [], []
+        parts = []
         with progress_bar("teacher heatmaps", total=len(train_set), enabled=show_progress) as bar:
             for batch in make_loader(train_set, 128):
-                t, m = self.teacher_explanation(batch.images.to(device))
-                targets.append(t)
-                maps.append(m)
-                bar.advance(len(t))
-        self._cache = (torch.cat(targets), torch.cat(maps))
+                parts.append(self.teacher_explanation(batch.images.to(device)))
+                bar.advance(len(batch.images))
+        self._cache = tuple(torch.cat(column) for column in zip(*parts))
 
     def forward_and_loss(self, model, batch):
         if self._cache is not None:
-            targets, teacher_maps = (c[batch.indices.to(c.device)] for c in self._cache)
+            targets, teacher_maps, teacher_logits = (c[batch.indices.to(c.device)] for c in self._cache)
         else:
-            targets, teacher_maps = self.teacher_explanation(batch.images)
-        # One LRP forward gives the student's logits (for accuracy, and the task loss if weighted) and maps.
+            targets, teacher_maps, teacher_logits = self.teacher_explanation(batch.images)
+        # One LRP forward gives the student's logits (for accuracy, the task and distillation terms) and maps.
         student_maps, logits = lrp_epsilon_and_logits(model, batch.images, targets, epsilon=self.epsilon,
                                                       create_graph=True)
         # Every (image, class) pair is one sample of the heat loss: the mean over both.
         loss = multiresolution_heat_loss(student_maps.flatten(0, 1), teacher_maps.detach().flatten(0, 1), self.scales)
+        if self.distill_weight:
+            loss = loss + self.distill_weight * distillation_loss(logits, teacher_logits.detach(), self.temperature)
         return logits, loss

@@ -78,6 +78,8 @@ class RepairConfig:
     tea_class: str = "teacher"
     tea_classes: int = 1  # classes explained per image (the teacher's top K; the loss is their mean)
     tea_task_weight: float = 0.0
+    tea_distill_weight: float = 1.0  # distillation of the teacher's class probabilities (0: heatmaps alone)
+    tea_temperature: float = 1.0
     masktune_sigmas: float = 2.0
     sweep_epochs: int = 1
     sweep_samples: int = 1024
@@ -97,6 +99,10 @@ class RepairConfig:
             raise AuditkitError(f"--tea-class must be teacher or random; got {self.tea_class!r}")
         if self.tea_classes < 1:
             raise AuditkitError(f"--tea-classes must be at least 1; got {self.tea_classes}")
+        if not (self.tea_distill_weight >= 0 and math.isfinite(self.tea_distill_weight)):
+            raise AuditkitError(f"--distill-weight must be a number >= 0; got {self.tea_distill_weight}")
+        if not (self.tea_temperature > 0 and math.isfinite(self.tea_temperature)):
+            raise AuditkitError(f"--temperature must be a positive number; got {self.tea_temperature}")
         if isinstance(self.lam, str) and self.lam not in ("default", "auto"):
             raise AuditkitError(f"--lambda must be a number or auto; got {self.lam!r}")
         self.fit.validate()
@@ -140,7 +146,8 @@ def build_objective(config: RepairConfig, model) -> Objective:
     if config.method == "tea":
         config.teacher.eval()
         return TeaObjective(teacher=config.teacher, epsilon=config.tea_epsilon, scales=config.tea_scales,
-                            explained_class=config.tea_class, classes=config.tea_classes, task_weight=config.tea_task_weight)
+                            explained_class=config.tea_class, classes=config.tea_classes, task_weight=config.tea_task_weight,
+                            distill_weight=config.tea_distill_weight, temperature=config.tea_temperature)
     return Objective()  # masktune: plain cross-entropy on masked images
 
 
