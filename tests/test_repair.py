@@ -150,6 +150,10 @@ def test_repair_bad_input(digits_models, tmp_path):
     assert "--schedule must be one of" in fails(shortcut, "--data", "builtin:decoy-digits", "--schedule", "step", "--out", tmp_path / "f.pt")
     assert "--grad-clip must be" in fails(shortcut, "--data", "builtin:decoy-digits", "--grad-clip", "-1", "--out", tmp_path / "g.pt")
     assert "--method must be one of" in fails(shortcut, "--data", "builtin:decoy-digits", "--method", "magic", "--out", tmp_path / "e.pt")
+    tea = (shortcut, "--data", "builtin:decoy-digits", "--method", "tea", "--teacher", digits_models["teacher"])
+    assert "--tea-classes must be at least 1" in fails(*tea, "--tea-classes", "0", "--out", tmp_path / "h.pt")
+    assert "--distill-weight must be" in fails(*tea, "--distill-weight", "-1", "--out", tmp_path / "i.pt")
+    assert "--temperature must be" in fails(*tea, "--temperature", "0", "--out", tmp_path / "j.pt")
 
 
 def test_lambda_auto_sweeps_and_reports(digits_models, tmp_path):
