@@ -192,6 +192,51 @@ def test_heatmap_is_differentiable_for_tea_gradcheck():
     assert torch.autograd.gradcheck(heatmap, weights, atol=1e-6)
 
 
+class ReluBlocks(nn.Module):
+    """conv -> ReLU, conv -> batch norm -> relu(), a residual sum -> F.relu, linear -> .relu(): every way a
+    layer's output can feed a ReLU. ``relu`` swaps in for the ReLU (LeakyReLU(0) computes the same)."""
+
+    def __init__(self, relu=nn.ReLU):
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(2, 4, 3, padding=1), relu()
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), relu()
+        self.conv3, self.act3 = nn.Conv2d(4, 4, 1), relu()
+        self.fc1, self.act4, self.fc2 = nn.Linear(4 * 16, 8), relu(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.act1(self.conv1(x))
+        y = self.act2(self.bn2(self.conv2(x)))
+        x = self.act3(self.conv3(y) + x)
+        x = F.max_pool2d(x, 2).flatten(1)
+        return self.fc2(self.act4(self.fc1(x)))
+
+
+def test_a_layer_feeding_a_relu_keeps_relu_of_its_output_with_the_same_heatmaps_and_gradients():
+    """run_forward keeps relu(z) in place of z for a layer whose only user is a ReLU (memory); the
+    LRP-epsilon heatmaps and their weight gradients must equal those computed from z itself."""
+    torch.manual_seed(5)
+    net = ReluBlocks().double().train()  # train mode: batch norm uses the batch's statistics
+    oracle = ReluBlocks(relu=lambda: nn.LeakyReLU(0.0)).double().train()  # not aliased: LRP reads z
+    oracle.load_state_dict(net.state_dict())
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    traced = trace(net)
+    _, env = run_forward(traced, x)
+    nodes = {n.name: n for n in traced.graph.nodes}
+    assert env[nodes["conv1"]] is env[nodes["act1"]] and env[nodes["add"]] is env[nodes["act3"]]
+    assert (env[nodes["act1"]] == 0).any()  # some z < 0: the substitution is exercised
+    targets = torch.tensor([[0, 2], [1, 0], [2, 1]])
+    from auditkit.explain.lrp import lrp_epsilon
+
+    maps = lrp_epsilon(net, x, targets, epsilon=0.05, create_graph=True)
+    expected = lrp_epsilon(oracle, x, targets, epsilon=0.05, create_graph=True)
+    torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-12)
+    target_maps = torch.randn_like(maps)
+    grads = torch.autograd.grad((maps - target_maps).abs().sum(), list(net.parameters()))
+    expected_grads = torch.autograd.grad((expected - target_maps).abs().sum(), list(oracle.parameters()))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
 def test_tea_style_loss_trains_every_layer_of_a_resnet():
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=3, in_channels=1, input_size=(32, 32))

@@ -144,6 +144,22 @@ _OUT_OF_PLACE_OPERATORS = {
 }
 
 
+def _is_relu(traced: TracedNetwork, node: fx.Node) -> bool:
+    """max(x, 0) exactly: not ReLU6, leaky or other variants, whose outputs differ from x where x > 0
+    or are non-zero where x < 0."""
+    if node.op == "call_module":
+        return type(traced.module(node)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _feeds_only(source, node: fx.Node) -> bool:
+    """``source`` is a layer's output used by ``node`` alone (so no other rule reads its value)."""
+    return isinstance(source, fx.Node) and source.op in ("call_module", "call_function", "call_method") \
+        and list(source.users) == [node] and len(node.args) >= 1
+
+
 def _call_module(module: nn.Module, args, kwargs):
     if getattr(module, "inplace", False):
         out_of_place = _OUT_OF_PLACE.get(type(module))
@@ -207,6 +223,13 @@ def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, d
             env[node] = getattr(receiver, method)(*rest, **value(node.kwargs))
         elif node.op == "output":
             output = value(node.args[0])
+        if _is_relu(traced, node) and _feeds_only(node.args[0], node):
+            # The layer before a ReLU needs its output z only in s = R / (z + eps sign z), and there
+            # R = 0 wherever relu(z) = 0 (relevance at a tensor is that tensor times something, Eq. A1),
+            # so relu(z) gives the same s and, through the ReLU's backward, the same gradients.
+            # Keeping relu(z), which autograd holds anyway, instead of z saves one activation-sized
+            # tensor per layer (TEA's double backward: benchmarks/RESULTS.md).
+            env[node.args[0]] = env[node]
     if not isinstance(output, torch.Tensor):
         raise UnsupportedLayerError("LRP needs a network that returns one tensor of logits")
     return output, env
