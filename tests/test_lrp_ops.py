@@ -92,6 +92,11 @@ def test_ratio_backward_matches_reference(device, shape, k, epsilon, seed):
     want_relevance, want_output = lrp_epsilon_ratio_backward_reference(grad, relevance, z, epsilon)
     torch.testing.assert_close(got_relevance, want_relevance, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_output, want_output, rtol=1e-12, atol=1e-12)
+    # The in-place form: d/dR written over `grad`, d/dz returned.
+    overwritten = grad.clone()
+    got_output = torch.ops.auditkit.lrp_epsilon_ratio_backward_(overwritten, relevance, z, epsilon)
+    torch.testing.assert_close(overwritten, want_relevance, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_output, want_output, rtol=1e-12, atol=1e-12)
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
         low = [t.to(dtype) for t in (grad, relevance, z)]
         got_relevance, got_output = torch.ops.auditkit.lrp_epsilon_ratio_backward(*low, epsilon)
@@ -131,6 +136,9 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_conv2d.default, (*tensors, [2, 2], [1, 1], [1, 1], 2, 0.01))
         torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio.default, (tensors[2], tensors[1], 0.01))
     torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio_backward.default, (relevance.clone(), relevance, z, 0.01))
+    torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio_backward_.default, (relevance.clone(), relevance, z, 0.01))
+    with pytest.raises(ValueError, match="must be contiguous"):  # it is overwritten position by position
+        torch.ops.auditkit.lrp_epsilon_ratio_backward_(relevance.clone().transpose(2, 3), relevance.transpose(2, 3), z.transpose(2, 3), 0.01)
     x = torch.randn(3, 5, generator=g).to(device)
     w = torch.randn(4, 5, generator=g).to(device)
     torch.library.opcheck(

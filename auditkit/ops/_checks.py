@@ -147,3 +147,9 @@ def check_mask_values(mask: torch.Tensor, name: str = "mask") -> None:
             f"tap_penalty: `{name}` values must lie in [0, 1] (1 = spurious pixel); "
             f"found {bad.numel()} outside that range or NaN (e.g. {bad.flatten()[0].item():g})"
         )
+
+
+def check_ratio_backward_inplace_args(grad: torch.Tensor) -> None:
+    """lrp_epsilon_ratio_backward_ overwrites ``grad`` position by position: it must be contiguous."""
+    if not grad.is_contiguous():
+        raise ValueError("lrp_epsilon_ratio_backward_: `grad` must be contiguous (it is overwritten)")

@@ -16,6 +16,7 @@ from . import _extension
 from ._checks import (
     check_downscale_mask_args,
     check_mask_values,
+    check_ratio_backward_inplace_args,
     check_weighted_relu_sum_args,
     check_weighted_relu_sum_backward_base,
 )
@@ -43,6 +44,9 @@ SCHEMAS = {
     "lrp_epsilon_ratio": "lrp_epsilon_ratio(Tensor relevance, Tensor output, float epsilon) -> Tensor",
     "lrp_epsilon_ratio_backward": (
         "lrp_epsilon_ratio_backward(Tensor grad, Tensor relevance, Tensor output, float epsilon) -> (Tensor, Tensor)"
+    ),
+    "lrp_epsilon_ratio_backward_": (
+        "lrp_epsilon_ratio_backward_(Tensor(a!) grad, Tensor relevance, Tensor output, float epsilon) -> Tensor"
     ),
     "lrp_epsilon_conv2d": (
         "lrp_epsilon_conv2d(Tensor input, Tensor output, Tensor relevance, Tensor weight, int[2] stride, "
@@ -102,12 +106,20 @@ def _weighted_relu_sum_backward_reference_kernel(grad, activation, weights, base
     return out
 
 
+def _lrp_epsilon_ratio_backward_inplace_reference_kernel(grad, relevance, output, epsilon):
+    check_ratio_backward_inplace_args(grad)
+    grad_relevance, grad_output = lrp_epsilon_ratio_backward_reference(grad, relevance, output, epsilon)
+    grad.copy_(grad_relevance)
+    return grad_output
+
+
 _REFERENCE_KERNELS = {
     "downscale_mask": _downscale_mask_reference_kernel,
     "weighted_relu_sum": _weighted_relu_sum_reference_kernel,
     "weighted_relu_sum_backward": _weighted_relu_sum_backward_reference_kernel,
     "lrp_epsilon_ratio": lrp_epsilon_ratio_reference,
     "lrp_epsilon_ratio_backward": lrp_epsilon_ratio_backward_reference,
+    "lrp_epsilon_ratio_backward_": _lrp_epsilon_ratio_backward_inplace_reference_kernel,
     "lrp_epsilon_conv2d": lrp_epsilon_conv2d_reference,
     "lrp_epsilon_linear": lrp_epsilon_linear_reference,
 }
@@ -162,6 +174,12 @@ def _lrp_epsilon_ratio_fake(relevance, output, epsilon):
 def _lrp_epsilon_ratio_backward_fake(grad, relevance, output, epsilon):
     return (torch.empty_like(relevance, memory_format=torch.contiguous_format),
             torch.empty_like(output, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("auditkit::lrp_epsilon_ratio_backward_")
+def _lrp_epsilon_ratio_backward_inplace_fake(grad, relevance, output, epsilon):
+    check_ratio_backward_inplace_args(grad)
+    return torch.empty_like(output, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("auditkit::lrp_epsilon_conv2d")
@@ -283,10 +301,16 @@ def _lrp_step_backward(ctx, grad, transposed, forward, weight_grad):
     del s  # an output-sized tensor: freed before the two output-sized gradients below exist (peak memory)
     grad_relevance = grad_output = None
     if needs_z or needs_relevance:
-        grad_relevance, grad_output = _ratio_backward_parts(
-            forward(weighted), relevance, z, epsilon, needs_relevance, needs_z
-        )
-    return grad_input, grad_output, grad_relevance, grad_weight, *([None] * len(ctx.config))
+        grad_s = forward(weighted)  # T^T(g a), output-sized
+        if grad_s.is_contiguous() and grad_s.shape == relevance.shape and grad_s.dtype == relevance.dtype:
+            # Overwritten by d/dR: the two output-sized tensors are never alive at once (peak memory).
+            grad_output = torch.ops.auditkit.lrp_epsilon_ratio_backward_(grad_s, relevance, z, epsilon)
+            grad_relevance = grad_s
+        else:
+            grad_relevance, grad_output = torch.ops.auditkit.lrp_epsilon_ratio_backward(grad_s, relevance, z, epsilon)
+        del grad_s
+    return grad_input, (grad_output if needs_z else None), (grad_relevance if needs_relevance else None), \
+        grad_weight, *([None] * len(ctx.config))
 
 
 def _lrp_conv2d_backward(ctx, grad):

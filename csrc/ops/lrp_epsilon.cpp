@@ -74,6 +74,13 @@ int64_t check_lrp_ratio_backward_args(
   return k;
 }
 
+int64_t check_lrp_ratio_backward_inplace_args(
+    const at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output, double epsilon) {
+  const int64_t k = check_lrp_ratio_backward_args(grad, relevance, output, epsilon);
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "lrp_epsilon_ratio_backward_: `grad` must be contiguous (it is overwritten)");
+  return k;
+}
+
 static void check_step_args(
     const at::Tensor& input,
     const at::Tensor& output,
@@ -180,6 +187,10 @@ TORCH_LIBRARY_FRAGMENT(auditkit, m) {
   //   grad_output    = -sum_K grad * relevance / stab(z)^2  (N, ...)
   m.def(
       "lrp_epsilon_ratio_backward(Tensor grad, Tensor relevance, Tensor output, float epsilon) -> (Tensor, Tensor)");
+  // The same, writing grad_relevance over `grad` (contiguous) and returning grad_output: TEA's
+  // double backward then never holds `grad` and grad_relevance at once (one output-sized tensor).
+  m.def(
+      "lrp_epsilon_ratio_backward_(Tensor(a!) grad, Tensor relevance, Tensor output, float epsilon) -> Tensor");
   m.def(
       "lrp_epsilon_conv2d(Tensor input, Tensor output, Tensor relevance, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, float epsilon) -> Tensor");

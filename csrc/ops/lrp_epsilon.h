@@ -15,6 +15,8 @@ int64_t check_lrp_broadcast(const at::Tensor& relevance, const at::Tensor& outpu
 // Every backend's argument checks of lrp_epsilon_ratio and its backward
 // (shapes, dtypes, devices and epsilon, never values); both return K.
 int64_t check_lrp_ratio_args(const at::Tensor& relevance, const at::Tensor& output, double epsilon);
+int64_t check_lrp_ratio_backward_inplace_args(
+    const at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output, double epsilon);
 int64_t check_lrp_ratio_backward_args(
     const at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output, double epsilon);
 

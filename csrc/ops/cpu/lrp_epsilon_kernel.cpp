@@ -63,12 +63,13 @@ at::Tensor lrp_epsilon_ratio_cpu(const at::Tensor& relevance_in, const at::Tenso
 }
 
 // One target's contribution to both gradients over a run of positions; the
-// first target writes grad_output, the others add to it.
+// first target writes grad_output, the others add to it. grad_relevance may be
+// `grad` itself (the in-place op): each position reads grad[i] before writing it.
 template <typename scalar_t>
 AUDITKIT_MULTIVERSION void ratio_backward_run(
-    scalar_t* __restrict__ grad_relevance,
+    scalar_t* grad_relevance,
     scalar_t* __restrict__ grad_output,
-    const scalar_t* __restrict__ grad,
+    const scalar_t* grad,
     const scalar_t* __restrict__ relevance,
     const scalar_t* __restrict__ z,
     int64_t len,
@@ -86,24 +87,24 @@ AUDITKIT_MULTIVERSION void ratio_backward_run(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cpu(
-    const at::Tensor& grad_in,
+// Writes both gradients; `grad_relevance` may be `grad` (contiguous).
+void ratio_backward_into(
+    at::Tensor& grad_relevance,
+    at::Tensor& grad_output,
+    const at::Tensor& grad,
     const at::Tensor& relevance_in,
     const at::Tensor& output_in,
-    double epsilon) {
-  const int64_t k = check_lrp_ratio_backward_args(grad_in, relevance_in, output_in, epsilon);
-  const at::Tensor grad = grad_in.contiguous();
+    double epsilon,
+    int64_t k) {
   const at::Tensor relevance = relevance_in.contiguous();
   const at::Tensor output = output_in.contiguous();
-  at::Tensor grad_relevance = at::empty(relevance.sizes(), relevance.options());
-  at::Tensor grad_output = at::empty(output.sizes(), output.options());
   const int64_t per_target = output.numel();
   if (per_target == 0) {
-    return {grad_relevance, grad_output};
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, relevance.scalar_type(), "lrp_epsilon_ratio_backward_cpu", [&] {
-        const scalar_t* g = grad.const_data_ptr<scalar_t>();
+        const scalar_t* g = grad.const_data_ptr<scalar_t>(); // may alias gr
         const scalar_t* r = relevance.const_data_ptr<scalar_t>();
         const scalar_t* z = output.const_data_ptr<scalar_t>();
         scalar_t* gr = grad_relevance.mutable_data_ptr<scalar_t>();
@@ -121,7 +122,30 @@ std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cpu(
           }
         });
       });
+}
+
+std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cpu(
+    const at::Tensor& grad_in,
+    const at::Tensor& relevance,
+    const at::Tensor& output,
+    double epsilon) {
+  const int64_t k = check_lrp_ratio_backward_args(grad_in, relevance, output, epsilon);
+  const at::Tensor grad = grad_in.contiguous();
+  at::Tensor grad_relevance = at::empty(relevance.sizes(), relevance.options());
+  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  ratio_backward_into(grad_relevance, grad_output, grad, relevance, output, epsilon, k);
   return {grad_relevance, grad_output};
+}
+
+at::Tensor lrp_epsilon_ratio_backward_inplace_cpu(
+    at::Tensor& grad,
+    const at::Tensor& relevance,
+    const at::Tensor& output,
+    double epsilon) {
+  const int64_t k = check_lrp_ratio_backward_inplace_args(grad, relevance, output, epsilon);
+  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  ratio_backward_into(grad, grad_output, grad, relevance, output, epsilon, k);
+  return grad_output;
 }
 
 } // namespace
@@ -129,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cpu(
 TORCH_LIBRARY_IMPL(auditkit, CPU, m) {
   m.impl("lrp_epsilon_ratio", &lrp_epsilon_ratio_cpu);
   m.impl("lrp_epsilon_ratio_backward", &lrp_epsilon_ratio_backward_cpu);
+  m.impl("lrp_epsilon_ratio_backward_", &lrp_epsilon_ratio_backward_inplace_cpu);
 }
 
 } // namespace auditkit

@@ -63,12 +63,13 @@ at::Tensor lrp_epsilon_ratio_cuda(const at::Tensor& relevance_in, const at::Tens
 }
 
 // One thread per position of z; it loops over the K targets, so grad_output
-// needs no atomics.
+// needs no atomics. grad_relevance may be `grad` (the in-place op): each
+// element is read before it is written, by the same thread.
 template <typename scalar_t>
 __global__ void ratio_backward_kernel(
-    scalar_t* __restrict__ grad_relevance,
+    scalar_t* grad_relevance,
     scalar_t* __restrict__ grad_output,
-    const scalar_t* __restrict__ grad,
+    const scalar_t* grad,
     const scalar_t* __restrict__ relevance,
     const scalar_t* __restrict__ z,
     int64_t per_target,
@@ -90,21 +91,21 @@ __global__ void ratio_backward_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cuda(
-    const at::Tensor& grad_in,
+// Writes both gradients; `grad_relevance` may be `grad` (contiguous).
+void ratio_backward_into(
+    at::Tensor& grad_relevance,
+    at::Tensor& grad_output,
+    const at::Tensor& grad,
     const at::Tensor& relevance_in,
     const at::Tensor& output_in,
-    double epsilon) {
-  const int64_t k = check_lrp_ratio_backward_args(grad_in, relevance_in, output_in, epsilon);
+    double epsilon,
+    int64_t k) {
   const c10::cuda::CUDAGuard guard(relevance_in.device());
-  const at::Tensor grad = grad_in.contiguous();
   const at::Tensor relevance = relevance_in.contiguous();
   const at::Tensor output = output_in.contiguous();
-  at::Tensor grad_relevance = at::empty(relevance.sizes(), relevance.options());
-  at::Tensor grad_output = at::empty(output.sizes(), output.options());
   const int64_t per_target = output.numel();
   if (per_target == 0) {
-    return {grad_relevance, grad_output};
+    return;
   }
   const int64_t blocks = std::min<int64_t>((per_target + kThreads - 1) / kThreads, 4096);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -116,7 +117,32 @@ std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cuda(
             per_target, k, epsilon);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
+}
+
+std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cuda(
+    const at::Tensor& grad_in,
+    const at::Tensor& relevance,
+    const at::Tensor& output,
+    double epsilon) {
+  const int64_t k = check_lrp_ratio_backward_args(grad_in, relevance, output, epsilon);
+  const c10::cuda::CUDAGuard guard(relevance.device());
+  const at::Tensor grad = grad_in.contiguous();
+  at::Tensor grad_relevance = at::empty(relevance.sizes(), relevance.options());
+  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  ratio_backward_into(grad_relevance, grad_output, grad, relevance, output, epsilon, k);
   return {grad_relevance, grad_output};
+}
+
+at::Tensor lrp_epsilon_ratio_backward_inplace_cuda(
+    at::Tensor& grad,
+    const at::Tensor& relevance,
+    const at::Tensor& output,
+    double epsilon) {
+  const int64_t k = check_lrp_ratio_backward_inplace_args(grad, relevance, output, epsilon);
+  const c10::cuda::CUDAGuard guard(relevance.device());
+  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  ratio_backward_into(grad, grad_output, grad, relevance, output, epsilon, k);
+  return grad_output;
 }
 
 } // namespace
@@ -124,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cuda(
 TORCH_LIBRARY_IMPL(auditkit, CUDA, m) {
   m.impl("lrp_epsilon_ratio", &lrp_epsilon_ratio_cuda);
   m.impl("lrp_epsilon_ratio_backward", &lrp_epsilon_ratio_backward_cuda);
+  m.impl("lrp_epsilon_ratio_backward_", &lrp_epsilon_ratio_backward_inplace_cuda);
 }
 
 } // namespace auditkit
