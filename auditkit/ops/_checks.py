@@ -106,6 +106,17 @@ def check_weighted_relu_sum_args(activation: torch.Tensor, weights: torch.Tensor
         )
 
 
+def check_weighted_relu_sum_backward_grad(grad: torch.Tensor, activation: torch.Tensor, weights: torch.Tensor) -> None:
+    """Same rules as csrc's check_weighted_relu_sum_backward_args for `weights` and `grad`."""
+    check_weighted_relu_sum_args(activation, weights)
+    if grad.dim() != 1 or grad.shape[0] != activation.shape[0]:
+        raise ValueError(f"weighted_relu_sum_backward: `grad` must have shape ({activation.shape[0]},); got {_shape(grad)}")
+    if grad.dtype not in _FLOAT_DTYPES:
+        raise TypeError("weighted_relu_sum_backward: `grad` must be floating")
+    if grad.device != activation.device:
+        raise ValueError("weighted_relu_sum_backward: all tensors must be on one device")
+
+
 def check_weighted_relu_sum_backward_base(activation: torch.Tensor, base: torch.Tensor | None) -> None:
     """Same rules as csrc's check_weighted_relu_sum_backward_args for the optional `base`."""
     if base is None:
@@ -153,3 +164,32 @@ def check_ratio_backward_inplace_args(grad: torch.Tensor) -> None:
     """lrp_epsilon_ratio_backward_ overwrites ``grad`` position by position: it must be contiguous."""
     if not grad.is_contiguous():
         raise ValueError("lrp_epsilon_ratio_backward_: `grad` must be contiguous (it is overwritten)")
+
+
+def check_lrp_broadcast(relevance: torch.Tensor, output: torch.Tensor, op: str) -> int:
+    """Same rules and messages as csrc's check_lrp_broadcast; returns K (explanations per sample)."""
+    if relevance.dtype not in _FLOAT_DTYPES or relevance.dtype != output.dtype:
+        raise TypeError(f"{op}: `relevance` and `output` must share one floating dtype; got {relevance.dtype} and {output.dtype}")
+    if relevance.device != output.device:
+        raise ValueError(f"{op}: `relevance` is on {relevance.device} but `output` is on {output.device}")
+    if output.dim() < 1 or relevance.dim() != output.dim() or relevance.shape[1:] != output.shape[1:]:
+        raise ValueError(f"{op}: `relevance` must have the shape of `output` except for its batch; got "
+                         f"{_shape(relevance)} and {_shape(output)}")
+    n = output.shape[0]
+    if not ((n == 0 and relevance.shape[0] == 0) or (n > 0 and relevance.shape[0] % n == 0)):
+        raise ValueError(f"{op}: the batch of `relevance` ({relevance.shape[0]}) must be a multiple of the batch of "
+                         f"`output` ({n}): K explanations per sample")
+    return 1 if n == 0 else relevance.shape[0] // n
+
+
+def check_epsilon(epsilon: float, op: str) -> None:
+    if not epsilon >= 0:
+        raise ValueError(f"{op}: `epsilon` must be >= 0; got {epsilon}")
+
+
+def check_lrp_linear_shapes(input: torch.Tensor, output: torch.Tensor, weight: torch.Tensor) -> None:
+    """Same rule and message as csrc's lrp_epsilon_linear."""
+    if not (input.dim() == 2 and output.dim() == 2 and weight.dim() == 2 and weight.shape[0] == output.shape[1]
+            and weight.shape[1] == input.shape[1]):
+        raise ValueError(f"lrp_epsilon_linear: expected input (N, in), output (N, out), weight (out, in); got "
+                         f"{_shape(input)}, {_shape(output)}, {_shape(weight)}")

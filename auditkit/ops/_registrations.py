@@ -15,10 +15,14 @@ import torch
 from . import _extension
 from ._checks import (
     check_downscale_mask_args,
+    check_epsilon,
+    check_lrp_broadcast,
+    check_lrp_linear_shapes,
     check_mask_values,
     check_ratio_backward_inplace_args,
     check_weighted_relu_sum_args,
     check_weighted_relu_sum_backward_base,
+    check_weighted_relu_sum_backward_grad,
 )
 from ._reference import (
     accumulate_dtype,
@@ -100,15 +104,40 @@ def _weighted_relu_sum_reference_kernel(activation, weights):
 
 
 def _weighted_relu_sum_backward_reference_kernel(grad, activation, weights, base=None):
+    check_weighted_relu_sum_backward_grad(grad, activation, weights)
     check_weighted_relu_sum_backward_base(activation, base)
     out = empty_activation_grad(activation)
     out.copy_(weighted_relu_sum_backward_reference(grad, activation, weights, base))
     return out
 
 
+# The fallback kernels check their arguments as csrc does (same exceptions and messages).
+def _lrp_epsilon_ratio_reference_kernel(relevance, output, epsilon):
+    check_lrp_broadcast(relevance, output, "lrp_epsilon_ratio")
+    check_epsilon(epsilon, "lrp_epsilon_ratio")
+    return lrp_epsilon_ratio_reference(relevance, output, epsilon)
+
+
+def _lrp_epsilon_ratio_backward_reference_kernel(grad, relevance, output, epsilon):
+    check_lrp_broadcast(relevance, output, "lrp_epsilon_ratio_backward")
+    check_epsilon(epsilon, "lrp_epsilon_ratio_backward")
+    return lrp_epsilon_ratio_backward_reference(grad, relevance, output, epsilon)
+
+
+def _lrp_epsilon_conv2d_reference_kernel(input, output, relevance, weight, stride, padding, dilation, groups, epsilon):
+    check_lrp_broadcast(relevance, output, "lrp_epsilon_conv2d")
+    return lrp_epsilon_conv2d_reference(input, output, relevance, weight, stride, padding, dilation, groups, epsilon)
+
+
+def _lrp_epsilon_linear_reference_kernel(input, output, relevance, weight, epsilon):
+    check_lrp_broadcast(relevance, output, "lrp_epsilon_linear")
+    check_lrp_linear_shapes(input, output, weight)
+    return lrp_epsilon_linear_reference(input, output, relevance, weight, epsilon)
+
+
 def _lrp_epsilon_ratio_backward_inplace_reference_kernel(grad, relevance, output, epsilon):
     check_ratio_backward_inplace_args(grad)
-    grad_relevance, grad_output = lrp_epsilon_ratio_backward_reference(grad, relevance, output, epsilon)
+    grad_relevance, grad_output = _lrp_epsilon_ratio_backward_reference_kernel(grad, relevance, output, epsilon)
     grad.copy_(grad_relevance)
     return grad_output
 
@@ -117,11 +146,11 @@ _REFERENCE_KERNELS = {
     "downscale_mask": _downscale_mask_reference_kernel,
     "weighted_relu_sum": _weighted_relu_sum_reference_kernel,
     "weighted_relu_sum_backward": _weighted_relu_sum_backward_reference_kernel,
-    "lrp_epsilon_ratio": lrp_epsilon_ratio_reference,
-    "lrp_epsilon_ratio_backward": lrp_epsilon_ratio_backward_reference,
+    "lrp_epsilon_ratio": _lrp_epsilon_ratio_reference_kernel,
+    "lrp_epsilon_ratio_backward": _lrp_epsilon_ratio_backward_reference_kernel,
     "lrp_epsilon_ratio_backward_": _lrp_epsilon_ratio_backward_inplace_reference_kernel,
-    "lrp_epsilon_conv2d": lrp_epsilon_conv2d_reference,
-    "lrp_epsilon_linear": lrp_epsilon_linear_reference,
+    "lrp_epsilon_conv2d": _lrp_epsilon_conv2d_reference_kernel,
+    "lrp_epsilon_linear": _lrp_epsilon_linear_reference_kernel,
 }
 
 STATUS = _extension.status()
