@@ -149,16 +149,22 @@ def test_tea_teacher_cache_gives_the_same_loss_as_computing_per_batch():
     assert randomised._cache is None  # random classes change every step
 
 
+def tea_pair(seed: int, classes: int, n: int):
+    """(teacher, student, images, batch): two untrained shortcut CNNs (16x16 RGB) in eval mode."""
+    from auditkit.models import build_model
+
+    torch.manual_seed(seed)
+    teacher, student = (build_model("shortcut-cnn", num_classes=classes, in_channels=3, input_size=(16, 16)).eval()
+                        for _ in range(2))
+    images = torch.rand(n, 3, 16, 16)
+    return teacher, student, images, batch_of(images, torch.zeros(n, dtype=torch.long), torch.zeros(n, 1, 16, 16))
+
+
 def test_tea_with_two_classes_is_the_mean_heat_loss_of_the_teachers_top_two():
     from auditkit.explain import lrp_epsilon
-    from auditkit.models import build_model
     from auditkit.repair.objectives import multiresolution_heat_loss
 
-    torch.manual_seed(2)
-    teacher = build_model("shortcut-cnn", num_classes=5, in_channels=3, input_size=(16, 16)).eval()
-    student = build_model("shortcut-cnn", num_classes=5, in_channels=3, input_size=(16, 16)).eval()
-    images = torch.rand(6, 3, 16, 16)
-    batch = batch_of(images, torch.zeros(6, dtype=torch.long), torch.zeros(6, 1, 16, 16))
+    teacher, student, images, batch = tea_pair(seed=2, classes=5, n=6)
     _, loss = TeaObjective(teacher=teacher, epsilon=0.01, classes=2, distill_weight=0.0).forward_and_loss(student, batch)
     order = teacher(images).argsort(dim=1, descending=True)
     expected = 0.0
@@ -191,14 +197,9 @@ def test_distillation_loss_matches_hand_computed_kl_divergences():
 
 
 def test_tea_distillation_adds_the_weighted_kl_to_the_teachers_probabilities():
-    from auditkit.models import build_model
     from auditkit.repair.objectives import distillation_loss
 
-    torch.manual_seed(3)
-    teacher = build_model("shortcut-cnn", num_classes=4, in_channels=3, input_size=(16, 16)).eval()
-    student = build_model("shortcut-cnn", num_classes=4, in_channels=3, input_size=(16, 16)).eval()
-    images = torch.rand(5, 3, 16, 16)
-    batch = batch_of(images, torch.zeros(5, dtype=torch.long), torch.zeros(5, 1, 16, 16))
+    teacher, student, images, batch = tea_pair(seed=3, classes=4, n=5)
     logits, heat_only = TeaObjective(teacher=teacher, distill_weight=0.0).forward_and_loss(student, batch)
     _, with_distillation = TeaObjective(teacher=teacher, distill_weight=0.5, temperature=2.0).forward_and_loss(student, batch)
     expected = heat_only + 0.5 * distillation_loss(logits, teacher(images), 2.0)

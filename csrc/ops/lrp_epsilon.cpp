@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -79,6 +80,28 @@ int64_t check_lrp_ratio_backward_inplace_args(
   const int64_t k = check_lrp_ratio_backward_args(grad, relevance, output, epsilon);
   TORCH_CHECK_VALUE(grad.is_contiguous(), "lrp_epsilon_ratio_backward_: `grad` must be contiguous (it is overwritten)");
   return k;
+}
+
+std::tuple<at::Tensor, at::Tensor> lrp_ratio_backward_with(
+    RatioBackwardInto into, const at::Tensor& grad_in, const at::Tensor& relevance, const at::Tensor& output,
+    double epsilon) {
+  const int64_t k = check_lrp_ratio_backward_args(grad_in, relevance, output, epsilon);
+  const c10::DeviceGuard guard(relevance.device());
+  const at::Tensor grad = grad_in.contiguous();
+  at::Tensor grad_relevance = at::empty(relevance.sizes(), relevance.options());
+  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  into(grad_relevance, grad_output, grad, relevance, output, epsilon, k);
+  return {grad_relevance, grad_output};
+}
+
+at::Tensor lrp_ratio_backward_inplace_with(
+    RatioBackwardInto into, at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output,
+    double epsilon) {
+  const int64_t k = check_lrp_ratio_backward_inplace_args(grad, relevance, output, epsilon);
+  const c10::DeviceGuard guard(relevance.device());
+  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  into(grad, grad_output, grad, relevance, output, epsilon, k);
+  return grad_output;
 }
 
 static void check_step_args(

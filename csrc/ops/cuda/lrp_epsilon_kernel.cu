@@ -120,29 +120,13 @@ void ratio_backward_into(
 }
 
 std::tuple<at::Tensor, at::Tensor> lrp_epsilon_ratio_backward_cuda(
-    const at::Tensor& grad_in,
-    const at::Tensor& relevance,
-    const at::Tensor& output,
-    double epsilon) {
-  const int64_t k = check_lrp_ratio_backward_args(grad_in, relevance, output, epsilon);
-  const c10::cuda::CUDAGuard guard(relevance.device());
-  const at::Tensor grad = grad_in.contiguous();
-  at::Tensor grad_relevance = at::empty(relevance.sizes(), relevance.options());
-  at::Tensor grad_output = at::empty(output.sizes(), output.options());
-  ratio_backward_into(grad_relevance, grad_output, grad, relevance, output, epsilon, k);
-  return {grad_relevance, grad_output};
+    const at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output, double epsilon) {
+  return lrp_ratio_backward_with(&ratio_backward_into, grad, relevance, output, epsilon);
 }
 
 at::Tensor lrp_epsilon_ratio_backward_inplace_cuda(
-    at::Tensor& grad,
-    const at::Tensor& relevance,
-    const at::Tensor& output,
-    double epsilon) {
-  const int64_t k = check_lrp_ratio_backward_inplace_args(grad, relevance, output, epsilon);
-  const c10::cuda::CUDAGuard guard(relevance.device());
-  at::Tensor grad_output = at::empty(output.sizes(), output.options());
-  ratio_backward_into(grad, grad_output, grad, relevance, output, epsilon, k);
-  return grad_output;
+    at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output, double epsilon) {
+  return lrp_ratio_backward_inplace_with(&ratio_backward_into, grad, relevance, output, epsilon);
 }
 
 } // namespace
