@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Every .cu file is compiled whenever a CUDA toolkit is found, GPU or not.
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+export TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;9.0+PTX
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 

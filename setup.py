@@ -12,7 +12,10 @@ Environment variables:
   AUDITKIT_SKIP_EXTENSION  1: build no extension (the package then runs on its
                            pure-PyTorch reference kernels).
   CUDA_HOME                the toolkit folder; found automatically when unset.
-  TORCH_CUDA_ARCH_LIST     default "8.0;9.0+PTX" (A100, H100, PTX for newer GPUs).
+  TORCH_CUDA_ARCH_LIST     default "7.5;8.0;9.0+PTX" (T4 and other Turing cards, A100 and
+                           the rest of Ampere/Ada, H100/H200, PTX for newer GPUs). The
+                           list is recorded in the extension: on a GPU it lacks, the
+                           reference kernels serve CUDA tensors instead of failing.
   MAX_JOBS                 parallel compile jobs for ninja.
 """
 
@@ -26,11 +29,12 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"
 # Toolkit discovery is shared with tools/cmake_check.sh.
 _find_cuda = runpy.run_path(os.path.join(ROOT, "tools", "find_cuda.py"))
 find_cuda_home = _find_cuda["find_cuda_home"]
 nvcc_version = _find_cuda["nvcc_version"]
+arch_list_token = _find_cuda["arch_list_token"]
 
 
 def log(message: str) -> None:
@@ -94,11 +98,12 @@ def extension_modules():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         cu_sources = sources("csrc/ops/cuda/*.cu")
         define_macros.append(("AUDITKIT_WITH_CUDA", None))
+        archs = arch_list_token(os.environ["TORCH_CUDA_ARCH_LIST"])
         extension = CUDAExtension(
             "auditkit._C",
             cpp_sources + cu_sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", f"-DAUDITKIT_CUDA_ARCHS={archs}"]},
             extra_link_args=["-fopenmp"],
         )
         log(f"CUDA kernels: yes ({why}); TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")

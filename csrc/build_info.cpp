@@ -12,6 +12,7 @@
 #ifdef AUDITKIT_WITH_CUDA
 namespace auditkit {
 int64_t cuda_runtime_version_compiled(); // ops/cuda/cuda_info.cu
+std::string cuda_arch_list_compiled(); // ops/cuda/cuda_info.cu
 }
 #endif
 
@@ -23,6 +24,7 @@ std::string build_info() {
   std::string info = "torch=" TORCH_VERSION;
 #ifdef AUDITKIT_WITH_CUDA
   info += ";cuda=" + std::to_string(cuda_runtime_version_compiled());
+  info += ";cuda_archs=" + cuda_arch_list_compiled();
 #else
   info += ";cuda=none";
 #endif

@@ -1,4 +1,5 @@
-"""Finds the real CUDA toolkit folder (used by setup.py and tools/cmake_check.sh).
+"""Finds the real CUDA toolkit folder (used by setup.py and tools/cmake_check.sh) and encodes
+the CUDA architecture list the extension records.
 
 torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (as on
 our build machines) makes that guess wrong, so look for a folder that holds
@@ -57,6 +58,19 @@ def nvcc_version(cuda_home: str) -> str | None:
         return None
     match = re.search(r"release (\d+\.\d+)", out)
     return match.group(1) if match else None
+
+
+def arch_list_token(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as one C preprocessing number: "7.5;8.0;9.0+PTX" -> 7.5_8.0_9.0ptx.
+
+    setup.py passes it to nvcc as -DAUDITKIT_CUDA_ARCHS=<token> (no quotes or semicolons to
+    survive the shell); the extension records it and auditkit.ops._extension.parse_cuda_archs
+    reads it back. A list in another form (names such as "Turing") becomes "unknown" (trusted).
+    """
+    parts = [p.lower().replace("+ptx", "ptx") for p in re.split(r"[;,\s]+", arch_list.strip()) if p]
+    if parts and all(re.fullmatch(r"\d+\.\d+[af]?(ptx)?", p) for p in parts):
+        return "_".join(parts)
+    return "unknown"
 
 
 if __name__ == "__main__":

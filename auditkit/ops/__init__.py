@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import _registrations  # noqa: F401  (registers the ops)
 from ._checks import check_mask_values, debug_checks_enabled, set_debug_checks
 from ._extension import ExtensionStatus, ReferenceFallbackWarning
-from ._extension import status as extension_status
+from ._extension import current_status as extension_status
 from .tap import downscale_mask, downscale_masks, tap_loss, tap_penalty, weighted_relu_sum
 
 __all__ = [

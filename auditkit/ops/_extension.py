@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import importlib.machinery
 import os
+import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,61 @@ DISABLE_VARIABLE = "AUDITKIT_DISABLE_EXTENSION"
 
 class ReferenceFallbackWarning(RuntimeWarning):
     """The compiled kernels are not in use; the pure-PyTorch reference runs instead."""
+
+
+@dataclass(frozen=True)
+class CudaArch:
+    """One entry of the extension's TORCH_CUDA_ARCH_LIST: machine code for sm_<major><minor>
+    (``specific``: the arch-specific 'a'/'f' variant), plus PTX when ``ptx``."""
+
+    major: int
+    minor: int
+    ptx: bool = False
+    specific: bool = False
+
+    def runs_on(self, capability: tuple[int, int]) -> bool:
+        """Whether a GPU of this compute capability can run this entry's code: machine code runs
+        on its own major version at an equal or higher minor (the arch-specific variant on its
+        own capability only); PTX is compiled by the driver for any equal or newer GPU (CUDA C
+        Programming Guide, "Binary Compatibility" and "PTX Compatibility")."""
+        own = (self.major, self.minor)
+        if self.specific:
+            return capability == own
+        if capability[0] == self.major and capability[1] >= self.minor:
+            return True
+        return self.ptx and capability >= own
+
+
+def parse_cuda_archs(token: str) -> list[CudaArch] | None:
+    """The build's arch token ("7.5_8.0_9.0ptx", see setup.py) as entries; None when unknown."""
+    if not token or token == "unknown":
+        return None
+    archs = []
+    for part in token.split("_"):
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(ptx)?", part)
+        if match is None:
+            return None
+        archs.append(CudaArch(int(match[1]), int(match[2]), bool(match[4]), bool(match[3])))
+    return archs
+
+
+def describe_cuda_archs(archs: list[CudaArch]) -> str:
+    """[7.5, 8.0, 9.0+PTX] -> "sm_75, sm_80, sm_90 (+PTX 9.0)"."""
+    names = [f"sm_{a.major}{a.minor}{'a' if a.specific else ''}" for a in archs]
+    ptx = [f"{a.major}.{a.minor}" for a in archs if a.ptx]
+    return ", ".join(names) + (f" (+PTX {', '.join(ptx)})" if ptx else "")
+
+
+def unsupported_gpus(archs: list[CudaArch] | None, capabilities: dict[str, tuple[int, int]]) -> list[str]:
+    """The devices (name -> compute capability) that none of ``archs`` runs on; none when the
+    list is unknown (trusted)."""
+    if archs is None:
+        return []
+    return [
+        f"{device} (sm_{major}{minor})"
+        for device, (major, minor) in capabilities.items()
+        if not any(arch.runs_on((major, minor)) for arch in archs)
+    ]
 
 
 @dataclass(frozen=True)
@@ -75,7 +131,11 @@ def _cuda_status(build_info: dict[str, str]) -> tuple[bool, str]:
             f"the extension was compiled for CUDA {compiled_major}.x but torch uses CUDA "
             f"{torch.version.cuda}; rebuild with `make build`"
         )
-    return True, f"compiled for CUDA {int(compiled) // 1000}.{int(compiled) % 1000 // 10}"
+    reason = f"compiled for CUDA {int(compiled) // 1000}.{int(compiled) % 1000 // 10}"
+    archs = parse_cuda_archs(build_info.get("cuda_archs", "unknown"))
+    if archs is not None:
+        reason += f", {describe_cuda_archs(archs)}"
+    return True, reason
 
 
 @functools.cache
@@ -104,6 +164,25 @@ def status() -> ExtensionStatus:
         )
     cuda_ok, cuda_reason = _cuda_status(info)
     return ExtensionStatus(True, path, "loaded", info, cuda_ok, cuda_reason)
+
+
+# Set once CUDA initialises, if a visible GPU has no kernel image in the build (see
+# auditkit/ops/_registrations.py, which then serves CUDA tensors with the reference).
+_cuda_device_fallback: str | None = None
+
+
+def current_status() -> ExtensionStatus:
+    """``status()`` as it stands now: after CUDA initialised, it also says whether the compiled
+    CUDA kernels run on the visible GPUs (checked then, not at import, which must not touch CUDA)."""
+    loaded = status()
+    if _cuda_device_fallback is None or not loaded.cuda_kernels:
+        return loaded
+    return replace(loaded, cuda_kernels=False, cuda_reason=_cuda_device_fallback)
+
+
+def record_cuda_device_fallback(reason: str) -> None:
+    global _cuda_device_fallback
+    _cuda_device_fallback = reason
 
 
 def warn_if_fallback(current: ExtensionStatus) -> None:

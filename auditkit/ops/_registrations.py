@@ -163,12 +163,57 @@ if not STATUS.loaded:
         _lib.define(_schema)
         _lib.impl(_name, _REFERENCE_KERNELS[_name], "CompositeExplicitAutograd")
     _libraries.append(_lib)
-elif not STATUS.cuda_kernels:
-    _lib = torch.library.Library("auditkit", "IMPL")
-    for _name, _kernel in _REFERENCE_KERNELS.items():
-        if _name not in _COMPOSITE_OPS:
-            _lib.impl(_name, _kernel, "CUDA")
-    _libraries.append(_lib)
+
+
+def _serve_cuda_with_reference() -> None:
+    lib = torch.library.Library("auditkit", "IMPL")
+    for name, kernel in _REFERENCE_KERNELS.items():
+        if name not in _COMPOSITE_OPS:
+            lib.impl(name, kernel, "CUDA")
+    _libraries.append(lib)
+
+
+def check_cuda_devices(capabilities: dict[str, tuple[int, int]] | None = None) -> str | None:
+    """Runs when CUDA initialises (``torch.cuda._lazy_call``; import must not touch CUDA):
+    when a visible GPU has no kernel image in the build (e.g. a T4, sm_75, against a build for
+    sm_80/sm_90 only), the reference serves CUDA tensors instead of every op failing with "no
+    kernel image", and ``extension_status()`` and a ReferenceFallbackWarning say so. Returns
+    that reason, or None when the kernels run on every visible GPU. ``capabilities`` (device
+    name -> compute capability) replaces the real devices in tests."""
+    if capabilities is None:
+        capabilities = {f"cuda:{i}": torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    archs = _extension.parse_cuda_archs(STATUS.build_info.get("cuda_archs", "unknown"))
+    missing = _extension.unsupported_gpus(archs, capabilities)
+    if not missing:
+        return None
+    reason = (
+        f"the CUDA kernels were compiled for {_extension.describe_cuda_archs(archs)}, which do not run on "
+        f"{', '.join(missing)}; the reference serves CUDA tensors (rebuild with TORCH_CUDA_ARCH_LIST naming "
+        "this GPU's compute capability, e.g. `TORCH_CUDA_ARCH_LIST=7.5 make build`)"
+    )
+    _extension.record_cuda_device_fallback(reason)
+    import warnings
+
+    with warnings.catch_warnings():  # torch warns that the compiled CUDA kernels are overridden: intended
+        warnings.simplefilter("ignore", UserWarning)
+        _serve_cuda_with_reference()
+    warnings.warn(f"auditkit: {reason}", _extension.ReferenceFallbackWarning, stacklevel=2)
+    return reason
+
+
+def _check_cuda_devices_safely() -> None:
+    try:
+        check_cuda_devices()
+    except Exception as error:  # noqa: BLE001 - must never break CUDA's initialisation
+        import warnings
+
+        warnings.warn(f"auditkit could not check its CUDA kernels against this GPU: {error}", RuntimeWarning)
+
+
+if STATUS.loaded and not STATUS.cuda_kernels:
+    _serve_cuda_with_reference()
+elif STATUS.cuda_kernels:
+    torch.cuda._lazy_call(_check_cuda_devices_safely)  # now if CUDA is initialised, else at its initialisation
 
 
 # ---- fake kernels -------------------------------------------------------------

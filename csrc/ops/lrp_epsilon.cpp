@@ -82,6 +82,12 @@ int64_t check_lrp_ratio_backward_inplace_args(
   return k;
 }
 
+// d/dz sums over the K targets: with K = 0 (an empty relevance batch against
+// a non-empty output) no backend writes it, and the sum of nothing is 0.
+static at::Tensor empty_ratio_grad_output(const at::Tensor& output, int64_t k) {
+  return k == 0 ? at::zeros(output.sizes(), output.options()) : at::empty(output.sizes(), output.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> lrp_ratio_backward_with(
     RatioBackwardInto into, const at::Tensor& grad_in, const at::Tensor& relevance, const at::Tensor& output,
     double epsilon) {
@@ -89,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> lrp_ratio_backward_with(
   const c10::DeviceGuard guard(relevance.device());
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor grad_relevance = at::empty(relevance.sizes(), relevance.options());
-  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  at::Tensor grad_output = empty_ratio_grad_output(output, k);
   into(grad_relevance, grad_output, grad, relevance, output, epsilon, k);
   return {grad_relevance, grad_output};
 }
@@ -99,7 +105,7 @@ at::Tensor lrp_ratio_backward_inplace_with(
     double epsilon) {
   const int64_t k = check_lrp_ratio_backward_inplace_args(grad, relevance, output, epsilon);
   const c10::DeviceGuard guard(relevance.device());
-  at::Tensor grad_output = at::empty(output.sizes(), output.options());
+  at::Tensor grad_output = empty_ratio_grad_output(output, k);
   into(grad, grad_output, grad, relevance, output, epsilon, k);
   return grad_output;
 }

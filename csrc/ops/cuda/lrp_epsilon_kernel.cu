@@ -1,8 +1,10 @@
 // CUDA kernels of lrp_epsilon_ratio, s = R / (z + eps * sign(z)), and of its
 // backward. The ratio is one fused pass,
-// z broadcast over the K explanations per sample held in R (grid-stride loop,
-// blockIdx.y = target, so no division per element).
+// z broadcast over the K explanations per sample held in R (grid-stride loops
+// in x over positions and in y over targets, so no division per element and
+// no limit on K: the grid's y dimension stops at 65,535).
 #include "../lrp_epsilon.h"
+#include "launch.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,14 +29,17 @@ __global__ void ratio_kernel(
     const scalar_t* __restrict__ relevance,
     const scalar_t* __restrict__ z,
     int64_t per_target,
+    int64_t targets,
     double epsilon) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t eps = static_cast<acc_t>(epsilon);
-  const int64_t offset = static_cast<int64_t>(blockIdx.y) * per_target;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_target;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t zi = static_cast<acc_t>(z[i]);
-    out[offset + i] = static_cast<scalar_t>(static_cast<acc_t>(relevance[offset + i]) / lrp_stabilise(zi, eps));
+  for (int64_t t = blockIdx.y; t < targets; t += gridDim.y) {
+    const int64_t offset = t * per_target;
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_target;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const acc_t zi = static_cast<acc_t>(z[i]);
+      out[offset + i] = static_cast<scalar_t>(static_cast<acc_t>(relevance[offset + i]) / lrp_stabilise(zi, eps));
+    }
   }
 }
 
@@ -49,14 +54,16 @@ at::Tensor lrp_epsilon_ratio_cuda(const at::Tensor& relevance_in, const at::Tens
     return out;
   }
   const int64_t targets = relevance.numel() / per_target;
-  TORCH_CHECK_VALUE(targets <= 65535, "lrp_epsilon_ratio: at most 65535 explanations per sample on CUDA");
-  const int64_t blocks_x = std::min<int64_t>((per_target + kThreads - 1) / kThreads, 4096);
-  const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(targets));
+  const int64_t blocks_y = limit_blocks_y(targets);
+  // About 16 blocks per multiprocessor in all, split between positions and targets.
+  const int64_t blocks_x = limit_blocks_x(std::min<int64_t>(
+      (per_target + kThreads - 1) / kThreads, std::max<int64_t>(1, multiprocessor_count() * 16 / blocks_y)));
+  const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, relevance.scalar_type(), "lrp_epsilon_ratio_cuda", [&] {
     ratio_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         out.mutable_data_ptr<scalar_t>(), relevance.const_data_ptr<scalar_t>(), output.const_data_ptr<scalar_t>(),
-        per_target, epsilon);
+        per_target, targets, epsilon);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -107,7 +114,7 @@ void ratio_backward_into(
   if (per_target == 0) {
     return;
   }
-  const int64_t blocks = std::min<int64_t>((per_target + kThreads - 1) / kThreads, 4096);
+  const int64_t blocks = grid_stride_blocks(per_target, kThreads);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, relevance.scalar_type(), "lrp_epsilon_ratio_backward_cuda", [&] {

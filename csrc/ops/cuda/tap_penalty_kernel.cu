@@ -12,6 +12,7 @@
 //
 // Mask values are not range-checked here: that would need a device sync on
 #include "../tap_penalty.h"
+#include "launch.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -47,17 +48,8 @@ int layout_of(const at::Tensor& t) {
   return kStrided;
 }
 
-int64_t multiprocessor_count() {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(
-      &count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return count;
-}
-
 int64_t num_blocks_for(int64_t elements) {
-  const int64_t sms = multiprocessor_count();
-  const int64_t wanted = (elements + kThreads - 1) / kThreads;
-  return std::max<int64_t>(1, std::min<int64_t>(wanted, sms * 16));
+  return grid_stride_blocks(elements, kThreads);
 }
 
 template <typename mask_t, typename work_t>
@@ -90,7 +82,8 @@ __global__ void dilate_kernel(
     for (int64_t y = ylo; y < yhi; ++y) {
       for (int64_t x = xlo; x < xhi; ++x) {
         const work_t v = static_cast<work_t>(m[y * sH + x * sW]);
-        best = v > best ? v : best;
+        // A NaN anywhere in the window wins, as in max_pool2d (v != v: NaN).
+        best = (v > best || v != v) ? v : best;
       }
     }
     dilated[idx] = best;
@@ -205,18 +198,20 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_partial_kernel(
   const index_t per_sample = C * hw;
   const scalar_t* a = activation + n * sN;
   const acc_t* d = weights + n * hw;
-  const index_t step = static_cast<index_t>(blocks_per_sample) * kThreads;
+  // The loop counter is 64-bit whatever index_t is: e + step may pass 2^31
+  // even when every valid index fits int32 (ATen's CUDA_KERNEL_LOOP does the same).
+  const int64_t step = static_cast<int64_t>(blocks_per_sample) * kThreads;
+  const int64_t end = per_sample;
   acc_t acc = 0;
-  index_t e = b * kThreads + threadIdx.x;
+  int64_t e = static_cast<int64_t>(b) * kThreads + threadIdx.x;
   // Several independent loads in flight per thread.
-  // Written as a difference so that it cannot overflow index_t.
-  for (; e < per_sample - (kUnroll - 1) * step; e += kUnroll * step) {
+  for (; e + (kUnroll - 1) * step < end; e += kUnroll * step) {
     acc_t v[kUnroll];
     index_t q[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       index_t offset;
-      locate<LAYOUT, index_t>(e + u * step, C, hw, w, sC, sH, sW, offset, q[u]);
+      locate<LAYOUT, index_t>(static_cast<index_t>(e + u * step), C, hw, w, sC, sH, sW, offset, q[u]);
       v[u] = static_cast<acc_t>(a[offset]);
     }
 #pragma unroll
@@ -224,9 +219,9 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_partial_kernel(
       acc += v[u] > acc_t(0) ? v[u] * d[q[u]] : acc_t(0);
     }
   }
-  for (; e < per_sample; e += step) {
+  for (; e < end; e += step) {
     index_t offset, q;
-    locate<LAYOUT, index_t>(e, C, hw, w, sC, sH, sW, offset, q);
+    locate<LAYOUT, index_t>(static_cast<index_t>(e), C, hw, w, sC, sH, sW, offset, q);
     const acc_t v = static_cast<acc_t>(a[offset]);
     acc += v > acc_t(0) ? v * d[q] : acc_t(0);
   }
@@ -253,9 +248,12 @@ __global__ void __launch_bounds__(kThreads) relu_grad_kernel(
     index_t sW) {
   const index_t hw = h * w;
   const index_t per_sample = C * hw;
-  for (index_t e = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x;
-       e < total;
-       e += static_cast<index_t>(gridDim.x) * kThreads) {
+  // 64-bit loop counter: with an int32 counter, e + gridDim.x * kThreads wraps
+  // negative once total lies within one grid's width of 2^31 (ATen keeps its
+  // kernel loop's counter 64-bit for the same reason).
+  for (int64_t e64 = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e64 < total;
+       e64 += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const index_t e = static_cast<index_t>(e64);
     // `out` is dense in the activation's layout (contiguous for kStrided),
     // so e is also its offset, and `base`'s (same strides, never aliasing out).
     const index_t n = e / per_sample;
@@ -351,7 +349,7 @@ void launch_weighted_sum_partial_any_layout(
 // True when every element offset of `t` (and of a dense tensor of its size)
 // fits in int32.
 bool fits_int32(const at::Tensor& t) {
-  return at::native::canUse32BitIndexMath(t) &&
+  return !cuda_launch_limits().force_64bit_index && at::native::canUse32BitIndexMath(t) &&
       t.numel() <= std::numeric_limits<int32_t>::max();
 }
 
@@ -368,10 +366,12 @@ at::Tensor weighted_relu_sum_cuda(const at::Tensor& activation, const at::Tensor
   const int64_t per_sample = C * h * w;
   const int64_t sms = multiprocessor_count();
   // At least kThreads * kUnroll * 2 elements per block, and about 16 blocks
-  // per SM over the whole batch.
+  // per SM over the whole batch (a test limit on blocks lowers both).
   const int64_t by_work = (per_sample + kThreads * kUnroll * 2 - 1) / (kThreads * kUnroll * 2);
   const int64_t by_occupancy = std::max<int64_t>(1, (sms * 16 + N - 1) / N);
-  const int blocks_per_sample = static_cast<int>(std::max<int64_t>(1, std::min(by_work, by_occupancy)));
+  const int64_t by_limit = std::max<int64_t>(1, limit_blocks_x(by_occupancy * N) / N);
+  const int blocks_per_sample =
+      static_cast<int>(std::max<int64_t>(1, std::min({by_work, by_occupancy, by_limit})));
   at::Tensor partial = at::empty({N, blocks_per_sample}, activation.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, activation.scalar_type(), "weighted_relu_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
