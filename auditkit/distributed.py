@@ -29,8 +29,12 @@ class Context:
         return self.world_size > 1
 
 
-def init_from_environment(device: str = "cpu") -> Context:
-    """Joins the torchrun process group when there is one (gloo for CPU, NCCL for CUDA)."""
+def init_from_environment(device: str | torch.device = "cpu") -> Context:
+    """Joins the torchrun process group when there is one (gloo for CPU, NCCL for CUDA).
+
+    ``device`` is this rank's device as auditkit.device.resolve_device gives it (under torchrun,
+    'auto' and 'cuda' already mean cuda:LOCAL_RANK)."""
+    device = str(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Context()
@@ -41,13 +45,6 @@ def init_from_environment(device: str = "cpu") -> Context:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
     return Context(rank, world_size, local_rank)
-
-
-def device_for(context: Context, device: str) -> str:
-    """Each process on its own GPU under torchrun ('cuda' -> 'cuda:LOCAL_RANK')."""
-    if context.active and device == "cuda":
-        return f"cuda:{context.local_rank}"
-    return device
 
 
 def gather(context: Context, items: list) -> list:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
+from .device import autocast, grad_scaler, model_device, resolve_device, resolve_precision
 from .data import AuditDataset, make_loader
 from .errors import AuditkitError, DataError
 
@@ -37,7 +38,8 @@ class TrainConfig:
     scale: float = 0.0  # augmentation: random zoom by a factor in [1 - scale, 1 + scale]
     channel_shuffle: bool = False  # augmentation: each image's colour channels in a random order
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auditkit.device.resolve_device)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; auditkit.device.resolve_precision)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -52,7 +54,7 @@ class TrainConfig:
             raise AuditkitError(f"--lr must be a positive number; got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise AuditkitError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-        resolve_device(self.device)
+        resolve_precision(self.precision, resolve_device(self.device))
 
 
 @dataclass
@@ -70,19 +72,6 @@ class VariantResult:
     samples: int
     accuracy: float
     confusion: list[list[int]] = field(default_factory=list)  # rows: true class, columns: predicted
-
-
-def resolve_device(name: str) -> torch.device:
-    """'cpu', 'cuda', 'cuda:1' or 'auto' (a GPU when there is one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise AuditkitError(f"--device: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AuditkitError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return device
 
 
 def choose_training_variant(dataset: AuditDataset, requested: str | None) -> str:
@@ -126,11 +115,15 @@ def evaluate(
     dataset: AuditDataset,
     *,
     batch_size: int = 256,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
+    precision: str = "auto",
     show_progress: bool = False,
 ) -> dict[str, VariantResult]:
-    """Accuracy and confusion matrix of ``model`` on every variant of ``dataset``."""
-    device = torch.device(device)
+    """Accuracy and confusion matrix of ``model`` on every variant of ``dataset``; the forward
+    passes run on ``device`` (default: where the model is) in ``precision`` (auditkit.device:
+    auto, fp32, bf16, fp16)."""
+    device = model_device(model) if device is None else resolve_device(device)
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     k = dataset.num_classes
@@ -138,7 +131,8 @@ def evaluate(
     try:
         with progress_bar("evaluating", total=len(dataset), enabled=show_progress) as bar:
             for batch in make_loader(dataset, batch_size):
-                predicted = model(batch.images.to(device)).argmax(1).cpu()
+                with autocast(device, precision):
+                    predicted = model(batch.images.to(device)).argmax(1).cpu()
                 for variant in set(batch.variants):
                     rows = torch.tensor([v == variant for v in batch.variants])
                     index = batch.labels[rows] * k + predicted[rows]
@@ -208,8 +202,10 @@ def train_classifier(
     """Cross-entropy training; returns per-epoch statistics. ``on_epoch(stats)`` is called after each."""
     config.validate()
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     model.to(device).train()
     optimizer = _make_optimizer(model, config)
+    scaler = grad_scaler(device, precision)
     loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
     augment = torch.Generator().manual_seed(config.seed)
     history = []
@@ -220,22 +216,24 @@ def train_classifier(
             for step, batch in enumerate(loader):
                 images = augment_batch(batch.images, config, augment).to(device)
                 labels = batch.labels.to(device)
-                logits = model(images)
-                loss = nn.functional.cross_entropy(logits, labels)
+                with autocast(device, precision):
+                    logits = model(images)
+                    loss = nn.functional.cross_entropy(logits, labels)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr or check the data"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 loss_sum += loss.item() * len(labels)
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += len(labels)
                 bar.advance(len(labels))
         val_accuracy = None
         if val_set is not None and len(val_set):
-            results = evaluate(model, val_set, device=device)
+            results = evaluate(model, val_set, device=device, precision=precision)
             val_accuracy = sum(r.accuracy * r.samples for r in results.values()) / sum(r.samples for r in results.values())
         stats = EpochStats(epoch, loss_sum / seen, correct / seen, val_accuracy, time.perf_counter() - start)
         history.append(stats)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from .._progress import progress_bar
 from ..data import AuditDataset, collate
 from ..data.contaminations import make_contamination
 from ..data.dataset import Record
+from ..device import autocast, model_device, resolve_device, resolve_precision
 from ..distributed import Context, gather
 from ..errors import AuditkitError
 from ..explain import METHODS, attribute
@@ -39,7 +40,8 @@ class AuditConfig:
     task: str = "auto"
     thresholds: Thresholds = field(default_factory=Thresholds)
     batch_size: int = 128
-    device: str = "cpu"
+    device: str = "auto"  # where the model is ("auto"), or cpu | cuda | cuda:N: the model must be there
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast of the model's forward passes
     seed: int = 0
     bootstrap: int = 1000
     confidence: float = 0.95
@@ -210,7 +212,8 @@ def measure(model, dataset: AuditDataset, config: AuditConfig, context: Context,
     records = []
     with progress_bar("auditing", total=sum(len(i) for _, i in mine), enabled=show_progress and context.is_main) as bar:
         for variant, indices in mine:
-            records += _measure_batch(model, dataset, indices, variant, config, layers, partners, variant == reference)
+            with autocast(config.device, config.precision):
+                records += _measure_batch(model, dataset, indices, variant, config, layers, partners, variant == reference)
             bar.advance(len(indices))
     records = gather(context, records)
     records.sort(key=lambda r: r["index"])
@@ -353,6 +356,11 @@ def run_audit(
     config = config or AuditConfig()
     context = context or Context()
     config.validate(model)
+    device = model_device(model) if config.device == "auto" else resolve_device(config.device)
+    if device != model_device(model):
+        raise AuditkitError(f"the model is on {model_device(model)} but the audit was asked to run on {device}; "
+                            "move the model there first")
+    config = replace(config, device=str(device), precision=resolve_precision(config.precision, device))
     if len(dataset) == 0:
         raise AuditkitError("the audit data has no samples (check --split)")
     start = time.perf_counter()
@@ -376,7 +384,7 @@ def run_audit(
                  "samples": len(dataset), "variants": {v: sum(r.variant == v for r in dataset.records) for v in dataset.variants},
                  "with_masks": sum(r.mask is not None for r in dataset.records), "mask_meaning": dataset.info.mask_meaning},
         "config": {"methods": list(config.methods), "task": config.task, "batch_size": config.batch_size,
-                   "device": config.device, "seed": config.seed, "bootstrap": config.bootstrap,
+                   "device": config.device, "precision": config.precision, "seed": config.seed, "bootstrap": config.bootstrap,
                    "confidence": config.confidence, "counterfactuals": config.counterfactuals,
                    "epsilon": config.epsilon, "processes": context.world_size},
         **body,

@@ -15,7 +15,16 @@ EXIT_ERROR = 2
 JsonOption = Annotated[
     Optional[Path], typer.Option("--json", help="Also write a machine-readable JSON report here ('-' for stdout).")
 ]
-DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (a GPU when there is one).")]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N.")
+]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16 or fp16: autocast of the model's passes.",
+    ),
+]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random choice; the same seed repeats a run.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output instead of refusing.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, JsonOption, SeedOption, handles_errors, write_json
+from ._common import DeviceOption, PrecisionOption, JsonOption, SeedOption, handles_errors, write_json
 from .checkpoints import ArchOption, TrustPickleOption, load
 
 
@@ -40,7 +40,8 @@ def audit(
     epsilon: Annotated[float, typer.Option(help="LRP-epsilon stabiliser for the audit's maps.")] = 0.01,
     arch: ArchOption = None,
     trust_pickle: TrustPickleOption = False,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     seed: SeedOption = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -55,11 +56,12 @@ def audit(
     from ..audit import AuditConfig, Thresholds, print_summary, run_audit, write_html
     from ..data import open_dataset
     from ..models import resolve_layers
-    from ..train import align_dataset_to_model, resolve_device
+    from ..device import resolve_device, resolve_precision
+    from ..train import align_dataset_to_model
 
-    resolve_device(device)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     context = distributed.init_from_environment(device)
-    device = distributed.device_for(context, device)
     try:
         model = load(checkpoint, arch, trust_pickle).to(device)
         dataset = align_dataset_to_model(open_dataset(data, split=None if split == "all" else split), model.meta)
@@ -68,7 +70,8 @@ def audit(
             task=task,
             thresholds=Thresholds(degradation_threshold, flip_threshold, removal_threshold),
             batch_size=batch_size,
-            device=device,
+            device=str(device),
+            precision=precision,
             seed=seed,
             bootstrap=bootstrap,
             confidence=confidence,

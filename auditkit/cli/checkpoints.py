@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, JsonOption, handles_errors, write_json
+from ._common import DeviceOption, PrecisionOption, JsonOption, handles_errors, write_json
 
 ArchOption = Annotated[
     Optional[str], typer.Option("--arch", help="Architecture of a bare state_dict (a checkpoint without metadata).")
@@ -92,7 +92,8 @@ def evaluate(
     ] = None,
     trust_pickle: TrustPickleOption = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     json_path: JsonOption = None,
 ) -> None:
     """Accuracy and confusion matrix of a checkpoint on every variant of a dataset split.
@@ -103,20 +104,24 @@ def evaluate(
     from rich.table import Table
 
     from ..data import open_dataset
-    from ..train import align_dataset_to_model, evaluate as evaluate_model, resolve_device
+    from ..device import resolve_device, resolve_precision
+    from ..train import align_dataset_to_model, evaluate as evaluate_model
 
     model = load(checkpoint, arch, trust_pickle, input_size)
     target = resolve_device(device)
+    precision = resolve_precision(precision, target)
     dataset = open_dataset(data, split=None if split == "all" else split)
     dataset = align_dataset_to_model(dataset, model.meta)
-    results = evaluate_model(model.to(target), dataset, batch_size=batch_size, device=target, show_progress=True)
+    results = evaluate_model(model.to(target), dataset, batch_size=batch_size, device=target, precision=precision,
+                             show_progress=True)
     table = Table("variant", "samples", "accuracy")
     for result in results.values():
         table.add_row(result.variant, str(result.samples), f"{result.accuracy:.3f}")
     Console().print(table)
     write_json(
         json_path,
-        {"checkpoint": str(checkpoint), "data": data, "split": split, "results": {k: vars(v) for k, v in results.items()}},
+        {"checkpoint": str(checkpoint), "data": data, "split": split, "device": str(target), "precision": precision,
+         "results": {k: vars(v) for k, v in results.items()}},
     )
 
 

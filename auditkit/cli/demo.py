@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import DeviceOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
+from ._common import DeviceOption, PrecisionOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
 
 DEMO_DATA = "builtin:decoy-mnist"
 
@@ -20,7 +20,8 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's checkpoints and report.")] = Path("auditkit-demo"),
     epochs: Annotated[int, typer.Option(help="Epochs of the shortcut model's training.")] = 6,
     seed: SeedOption = 0,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     force: ForceOption = False,
     json_path: JsonOption = None,
     quiet: QuietOption = False,
@@ -47,10 +48,11 @@ def demo(
     shortcut, repaired = out / "shortcut.safetensors", out / "repaired.safetensors"
 
     console.rule("[bold]1/2[/bold] train a classifier on decoy MNIST: the corner patch's shade gives the class away")
-    train(data=DEMO_DATA, arch="tap-cnn", out=shortcut, epochs=epochs, seed=seed, device=device, force=force, quiet=quiet)
+    train(data=DEMO_DATA, arch="tap-cnn", out=shortcut, epochs=epochs, seed=seed, device=device, precision=precision,
+          force=force, quiet=quiet)
     console.rule("[bold]2/2[/bold] audit it, repair it with TAP (ground-truth patch masks), audit again")
-    repair(checkpoint=shortcut, data=DEMO_DATA, out=repaired, method="tap", seed=seed, device=device, force=force,
-           quiet=quiet)
+    repair(checkpoint=shortcut, data=DEMO_DATA, out=repaired, method="tap", seed=seed, device=device,
+           precision=precision, force=force, quiet=quiet)
 
     proof = json.loads(repaired.with_name(repaired.name + ".audit.json").read_text())
     before, after = proof["before_audit"], proof["after_audit"]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, ForceOption, JsonOption, SeedOption, handles_errors, write_json
+from ._common import DeviceOption, PrecisionOption, ForceOption, JsonOption, SeedOption, handles_errors, write_json
 from .checkpoints import ArchOption, TrustPickleOption, load
 
 
@@ -31,7 +31,8 @@ def explain(
     save_maps: Annotated[bool, typer.Option("--save-maps", help="Also write the raw maps to heatmaps.npz.")] = False,
     arch: ArchOption = None,
     trust_pickle: TrustPickleOption = False,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     seed: SeedOption = 0,
     force: ForceOption = False,
     json_path: JsonOption = None,
@@ -49,7 +50,8 @@ def explain(
     from ..errors import AuditkitError
     from ..explain import METHODS, attribute
     from ..explain.render import captioned, grid, overlay, to_rgb, upscale, write_png
-    from ..train import align_dataset_to_model, resolve_device
+    from ..device import autocast, resolve_device, resolve_precision
+    from ..train import align_dataset_to_model
 
     if method not in METHODS:
         raise AuditkitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -61,6 +63,7 @@ def explain(
     model = load(checkpoint, arch, trust_pickle)
     meta = model.meta
     target_device = resolve_device(device)
+    precision = resolve_precision(precision, target_device)
     model.to(target_device)
 
     if data:
@@ -95,9 +98,10 @@ def explain(
     tiles, rows, maps = [], [], []
     for start in range(0, len(picks), batch_size):
         batch = collate([dataset[int(k)] for k in picks[start : start + batch_size]]).to(target_device)
-        with torch.no_grad():
-            predicted = model(batch.images).argmax(1)
-        heatmaps = attribute(model, batch.images, target_for(batch), method, labels=batch.labels, **options)[:, 0]
+        with autocast(target_device, precision):
+            with torch.no_grad():
+                predicted = model(batch.images).argmax(1)
+            heatmaps = attribute(model, batch.images, target_for(batch), method, labels=batch.labels, **options)[:, 0]
         explained = predicted if target == "pred" else batch.labels if target == "label" else torch.full_like(predicted, target_for(batch))
         for j in range(len(heatmaps)):
             name = names[start + j]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
+from ._common import DeviceOption, PrecisionOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
 from .checkpoints import ArchOption, TrustPickleOption, load
 
 TeacherOption = Annotated[
@@ -24,7 +24,7 @@ AnnotationMethodOption = Annotated[
 ]
 
 
-def _annotation(teacher, tau, quantile, method, batch_size, device):
+def _annotation(teacher, tau, quantile, method, batch_size, precision):
     from ..repair import AnnotationConfig
 
     if teacher is None:
@@ -34,7 +34,7 @@ def _annotation(teacher, tau, quantile, method, batch_size, device):
             raise AuditkitError("--tau / --quantile need --teacher")
         return None
     return AnnotationConfig(method=method, tau=tau if (tau is not None or quantile is not None) else 0.1,
-                            quantile=quantile if tau is None else None, batch_size=batch_size, device=device)
+                            quantile=quantile if tau is None else None, batch_size=batch_size, precision=precision)
 
 
 @handles_errors
@@ -75,7 +75,8 @@ def repair(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
     arch: ArchOption = None,
     trust_pickle: TrustPickleOption = False,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     seed: SeedOption = 0,
     force: ForceOption = False,
     json_path: JsonOption = None,
@@ -100,9 +101,11 @@ def repair(
     from ..models import resolve_layers, save_checkpoint
     from ..repair import FitConfig, RepairConfig, run_repair
     from ..repair.runner import METHOD_DEFAULTS, check_data
-    from ..train import align_dataset_to_model, resolve_device
+    from ..device import describe, resolve_device, resolve_precision
+    from ..train import align_dataset_to_model
 
-    resolve_device(device)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     if out.resolve() == checkpoint.resolve():
         raise AuditkitError("--out is the input checkpoint; auditkit never overwrites the model it repairs")
     if out.exists() and not force and not resume:
@@ -115,7 +118,6 @@ def repair(
     except ValueError as error:
         raise AuditkitError(f"--lambda must be a number or auto; got {lam!r}") from error
     context = distributed.init_from_environment(device)
-    device = distributed.device_for(context, device)
     console = Console()
     try:
         model = load(checkpoint, arch, trust_pickle).to(device)
@@ -128,14 +130,15 @@ def repair(
         config = RepairConfig(
             method=method,
             fit=FitConfig(**{**defaults, **given}, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed,
-                          device=device),
+                          device=str(device), precision=precision),
             lam=lam_value,
             layers=tuple(resolve_layers(model, layers.split(","))) if layers else None,
             kernel_size=kernel_size,
             variant=variant,
             teacher=teacher_model,
             teacher_name=str(teacher or ""),
-            annotation=_annotation(teacher if method != "tea" else None, tau, quantile, annotation_method, batch_size, device),
+            annotation=_annotation(teacher if method != "tea" else None, tau, quantile, annotation_method, batch_size,
+                                   precision),
             cache_dir=cache_dir or out.parent / ".auditkit-cache",
             tea_epsilon=epsilon,
             tea_class=tea_class,
@@ -144,13 +147,14 @@ def repair(
             tea_distill_weight=distill_weight,
             tea_temperature=temperature,
             audit=None if audit_split == "none" else AuditConfig(
-                methods=tuple(m for m in audit_methods.split(",") if m), device=device, seed=seed),
+                methods=tuple(m for m in audit_methods.split(",") if m), precision=precision, seed=seed),
             audit_split=audit_split,
         )
         config.validate()
         check_data(dataset, config)
         if context.is_main:
-            console.print(f"repairing [bold]{checkpoint}[/bold] with {method} on {data} ({device}, seed {seed})")
+            console.print(f"repairing [bold]{checkpoint}[/bold] with {method} on {data} "
+                          f"({describe(device, precision)}, seed {seed})")
 
         def report(record) -> None:
             if context.is_main:
@@ -205,7 +209,8 @@ def annotate(
     method: AnnotationMethodOption = "gradient",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     trust_pickle: TrustPickleOption = False,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     force: ForceOption = False,
     json_path: JsonOption = None,
 ) -> None:
@@ -220,20 +225,22 @@ def annotate(
 
     from ..data import open_dataset, write_dataset
     from ..repair import annotate as annotate_dataset
-    from ..train import align_dataset_to_model, resolve_device
+    from ..device import resolve_device, resolve_precision
+    from ..train import align_dataset_to_model
 
-    resolve_device(device)
-    model = load(teacher, None, trust_pickle).to(device)
+    target = resolve_device(device)
+    config = _annotation(teacher, tau, quantile, method, batch_size, resolve_precision(precision, target))
+    model = load(teacher, None, trust_pickle).to(target)
     dataset = align_dataset_to_model(
         open_dataset(data, split=None if split == "all" else split, variant=variant), model.meta)
-    config = _annotation(teacher, tau, quantile, method, batch_size, device)
     annotated, stats = annotate_dataset(model, dataset, config, teacher_fingerprint=str(teacher))
     annotated.info.generator = {**dataset.info.generator, "annotation": stats}
     folder = write_dataset(annotated, out, overwrite=force)
     recall = "n/a" if stats["recall"] is None else f"{stats['recall']:.3f}"
-    precision = "n/a" if stats["precision"] is None else f"{stats['precision']:.3f}"
+    mask_precision = "n/a" if stats["precision"] is None else f"{stats['precision']:.3f}"
     Console().print(f"teacher masks for {len(annotated)} images -> [bold]{folder}[/bold]; they cover "
-                    f"{stats['mean_mask_area']:.1%} of the pixels; against the data's masks: recall {recall}, precision {precision}")
+                    f"{stats['mean_mask_area']:.1%} of the pixels; against the data's masks: recall {recall}, "
+                    f"precision {mask_precision}")
     write_json(json_path, {"out": str(folder), **stats})
 
 

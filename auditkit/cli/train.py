@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
+from ._common import DeviceOption, PrecisionOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
 
 
 @handles_errors
@@ -44,7 +44,8 @@ def train(
         str, typer.Option(help="Input normalisation stored in the checkpoint: dataset (per-channel mean/std of the training images) or none.")
     ] = "dataset",
     seed: SeedOption = 0,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     force: ForceOption = False,
     json_path: JsonOption = None,
     quiet: QuietOption = False,
@@ -65,12 +66,16 @@ def train(
     from rich.table import Table
 
     from ..data import open_dataset
+    from ..device import describe, resolve_device, resolve_precision
     from ..errors import AuditkitError
     from ..models import build_model, save_checkpoint
     from ..train import TrainConfig, choose_training_variant, evaluate, history_as_dicts, train_classifier
 
     console = Console()
-    config = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, shift=shift, rotate=rotate, scale=scale, channel_shuffle=channel_shuffle, seed=seed, device=device)
+    target = resolve_device(device)
+    config = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, shift=shift, rotate=rotate, scale=scale,
+                         channel_shuffle=channel_shuffle, seed=seed, device=str(target),
+                         precision=resolve_precision(precision, target))
     config.validate()
     if out.exists() and not force:
         raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -104,7 +109,7 @@ def train(
     )
     console.print(
         f"training [bold]{arch}[/bold] on {len(train_set)} {chosen_variant} images of {data} ({split} split), "
-        f"{epochs} epochs, {config.optimizer} lr={lr:g}, batch {batch_size}, seed {seed}, {device}"
+        f"{epochs} epochs, {config.optimizer} lr={lr:g}, batch {batch_size}, seed {seed}, {describe(target, config.precision)}"
     )
 
     def report(stats) -> None:
@@ -130,7 +135,7 @@ def train(
     }
     results = {}
     if test_split != "none":
-        results = evaluate(model, dataset.select(split=test_split), device=next(model.parameters()).device)
+        results = evaluate(model, dataset.select(split=test_split), precision=config.precision)
         table = Table(f"{test_split} variant", "samples", "accuracy")
         for result in results.values():
             table.add_row(result.variant, str(result.samples), f"{result.accuracy:.3f}")

@@ -187,6 +187,13 @@ def _max_pool_params(node: fx.Node, traced: TracedNetwork, value) -> tuple | Non
     return None
 
 
+def _in_float32(env: dict) -> dict:
+    """The forward's values with float16/bfloat16 tensors in float32 (differentiably: TEA)."""
+    low = (torch.float16, torch.bfloat16)
+    return {key: value.float() if isinstance(value, torch.Tensor) and value.dtype in low else value
+            for key, value in env.items()}
+
+
 def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, dict[fx.Node, object]]:
     """Runs the graph with the network's own modules; returns (output, every node's value).
 
@@ -517,6 +524,15 @@ def lrp_epsilon_and_logits(
         logits, env = run_forward(traced, network_input)
         if logits.dim() != 2 or logits.shape[0] != n:
             raise UnsupportedLayerError(f"LRP expects logits of shape (N, classes); got {tuple(logits.shape)}")
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Mixed precision: the forward ran in the low dtype; relevance flows in float32 (the
+            # ratio R / (z + eps sign z) divides by activations, which bfloat16's 8-bit mantissa
+            # would blur near 0), so the low dtype reaches the map only through the activations.
+            env = _in_float32(env)
+            logits = logits.float()
+    autocast_off = torch.autocast(device_type, enabled=False)
+    with torch.set_grad_enabled(create_graph), autocast_off:
         # One forward pass serves every target. On CUDA the K relevance passes run as one batch
         # of K*N (bigger GEMMs, fewer launches); on CPU as K passes of N, which measured faster
         # (oneDNN at batch K*N loses cache locality: ResNet-18, K = 3, 16 images: 1.48x -> ~1.0x

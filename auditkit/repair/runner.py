@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from ..audit import AuditConfig, run_audit
 from ..audit.metrics import remove_region
 from ..data import AuditDataset, collate
 from ..data.dataset import Record
+from ..device import resolve_device, resolve_precision
 from ..distributed import Context
 from ..errors import AuditkitError
 from ..train import choose_training_variant
@@ -262,7 +263,10 @@ def run_repair(
     config.validate()
     check_data(dataset, config)
     context = context or Context()
-    device = config.fit.device
+    device = resolve_device(config.fit.device)
+    # A copy with the device and precision resolved (the caller's config is left as it was).
+    config = replace(config, fit=replace(config.fit, device=str(device),
+                                         precision=resolve_precision(config.fit.precision, device)))
     model.to(device)
     audit_data = dataset.select(split=config.audit_split) if config.audit and config.audit_split in dataset.splits else None
     # The model is still the input checkpoint here (a resumed state is loaded inside fit).

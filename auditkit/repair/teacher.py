@@ -24,6 +24,7 @@ import torch
 from .._progress import progress_bar
 from ..data import AuditDataset, collate
 from ..data.dataset import Record
+from ..device import autocast, model_device, resolve_precision
 from ..errors import AuditkitError
 from ..explain import METHODS, attribute
 
@@ -34,7 +35,7 @@ class AnnotationConfig:
     tau: float | None = 0.1
     quantile: float | None = None
     batch_size: int = 128
-    device: str = "cpu"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast of the teacher's passes (on its device)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -60,8 +61,11 @@ def saliency_masks(teacher, images: torch.Tensor, config: AnnotationConfig) -> t
     return masks.float().unsqueeze(1)
 
 
-def annotation_key(teacher_fingerprint: str, dataset: AuditDataset, config: AnnotationConfig) -> str:
-    text = json.dumps([teacher_fingerprint, dataset.fingerprint(), config.method, config.tau, config.quantile])
+def annotation_key(teacher_fingerprint: str, dataset: AuditDataset, config: AnnotationConfig, precision: str) -> str:
+    key = [teacher_fingerprint, dataset.fingerprint(), config.method, config.tau, config.quantile]
+    if precision != "fp32":  # fp32 keys stay those of earlier versions (their caches remain valid)
+        key.append(precision)
+    text = json.dumps(key)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -80,9 +84,11 @@ def annotate(
     reused by later runs."""
     config.validate()
     teacher.eval()
+    device = model_device(teacher)
+    precision = resolve_precision(config.precision, device)
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"annotations-{annotation_key(teacher_fingerprint, dataset, config)}.npz"
+        cache = Path(cache_dir) / f"annotations-{annotation_key(teacher_fingerprint, dataset, config, precision)}.npz"
     if cache is not None and cache.is_file():
         stored = np.load(cache)
         masks, stats = stored["masks"], json.loads(str(stored["stats"]))
@@ -93,8 +99,9 @@ def annotate(
         with progress_bar("annotating", total=len(dataset), enabled=show_progress) as bar:
             for start in range(0, len(dataset), config.batch_size):
                 batch = collate([dataset[k] for k in range(start, min(start + config.batch_size, len(dataset)))])
-                images = batch.images.to(config.device)
-                predicted = saliency_masks(teacher, images, config).cpu()
+                images = batch.images.to(device)
+                with autocast(device, precision):
+                    predicted = saliency_masks(teacher, images, config).cpu()
                 masks[start : start + len(predicted)] = (predicted[:, 0] * 255).byte().numpy()
                 truth = (batch.masks > 0.5) & batch.has_mask.view(-1, 1, 1, 1)
                 overlap += float((truth & (predicted > 0.5)).sum())

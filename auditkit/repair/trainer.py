@@ -27,6 +27,7 @@ from torch import nn
 
 from .._io import atomic_write
 from .._progress import progress_bar
+from ..device import autocast, grad_scaler, resolve_device, resolve_precision
 from ..data import AuditDataset, collate
 from ..distributed import Context
 from ..errors import AuditkitError
@@ -54,7 +55,8 @@ class FitConfig:
     grad_clip: float = 0.0  # max global gradient norm; 0 = off (the double-backward losses want ~1)
     schedule: str = "constant"  # or "cosine": lr decays to 0 over the run (a steadier end point)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auditkit.device.resolve_device)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; auditkit.device.resolve_precision)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -176,10 +178,12 @@ def fit(
     """Trains ``model`` in place for ``config.epochs`` epochs; returns the per-epoch history."""
     config.validate()
     context = context or Context()
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     model.to(device).train()
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
+    scaler = grad_scaler(device, precision)
     state = FitState()
     if resume:
         if state_path is None or not state_path.is_file():
@@ -205,7 +209,8 @@ def fit(
                     if len(mine) == 0:
                         mine = indices[:1]
                     batch = collate([train_set[int(i)] for i in mine]).to(device)
-                    loss, task, explanation, logits = training_loss(model, batch, objective, config.lam)
+                    with autocast(device, precision):
+                        loss, task, explanation, logits = training_loss(model, batch, objective, config.lam)
                     value = loss.item()
                     if not math.isfinite(value):
                         where = f"the last good state (end of epoch {state.epoch}) is in {state_path}" if state_path else ""
@@ -214,14 +219,16 @@ def fit(
                             "lower --lr or --lambda and try again"
                         )
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     if context.active:
                         _average_gradients(model, context)
                     if config.grad_clip > 0:
+                        scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     sums["task"] += task.item() * len(mine)
                     sums["explanation"] += explanation.item() * len(mine)
                     sums["correct"] += int((logits.argmax(1) == batch.labels).sum())
