@@ -41,8 +41,10 @@ def collect(run_self_test: bool = True) -> dict[str, Any]:
     """Versions, devices and kernel status as a JSON-ready dict."""
     from .ops import extension_status
 
-    status = extension_status()
     gpu_available = torch.cuda.is_available()
+    if gpu_available:
+        torch.cuda.init()  # runs auditkit's check of its CUDA kernels against these GPUs
+    status = extension_status()
     report: dict[str, Any] = {
         "auditkit": __version__,
         "python": platform.python_version(),
@@ -51,6 +53,8 @@ def collect(run_self_test: bool = True) -> dict[str, Any]:
         "torchvision": _torchvision_version(),
         "cpu_threads": torch.get_num_threads(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if gpu_available else [],
+        "gpu_capabilities": [".".join(map(str, torch.cuda.get_device_capability(i)))
+                             for i in range(torch.cuda.device_count())] if gpu_available else [],
         "extension": {
             "loaded": status.loaded,
             "path": status.path,
