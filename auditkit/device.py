@@ -1,6 +1,7 @@
 """Where and in which precision auditkit computes: ``resolve_device`` and ``autocast``.
 
-Every computing command defaults to ``device="auto"`` (a GPU when there is one, else the CPU) and
+Every computing command defaults to ``device="auto"`` (a GPU when there is one, else the CPU;
+``AUDITKIT_DEVICE=cpu`` in the environment pins it) and
 ``precision="auto"`` (bfloat16 autocast on GPUs that support it, float32 elsewhere). Under
 ``torchrun`` each rank uses its own GPU (``cuda:LOCAL_RANK``).
 
@@ -20,6 +21,8 @@ import torch
 
 from .errors import AuditkitError
 
+#: Environment variable that fixes what device "auto" means (e.g. cpu).
+DEVICE_VARIABLE = "AUDITKIT_DEVICE"
 #: Precision names, as the CLI's --precision takes them.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,6 +43,10 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if isinstance(name, torch.device):
         name = str(name)
     name = name.strip().lower()
+    if name == "auto":
+        # AUDITKIT_DEVICE pins what 'auto' means (the test suite pins it to cpu, so that its
+        # numbers do not depend on the machine); unset, a GPU when there is one.
+        name = os.environ.get(DEVICE_VARIABLE, "auto").strip().lower() or "auto"
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

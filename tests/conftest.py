@@ -19,6 +19,10 @@ settings.register_profile(
 )
 settings.load_profile("auditkit")
 
+# "auto" means the CPU in the tests, on any machine: their numbers must not depend on whether a
+# GPU is present. Tests of the GPU paths name their device (marked `cuda`).
+os.environ["AUDITKIT_DEVICE"] = "cpu"
+
 CUDA_SKIP_REASON = "no CUDA GPU on this machine (CUDA kernels are compiled but cannot run here)"
 
 DEVICES = [

@@ -30,6 +30,7 @@ def test_every_computing_command_defaults_to_auto_device_and_precision(command):
 
 
 def test_auto_is_the_cpu_without_a_gpu(monkeypatch):
+    monkeypatch.delenv("AUDITKIT_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device("CPU") == torch.device("cpu")
@@ -39,6 +40,7 @@ def test_auto_is_the_cpu_without_a_gpu(monkeypatch):
 
 
 def test_under_torchrun_each_rank_takes_its_local_gpu(monkeypatch):
+    monkeypatch.delenv("AUDITKIT_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -49,6 +51,15 @@ def test_under_torchrun_each_rank_takes_its_local_gpu(monkeypatch):
     with pytest.raises(AuditkitError, match="only 4 CUDA GPU"):
         resolve_device("cuda:7")
     monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_auditkit_device_pins_what_auto_means(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("AUDITKIT_DEVICE", "cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("AUDITKIT_DEVICE", "")
     assert resolve_device("auto") == torch.device("cuda")
 
 

@@ -147,15 +147,16 @@ def test_opcheck(device):
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stride, padding, dilation, groups", [(1, 1, 1, 1), (2, 0, 1, 1), (2, 1, 2, 2)])
-def test_gradcheck_conv2d_step_float64(stride, padding, dilation, groups):
+def test_gradcheck_conv2d_step_float64(device, stride, padding, dilation, groups):
     g = torch.Generator().manual_seed(1)
     a = torch.randn(2, 4, 7, 7, generator=g, dtype=torch.float64)
     weight = torch.randn(4, 4 // groups, 3, 3, generator=g, dtype=torch.float64)
     z = F.conv2d(a, weight, None, stride, padding, dilation, groups)
     z = z + 0.2 * torch.where(z >= 0, 1.0, -1.0).double()  # away from the sign switch at 0
     relevance = torch.randn(4, *z.shape[1:], generator=g, dtype=torch.float64)
-    inputs = [t.clone().requires_grad_() for t in (a, z, relevance, weight)]
+    inputs = [t.clone().to(device).requires_grad_() for t in (a, z, relevance, weight)]
 
     def step(*tensors):
         return torch.ops.auditkit.lrp_epsilon_conv2d(*tensors, [stride] * 2, [padding] * 2, [dilation] * 2, groups, 0.3)
@@ -163,14 +164,15 @@ def test_gradcheck_conv2d_step_float64(stride, padding, dilation, groups):
     assert torch.autograd.gradcheck(step, inputs)
 
 
-def test_gradcheck_linear_step_and_ratio_float64():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_linear_step_and_ratio_float64(device):
     g = torch.Generator().manual_seed(2)
     a = torch.randn(3, 5, generator=g, dtype=torch.float64)
     weight = torch.randn(4, 5, generator=g, dtype=torch.float64)
     z = a @ weight.t()
     z = z + 0.2 * torch.where(z >= 0, 1.0, -1.0).double()
     relevance = torch.randn(6, 4, generator=g, dtype=torch.float64)
-    inputs = [t.clone().requires_grad_() for t in (a, z, relevance, weight)]
+    inputs = [t.clone().to(device).requires_grad_() for t in (a, z, relevance, weight)]
     assert torch.autograd.gradcheck(lambda *t: torch.ops.auditkit.lrp_epsilon_linear(*t, 0.3), inputs)
     assert torch.autograd.gradcheck(lambda r, zz: torch.ops.auditkit.lrp_epsilon_ratio(r, zz, 0.3), inputs[2:0:-1])
 

@@ -112,14 +112,15 @@ def test_layouts_and_dtypes_at_network_sizes(device, layout, dtype):
     assert_penalty_matches(with_layout(activation, layout), mask, 3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kernel_size", [1, 2, 3])
-def test_gradcheck_float64_cpu(layout, kernel_size):
-    activation = with_layout(torch.randn(2, 3, 5, 6, dtype=torch.float64), layout)
+def test_gradcheck_float64(device, layout, kernel_size):
+    activation = with_layout(torch.randn(2, 3, 5, 6, dtype=torch.float64, device=device), layout)
     # Keep values away from 0, where relu is not differentiable.
     activation = torch.where(activation.abs() < 0.05, activation.sign() * 0.1 + 0.01, activation)
     activation.requires_grad_(True)
-    mask = random_mask(2, 13, 17, "cpu", torch.float64, soft=True)
+    mask = random_mask(2, 13, 17, device, torch.float64, soft=True)
     assert torch.autograd.gradcheck(lambda a: ops.tap_penalty(a, mask, kernel_size), (activation,))
 
 
