@@ -214,6 +214,15 @@ _ARCH_LIST = [
         description="ResNet-18 (torchvision, random init); TAP on its 4 residual stages",
     ),
     _torchvision_spec(
+        "resnet50",
+        "fan_out",
+        tap_layers=("layer1", "layer2", "layer3", "layer4"),
+        gradcam_layer="layer4",
+        min_input_size=32,
+        lrp_notes="batch norm merged into the preceding conv; bottleneck blocks; residual additions",
+        description="ResNet-50 (torchvision, random init); TAP on its 4 residual stages",
+    ),
+    _torchvision_spec(
         "densenet121",
         "fan_in",
         tap_layers=("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.denseblock4"),
