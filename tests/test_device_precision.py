@@ -109,15 +109,28 @@ def test_bf16_maps_stay_within_the_documented_tolerance_of_fp32(arch, shape):
         assert cosine.min() >= 0.95 and cosine.mean() >= 0.98, (method, cosine.min().item(), cosine.mean().item())
 
 
-def test_lrp_under_bf16_is_differentiable_for_tea():
+@pytest.mark.parametrize("arch,shape", [("tap-cnn", (1, 28, 28)), ("resnet18", (3, 32, 32))])
+def test_lrp_under_bf16_is_differentiable_for_tea_inside_and_outside_autocast(arch, shape):
+    # The bug (found by the GPU benchmark's CPU rehearsal): a backward called inside autocast ran
+    # the LRP step's backward convolution in bf16 and handed the ratio's backward mixed dtypes.
     from auditkit.explain import lrp_epsilon
 
     torch.manual_seed(0)
-    model = build_model("tap-cnn", 10, 1, (28, 28)).eval()
-    with autocast("cpu", "bf16"):
-        heat = lrp_epsilon(model, torch.rand(3, 1, 28, 28), torch.tensor([[1], [2], [3]]), create_graph=True)
-    (grad,) = torch.autograd.grad(heat.square().mean(), [next(model.parameters())])
-    assert heat.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    model = build_model(arch, 10, shape[0], shape[1:]).eval()
+    x, targets = torch.rand(3, *shape), torch.tensor([[1], [2], [3]])
+    first = next(model.parameters())
+    grads = []
+    for backward_inside in (True, False):
+        with autocast("cpu", "bf16"):
+            heat = lrp_epsilon(model, x, targets, create_graph=True)
+            loss = heat.square().mean()
+            if backward_inside:
+                (grad,) = torch.autograd.grad(loss, [first])
+        if not backward_inside:
+            (grad,) = torch.autograd.grad(loss, [first])
+        grads.append(grad)
+    assert heat.dtype == torch.float32 and torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -363,7 +363,14 @@ def _lrp_step_setup(ctx, inputs, output):
 
 def _lrp_step_backward(ctx, grad, transposed, forward, weight_grad):
     """Shared backward of the conv2d and linear steps; the three callables are the layer's
-    W^T (transposed), W (forward) and weight gradient."""
+    W^T (transposed), W (forward) and weight gradient. Runs in the saved tensors' dtype whatever
+    autocast says: a backward called inside ``torch.autocast`` would otherwise compute T^T(g a) in
+    the low dtype and hand the ratio's backward mismatched dtypes."""
+    with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+        return _lrp_step_backward_exact(ctx, grad.to(ctx.saved_tensors[2].dtype), transposed, forward, weight_grad)
+
+
+def _lrp_step_backward_exact(ctx, grad, transposed, forward, weight_grad):
     input, z, relevance, weight = ctx.saved_tensors
     epsilon = ctx.config[-1]
     k = lrp_targets(relevance, z)

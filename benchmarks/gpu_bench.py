@@ -1,0 +1,399 @@
+"""The GPU benchmarks in one go, for `make gpu-check` (tools/gpu_check.py runs this module).
+
+GPU time is scarce for us, so this is one short program that measures everything the GPU tables of
+benchmarks/RESULTS.md need and writes it to JSON and Markdown:
+
+1. device-to-device copy bandwidth (the ceiling of every memory-bound kernel);
+2. the TAP ops: weighted_relu_sum forward and its fused backward in GB/s against that copy, and the
+   whole penalty (forward + backward, mask downscaling included) fused vs eager vs torch.compile;
+3. LRP-epsilon on ResNet-18 at 64x224^2: (forward + LRP) / (forward + input gradient), against
+   zennit and captum (interleaved ratios), in fp32 and in bf16 autocast;
+4. repair training steps (plain, TAP, RRR, TEA with the teacher's maps computed in the step and
+   cached) on ResNet-18 and ResNet-50 at 64x224^2 in bf16 autocast: time and peak-memory ratios;
+5. audit throughput (images/s) of ResNet-18 at 224^2 with LRP, Grad-CAM and the gradient.
+
+Each section is timed interleaved against its baseline where it is a ratio
+(benchmarks/_timing.interleaved_ratio) and fails alone: an error is recorded and the rest runs.
+``--smoke`` runs every section at toy sizes on any device (the unit test runs it on the CPU so
+the program cannot rot between GPU sessions).
+
+Run: python -m benchmarks.gpu_bench --device cuda --out DIR [--budget SECONDS] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from auditkit import ops
+from auditkit.device import autocast
+from auditkit.explain import attribute
+from auditkit.models import build_model
+from auditkit.ops._reference import tap_penalty_reference, weighted_relu_sum_reference
+
+from ._memory import peak_bytes
+from ._timing import interleaved_ratio, synchronize
+
+SIZES = {
+    "full": {
+        "copy_bytes": 2 * 2**30,
+        "tap_activation": (64, 256, 56, 56),
+        "tap_mask": 224,
+        "lrp": ("resnet18", 64, 224),
+        "training": [("resnet18", 64, 224), ("resnet50", 64, 224)],
+        "audit": ("resnet18", 64, 224, 4),  # arch, batch, size, batches
+        "pairs": 15,
+        "iterations": 20,
+    },
+    "smoke": {
+        "copy_bytes": 8 * 2**20,
+        "tap_activation": (2, 8, 14, 14),
+        "tap_mask": 28,
+        "lrp": ("resnet18", 2, 32),
+        "training": [("tap-cnn", 4, 28), ("resnet18", 2, 32)],
+        "audit": ("resnet18", 2, 32, 1),
+        "pairs": 2,
+        "iterations": 2,
+    },
+}
+EPSILON = 0.01
+
+
+def median_seconds(fn, device: str, iterations: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` (synchronised on CUDA) over ``iterations`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iterations):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, size: dict) -> dict:
+    n = size["copy_bytes"] // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), device, size["iterations"])
+    return {"bytes": 2 * n * 4, "seconds": seconds, "gb_per_s": 2 * n * 4 / seconds / 1e9}
+
+
+def tap_ops(device: str, size: dict, copy_gbs: float | None) -> dict:
+    results = {}
+    n, c, h, w = size["tap_activation"]
+    side = size["tap_mask"]
+    mask = torch.zeros(n, 1, side, side, device=device)
+    mask[..., : side // 7, : side // 7] = 1.0
+    compiled_reference = torch.compile(tap_penalty_reference)
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).replace("torch.", "")
+        a = torch.randn(n, c, h, w, device=device, dtype=dtype)
+        weights = ops.downscale_mask(mask, (h, w))
+        base = torch.randn_like(a)
+        grad = torch.randn(n, device=device)
+        forward = median_seconds(lambda: ops.weighted_relu_sum(a, weights), device, size["iterations"])
+        backward = median_seconds(
+            lambda: torch.ops.auditkit.weighted_relu_sum_backward(grad, a, weights, base), device, size["iterations"]
+        )
+        eager_forward = median_seconds(lambda: weighted_relu_sum_reference(a, weights), device, size["iterations"])
+        read = a.numel() * a.element_size() + weights.numel() * 4
+        moved_backward = 3 * a.numel() * a.element_size() + weights.numel() * 4
+        entry = {
+            "activation": [n, c, h, w],
+            "forward_s": forward,
+            "forward_gb_per_s": read / forward / 1e9,
+            "backward_with_base_s": backward,
+            "backward_gb_per_s": moved_backward / backward / 1e9,
+            "eager_forward_s": eager_forward,
+            "fused_vs_eager_forward": forward / eager_forward,
+        }
+        if copy_gbs:
+            entry["forward_fraction_of_copy"] = entry["forward_gb_per_s"] / copy_gbs
+            entry["backward_fraction_of_copy"] = entry["backward_gb_per_s"] / copy_gbs
+        # The whole penalty: mask downscaling, forward and backward.
+        leaf = a.detach().requires_grad_(True)
+
+        def fused():
+            (g,) = torch.autograd.grad(ops.tap_penalty(leaf, mask).sum(), leaf)
+            return g
+
+        def eager():
+            (g,) = torch.autograd.grad(tap_penalty_reference(leaf, mask).sum(), leaf)
+            return g
+
+        def compiled():
+            (g,) = torch.autograd.grad(compiled_reference(leaf, mask).sum(), leaf)
+            return g
+
+        entry["penalty_fused_vs_eager"] = interleaved_ratio(fused, eager, size["pairs"], device)
+        try:
+            compiled()  # compiles
+            entry["penalty_fused_vs_compiled"] = interleaved_ratio(fused, compiled, size["pairs"], device)
+        except Exception as error:  # torch.compile may be unavailable (no compiler) on a machine
+            entry["penalty_fused_vs_compiled_error"] = _one_line(error)
+        entry["penalty_fused_peak_bytes"] = peak_bytes(fused, device)
+        entry["penalty_eager_peak_bytes"] = peak_bytes(eager, device)
+        results[name] = entry
+        del a, base, leaf
+    return results
+
+
+def _network(arch: str, batch: int, size: int, device: str):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = build_model(arch, 10, 3, (size, size)).eval()
+    for module in model.modules():  # realistic batch-norm statistics (random ones are all 0/1)
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    targets = torch.randint(0, 10, (batch,), device=device)
+    return model.to(device), x, targets
+
+
+def lrp(device: str, size: dict) -> dict:
+    from .test_explain_bench import captum_lrp, input_gradient, zennit_lrp
+
+    arch, batch, side = size["lrp"]
+    model, x, targets = _network(arch, batch, side, device)
+    net = model.net
+    results = {"network": f"{arch} {batch}x{side}^2"}
+
+    def ours():
+        return attribute(net, x, targets, "lrp_epsilon", epsilon=EPSILON)
+
+    def gradient():
+        return input_gradient(net, x, targets)
+
+    results["lrp_s"] = median_seconds(ours, device, size["iterations"])
+    results["lrp_vs_gradient"] = interleaved_ratio(ours, gradient, size["pairs"], device)
+    for library, fn in (("zennit", zennit_lrp), ("captum", captum_lrp)):
+        try:
+            fn(net, x, targets)
+            results[f"lrp_vs_{library}"] = interleaved_ratio(ours, lambda fn=fn: fn(net, x, targets), size["pairs"], device)
+        except Exception as error:  # a library that refuses the network is a result too
+            results[f"{library}_error"] = _one_line(error)
+
+    def ours_bf16():
+        with autocast(device, "bf16"):
+            return ours()
+
+    def gradient_bf16():
+        with autocast(device, "bf16"):
+            return gradient()
+
+    results["bf16_lrp_vs_gradient"] = interleaved_ratio(ours_bf16, gradient_bf16, size["pairs"], device)
+    results["bf16_vs_fp32_lrp"] = interleaved_ratio(ours_bf16, ours, size["pairs"], device)
+    reference = ours()
+    low = ours_bf16()
+    cosine = torch.nn.functional.cosine_similarity(low.flatten(1), reference.flatten(1), dim=1)
+    results["bf16_map_cosine_min"] = float(cosine.min())
+    return results
+
+
+def training_steps(device: str, size: dict) -> dict:
+    from . import test_repair_bench as repair_bench
+
+    results = {}
+    for arch, batch, side in size["training"]:
+        config = f"{arch}_{batch}x{side}"
+        channels = 1 if arch in ("tap-cnn", "shortcut-cnn") else 3
+        repair_bench.CONFIGS.setdefault(config, (arch, batch, channels, side))
+        steps = {}
+        for method in repair_bench.METHODS:
+            step = repair_bench.step_function(config, device, method)
+
+            def in_bf16(step=step):
+                with autocast(device, "bf16"):
+                    step()
+
+            steps[method] = in_bf16
+        entry = {"precision": "bf16"}
+        plain = steps["plain"]
+        plain()
+        entry["plain_s"] = median_seconds(plain, device, size["iterations"])
+        model = repair_bench.setup(config, device)[0]
+        model.zero_grad(set_to_none=True)
+        plain_peak = peak_bytes(plain, device)
+        entry["plain_peak_bytes"] = plain_peak
+        for method, step in steps.items():
+            if method == "plain":
+                continue
+            try:
+                step()
+                entry[f"{method}_time_ratio"] = interleaved_ratio(step, plain, size["pairs"], device)
+                model.zero_grad(set_to_none=True)
+                peak = peak_bytes(step, device)
+                entry[f"{method}_memory_ratio"] = peak / plain_peak if peak and plain_peak else None
+            except Exception as error:
+                entry[f"{method}_error"] = _one_line(error)
+        results[config] = entry
+        repair_bench._CACHE.clear()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def audit_throughput(device: str, size: dict) -> dict:
+    arch, batch, side, batches = size["audit"]
+    model, x, _ = _network(arch, batch, side, device)
+    results = {"network": f"{arch} {batch}x{side}^2 (AuditModel: normalisation included)"}
+    for precision in ("fp32", "bf16"):
+        for method in ("lrp_epsilon", "gradcam", "gradient"):
+
+            def run(method=method):
+                with autocast(device, precision):
+                    for _ in range(batches):
+                        attribute(model, x, "pred", method)
+
+            seconds = median_seconds(run, device, max(1, size["iterations"] // 4), warmup=1)
+            results[f"{method}_{precision}_images_per_s"] = batch * batches / seconds
+    return results
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+
+
+SECTIONS = ("copy", "tap_ops", "lrp", "training", "audit")
+
+
+def run(device: str, smoke: bool, budget_s: float, only: tuple[str, ...] = SECTIONS) -> dict:
+    size = SIZES["smoke" if smoke else "full"]
+    torch.backends.cudnn.benchmark = device == "cuda"
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "kernels": {"cpu": ops.extension_status().cpu_backend, "cuda": ops.extension_status().cuda_backend,
+                    "cuda_reason": ops.extension_status().cuda_reason},
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu_bench", *sys.argv[1:]]),
+        "sizes": "smoke" if smoke else "full",
+        "sections": {},
+        "errors": {},
+        "seconds": {},
+    }
+    started = time.perf_counter()
+    copy_gbs = None
+    for name in only:
+        if time.perf_counter() - started > budget_s:
+            report["errors"][name] = f"skipped: the {budget_s:.0f} s budget was spent"
+            continue
+        section_start = time.perf_counter()
+        try:
+            if name == "copy":
+                result = copy_bandwidth(device, size)
+                copy_gbs = result["gb_per_s"]
+            elif name == "tap_ops":
+                result = tap_ops(device, size, copy_gbs)
+            elif name == "lrp":
+                result = lrp(device, size)
+            elif name == "training":
+                result = training_steps(device, size)
+            else:
+                result = audit_throughput(device, size)
+            report["sections"][name] = result
+        except Exception as error:  # one section's failure must not lose the others
+            report["errors"][name] = _one_line(error)
+            report["errors"][f"{name}_traceback"] = traceback.format_exc()[-2000:]
+        report["seconds"][name] = round(time.perf_counter() - section_start, 1)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return report
+
+
+def _fmt(value, digits=3, unit="") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def markdown(report: dict) -> str:
+    """The report as the Markdown tables of benchmarks/RESULTS.md."""
+    lines = [f"GPU benchmarks on {report['device']} (torch {report['torch']}, CUDA {report['cuda']}, "
+             f"kernels: CUDA {report['kernels']['cuda']}); command: `{report['command']}`", ""]
+    sections = report["sections"]
+    if "copy" in sections:
+        lines += [f"Device-to-device copy: {sections['copy']['gb_per_s']:.0f} GB/s (bytes read + written).", ""]
+    if "tap_ops" in sections:
+        lines += ["| TAP op | dtype | forward GB/s | of copy | backward+base GB/s | of copy | fused/eager fwd | "
+                  "penalty fused/eager | penalty fused/compiled | peak fused/eager |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for dtype, e in sections["tap_ops"].items():
+            peak = (e["penalty_fused_peak_bytes"] / e["penalty_eager_peak_bytes"]
+                    if e.get("penalty_fused_peak_bytes") and e.get("penalty_eager_peak_bytes") else None)
+            lines.append(
+                f"| {tuple(e['activation'])} | {dtype} | {e['forward_gb_per_s']:.0f} | {_fmt(e.get('forward_fraction_of_copy'), 2)} | "
+                f"{e['backward_gb_per_s']:.0f} | {_fmt(e.get('backward_fraction_of_copy'), 2)} | "
+                f"{e['fused_vs_eager_forward']:.3f}x | {e['penalty_fused_vs_eager']:.3f}x | "
+                f"{_fmt(e.get('penalty_fused_vs_compiled'), unit='x')} | {_fmt(peak, unit='x')} |")
+        lines.append("")
+    if "lrp" in sections:
+        e = sections["lrp"]
+        lines += [f"LRP-epsilon on {e['network']}: {e['lrp_s'] * 1e3:.1f} ms; (forward + LRP) / (forward + gradient) "
+                  f"{e['lrp_vs_gradient']:.3f}x (bf16: {e['bf16_lrp_vs_gradient']:.3f}x); vs zennit "
+                  f"{_fmt(e.get('lrp_vs_zennit'), unit='x') if 'zennit_error' not in e else e['zennit_error']}; vs captum "
+                  f"{_fmt(e.get('lrp_vs_captum'), unit='x') if 'captum_error' not in e else e['captum_error']}; "
+                  f"bf16/fp32 time {e['bf16_vs_fp32_lrp']:.3f}x, bf16 map cosine >= {e['bf16_map_cosine_min']:.3f}", ""]
+    if "training" in sections:
+        lines += ["| training step (bf16) | plain ms | plain peak MiB | TAP time | TAP mem | RRR time | RRR mem | "
+                  "TEA time | TEA mem | TEA cached time | TEA cached mem |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for config, e in sections["training"].items():
+            cells = []
+            for method in ("tap", "rrr", "tea", "tea_cached"):
+                if f"{method}_error" in e:
+                    cells += [e[f"{method}_error"][:40], ""]
+                else:
+                    cells += [_fmt(e.get(f"{method}_time_ratio"), unit="x"), _fmt(e.get(f"{method}_memory_ratio"), unit="x")]
+            peak = e["plain_peak_bytes"] / 2**20 if e.get("plain_peak_bytes") else None
+            lines.append(f"| {config} | {e['plain_s'] * 1e3:.1f} | {_fmt(peak, 0)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "audit" in sections:
+        e = sections["audit"]
+        lines += [f"Audit throughput, {e['network']}, images/s:", "", "| method | fp32 | bf16 |", "|---|---|---|"]
+        for method in ("lrp_epsilon", "gradcam", "gradient"):
+            lines.append(f"| {method} | {e[f'{method}_fp32_images_per_s']:.0f} | {e[f'{method}_bf16_images_per_s']:.0f} |")
+        lines.append("")
+    for name, error in report["errors"].items():
+        if not name.endswith("_traceback"):
+            lines.append(f"- {name}: {error}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=Path("gpu-check-results"))
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds; later sections are skipped after it")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes (any device)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    only = tuple(s for s in args.only.split(",") if s)
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r}")
+    report = run(args.device, args.smoke, args.budget, only)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu-bench.json").write_text(json.dumps(report, indent=2))
+    (args.out / "gpu-bench.md").write_text(markdown(report))
+    print(markdown(report))
+    return 1 if any(not k.endswith("_traceback") for k in report["errors"]) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
