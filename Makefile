@@ -2,7 +2,7 @@
 #   make demo   set everything up (venv, pinned torch, the build) and run the main job
 #   make test   set everything up and run the tests (what CI runs)
 #
-# Other targets: setup, build, cmake-check, bench, clean.
+# Other targets: setup, build, cmake-check, bench, gpu-check, gpu-wheels, clean.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +12,7 @@ export TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;9.0+PTX
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 
-.PHONY: setup build browser test unit-test cmake-check demo bench clean
+.PHONY: setup build browser test unit-test cmake-check demo bench gpu-check gpu-wheels clean
 
 $(VENV)/.deps-installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,15 @@ $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.deps-installed
 
 bench: setup $(VENV)/.bench-installed
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name $(PYTEST_ARGS)
+
+# The prepared GPU check (tools/gpu_check.py): build for this GPU, every CUDA test, the demo on
+# the GPU, the GPU benchmarks, all figures to $OUT/gpu-results.md/.json. Without a GPU: one line, exit 0.
+gpu-check:
+	bash tools/gpu_check.sh
+
+# The wheels gpu-check installs on the GPU machine (no network there): fills .whl/.
+gpu-wheels:
+	bash tools/gpu_wheels.sh
 
 clean:
 	rm -rf build auditkit/_C*.so *.egg-info .pytest_cache .benchmarks
