@@ -238,7 +238,15 @@ def test_more_targets_than_the_grid_is_tall(device, max_grid_y):
 def test_nan_in_a_mask_window_propagates_like_max_pool(device, kernel_size):
     # The bug: the CUDA dilation kept a NaN only when it was the first pixel of its window.
     # (The CPU kernel refuses NaN masks outright; on CUDA the check costs a sync and is off.)
+    was = ops.debug_checks_enabled()
     ops.set_debug_checks(False)
+    try:
+        _check_nan_propagation(device, kernel_size)
+    finally:
+        ops.set_debug_checks(was)
+
+
+def _check_nan_propagation(device, kernel_size):
     mask = torch.zeros(2, 1, 16, 16, device=device)
     mask[0, 0, 5, 7] = float("nan")
     mask[1, 0, 0, 0] = float("nan")
@@ -369,8 +377,8 @@ def test_activation_just_under_two_to_the_31_elements(device):
     # a 132-multiprocessor GPU, so an int32 loop counter wrapped negative in the backward (the bug).
     # A second tensor past 2^31 takes the 64-bit instantiations without forcing.
     free, _total = torch.cuda.mem_get_info()
-    if free < 24 * 2**30:
-        pytest.skip("needs 24 GiB of free GPU memory")
+    if free < 40 * 2**30:
+        pytest.skip("needs 40 GiB of free GPU memory")
     for shape in [(16, 256, 724, 724), (1, 1, 46341, 46341)]:
         activation = torch.randn(shape, device=device, dtype=torch.float16)
         n, _, h, w = shape
@@ -385,6 +393,6 @@ def test_activation_just_under_two_to_the_31_elements(device):
             want = weighted_relu_sum_backward_reference(grad[sample:sample + 1], a[..., rows, :], wt[:, rows])
             torch.testing.assert_close(out[sample:sample + 1, ..., rows, :], want.to(out.dtype))
             want_penalty = weighted_relu_sum_reference(a.float(), wt)
-            torch.testing.assert_close(penalty[sample:sample + 1], want_penalty, rtol=1e-4, atol=1e-2)
+            torch.testing.assert_close(penalty[sample:sample + 1], want_penalty, rtol=1e-3, atol=1e-2)
         del activation, out
         torch.cuda.empty_cache()
