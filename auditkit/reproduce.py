@@ -121,8 +121,16 @@ def markdown(reproduction: Reproduction) -> str:
 # ---- building blocks: what `auditkit train` and `auditkit repair` do ------------------------------------
 
 
+@dataclass(frozen=True)
+class Compute:
+    """Where and in which precision a reproduction runs (auditkit.device; "auto" by default)."""
+
+    device: str = "auto"
+    precision: str = "auto"
+
+
 def train_model(dataset: AuditDataset, arch: str, variant: str, seed: int, *, fraction: float = 1.0,
-                normalize: bool = True, **config) -> torch.nn.Module:
+                normalize: bool = True, compute: Compute = Compute(), **config) -> torch.nn.Module:
     """A model trained on ``variant`` of the train split (a stratified ``fraction`` of it)."""
     train_set = dataset.select(split="train", variant=variant)
     if fraction < 1:
@@ -132,13 +140,16 @@ def train_model(dataset: AuditDataset, arch: str, variant: str, seed: int, *, fr
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=dataset.num_classes, in_channels=dataset.channels,
                         input_size=dataset.image_size, class_names=dataset.classes, mean=mean, std=std)
-    train_classifier(model, train_set, None, TrainConfig(seed=seed, **config), show_progress=False)
+    train_classifier(model, train_set, None, TrainConfig(seed=seed, device=compute.device, precision=compute.precision,
+                                                         **config), show_progress=False)
     return model
 
 
-def repair_model(model, dataset: AuditDataset, method: str, seed: int, **options) -> torch.nn.Module:
+def repair_model(model, dataset: AuditDataset, method: str, seed: int, *, compute: Compute = Compute(),
+                 **options) -> torch.nn.Module:
     """``model`` fine-tuned with ``method`` and its default settings (no audits: only accuracy is tabled)."""
-    config = RepairConfig(method=method, fit=FitConfig(**METHOD_DEFAULTS[method], seed=seed), audit=None, **options)
+    fit = FitConfig(**METHOD_DEFAULTS[method], seed=seed, device=compute.device, precision=compute.precision)
+    config = RepairConfig(method=method, fit=fit, audit=None, **options)
     return run_repair(model, dataset, config, show_progress=False).model
 
 
@@ -151,43 +162,43 @@ def _copy(model):
 # ---- the reproductions -------------------------------------------------------------------------------------
 
 
-def table9(seeds: list[int], step: Callable[[str], None]) -> Reproduction:
+def table9(seeds: list[int], step: Callable[[str], None], compute: Compute = Compute()) -> Reproduction:
     data = open_dataset(DATA["table9"])
     test = data.select(split="test")
     out = Reproduction("table9", seeds)
     for seed in seeds:
-        base = train_model(data, "tap-cnn", "clean", seed)
-        out.add("Base", evaluate(base, test)); step(f"seed {seed}: Base")
-        shortcut = train_model(data, "tap-cnn", "contaminated", seed)
-        out.add("No XS", evaluate(shortcut, test)); step(f"seed {seed}: No XS")
+        base = train_model(data, "tap-cnn", "clean", seed, compute=compute)
+        out.add("Base", evaluate(base, test, precision=compute.precision)); step(f"seed {seed}: Base")
+        shortcut = train_model(data, "tap-cnn", "contaminated", seed, compute=compute)
+        out.add("No XS", evaluate(shortcut, test, precision=compute.precision)); step(f"seed {seed}: No XS")
         for case, method in (("RRR", "rrr"), ("TAP", "tap")):
-            out.add(case, evaluate(repair_model(_copy(shortcut), data, method, seed), test)); step(f"seed {seed}: {case}")
-        teacher = train_model(data, "tap-cnn", "clean", seed, fraction=0.1, epochs=60, shift=2)
-        out.add("TEA (10% teacher)", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher), test))
+            out.add(case, evaluate(repair_model(_copy(shortcut), data, method, seed, compute=compute), test, precision=compute.precision)); step(f"seed {seed}: {case}")
+        teacher = train_model(data, "tap-cnn", "clean", seed, fraction=0.1, epochs=60, shift=2, compute=compute)
+        out.add("TEA (10% teacher)", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, compute=compute), test, precision=compute.precision))
         step(f"seed {seed}: TEA")
     return out
 
 
-def table12(seeds: list[int], step: Callable[[str], None]) -> Reproduction:
+def table12(seeds: list[int], step: Callable[[str], None], compute: Compute = Compute()) -> Reproduction:
     data = open_dataset(DATA["table12"])
     test = data.select(split="test")
     train = data.select(split="train", variant="contaminated")
     out = Reproduction("table12", seeds)
     for seed in seeds:
-        shortcut = train_model(data, "tap-cnn", "contaminated", seed)
+        shortcut = train_model(data, "tap-cnn", "contaminated", seed, compute=compute)
         torch.manual_seed(seed)
         teachers = {
-            "10% teacher": train_model(data, "tap-cnn", "clean", seed, fraction=0.1, epochs=60, shift=2),
-            "1% teacher": train_model(data, "tap-cnn", "clean", seed, fraction=0.01, epochs=200, shift=2),
+            "10% teacher": train_model(data, "tap-cnn", "clean", seed, fraction=0.1, epochs=60, shift=2, compute=compute),
+            "1% teacher": train_model(data, "tap-cnn", "clean", seed, fraction=0.01, epochs=200, shift=2, compute=compute),
             "random": _copy(shortcut).apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None),
         }
         for tau in (0.01, 0.05, 0.1):
             for name, teacher in teachers.items():
-                annotated, stats = annotate(teacher, train, AnnotationConfig(tau=tau), show_progress=False)
+                annotated, stats = annotate(teacher, train, AnnotationConfig(tau=tau, precision=compute.precision), show_progress=False)
                 repaired_data = AuditDataset(annotated.records + data.select(split="val").records + test.records,
                                              data.info, channels=data.channels, image_size=data.image_size)
-                model = repair_model(_copy(shortcut), repaired_data, "tap", seed, lam=TEACHER_MASK_LAMBDA["tap"])
-                out.add(f"{name} τ={tau}", evaluate(model, test),
+                model = repair_model(_copy(shortcut), repaired_data, "tap", seed, lam=TEACHER_MASK_LAMBDA["tap"], compute=compute)
+                out.add(f"{name} τ={tau}", evaluate(model, test, precision=compute.precision),
                         {"annotation recall": stats["recall"], "annotation precision": stats["precision"],
                          "mask area": stats["mean_mask_area"]})
                 step(f"seed {seed}: {name} τ={tau}")
@@ -197,25 +208,25 @@ def table12(seeds: list[int], step: Callable[[str], None]) -> Reproduction:
 COLORED_TEACHER = {"epochs": 300, "shift": 2, "rotate": 15.0, "scale": 0.15, "channel_shuffle": True}  # `auditkit train` options
 
 
-def colored(seeds: list[int], step: Callable[[str], None]) -> Reproduction:
+def colored(seeds: list[int], step: Callable[[str], None], compute: Compute = Compute()) -> Reproduction:
     data = open_dataset(DATA["colored"])
     test = data.select(split="test")
     out = Reproduction("colored", seeds)
     for seed in seeds:
         # The "lazy" shortcut CNN of seed 004: a few SGD epochs on the biased (easy) set.
         shortcut = train_model(data, "shortcut-cnn", "contaminated", seed, normalize=False, epochs=3,
-                               optimizer="sgd", lr=0.01)
-        out.add("shortcut CNN", evaluate(shortcut, test)); step(f"seed {seed}: shortcut")
-        reference = train_model(data, "shortcut-cnn", "permuted", seed, normalize=False)  # all 3,500 clean images
-        out.add("trained on all clean data", evaluate(reference, test)); step(f"seed {seed}: clean reference")
+                               optimizer="sgd", lr=0.01, compute=compute)
+        out.add("shortcut CNN", evaluate(shortcut, test, precision=compute.precision)); step(f"seed {seed}: shortcut")
+        reference = train_model(data, "shortcut-cnn", "permuted", seed, normalize=False, compute=compute)  # all 3,500
+        out.add("trained on all clean data", evaluate(reference, test, precision=compute.precision)); step(f"seed {seed}: clean reference")
         # 350 clean images: augmentation (shifts, turns, zooms, channel orders) and long training (docs/methods/tea.md).
-        teacher = train_model(data, "shortcut-cnn", "permuted", seed, normalize=False, fraction=0.1, **COLORED_TEACHER)
-        out.add("teacher (10% clean)", evaluate(teacher, test)); step(f"seed {seed}: teacher")
-        out.add("TEA", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher), test))
+        teacher = train_model(data, "shortcut-cnn", "permuted", seed, normalize=False, fraction=0.1, **COLORED_TEACHER, compute=compute)
+        out.add("teacher (10% clean)", evaluate(teacher, test, precision=compute.precision)); step(f"seed {seed}: teacher")
+        out.add("TEA", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, compute=compute), test, precision=compute.precision))
         step(f"seed {seed}: TEA")
-        heatmaps_alone = repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, tea_distill_weight=0.0)
-        out.add("TEA, heatmaps alone", evaluate(heatmaps_alone, test)); step(f"seed {seed}: TEA, heatmaps alone")
-        out.add("TAP (background masks)", evaluate(repair_model(_copy(shortcut), data, "tap", seed), test))
+        heatmaps_alone = repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, tea_distill_weight=0.0, compute=compute)
+        out.add("TEA, heatmaps alone", evaluate(heatmaps_alone, test, precision=compute.precision)); step(f"seed {seed}: TEA, heatmaps alone")
+        out.add("TAP (background masks)", evaluate(repair_model(_copy(shortcut), data, "tap", seed, compute=compute), test, precision=compute.precision))
         step(f"seed {seed}: TAP")
     return out
 
@@ -223,10 +234,10 @@ def colored(seeds: list[int], step: Callable[[str], None]) -> Reproduction:
 REPRODUCTIONS = {"table9": (table9, 6), "table12": (table12, 10), "colored": (colored, 6)}  # name: (fn, steps/seed)
 
 
-def reproduce(name: str, seeds: list[int], show_progress: bool = True) -> Reproduction:
+def reproduce(name: str, seeds: list[int], show_progress: bool = True, compute: Compute = Compute()) -> Reproduction:
     function, steps = REPRODUCTIONS[name]
     with progress_bar(f"reproducing {name}", total=steps * len(seeds), enabled=show_progress) as bar:
-        return function(seeds, lambda what: bar.advance(1))
+        return function(seeds, lambda what: bar.advance(1), compute)
 
 
-__all__ = ["PUBLISHED", "REPRODUCTIONS", "Reproduction", "markdown", "reproduce"]
+__all__ = ["PUBLISHED", "REPRODUCTIONS", "Compute", "Reproduction", "markdown", "reproduce"]

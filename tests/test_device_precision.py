@@ -16,7 +16,7 @@ from auditkit.explain import METHODS, attribute
 from auditkit.models import build_model
 
 runner = CliRunner()
-COMPUTING_COMMANDS = ["train", "evaluate", "explain", "audit", "repair", "annotate", "demo"]
+COMPUTING_COMMANDS = ["train", "evaluate", "explain", "audit", "repair", "annotate", "demo", "reproduce"]
 
 
 @pytest.mark.parametrize("command", COMPUTING_COMMANDS)

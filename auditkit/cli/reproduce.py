@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import JsonOption, QuietOption, handles_errors, write_json
+from ._common import DeviceOption, JsonOption, PrecisionOption, QuietOption, handles_errors, write_json
 
 
 @handles_errors
@@ -15,6 +15,8 @@ def reproduce(
     name: Annotated[str, typer.Argument(help="table9, table12 or colored.")],
     seeds: Annotated[int, typer.Option(help="Number of seeds (0, 1, ...); the tables use 5.")] = 5,
     out: Annotated[Path, typer.Option("--out", help="Folder for NAME.md (the table) and NAME.json (per-seed numbers).")] = Path("reproductions"),
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     json_path: JsonOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -31,14 +33,17 @@ def reproduce(
 
     from .._io import atomic_write_text
     from ..errors import AuditkitError
-    from ..reproduce import REPRODUCTIONS, markdown
+    from ..device import resolve_device, resolve_precision
+    from ..reproduce import REPRODUCTIONS, Compute, markdown
     from ..reproduce import reproduce as run
 
     if name not in REPRODUCTIONS:
         raise AuditkitError(f"unknown reproduction {name!r}; choose one of {', '.join(REPRODUCTIONS)}")
     if seeds < 1:
         raise AuditkitError(f"--seeds must be at least 1; got {seeds}")
-    result = run(name, list(range(seeds)), show_progress=not quiet)
+    target = resolve_device(device)
+    compute = Compute(str(target), resolve_precision(precision, target))
+    result = run(name, list(range(seeds)), show_progress=not quiet, compute=compute)
     table = markdown(result)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{name}.md", table, overwrite=True)
