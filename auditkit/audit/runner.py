@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__
 from .._progress import progress_bar
-from ..data import AuditDataset, collate
+from ..data import AuditDataset, collate, to_uint8
 from ..data.contaminations import make_contamination
 from ..data.dataset import Record
 from ..device import autocast, model_device, resolve_device, resolve_precision
@@ -97,11 +97,10 @@ def add_permuted_variant(dataset: AuditDataset, seed: int) -> AuditDataset:
     images = torch.stack([dataset[k].image for k in clean])
     labels = torch.tensor([dataset.records[k].label for k in clean])
     out, masks = contamination.apply(images, labels, "permuted", np.random.default_rng(seed), dataset.num_classes)
-    pixels = (out.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    mask_pixels = (masks[:, 0] * 255).round().byte().numpy()
+    pixels, mask_pixels = to_uint8(out), to_uint8(masks)
     extra = [
-        Record(pixels[j] if pixels.shape[-1] == 3 else pixels[j, :, :, 0], dataset.records[k].label, mask_pixels[j],
-               "permuted", dataset.records[k].group, dataset.records[k].split)
+        Record(pixels[j], dataset.records[k].label, mask_pixels[j], "permuted", dataset.records[k].group,
+               dataset.records[k].split)
         for j, k in enumerate(clean)
     ]
     return AuditDataset(dataset.records + extra, dataset.info, channels=dataset.channels, image_size=dataset.image_size)

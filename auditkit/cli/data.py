@@ -39,9 +39,10 @@ def make(
     from rich.console import Console
 
     from .._progress import progress_bar
-    from ..data import make_dataset, write_dataset
+    from ..data import SOURCES, make_dataset, open_dataset, write_dataset
 
-    dataset = make_dataset(kind, source=source, params=parse_params(param), seed=seed)
+    images = source if source in SOURCES else open_dataset(source)  # a built-in source, or the user's data
+    dataset = make_dataset(kind, source=images, params=parse_params(param), seed=seed)
     with progress_bar(f"writing {len(dataset)} images", total=len(dataset)) as bar:
         folder = write_dataset(dataset, out_dir, fmt=fmt, overwrite=force, progress=bar.advance)
     summary = dataset.summary()

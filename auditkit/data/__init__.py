@@ -11,7 +11,8 @@ from __future__ import annotations
 from .builtin import BUILTINS, builtin_dataset, make_dataset
 from .contaminations import CONTAMINATIONS, contaminate_dataset, make_contamination
 from .dataset import AuditDataset, Batch, DatasetInfo, Record, Sample, collate, make_loader
-from .readers import open_dataset
+from .entry import open_dataset
+from .images import to_uint8
 from .sources import SOURCES, load_source, stratified_split
 from .write import write_dataset
 
@@ -33,5 +34,6 @@ __all__ = [
     "make_loader",
     "open_dataset",
     "stratified_split",
+    "to_uint8",
     "write_dataset",
 ]

@@ -21,6 +21,7 @@ import torch
 from ..errors import DataError
 from .contaminations import contaminate_dataset, make_contamination
 from .dataset import AuditDataset, DatasetInfo, Record
+from .images import to_uint8
 from .sources import SOURCES, load_source, stratified_split
 
 # name -> (image source, contamination kind or None)
@@ -61,24 +62,20 @@ def parse_value(text: str) -> object:
     return text
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) float in [0, 1] -> (N, H, W) or (N, H, W, C) uint8."""
-    pixels = (images.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-    return pixels[:, 0] if pixels.shape[1] == 1 else pixels.transpose(0, 2, 3, 1)
-
-
-def _source_images(source: str, seed: int):
-    """(images (N,C,H,W) float, labels, classes, {split: indices}, description) of a source."""
-    if source in SOURCES:
+def _source_images(source: str | AuditDataset, seed: int):
+    """(images (N,C,H,W) float, labels, classes, {split: indices}, description) of a source: the
+    name of a built-in image source, or a dataset (the user's, opened by auditkit.data.open_dataset)."""
+    if isinstance(source, str):
+        if source not in SOURCES:
+            raise DataError(f"unknown image source {source!r}; built-in sources: {', '.join(SOURCES)} "
+                            "(or pass an opened dataset)")
         pixels, labels = load_source(source)
         images = torch.from_numpy(pixels).float().div(255.0).unsqueeze(1)
         classes = tuple(str(k) for k in range(int(labels.max()) + 1))
         return images, labels, classes, stratified_split(labels, seed), f"built-in {source} digits"
-    from .readers import open_dataset  # a user dataset
-
-    dataset = open_dataset(source)
+    dataset = source
     if len(dataset) == 0:
-        raise DataError(f"{source}: no samples to contaminate")
+        raise DataError(f"{dataset.info.name}: no samples to contaminate")
     samples = [dataset[k] for k in range(len(dataset))]
     images = torch.stack([s.image for s in samples])
     labels = np.array([s.label for s in samples], dtype=np.int64)
@@ -87,18 +84,19 @@ def _source_images(source: str, seed: int):
         split_indices = {name: np.flatnonzero(np.array(splits) == name) for name in dict.fromkeys(splits)}
     else:
         split_indices = stratified_split(labels, seed)
-    return images, labels, dataset.classes, split_indices, f"{source}"
+    return images, labels, dataset.classes, split_indices, dataset.info.source or dataset.info.name
 
 
 def make_dataset(
     kind: str | None,
     *,
-    source: str = "mnist",
+    source: str | AuditDataset = "mnist",
     params: dict | None = None,
     seed: int = 0,
     name: str | None = None,
 ) -> AuditDataset:
-    """Every split of ``source`` in every variant of the contamination ``kind`` (None: clean only)."""
+    """Every split of ``source`` (a built-in image source's name or an opened dataset) in every
+    variant of the contamination ``kind`` (None: clean only)."""
     params = dict(params or {})
     contamination = make_contamination(kind, **params) if kind else None
     images, labels, classes, split_indices, description = _source_images(source, seed)
@@ -122,7 +120,9 @@ def make_dataset(
                 for k in range(len(pixels))
             ]
     generator = {**contamination.params(), "seed": seed} if contamination else {"seed": seed}
-    info = DatasetInfo(name=name or f"{kind or 'clean'}:{source}", source=description, classes=classes, generator=generator)
+    source_name = source if isinstance(source, str) else (source.info.source or source.info.name)
+    info = DatasetInfo(name=name or f"{kind or 'clean'}:{source_name}", source=description, classes=classes,
+                       generator=generator)
     return AuditDataset(records, info)
 
 

@@ -31,47 +31,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".pp
 MASK_FOLDER = "masks"
 
 
-def open_dataset(
-    spec: str | Path,
-    *,
-    split: str | None = None,
-    variant: str | list[str] | None = None,
-    mask_meaning: str | None = None,
-) -> AuditDataset:
-    """Opens any supported dataset; ``split``/``variant`` select a subset."""
-    text = str(spec)
-    if text.startswith("builtin:"):
-        from .builtin import builtin_dataset
-
-        dataset = builtin_dataset(text)
-    else:
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise DataError(f"{path}: no such file or folder")
-        if path.is_dir():
-            if (path / "manifest.csv").is_file():
-                dataset = read_manifest_folder(path)
-            elif (path / "dataset.npz").is_file():
-                dataset = read_npz(path / "dataset.npz")
-                _apply_folder_meta(dataset, path)
-            else:
-                dataset = read_image_folder(path)
-        elif path.suffix.lower() == ".npz":
-            dataset = read_npz(path)
-        elif path.suffix.lower() == ".csv":
-            dataset = read_box_csv(path)
-        else:
-            raise DataError(
-                f"{path}: not a dataset; give a folder (manifest.csv or split/class/*.png), "
-                "a .csv of bounding boxes, a .npz, or builtin:NAME"
-            )
-    if mask_meaning is not None:
-        dataset.info.mask_meaning = mask_meaning
-    if split is not None or variant is not None:
-        dataset = dataset.select(split=split, variant=variant)
-    return dataset
-
-
 # ---- labels ----------------------------------------------------------------------------
 
 
@@ -127,7 +86,7 @@ def _folder_meta(folder: Path) -> dict:
     return meta
 
 
-def _apply_folder_meta(dataset: AuditDataset, folder: Path) -> None:
+def apply_folder_meta(dataset: AuditDataset, folder: Path) -> None:
     meta = _folder_meta(folder)
     dataset.info.name = meta.get("name", folder.name)
     dataset.info.source = str(folder)

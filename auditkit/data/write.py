@@ -22,14 +22,9 @@ import numpy as np
 from .._version import __version__
 from ..errors import DataError
 from .dataset import AuditDataset
+from .images import to_uint8
 
 FORMATS = ("png", "npz")
-
-
-def _uint8(tensor) -> np.ndarray:
-    """(C, H, W) float in [0, 1] -> (H, W) or (H, W, C) uint8."""
-    pixels = (tensor.clamp(0, 1) * 255.0).round().byte().numpy()
-    return pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
@@ -52,10 +47,10 @@ def _write_png_folder(dataset: AuditDataset, folder: Path, progress: Callable[[i
             number = counters.get(key, 0)
             counters[key] = number + 1
             relative = Path(key[0]) / key[1] / f"{number:06d}.png"
-            _write_png(folder / "images" / relative, _uint8(sample.image))
+            _write_png(folder / "images" / relative, to_uint8(sample.image))
             mask_path = ""
             if sample.mask is not None:
-                _write_png(folder / "masks" / relative, _uint8(sample.mask))
+                _write_png(folder / "masks" / relative, to_uint8(sample.mask))
                 mask_path = str(Path("masks") / relative)
             writer.writerow(
                 [str(Path("images") / relative), dataset.classes[sample.label], record.split, record.variant,
@@ -69,8 +64,8 @@ def _write_npz(dataset: AuditDataset, folder: Path, progress: Callable[[int], No
     for k in range(len(dataset)):
         samples.append(dataset[k])
         progress(1)
-    images = np.stack([_uint8(s.image) for s in samples])
-    masks = np.stack([_uint8(s.mask) if s.mask is not None else np.zeros(images.shape[1:3], np.uint8) for s in samples])
+    images = np.stack([to_uint8(s.image) for s in samples])
+    masks = np.stack([to_uint8(s.mask) if s.mask is not None else np.zeros(images.shape[1:3], np.uint8) for s in samples])
     np.savez_compressed(
         folder / "dataset.npz",
         images=images,

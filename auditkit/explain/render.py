@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from ..data.images import to_uint8
 from ..errors import AuditkitError
 
 
@@ -45,9 +46,8 @@ def colorize(heatmap: torch.Tensor, signed: bool | None = None) -> np.ndarray:
 
 def to_rgb(image: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [0, 1] -> (H, W, 3) uint8."""
-    pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().numpy()
-    pixels = np.repeat(pixels, 3, axis=0) if pixels.shape[0] == 1 else pixels[:3]
-    return pixels.transpose(1, 2, 0).copy()
+    pixels = to_uint8(image)
+    return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else np.ascontiguousarray(pixels[:, :, :3])
 
 
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.55, signed: bool | None = None) -> np.ndarray:

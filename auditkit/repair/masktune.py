@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .._progress import progress_bar
-from ..data import AuditDataset, collate
+from ..data import AuditDataset, collate, to_uint8
 from ..data.dataset import Record
 from ..explain import attribute
 
@@ -31,8 +31,7 @@ def masktune_dataset(model, dataset: AuditDataset, *, sigmas: float = 2.0, batch
             threshold = (flat.mean(1) + sigmas * flat.std(1)).view(-1, 1, 1)
             salient = (cams > threshold).unsqueeze(1)
             masked = batch.images.masked_fill(salient, 0.0)
-            pixels = (masked.clamp(0, 1) * 255).round().byte().cpu().numpy()
-            pixels = pixels[:, 0] if pixels.shape[1] == 1 else pixels.transpose(0, 2, 3, 1)
+            pixels = to_uint8(masked)
             for j, k in enumerate(indices):
                 r = dataset.records[k]
                 records.append(Record(np.ascontiguousarray(pixels[j]), r.label, None, r.variant, r.group, r.split))

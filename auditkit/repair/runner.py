@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..audit import AuditConfig, run_audit
 from ..audit.metrics import remove_region
-from ..data import AuditDataset, collate
+from ..data import AuditDataset, collate, to_uint8
 from ..data.dataset import Record
 from ..device import resolve_device, resolve_precision
 from ..distributed import Context
@@ -159,7 +159,7 @@ def _with_object_masks(dataset: AuditDataset) -> AuditDataset:
         mask = r.mask
         if mask is not None:
             pixels = dataset._read_mask(r, dataset._read_pixels(r).shape[:2])
-            mask = np.ascontiguousarray(((1.0 - pixels) * 255).round().astype(np.uint8))
+            mask = to_uint8(1.0 - pixels)
         records.append(Record(r.image, r.label, mask, r.variant, r.group, r.split))
     return AuditDataset(records, dataset.info, channels=dataset.channels, image_size=dataset.image_size)
 
@@ -209,10 +209,8 @@ def validation_data(dataset: AuditDataset, config: RepairConfig, seed: int) -> A
     for k in range(len(reference)):
         sample = reference[k]
         image = sample.image if sample.mask is None else remove_region(sample.image, sample.mask, seed + k)
-        pixels = (image.clamp(0, 1) * 255).round().byte().numpy()
-        pixels = pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
         r = reference.records[k]
-        records.append(Record(np.ascontiguousarray(pixels), r.label, None, "counterfactual", r.group, r.split))
+        records.append(Record(to_uint8(image), r.label, None, "counterfactual", r.group, r.split))
     return AuditDataset(records, reference.info, channels=reference.channels, image_size=reference.image_size)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .._progress import progress_bar
-from ..data import AuditDataset, collate
+from ..data import AuditDataset, collate, to_uint8
 from ..data.dataset import Record
 from ..device import autocast, model_device, resolve_precision
 from ..errors import AuditkitError
@@ -102,7 +102,7 @@ def annotate(
                 images = batch.images.to(device)
                 with autocast(device, precision):
                     predicted = saliency_masks(teacher, images, config).cpu()
-                masks[start : start + len(predicted)] = (predicted[:, 0] * 255).byte().numpy()
+                masks[start : start + len(predicted)] = to_uint8(predicted)
                 truth = (batch.masks > 0.5) & batch.has_mask.view(-1, 1, 1, 1)
                 overlap += float((truth & (predicted > 0.5)).sum())
                 ground_truth += float(truth.sum())
