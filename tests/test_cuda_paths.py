@@ -147,11 +147,11 @@ def test_a_gpu_without_kernel_image_falls_back_to_the_reference():
         import json, warnings
         import torch
         from auditkit import ops
-        from auditkit.ops import _registrations
+        from auditkit.ops import _library
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            none = _registrations.check_cuda_devices({"cuda:0": (9, 0)})
-            reason = _registrations.check_cuda_devices({"cuda:0": (9, 0), "cuda:1": (7, 0)})
+            none = _library.check_cuda_devices({"cuda:0": (9, 0)})
+            reason = _library.check_cuda_devices({"cuda:0": (9, 0), "cuda:1": (7, 0)})
         dump = torch._C._dispatch_dump("auditkit::weighted_relu_sum")
         cuda_line = [l for l in dump.splitlines() if l.startswith("CUDA:")][0]
         print(json.dumps({
@@ -167,7 +167,7 @@ def test_a_gpu_without_kernel_image_falls_back_to_the_reference():
     assert out["none"] is None
     assert "cuda:1 (sm_70)" in out["reason"] and "cuda:0" not in out["reason"]
     assert out["status"] == out["reason"] and out["live"] is False
-    assert "_registrations.py" in out["cuda_line"]  # the reference now serves CUDA tensors
+    assert "_library.py" in out["cuda_line"]  # the reference now serves CUDA tensors
     assert len(out["warned"]) == 1 and "TORCH_CUDA_ARCH_LIST" in out["warned"][0]
 
 

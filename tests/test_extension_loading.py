@@ -15,7 +15,7 @@ import torch
 
 import auditkit
 from auditkit import ops
-from auditkit.ops._registrations import SCHEMAS
+from auditkit.ops._library import SCHEMAS
 
 PACKAGE_DIR = Path(auditkit.__file__).parent
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .. import ops as _ops  # noqa: F401  (registers the auditkit::lrp_epsilon_* ops)
+from ..ops import lrp_epsilon_conv2d, lrp_epsilon_linear, lrp_epsilon_ratio
 from ..errors import ModelError
 
 DEFAULT_EPSILON = 1e-6
@@ -266,7 +266,7 @@ def _batch_norm_scale(bn: nn.BatchNorm2d, bn_input: torch.Tensor) -> torch.Tenso
 def _linear_map_rule(fn, a: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor, k: int, epsilon: float, create_graph: bool):
     """The epsilon rule for a bias-free linear map z = fn(a) (pooling, resizing):
     R_in = a * J^T (R / (z + eps sign z)), with J^T from autograd (fn is linear, so any point works)."""
-    s = torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, epsilon)
+    s = lrp_epsilon_ratio(relevance, z, epsilon)
     with torch.enable_grad():
         probe = torch.zeros((relevance.shape[0], *a.shape[1:]), dtype=a.dtype, device=a.device, requires_grad=True)
         (contribution,) = torch.autograd.grad(fn(probe), probe, s, create_graph=create_graph)
@@ -277,7 +277,7 @@ def _average_pool_rule(params, a: torch.Tensor, z: torch.Tensor, relevance: torc
     """The epsilon rule for average pooling (``params`` None: adaptive), a linear map: the
     transpose is the pooling's own backward kernel; an adaptive pool to the same size is the
     identity."""
-    s = torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, ctx.epsilon)
+    s = lrp_epsilon_ratio(relevance, z, ctx.epsilon)
     if params is None and z.shape[-2:] == a.shape[-2:]:
         contribution = s
     else:
@@ -336,7 +336,7 @@ class _Context:
 def _conv_rule(ctx: _Context, conv: nn.Conv2d, a, z, relevance, weight=None):
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise UnsupportedLayerError(f"LRP supports zero-padded convolutions with numeric padding; got {conv}")
-    return torch.ops.auditkit.lrp_epsilon_conv2d(
+    return lrp_epsilon_conv2d(
         a, z, relevance, conv.weight if weight is None else weight, list(_pair(conv.stride)),
         list(_pair(conv.padding)), list(_pair(conv.dilation)), conv.groups, ctx.epsilon,
     )
@@ -355,9 +355,9 @@ def _module_rule(ctx: _Context, node: fx.Node, relevance: torch.Tensor) -> list[
     if isinstance(module, nn.Conv2d):
         return [(source, _conv_rule(ctx, module, a, z, relevance))]
     if isinstance(module, nn.Linear):
-        return [(source, torch.ops.auditkit.lrp_epsilon_linear(a, z, relevance, module.weight, ctx.epsilon))]
+        return [(source, lrp_epsilon_linear(a, z, relevance, module.weight, ctx.epsilon))]
     if isinstance(module, nn.BatchNorm2d):  # not after a conv: an elementwise affine layer
-        s = torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, ctx.epsilon)
+        s = lrp_epsilon_ratio(relevance, z, ctx.epsilon)
         scale = _batch_norm_scale(module, a).view(1, -1, 1, 1)
         return [(source, _flat(_per_target(s, ctx.k) * (a * scale)))]
     if isinstance(module, nn.AdaptiveAvgPool2d):
@@ -398,7 +398,7 @@ def _function_rule(ctx: _Context, node: fx.Node, relevance: torch.Tensor) -> lis
             return [(tensors[0], relevance)]
         if any(ctx.value(t).shape != z.shape for t in tensors):
             raise UnsupportedLayerError(f"LRP supports additions of same-shape tensors only ({node.name})")
-        s = _per_target(torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, ctx.epsilon), ctx.k)
+        s = _per_target(lrp_epsilon_ratio(relevance, z, ctx.epsilon), ctx.k)
         return [(t, _flat(s * ctx.value(t))) for t in tensors]
     if target in (operator.mul, torch.mul, operator.imul):
         tensors = [arg for arg in args[:2] if isinstance(arg, fx.Node) and isinstance(ctx.value(arg), torch.Tensor)]
@@ -422,11 +422,11 @@ def _function_rule(ctx: _Context, node: fx.Node, relevance: torch.Tensor) -> lis
         if target is F.linear:
             if a.dim() != 2:
                 raise UnsupportedLayerError(f"LRP supports linear layers on (N, features) inputs ({node.name})")
-            return [(given["input"], torch.ops.auditkit.lrp_epsilon_linear(a, z, relevance, weight, ctx.epsilon))]
+            return [(given["input"], lrp_epsilon_linear(a, z, relevance, weight, ctx.epsilon))]
         padding = ctx.value(given.get("padding", 0))
         if isinstance(padding, str):
             raise UnsupportedLayerError(f"LRP supports numeric convolution padding; {node.name} has {padding!r}")
-        step = torch.ops.auditkit.lrp_epsilon_conv2d(
+        step = lrp_epsilon_conv2d(
             a, z, relevance, weight, list(_pair(ctx.value(given.get("stride", 1)))), list(_pair(padding)),
             list(_pair(ctx.value(given.get("dilation", 1)))), ctx.value(given.get("groups", 1)), ctx.epsilon,
         )

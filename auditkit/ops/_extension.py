@@ -167,7 +167,7 @@ def status() -> ExtensionStatus:
 
 
 # Set once CUDA initialises, if a visible GPU has no kernel image in the build (see
-# auditkit/ops/_registrations.py, which then serves CUDA tensors with the reference).
+# auditkit/ops/_library.py, which then serves CUDA tensors with the reference).
 _cuda_device_fallback: str | None = None
 
 

@@ -8,9 +8,10 @@ The max pool widens each annotated region by k//2 pixels to cover the
 receptive field around it; the adaptive average brings it to the layer's
 resolution with exactly torch.nn.functional.adaptive_avg_pool2d's windows.
 
-Two kernels do the work: ``downscale_mask`` computes D(M) for every targeted
-layer in one pass over the mask (tiny outputs), and ``weighted_relu_sum``
-streams each activation once. ``tap_loss`` calls the first once per batch.
+Two ops do the work (a file each, with their fake and autograd registrations):
+``downscale_mask`` computes D(M) for every targeted layer in one pass over the
+mask (tiny outputs), and ``weighted_relu_sum`` streams each activation once.
+``tap_loss`` calls the first once per batch.
 """
 
 from __future__ import annotations
@@ -19,56 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import (
-    check_downscale_mask_args,
-    check_mask_values,
-    check_tap_penalty_args,
-    check_weighted_relu_sum_args,
-    debug_checks_enabled,
-)
+from ._checks import check_tap_penalty_args
 from ._reference import accumulate_dtype
-
-
-def _maybe_check_values(mask: torch.Tensor) -> None:
-    # CPU kernels check the mask range for free; elsewhere it costs a device
-    # sync, so only in debug mode (and never while torch.compile traces).
-    if debug_checks_enabled() and mask.device.type != "cpu" and not torch.compiler.is_compiling():
-        check_mask_values(mask)
-
-
-def downscale_masks(
-    mask: torch.Tensor,
-    sizes: Sequence[tuple[int, int]],
-    kernel_size: int = 3,
-    dtype: torch.dtype | None = None,
-) -> list[torch.Tensor]:
-    """D(M) of Eq. 7 for several layer sizes at once: a list of (N, h, w) tensors.
-
-    ``mask`` is (N, 1, H, W) or (N, H, W) with values in [0, 1], H >= h, W >= w.
-    ``dtype`` defaults to float64 for a float64 mask, else float32.
-    """
-    pairs = [(int(h), int(w)) for h, w in sizes]
-    check_downscale_mask_args(mask, kernel_size, pairs, dtype)
-    _maybe_check_values(mask)
-    flat = [s for pair in pairs for s in pair]
-    return list(torch.ops.auditkit.downscale_mask(mask.detach(), kernel_size, flat, dtype))
-
-
-def downscale_mask(
-    mask: torch.Tensor, size: tuple[int, int], kernel_size: int = 3, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """D(M) of Eq. 7 at one size, as an (N, h, w) tensor."""
-    return downscale_masks(mask, [size], kernel_size, dtype)[0]
-
-
-def weighted_relu_sum(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """P[n] = sum_{c,i,j} weights[n,i,j] * relu(activation[n,c,i,j]), one pass over the activation.
-
-    Differentiable in ``activation`` (weights are constants). The result is
-    float32 (float64 for float64 activations) and so is the accumulation.
-    """
-    check_weighted_relu_sum_args(activation, weights)
-    return torch.ops.auditkit.weighted_relu_sum(activation, weights)
+from .downscale_mask import downscale_mask, downscale_masks
+from .weighted_relu_sum import weighted_relu_sum, weighted_relu_sum_backward
 
 
 def tap_penalty(activation: torch.Tensor, mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
@@ -120,7 +75,7 @@ def _penalty_with_deferred_gradient(activation: torch.Tensor, weights: torch.Ten
                 "the penalty; target layers the network uses, or pass defer_gradient=False"
             )
         grad_penalty, saved, w = pending.pop()
-        return torch.ops.auditkit.weighted_relu_sum_backward(grad_penalty, saved, w, grad)
+        return weighted_relu_sum_backward(grad_penalty, saved, w, grad)
 
     activation.register_hook(add_penalty_gradient)
     return _DeferredPenaltyGradient.apply(activation, weights, pending)

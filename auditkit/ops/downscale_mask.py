@@ -1,0 +1,93 @@
+"""D(M) of TAP Eq. 7: the mask dilated by a k x k max pool, then averaged to each layer's size.
+
+    D(M) = AdaptiveAvgPool_(h,w)( MaxPool_{k, stride 1, pad k//2}(M) )
+
+One op, ``auditkit::downscale_mask(mask, kernel_size, sizes, dtype)``, computes it for every
+targeted layer's size in one pass over the mask (a training step calls it once per batch); its
+windows are exactly those of ``torch.nn.functional.adaptive_avg_pool2d``. Not differentiable:
+masks are constant annotations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _library
+from ._checks import check_downscale_mask_args, check_mask_values, debug_checks_enabled
+from ._reference import downscale_mask_reference
+
+SCHEMA = "downscale_mask(Tensor mask, int kernel_size, int[] sizes, ScalarType? dtype=None) -> Tensor[]"
+
+
+def size_pairs(sizes) -> list[tuple[int, int]]:
+    """[h0, w0, h1, w1, ...] -> [(h0, w0), (h1, w1), ...]"""
+    if len(sizes) % 2:
+        raise ValueError(f"downscale_mask: `sizes` must list (height, width) pairs; got {list(sizes)}")
+    return [(sizes[k], sizes[k + 1]) for k in range(0, len(sizes), 2)]
+
+
+def downscaled_dtype(mask: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.float64 if mask.dtype == torch.float64 else torch.float32
+
+
+def _reference_kernel(mask, kernel_size, sizes, dtype=None):
+    pairs = size_pairs(sizes)
+    check_downscale_mask_args(mask, kernel_size, pairs, dtype)
+    if mask.device.type == "cpu":
+        check_mask_values(mask)  # the compiled CPU kernel checks this too, for free
+    out_dtype = downscaled_dtype(mask, dtype)
+    return [downscale_mask_reference(mask, size, kernel_size, out_dtype) for size in pairs]
+
+
+_library.define("downscale_mask", SCHEMA, _reference_kernel)
+
+
+@torch.library.register_fake("auditkit::downscale_mask")
+def _fake(mask, kernel_size, sizes, dtype=None):
+    pairs = size_pairs(sizes)
+    check_downscale_mask_args(mask, kernel_size, pairs, dtype)
+    out_dtype = downscaled_dtype(mask, dtype)
+    return [mask.new_empty((mask.shape[0], h, w), dtype=out_dtype) for h, w in pairs]
+
+
+torch.library.register_autograd(
+    "auditkit::downscale_mask",
+    _library.refuse("auditkit: downscale_mask is not differentiable; masks are constant annotations"),
+    setup_context=_library.no_context,
+)
+
+
+def _maybe_check_values(mask: torch.Tensor) -> None:
+    # CPU kernels check the mask range for free; elsewhere it costs a device
+    # sync, so only in debug mode (and never while torch.compile traces).
+    if debug_checks_enabled() and mask.device.type != "cpu" and not torch.compiler.is_compiling():
+        check_mask_values(mask)
+
+
+def downscale_masks(
+    mask: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+    kernel_size: int = 3,
+    dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """D(M) of Eq. 7 for several layer sizes at once: a list of (N, h, w) tensors.
+
+    ``mask`` is (N, 1, H, W) or (N, H, W) with values in [0, 1], H >= h, W >= w.
+    ``dtype`` defaults to float64 for a float64 mask, else float32.
+    """
+    pairs = [(int(h), int(w)) for h, w in sizes]
+    check_downscale_mask_args(mask, kernel_size, pairs, dtype)
+    _maybe_check_values(mask)
+    flat = [s for pair in pairs for s in pair]
+    return list(torch.ops.auditkit.downscale_mask(mask.detach(), kernel_size, flat, dtype))
+
+
+def downscale_mask(
+    mask: torch.Tensor, size: tuple[int, int], kernel_size: int = 3, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """D(M) of Eq. 7 at one size, as an (N, h, w) tensor."""
+    return downscale_masks(mask, [size], kernel_size, dtype)[0]
