@@ -23,3 +23,18 @@ class CheckpointError(AuditkitError):
 
 class ModelError(AuditkitError):
     """An unknown architecture or layer name, or a model that cannot be built."""
+
+
+class ParameterError(AuditkitError):
+    """A bad value for a named parameter of a library call. The message names the parameter as
+    Python spells it (`lam`, `batch_size`); the command line names its own flag instead (--lambda,
+    --batch-size: auditkit/cli/_common.py maps them)."""
+
+    def __init__(self, parameter: str, problem: str) -> None:
+        self.parameter = parameter
+        self.problem = problem
+        super().__init__(f"`{parameter}` {problem}")
+
+    def naming(self, name: str) -> str:
+        """The message with the parameter called ``name`` (a CLI flag)."""
+        return f"{name} {self.problem}"

@@ -30,9 +30,8 @@ import torch
 from ._progress import progress_bar
 from .data import AuditDataset, open_dataset, stratified_split
 from .models import build_model
-from .repair import AnnotationConfig, FitConfig, RepairConfig, annotate, run_repair
-from .repair.runner import METHOD_DEFAULTS, TEACHER_MASK_LAMBDA
-from .train import TrainConfig, evaluate, train_classifier
+from .repair import METHODS, AnnotationConfig, RepairConfig, annotate, run_repair
+from .training import TrainConfig, evaluate, train_model
 
 # Published numbers, for the tables: {case: {variant: (mean, std)}}.
 PUBLISHED = {
@@ -129,27 +128,22 @@ class Compute:
     precision: str = "auto"
 
 
-def train_model(dataset: AuditDataset, arch: str, variant: str, seed: int, *, fraction: float = 1.0,
-                normalize: bool = True, compute: Compute = Compute(), **config) -> torch.nn.Module:
-    """A model trained on ``variant`` of the train split (a stratified ``fraction`` of it)."""
-    train_set = dataset.select(split="train", variant=variant)
-    if fraction < 1:
-        labels = np.array([r.label for r in train_set.records])
-        train_set = train_set.select(indices=stratified_split(labels, seed, {"kept": fraction, "rest": 1 - fraction})["kept"].tolist())
-    mean, std = train_set.channel_stats() if normalize else ((0.0,) * dataset.channels, (1.0,) * dataset.channels)
-    torch.manual_seed(seed)
-    model = build_model(arch, num_classes=dataset.num_classes, in_channels=dataset.channels,
-                        input_size=dataset.image_size, class_names=dataset.classes, mean=mean, std=std)
-    train_classifier(model, train_set, None, TrainConfig(seed=seed, device=compute.device, precision=compute.precision,
-                                                         **config), show_progress=False)
-    return model
+def trained(dataset: AuditDataset, arch: str, variant: str, seed: int, *, fraction: float = 1.0,
+            normalize: bool = True, compute: Compute = Compute(), **config) -> torch.nn.Module:
+    """A model trained on ``variant`` of the train split (a stratified ``fraction`` of it), as
+    `auditkit train` trains it (``train_model``), without the per-epoch validation."""
+    training = TrainConfig(seed=seed, device=compute.device, precision=compute.precision, **config)
+    return train_model(dataset, arch, training, variant=variant, fraction=fraction,
+                       normalize="dataset" if normalize else "none", val_split=None).model
 
 
 def repair_model(model, dataset: AuditDataset, method: str, seed: int, *, compute: Compute = Compute(),
-                 **options) -> torch.nn.Module:
+                 options: dict | None = None, **settings) -> torch.nn.Module:
     """``model`` fine-tuned with ``method`` and its default settings (no audits: only accuracy is tabled)."""
-    fit = FitConfig(**METHOD_DEFAULTS[method], seed=seed, device=compute.device, precision=compute.precision)
-    config = RepairConfig(method=method, fit=fit, audit=None, **options)
+    spec = METHODS[method]
+    training = TrainConfig(**{"data_order": "permutation", **spec.training}, seed=seed, device=compute.device,
+                           precision=compute.precision)
+    config = RepairConfig(method=method, training=training, audit=None, options=options or {}, **settings)
     return run_repair(model, dataset, config, show_progress=False).model
 
 
@@ -167,13 +161,13 @@ def table9(seeds: list[int], step: Callable[[str], None], compute: Compute = Com
     test = data.select(split="test")
     out = Reproduction("table9", seeds)
     for seed in seeds:
-        base = train_model(data, "tap-cnn", "clean", seed, compute=compute)
+        base = trained(data, "tap-cnn", "clean", seed, compute=compute)
         out.add("Base", evaluate(base, test, precision=compute.precision)); step(f"seed {seed}: Base")
-        shortcut = train_model(data, "tap-cnn", "contaminated", seed, compute=compute)
+        shortcut = trained(data, "tap-cnn", "contaminated", seed, compute=compute)
         out.add("No XS", evaluate(shortcut, test, precision=compute.precision)); step(f"seed {seed}: No XS")
         for case, method in (("RRR", "rrr"), ("TAP", "tap")):
             out.add(case, evaluate(repair_model(_copy(shortcut), data, method, seed, compute=compute), test, precision=compute.precision)); step(f"seed {seed}: {case}")
-        teacher = train_model(data, "tap-cnn", "clean", seed, fraction=0.1, epochs=60, shift=2, compute=compute)
+        teacher = trained(data, "tap-cnn", "clean", seed, fraction=0.1, epochs=60, shift=2, compute=compute)
         out.add("TEA (10% teacher)", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, compute=compute), test, precision=compute.precision))
         step(f"seed {seed}: TEA")
     return out
@@ -185,11 +179,11 @@ def table12(seeds: list[int], step: Callable[[str], None], compute: Compute = Co
     train = data.select(split="train", variant="contaminated")
     out = Reproduction("table12", seeds)
     for seed in seeds:
-        shortcut = train_model(data, "tap-cnn", "contaminated", seed, compute=compute)
+        shortcut = trained(data, "tap-cnn", "contaminated", seed, compute=compute)
         torch.manual_seed(seed)
         teachers = {
-            "10% teacher": train_model(data, "tap-cnn", "clean", seed, fraction=0.1, epochs=60, shift=2, compute=compute),
-            "1% teacher": train_model(data, "tap-cnn", "clean", seed, fraction=0.01, epochs=200, shift=2, compute=compute),
+            "10% teacher": trained(data, "tap-cnn", "clean", seed, fraction=0.1, epochs=60, shift=2, compute=compute),
+            "1% teacher": trained(data, "tap-cnn", "clean", seed, fraction=0.01, epochs=200, shift=2, compute=compute),
             "random": _copy(shortcut).apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None),
         }
         for tau in (0.01, 0.05, 0.1):
@@ -197,7 +191,7 @@ def table12(seeds: list[int], step: Callable[[str], None], compute: Compute = Co
                 annotated, stats = annotate(teacher, train, AnnotationConfig(tau=tau, precision=compute.precision), show_progress=False)
                 repaired_data = AuditDataset(annotated.records + data.select(split="val").records + test.records,
                                              data.info, channels=data.channels, image_size=data.image_size)
-                model = repair_model(_copy(shortcut), repaired_data, "tap", seed, lam=TEACHER_MASK_LAMBDA["tap"], compute=compute)
+                model = repair_model(_copy(shortcut), repaired_data, "tap", seed, lam=METHODS["tap"].teacher_mask_lambda, compute=compute)
                 out.add(f"{name} τ={tau}", evaluate(model, test, precision=compute.precision),
                         {"annotation recall": stats["recall"], "annotation precision": stats["precision"],
                          "mask area": stats["mean_mask_area"]})
@@ -214,17 +208,17 @@ def colored(seeds: list[int], step: Callable[[str], None], compute: Compute = Co
     out = Reproduction("colored", seeds)
     for seed in seeds:
         # The "lazy" shortcut CNN of seed 004: a few SGD epochs on the biased (easy) set.
-        shortcut = train_model(data, "shortcut-cnn", "contaminated", seed, normalize=False, epochs=3,
+        shortcut = trained(data, "shortcut-cnn", "contaminated", seed, normalize=False, epochs=3,
                                optimizer="sgd", lr=0.01, compute=compute)
         out.add("shortcut CNN", evaluate(shortcut, test, precision=compute.precision)); step(f"seed {seed}: shortcut")
-        reference = train_model(data, "shortcut-cnn", "permuted", seed, normalize=False, compute=compute)  # all 3,500
+        reference = trained(data, "shortcut-cnn", "permuted", seed, normalize=False, compute=compute)  # all 3,500
         out.add("trained on all clean data", evaluate(reference, test, precision=compute.precision)); step(f"seed {seed}: clean reference")
         # 350 clean images: augmentation (shifts, turns, zooms, channel orders) and long training (docs/methods/tea.md).
-        teacher = train_model(data, "shortcut-cnn", "permuted", seed, normalize=False, fraction=0.1, **COLORED_TEACHER, compute=compute)
+        teacher = trained(data, "shortcut-cnn", "permuted", seed, normalize=False, fraction=0.1, **COLORED_TEACHER, compute=compute)
         out.add("teacher (10% clean)", evaluate(teacher, test, precision=compute.precision)); step(f"seed {seed}: teacher")
         out.add("TEA", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, compute=compute), test, precision=compute.precision))
         step(f"seed {seed}: TEA")
-        heatmaps_alone = repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, tea_distill_weight=0.0, compute=compute)
+        heatmaps_alone = repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, options={"distill_weight": 0.0}, compute=compute)
         out.add("TEA, heatmaps alone", evaluate(heatmaps_alone, test, precision=compute.precision)); step(f"seed {seed}: TEA, heatmaps alone")
         out.add("TAP (background masks)", evaluate(repair_model(_copy(shortcut), data, "tap", seed, compute=compute), test, precision=compute.precision))
         step(f"seed {seed}: TAP")

@@ -1,6 +1,6 @@
 """Repair training steps: plain, TAP, RRR and TEA, as ratios to plain (TAP paper Table 1's shape).
 
-One training step = forward, the method's loss (``auditkit.repair.trainer.training_loss``, the
+One training step = forward, the method's loss (``auditkit.training.training_loss``, the
 function ``auditkit repair`` runs), backward, and an SGD update. Networks: the TAP two-layer CNN on
 256 images of 28x28 (1 channel) and ResNet-18, VGG-16 and DenseNet-121 on 16 images of 224x224
 (3 channels), float32, random weights, train mode; masks are a corner square (a decoy patch),
@@ -25,8 +25,8 @@ import torch
 
 from auditkit.data import Batch
 from auditkit.models import build_model
-from auditkit.repair import Objective, RrrObjective, TapObjective, TeaObjective
-from auditkit.repair.trainer import training_loss
+from auditkit.repair import RrrObjective, TapObjective, TeaObjective
+from auditkit.training import Objective, training_loss
 
 from ._memory import peak_bytes
 from ._timing import DEVICES, interleaved_ratio, synchronize
@@ -98,10 +98,11 @@ def setup(config: str, device: str):
 def step_function(config: str, device: str, method: str):
     model, data, objectives, optimizer = setup(config, device)
     objective, lam = objectives[method]
+    objective.lam = lam
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss, *_ = training_loss(model, data, objective, lam)
+        loss, *_ = training_loss(model, data, objective)
         loss.backward()
         optimizer.step()
         synchronize(device)

@@ -64,3 +64,21 @@ def decoy_mnist_models(tmp_path_factory):
         report = json.loads(result.output[result.output.index("{"):])
         models[name] = (path, {k: v["accuracy"] for k, v in report["test"].items()})
     return models
+
+
+def train_digits_model(variant: str = "contaminated", epochs: int = 1):
+    """A tap-cnn trained on the 8x8 decoy digits (seed 0): fast models for audit, explain and repair tests."""
+    from auditkit.data import open_dataset
+    from auditkit.training import TrainConfig, train_model
+
+    dataset = open_dataset("builtin:decoy-digits")
+    return train_model(dataset, "tap-cnn", TrainConfig(epochs=epochs), variant=variant, val_split=None).model
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory):
+    """A one-epoch decoy-digits shortcut model, saved once per session (shared by the audit, explain and
+    repair tests)."""
+    from auditkit.models import save_checkpoint
+
+    return save_checkpoint(train_digits_model(), tmp_path_factory.mktemp("digits") / "digits.safetensors")

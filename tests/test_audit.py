@@ -19,7 +19,7 @@ from auditkit.audit import AuditConfig, run_audit
 from auditkit.cli import app
 from auditkit.data import open_dataset
 from auditkit.models import build_model, load_checkpoint, save_checkpoint
-from auditkit.train import TrainConfig, align_dataset_to_model, train_classifier
+from auditkit.training import align_dataset_to_model
 
 from .test_cli_data_train import error_line
 
@@ -29,37 +29,26 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FAST = ["--bootstrap", "200", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def digits_model(tmp_path_factory):
-    """A small model on the 8x8 decoy digits (1 epoch): fast to audit."""
-    dataset = open_dataset("builtin:decoy-digits")
-    train = dataset.select(split="train", variant="contaminated")
-    torch.manual_seed(0)
-    model = build_model("tap-cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=train.channel_stats()[0])
-    train_classifier(model, train, None, TrainConfig(epochs=1), show_progress=False)
-    return save_checkpoint(model, tmp_path_factory.mktemp("m") / "digits.safetensors")
-
-
 def audit_json(*args):
     result = runner.invoke(app, ["audit", *map(str, args), "--json", "-"])
     return result, (json.loads(result.output) if result.output.strip().startswith("{") else None)
 
 
-def test_report_follows_the_schema_and_exit_codes_follow_the_verdict(digits_model, tmp_path):
+def test_report_follows_the_schema_and_exit_codes_follow_the_verdict(digits_checkpoint, tmp_path):
     data = ["--data", "builtin:decoy-digits", *FAST]
     always = ["--degradation-threshold", "-1", "--fail-on-shortcut"]  # any degradation counts: reliant
-    result, report = audit_json(digits_model, *data, *always)
+    result, report = audit_json(digits_checkpoint, *data, *always)
     assert result.exit_code == 1 and report["verdict"]["label"] == "reliant"
     jsonschema.validate(report, SCHEMA)
     never = ["--degradation-threshold", "5", "--flip-threshold", "5", "--removal-threshold", "5", "--fail-on-shortcut"]
-    result, report = audit_json(digits_model, *data, *never)
+    result, report = audit_json(digits_checkpoint, *data, *never)
     assert result.exit_code == 0 and report["verdict"]["label"] == "not reliant"
-    result, report = audit_json(digits_model, *data, "--degradation-threshold", "-1")  # reliant, no flag
+    result, report = audit_json(digits_checkpoint, *data, "--degradation-threshold", "-1")  # reliant, no flag
     assert result.exit_code == 0 and report["verdict"]["label"] == "reliant"
 
 
-def test_report_contents(digits_model):
-    _, report = audit_json(digits_model, "--data", "builtin:decoy-digits", "--methods", "lrp_epsilon,gradcam", *FAST)
+def test_report_contents(digits_checkpoint):
+    _, report = audit_json(digits_checkpoint, "--data", "builtin:decoy-digits", "--methods", "lrp_epsilon,gradcam", *FAST)
     assert set(report["task"]["per_variant"]) == {"contaminated", "permuted", "clean"}
     assert report["degradation"]["permuted"]["paired"] is True
     assert {"swap", "removal"} <= set(report["counterfactual"])
@@ -71,17 +60,17 @@ def test_report_contents(digits_model):
     jsonschema.validate(report, SCHEMA)
 
 
-def test_bad_input_exits_2_with_one_line(digits_model, tmp_path):
+def test_bad_input_exits_2_with_one_line(digits_checkpoint, tmp_path):
     def fails(*args):
         result = runner.invoke(app, ["audit", *map(str, args)])
         assert result.exit_code == 2, result.output
         return error_line(result)
 
     assert "no such file" in fails(tmp_path / "nope.safetensors", "--data", "builtin:decoy-digits")
-    assert "unknown method 'shap'" in fails(digits_model, "--data", "builtin:decoy-digits", "--methods", "shap")
-    assert "--task must be one of" in fails(digits_model, "--data", "builtin:decoy-digits", "--task", "regression")
-    assert "do not match the checkpoint's" in fails(digits_model, "--data", tmp_path / "two.npz", "--split", "all") if _two_classes(tmp_path) else True
-    assert "no split" in fails(digits_model, "--data", "builtin:decoy-digits", "--split", "holdout")
+    assert "unknown method 'shap'" in fails(digits_checkpoint, "--data", "builtin:decoy-digits", "--methods", "shap")
+    assert "--task must be one of" in fails(digits_checkpoint, "--data", "builtin:decoy-digits", "--task", "regression")
+    assert "do not match the checkpoint's" in fails(digits_checkpoint, "--data", tmp_path / "two.npz", "--split", "all") if _two_classes(tmp_path) else True
+    assert "no split" in fails(digits_checkpoint, "--data", "builtin:decoy-digits", "--split", "holdout")
 
 
 def _two_classes(folder):
@@ -91,8 +80,8 @@ def _two_classes(folder):
     return True
 
 
-def test_python_api_restores_the_mode_and_recontaminates_on_the_fly(digits_model):
-    model = load_checkpoint(digits_model).train()
+def test_python_api_restores_the_mode_and_recontaminates_on_the_fly(digits_checkpoint):
+    model = load_checkpoint(digits_checkpoint).train()
     dataset = open_dataset("builtin:decoy-digits", split="test", variant=["contaminated", "clean"])
     report = run_audit(model, align_dataset_to_model(dataset, model.meta), AuditConfig(methods=("gradient",), bootstrap=100))
     assert model.training  # restored
@@ -100,21 +89,21 @@ def test_python_api_restores_the_mode_and_recontaminates_on_the_fly(digits_model
     assert report.data["data"]["variants"]["permuted"] == report.data["data"]["variants"]["clean"]
 
 
-def test_data_without_masks_or_variants_is_inconclusive(digits_model, tmp_path):
+def test_data_without_masks_or_variants_is_inconclusive(digits_checkpoint, tmp_path):
     import numpy as np
 
     digits = open_dataset("builtin:digits", split="test")
     images = np.stack([(digits[k].image[0].numpy() * 255).astype(np.uint8) for k in range(60)])
     labels = np.array([digits[k].label for k in range(60)])
     np.savez(tmp_path / "plain.npz", images=images, labels=labels, classes=np.array([str(k) for k in range(10)]))
-    _, report = audit_json(digits_model, "--data", tmp_path / "plain.npz", "--split", "all", *FAST)
+    _, report = audit_json(digits_checkpoint, "--data", tmp_path / "plain.npz", "--split", "all", *FAST)
     assert report["verdict"]["label"] == "inconclusive" and "No behavioural test" in report["verdict"]["summary"]
     jsonschema.validate(report, SCHEMA)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make setup installs Debian's chromium)")
-def test_html_report_loads_in_headless_chromium_and_shows_its_images(digits_model, tmp_path):
-    result = runner.invoke(app, ["audit", str(digits_model), "--data", "builtin:decoy-digits", "--report-dir",
+def test_html_report_loads_in_headless_chromium_and_shows_its_images(digits_checkpoint, tmp_path):
+    result = runner.invoke(app, ["audit", str(digits_checkpoint), "--data", "builtin:decoy-digits", "--report-dir",
                                  str(tmp_path / "r"), *FAST])
     assert result.exit_code == 0, result.output
     page = tmp_path / "r" / "report.html"
@@ -133,11 +122,11 @@ def test_html_report_loads_in_headless_chromium_and_shows_its_images(digits_mode
     assert not console_errors, console_errors
 
 
-def test_torchrun_two_processes_give_the_same_report(digits_model, tmp_path):
+def test_torchrun_two_processes_give_the_same_report(digits_checkpoint, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
     double = tmp_path / "double.json"
-    common = ["audit", str(digits_model), "--data", "builtin:decoy-digits", "--batch-size", "64", *FAST]
+    common = ["audit", str(digits_checkpoint), "--data", "builtin:decoy-digits", "--batch-size", "64", *FAST]
     subprocess.run([sys.executable, "-m", "auditkit", *common, "--json", str(single)], check=True, env=env,
                    capture_output=True, timeout=300)
     run = subprocess.run(

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from auditkit.cli import app
 from auditkit.data import open_dataset
 from auditkit.models import build_model, load_checkpoint, save_checkpoint
-from auditkit.train import TrainConfig, evaluate, train_classifier
+from auditkit.training import evaluate
+
+from .conftest import train_digits_model
 
 runner = CliRunner()
 
@@ -146,10 +148,7 @@ def test_models_lists_the_zoo():
 
 def test_python_api_round_trip(tmp_path):
     dataset = open_dataset("builtin:decoy-digits")
-    train_set = dataset.select(split="train", variant="contaminated")
-    torch.manual_seed(0)
-    model = build_model("tap-cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=train_set.channel_stats()[0])
-    train_classifier(model, train_set, None, TrainConfig(epochs=1), show_progress=False)
+    model = train_digits_model()
     path = save_checkpoint(model, tmp_path / "m.safetensors", extra={"note": "api"})
     again = load_checkpoint(path).eval()
     test = dataset.select(split="test")
@@ -168,7 +167,7 @@ def test_decoy_mnist_shortcut_model_from_the_cli(decoy_mnist_models):
 
 
 def test_random_shift_translates_each_image_and_repeats_the_edges():
-    from auditkit.train import random_shift
+    from auditkit.training import random_shift
 
     images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
     assert random_shift(images, 0, torch.Generator().manual_seed(0)) is images
@@ -184,7 +183,7 @@ def test_random_shift_translates_each_image_and_repeats_the_edges():
 
 
 def test_random_rotate_scale_keeps_a_uniform_background_and_turns_each_image_by_its_own_angle():
-    from auditkit.train import random_rotate_scale
+    from auditkit.training import random_rotate_scale
 
     generator = torch.Generator().manual_seed(0)
     images = torch.zeros(8, 3, 16, 16)
@@ -208,7 +207,7 @@ def test_random_rotate_scale_keeps_a_uniform_background_and_turns_each_image_by_
 
 def test_train_config_rejects_augmentation_out_of_range():
     from auditkit.errors import AuditkitError
-    from auditkit.train import TrainConfig
+    from auditkit.training import TrainConfig
 
     for bad in ({"rotate": -1.0}, {"rotate": 200.0}, {"scale": 1.0}, {"scale": -0.1}):
         with pytest.raises(AuditkitError):
@@ -216,7 +215,7 @@ def test_train_config_rejects_augmentation_out_of_range():
 
 
 def test_random_channel_shuffle_permutes_each_images_channels_on_its_own():
-    from auditkit.train import TrainConfig, augment_batch, random_channel_shuffle
+    from auditkit.training import TrainConfig, augment_batch, random_channel_shuffle
 
     images = torch.rand(32, 3, 5, 5)
     shuffled = random_channel_shuffle(images, torch.Generator().manual_seed(0))

@@ -13,21 +13,15 @@ from typer.testing import CliRunner
 from auditkit.cli import app
 from auditkit.data import open_dataset
 from auditkit.models import build_model, save_checkpoint
-from auditkit.train import TrainConfig, train_classifier
 
 from .test_cli_data_train import error_line
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    dataset = open_dataset("builtin:decoy-digits")
-    train = dataset.select(split="train", variant="contaminated")
-    torch.manual_seed(0)
-    model = build_model("tap-cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=train.channel_stats()[0])
-    train_classifier(model, train, None, TrainConfig(epochs=1), show_progress=False)
-    return save_checkpoint(model, tmp_path_factory.mktemp("m") / "model.safetensors")
+@pytest.fixture
+def checkpoint(digits_checkpoint):
+    return digits_checkpoint
 
 
 @pytest.mark.parametrize("method", ["lrp_epsilon", "gradcam", "gradient", "input_x_gradient", "integrated_gradients"])

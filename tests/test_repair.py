@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from auditkit.cli import app
 from auditkit.data import open_dataset
 from auditkit.models import build_model, load_checkpoint, save_checkpoint
-from auditkit.repair import FitConfig, Interrupted, Objective, RepairConfig, TapObjective, TrainingStopped, fit
-from auditkit.train import TrainConfig, train_classifier
+from auditkit.repair import METHODS, RepairConfig, TapObjective
+from auditkit.training import Interrupted, Objective, TrainConfig, TrainingStopped, fit
 
+from .conftest import train_digits_model
 from .test_cli_data_train import error_line
 
 runner = CliRunner()
@@ -29,16 +30,10 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def digits_models(digits, tmp_path_factory):
+def digits_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("digits")
-    paths = {}
-    for name, variant in (("shortcut", "contaminated"), ("teacher", "clean")):
-        train = digits.select(split="train", variant=variant)
-        torch.manual_seed(0)
-        model = build_model("tap-cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=train.channel_stats()[0])
-        train_classifier(model, train, None, TrainConfig(epochs=2), show_progress=False)
-        paths[name] = save_checkpoint(model, folder / f"{name}.safetensors")
-    return paths
+    return {name: save_checkpoint(train_digits_model(variant, epochs=2), folder / f"{name}.safetensors")
+            for name, variant in (("shortcut", "contaminated"), ("teacher", "clean"))}
 
 
 def small_training_set(digits):
@@ -52,8 +47,9 @@ def weights(model):
 def test_resume_after_ctrl_c_equals_an_uninterrupted_run(digits, digits_models, tmp_path):
     train = small_training_set(digits)
     # Cosine schedule and clipping on: the resumed run must continue the lr curve exactly.
-    config = FitConfig(epochs=2, batch_size=32, lr=1e-3, lam=0.1, seed=3, schedule="cosine", grad_clip=1.0)
+    config = TrainConfig(epochs=2, batch_size=32, lr=1e-3, seed=3, schedule="cosine", grad_clip=1.0)
     objective = TapObjective(layers=("net.conv1", "net.conv2"))
+    objective.lam = 0.1
 
     straight = load_checkpoint(digits_models["shortcut"])
     fit(straight, train, objective, config, show_progress=False)
@@ -64,7 +60,7 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(digits, digits_models, 
 
     state = tmp_path / "run.state.pt"
     interrupted = load_checkpoint(digits_models["shortcut"])
-    with pytest.raises(Interrupted, match="--resume"):
+    with pytest.raises(Interrupted, match="resume"):
         fit(interrupted, train, objective, config, state_path=state, show_progress=False, on_step=stop)
     assert state.is_file()
     resumed = load_checkpoint(digits_models["shortcut"])
@@ -90,7 +86,7 @@ def test_nan_loss_stops_with_the_last_good_state(digits, digits_models, tmp_path
     state = tmp_path / "run.state.pt"
     model = load_checkpoint(digits_models["shortcut"])
     with pytest.raises(TrainingStopped, match=r"loss became nan at epoch 2, step 3; the last good state \(end of epoch 1\)"):
-        fit(model, train, ExplodingObjective(), FitConfig(epochs=3, batch_size=32), state_path=state, show_progress=False)
+        fit(model, train, ExplodingObjective(), TrainConfig(epochs=3, batch_size=32), state_path=state, show_progress=False)
     saved = torch.load(state, weights_only=True)
     assert saved["epoch"] == 1 and saved["step"] == 0  # the end of the last complete epoch
 
@@ -161,9 +157,7 @@ def test_lambda_auto_sweeps_and_reports(digits_models, tmp_path):
                     "--epochs", "1", "--audit-split", "none", "--quiet", "--json", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "s.json").read_text())
-    from auditkit.repair import SWEEP
-
-    assert [row["lambda"] for row in document["sweep"]] == SWEEP["tap"]
+    assert [row["lambda"] for row in document["sweep"]] == list(METHODS["tap"].sweep)
     best = min(document["sweep"], key=lambda row: row["val_loss"])
     assert document["lambda"] == best["lambda"]
 
@@ -220,9 +214,8 @@ def test_demo_trains_audits_repairs_with_tap_and_proves_it(decoy_mnist_models, t
 
 
 def test_tap_default_lambda_is_lower_with_teacher_masks():
-    from auditkit.repair import AnnotationConfig
-    from auditkit.repair.runner import DEFAULT_LAMBDA, TEACHER_MASK_LAMBDA, default_lambda
+    from auditkit.repair import AnnotationConfig, default_lambda
 
-    assert default_lambda(RepairConfig(method="tap")) == DEFAULT_LAMBDA["tap"] == 0.1
-    assert default_lambda(RepairConfig(method="tap", annotation=AnnotationConfig(tau=0.1))) == TEACHER_MASK_LAMBDA["tap"] == 0.01
-    assert default_lambda(RepairConfig(method="rrr", annotation=AnnotationConfig(tau=0.1))) == DEFAULT_LAMBDA["rrr"]
+    assert default_lambda(RepairConfig(method="tap")) == METHODS["tap"].default_lambda == 0.1
+    assert default_lambda(RepairConfig(method="tap", annotation=AnnotationConfig(tau=0.1))) == METHODS["tap"].teacher_mask_lambda == 0.01
+    assert default_lambda(RepairConfig(method="rrr", annotation=AnnotationConfig(tau=0.1))) == METHODS["rrr"].default_lambda

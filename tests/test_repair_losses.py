@@ -18,7 +18,7 @@ from auditkit.repair import (
     heat_distance,
     multiresolution_heat_loss,
 )
-from auditkit.repair.objectives import energy_in_mask
+from auditkit.repair import energy_in_mask
 
 
 def batch_of(images, labels, masks):
@@ -118,13 +118,13 @@ def test_tea_loss_is_zero_when_the_student_is_the_teacher_and_trains_otherwise()
 
 
 def test_learning_rate_schedules():
-    from auditkit.repair.trainer import FitConfig, learning_rate
+    from auditkit.training import TrainConfig, learning_rate
 
-    cosine = FitConfig(lr=0.2, schedule="cosine")
+    cosine = TrainConfig(lr=0.2, schedule="cosine")
     assert learning_rate(cosine, 0, 100) == pytest.approx(0.2)
     assert learning_rate(cosine, 50, 100) == pytest.approx(0.1)
     assert learning_rate(cosine, 100, 100) == pytest.approx(0.0, abs=1e-12)
-    assert learning_rate(FitConfig(lr=0.2), 73, 100) == 0.2
+    assert learning_rate(TrainConfig(lr=0.2), 73, 100) == 0.2
 
 
 def test_tea_teacher_cache_gives_the_same_loss_as_computing_per_batch():
@@ -162,7 +162,7 @@ def tea_pair(seed: int, classes: int, n: int):
 
 def test_tea_with_two_classes_is_the_mean_heat_loss_of_the_teachers_top_two():
     from auditkit.explain import lrp_epsilon
-    from auditkit.repair.objectives import multiresolution_heat_loss
+    from auditkit.repair import multiresolution_heat_loss
 
     teacher, student, images, batch = tea_pair(seed=2, classes=5, n=6)
     _, loss = TeaObjective(teacher=teacher, epsilon=0.01, classes=2, distill_weight=0.0).forward_and_loss(student, batch)
@@ -178,7 +178,7 @@ def test_tea_with_two_classes_is_the_mean_heat_loss_of_the_teachers_top_two():
 
 
 def test_distillation_loss_matches_hand_computed_kl_divergences():
-    from auditkit.repair.objectives import distillation_loss
+    from auditkit.repair import distillation_loss
 
     # Teacher p = (1/4, 3/4), student q = (1/2, 1/2): KL(p || q) = 1/4 ln(1/2) + 3/4 ln(3/2).
     teacher = torch.tensor([[0.0, math.log(3.0)]])
@@ -197,7 +197,7 @@ def test_distillation_loss_matches_hand_computed_kl_divergences():
 
 
 def test_tea_distillation_adds_the_weighted_kl_to_the_teachers_probabilities():
-    from auditkit.repair.objectives import distillation_loss
+    from auditkit.repair import distillation_loss
 
     teacher, student, images, batch = tea_pair(seed=3, classes=4, n=5)
     logits, heat_only = TeaObjective(teacher=teacher, distill_weight=0.0).forward_and_loss(student, batch)

@@ -3,7 +3,7 @@
     report = run_audit(model, dataset, AuditConfig(methods=("gradcam", "lrp_epsilon")))
     report.verdict            # "reliant" | "not reliant" | "inconclusive"
     report.data               # the JSON document (schema: auditkit/audit/report.schema.json)
-    write_html(report, model, dataset, "audit.html")
+    write_html(report.data, "audit.html")      # renders from the JSON alone (auditkit report does too)
 
 See docs/audit.md for what is measured, the verdict rules and the report schema.
 """

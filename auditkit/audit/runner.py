@@ -28,6 +28,7 @@ from ..explain import METHODS, attribute
 from ..models import capture_activations
 from ..ops import downscale_masks, weighted_relu_sum
 from . import metrics as M
+from .tiles import example_tiles
 from .verdict import Evidence, Thresholds, decide, judge
 
 SCHEMA = "auditkit.audit/1"
@@ -62,10 +63,10 @@ class AuditConfig:
 
 @dataclass
 class AuditReport:
-    """The audit's result: ``data`` is the JSON document (see docs/audit.md for its schema)."""
+    """The audit's result: ``data`` is the JSON document (see docs/audit.md for its schema), example
+    pictures included: ``auditkit.audit.render_html(report.data)`` needs nothing else."""
 
     data: dict
-    examples: dict = field(default_factory=dict)  # variant -> {"correct": [indices], "wrong": [...]}
 
     @property
     def verdict(self) -> str:
@@ -365,13 +366,15 @@ def run_audit(
     start = time.perf_counter()
     was_training = model.training
     model.eval()
+    layers = list(config.layers) if config.layers is not None else list(getattr(model.meta, "target_layers", ()))
     try:
         dataset = add_permuted_variant(dataset, config.seed)
         records = measure(model, dataset, config, context, show_progress)
+        body, examples = aggregate(records, dataset, config, layers)
+        # The pictures the report shows, kept in it: it renders from its JSON alone.
+        tiles = example_tiles(model, dataset, examples, config.methods, config.epsilon, config.device, config.precision)
     finally:
         model.train(was_training)
-    layers = list(config.layers) if config.layers is not None else list(getattr(model.meta, "target_layers", ()))
-    body, examples = aggregate(records, dataset, config, layers)
     meta = model.meta
     document = {
         "schema": SCHEMA,
@@ -387,6 +390,7 @@ def run_audit(
                    "confidence": config.confidence, "counterfactuals": config.counterfactuals,
                    "epsilon": config.epsilon, "processes": context.world_size},
         **body,
+        "examples": tiles,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    return AuditReport(document, examples)
+    return AuditReport(document)

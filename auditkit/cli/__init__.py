@@ -56,10 +56,11 @@ from . import doctor as _doctor  # noqa: E402
 from . import explain as _explain  # noqa: E402
 from . import models as _models  # noqa: E402
 from . import repair as _repair  # noqa: E402
+from . import report as _report  # noqa: E402
 from . import reproduce as _reproduce  # noqa: E402
 from . import train as _train  # noqa: E402
 
-for _module in (_demo, _audit, _repair, _data, _train, _explain, _checkpoints, _models, _doctor, _reproduce):
+for _module in (_demo, _audit, _repair, _report, _data, _train, _explain, _checkpoints, _models, _doctor, _reproduce):
     _module.register(app)
 
 

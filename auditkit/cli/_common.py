@@ -36,15 +36,35 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     raise typer.Exit(code)
 
 
+# Library parameters whose flag is not simply --name-with-dashes. Library errors name parameters
+# (ParameterError); the command line shows the flag the user typed instead.
+FLAGS = {
+    "lam": "--lambda",
+    "explained_class": "--tea-class",
+    "classes": "--tea-classes",
+    "annotation": "--teacher with --tau",
+    "options": "--option",
+    "data_order": "the data order",
+}
+
+
+def flag_for(parameter: str) -> str:
+    """The command-line flag of a library parameter (`batch_size` -> --batch-size)."""
+    return FLAGS.get(parameter, "--" + parameter.replace("_", "-"))
+
+
 def handles_errors(command):
-    """Turns AuditkitError (bad input) into one line + exit 2 and Ctrl-C into exit 130."""
+    """Turns AuditkitError (bad input) into one line + exit 2 and Ctrl-C into exit 130; a
+    ParameterError's line names the command's flag, not the library's parameter."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from ..errors import AuditkitError
+        from ..errors import AuditkitError, ParameterError
 
         try:
             return command(*args, **kwargs)
+        except ParameterError as error:
+            fail(error.naming(flag_for(error.parameter)))
         except AuditkitError as error:
             fail(str(error))
         except FileExistsError as error:

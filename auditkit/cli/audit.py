@@ -57,7 +57,7 @@ def audit(
     from ..data import open_dataset
     from ..models import resolve_layers
     from ..device import resolve_device, resolve_precision
-    from ..train import align_dataset_to_model
+    from ..training import align_dataset_to_model
 
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -86,7 +86,7 @@ def audit(
                 print_summary(report)
             if report_dir is not None:
                 write_json(report_dir / "report.json", report.data)
-                html_path = write_html(report, model, dataset, report_dir / "report.html", device)
+                html_path = write_html(report.data, report_dir / "report.html")
                 typer.echo(f"report: {report_dir / 'report.json'} and {html_path}")
             write_json(json_path, report.data)
     finally:

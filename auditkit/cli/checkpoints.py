@@ -105,7 +105,7 @@ def evaluate(
 
     from ..data import open_dataset
     from ..device import resolve_device, resolve_precision
-    from ..train import align_dataset_to_model, evaluate as evaluate_model
+    from ..training import align_dataset_to_model, evaluate as evaluate_model
 
     model = load(checkpoint, arch, trust_pickle, input_size)
     target = resolve_device(device)

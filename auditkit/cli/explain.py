@@ -51,7 +51,7 @@ def explain(
     from ..explain import METHODS, attribute
     from ..explain.render import captioned, grid, overlay, to_rgb, upscale, write_png
     from ..device import autocast, resolve_device, resolve_precision
-    from ..train import align_dataset_to_model
+    from ..training import align_dataset_to_model
 
     if method not in METHODS:
         raise AuditkitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")

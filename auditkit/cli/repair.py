@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, PrecisionOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
+from ._common import (
+    DeviceOption,
+    ForceOption,
+    JsonOption,
+    PrecisionOption,
+    QuietOption,
+    SeedOption,
+    handles_errors,
+    parse_params,
+    write_json,
+)
 from .checkpoints import ArchOption, TrustPickleOption, load
 
 TeacherOption = Annotated[
@@ -69,6 +80,9 @@ def repair(
         float, typer.Option(help="TEA: weight of distilling the teacher's class probabilities (0 = heatmaps alone).")
     ] = 1.0,
     temperature: Annotated[float, typer.Option(help="TEA: distillation temperature.")] = 1.0,
+    option: Annotated[
+        list[str], typer.Option("--option", "-o", help="A method option KEY=VALUE (e.g. -o sigmas=3 for masktune); repeatable.")
+    ] = [],
     variant: Annotated[Optional[str], typer.Option(help="Training variant (default: contaminated).")] = None,
     audit_split: Annotated[str, typer.Option(help="Split audited before and after ('none' to skip).")] = "test",
     audit_methods: Annotated[str, typer.Option(help="Attribution methods of the audits.")] = "lrp_epsilon,gradient",
@@ -89,7 +103,6 @@ def repair(
 
     Example: auditkit repair shortcut.safetensors --data builtin:decoy-mnist --method tap --out repaired.safetensors
     """
-    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -97,12 +110,12 @@ def repair(
     from .._io import atomic_write_text
     from ..audit import AuditConfig, render_comparison_html
     from ..data import open_dataset
+    from ..device import describe, resolve_device, resolve_precision
     from ..errors import AuditkitError
     from ..models import resolve_layers, save_checkpoint
-    from ..repair import FitConfig, RepairConfig, run_repair
-    from ..repair.runner import METHOD_DEFAULTS, check_data
-    from ..device import describe, resolve_device, resolve_precision
-    from ..train import align_dataset_to_model
+    from ..repair import METHODS, RepairConfig, run_repair
+    from ..repair.runner import check_data
+    from ..training import TrainConfig, align_dataset_to_model
 
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -117,6 +130,9 @@ def repair(
         lam_value = lam if lam in ("auto", "default") else float(lam)
     except ValueError as error:
         raise AuditkitError(f"--lambda must be a number or auto; got {lam!r}") from error
+    if method not in METHODS:
+        raise AuditkitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    spec = METHODS[method]
     context = distributed.init_from_environment(device)
     console = Console()
     try:
@@ -125,33 +141,33 @@ def repair(
         teacher_model = load(teacher, None, trust_pickle).to(device) if teacher else None
         if teacher_model is not None:
             align_dataset_to_model(dataset, teacher_model.meta)  # the teacher must know the same classes
-        defaults = METHOD_DEFAULTS.get(method, METHOD_DEFAULTS["tap"])  # an unknown method fails in validate()
         given = {k: v for k, v in {"epochs": epochs, "grad_clip": grad_clip, "schedule": schedule}.items() if v is not None}
+        training = TrainConfig(**{"data_order": "permutation", **spec.training, **given}, batch_size=batch_size, lr=lr,
+                               optimizer=optimizer, seed=seed, device=str(device), precision=precision)
+        # The method's own options: the flags that belong to it, and any --option KEY=VALUE.
+        flags = {"layers": tuple(resolve_layers(model, layers.split(","))) if layers else None,
+                 "kernel_size": kernel_size, "epsilon": epsilon, "explained_class": tea_class, "classes": tea_classes,
+                 "task_weight": task_weight, "distill_weight": distill_weight, "temperature": temperature}
+        known = {f.name for f in dataclasses.fields(spec.options)}
+        options = {name: value for name, value in flags.items() if name in known}
+        options.update(parse_params(option))
         config = RepairConfig(
             method=method,
-            fit=FitConfig(**{**defaults, **given}, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed,
-                          device=str(device), precision=precision),
+            training=training,
             lam=lam_value,
-            layers=tuple(resolve_layers(model, layers.split(","))) if layers else None,
-            kernel_size=kernel_size,
+            options=options,
             variant=variant,
             teacher=teacher_model,
             teacher_name=str(teacher or ""),
-            annotation=_annotation(teacher if method != "tea" else None, tau, quantile, annotation_method, batch_size,
-                                   precision),
+            annotation=_annotation(teacher if spec.teacher == "annotates" else None, tau, quantile, annotation_method,
+                                   batch_size, precision),
             cache_dir=cache_dir or out.parent / ".auditkit-cache",
-            tea_epsilon=epsilon,
-            tea_class=tea_class,
-            tea_classes=tea_classes,
-            tea_task_weight=task_weight,
-            tea_distill_weight=distill_weight,
-            tea_temperature=temperature,
             audit=None if audit_split == "none" else AuditConfig(
                 methods=tuple(m for m in audit_methods.split(",") if m), precision=precision, seed=seed),
             audit_split=audit_split,
         )
         config.validate()
-        check_data(dataset, config)
+        check_data(dataset, config)  # fail in one line before any work is shown
         if context.is_main:
             console.print(f"repairing [bold]{checkpoint}[/bold] with {method} on {data} "
                           f"({describe(device, precision)}, seed {seed})")
@@ -164,8 +180,8 @@ def repair(
         result = run_repair(model, dataset, config, state_path=state_path, resume=resume, context=context,
                             show_progress=not quiet, on_epoch=report)
         if context.is_main:
-            summary = {"method": method, "input": str(checkpoint), "data": data, "data_fingerprint": dataset.fingerprint(),
-                       "teacher": str(teacher) if teacher else None, **result.summary()}
+            provenance = {"input": str(checkpoint), "data": data, "teacher": str(teacher) if teacher else None}
+            summary = {"method": method, **provenance, "data_fingerprint": dataset.fingerprint(), **result.summary()}
             path = save_checkpoint(result.model.cpu(), out, extra={"repair": summary}, overwrite=True)
             if result.sweep:
                 table = Table("lambda", "val loss", "val accuracy")
@@ -178,14 +194,10 @@ def repair(
                 console.print(f"teacher masks cover {a['mean_mask_area']:.1%} of the pixels; against ground truth: "
                               f"recall {a['recall'] if a['recall'] is None else round(a['recall'], 3)}, "
                               f"precision {a['precision'] if a['precision'] is None else round(a['precision'], 3)}")
-            document = {"schema": "auditkit.repair/1", "checkpoint": str(path), **summary,
-                        "before_audit": result.before.data if result.before else None,
-                        "after_audit": result.after.data if result.after else None}
+            document = {**result.document, "checkpoint": str(path), **provenance}
             write_json(out.with_name(out.name + ".audit.json"), document)
             if result.before is not None and result.after is not None:
-                original = load(checkpoint, arch, trust_pickle).to(device)
-                page = render_comparison_html(result.before, result.after, original, result.model.to(device),
-                                              result.audit_data, device, title=f"Repair with {method}")
+                page = render_comparison_html(result.before.data, result.after.data, title=f"Repair with {method}")
                 atomic_write_text(out.with_name(out.name + ".audit.html"), page, overwrite=True)
                 table = Table("", "verdict", *result.after.data["task"]["per_variant"].keys())
                 for label, audit in (("before", result.before), ("after", result.after)):
@@ -226,7 +238,7 @@ def annotate(
     from ..data import open_dataset, write_dataset
     from ..repair import annotate as annotate_dataset
     from ..device import resolve_device, resolve_precision
-    from ..train import align_dataset_to_model
+    from ..training import align_dataset_to_model
 
     target = resolve_device(device)
     config = _annotation(teacher, tau, quantile, method, batch_size, resolve_precision(precision, target))

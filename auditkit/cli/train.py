@@ -58,18 +58,14 @@ def train(
     auditkit train --data builtin:colored-mnist --arch shortcut-cnn --normalize none --variant permuted
     --fraction 0.1 --epochs 300 --shift 2 --rotate 15 --scale 0.15 --channel-shuffle --out teacher.safetensors
     """
-    import time
-
-    import numpy as np
-    import torch
     from rich.console import Console
     from rich.table import Table
 
     from ..data import open_dataset
     from ..device import describe, resolve_device, resolve_precision
     from ..errors import AuditkitError
-    from ..models import build_model, save_checkpoint
-    from ..train import TrainConfig, choose_training_variant, evaluate, history_as_dicts, train_classifier
+    from ..models import save_checkpoint
+    from ..training import TrainConfig, evaluate, train_model
 
     console = Console()
     target = resolve_device(device)
@@ -80,69 +76,35 @@ def train(
     if out.exists() and not force:
         raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")
     dataset = open_dataset(data)
-    train_all = dataset.select(split=split)
-    chosen_variant = choose_training_variant(train_all, variant)
-    train_set = train_all.select(variant=chosen_variant)
-    if not 0 < fraction <= 1:
-        raise AuditkitError(f"--fraction must lie in (0, 1]; got {fraction}")
-    if fraction < 1:
-        from ..data import stratified_split
 
-        labels = np.array([r.label for r in train_set.records])
-        keep = stratified_split(labels, seed, {"kept": fraction, "rest": 1 - fraction})["kept"]
-        train_set = train_set.select(indices=keep.tolist())
-    val_set = None if val_split == "none" else dataset.select(split=val_split, variant=chosen_variant)
-
-    if normalize not in ("dataset", "none"):
-        raise AuditkitError(f"--normalize must be dataset or none; got {normalize!r}")
-    mean, std = train_set.channel_stats() if normalize == "dataset" else ((0.0,) * dataset.channels, (1.0,) * dataset.channels)
-    torch.manual_seed(seed)  # the same seed gives the same initial weights
-    model = build_model(
-        arch,
-        num_classes=dataset.num_classes,
-        in_channels=dataset.channels,
-        input_size=dataset.image_size,
-        class_names=dataset.classes,
-        target_layers=layers.split(",") if layers else None,
-        mean=mean,
-        std=std,
-    )
-    console.print(
-        f"training [bold]{arch}[/bold] on {len(train_set)} {chosen_variant} images of {data} ({split} split), "
-        f"{epochs} epochs, {config.optimizer} lr={lr:g}, batch {batch_size}, seed {seed}, {describe(target, config.precision)}"
-    )
-
-    def report(stats) -> None:
-        val = f", val accuracy {stats.val_accuracy:.3f}" if stats.val_accuracy is not None else ""
+    def start(model, train_set, chosen_variant) -> None:
         console.print(
-            f"  epoch {stats.epoch}: loss {stats.train_loss:.4f}, train accuracy {stats.train_accuracy:.3f}{val} "
-            f"({stats.seconds:.1f} s)"
+            f"training [bold]{arch}[/bold] on {len(train_set)} {chosen_variant} images of {data} ({split} split), "
+            f"{epochs} epochs, {config.optimizer} lr={lr:g}, batch {batch_size}, seed {seed}, "
+            f"{describe(target, config.precision)}"
         )
 
-    start = time.perf_counter()
-    history = train_classifier(model, train_set, val_set, config, show_progress=not quiet, on_epoch=report)
-    seconds = time.perf_counter() - start
-    training = {
-        "data": data,
-        "data_fingerprint": train_set.fingerprint(),
-        "split": split,
-        "variant": chosen_variant,
-        "fraction": fraction,
-        "samples": len(train_set),
-        "config": vars(config),
-        "history": history_as_dicts(history),
-        "seconds": round(seconds, 2),
-    }
+    def report(record) -> None:
+        val = f", val accuracy {record.val_accuracy:.3f}" if record.val_accuracy is not None else ""
+        console.print(
+            f"  epoch {record.epoch}: loss {record.task_loss:.4f}, train accuracy {record.accuracy:.3f}{val} "
+            f"({record.seconds:.1f} s)"
+        )
+
+    trained = train_model(dataset, arch, config, split=split, variant=variant, fraction=fraction, normalize=normalize,
+                          layers=layers.split(",") if layers else None, val_split=None if val_split == "none" else val_split,
+                          show_progress=not quiet, on_start=start, on_epoch=report, data_name=data)
+    training = trained.training
     results = {}
     if test_split != "none":
-        results = evaluate(model, dataset.select(split=test_split), precision=config.precision)
+        results = evaluate(trained.model, dataset.select(split=test_split), precision=config.precision)
         table = Table(f"{test_split} variant", "samples", "accuracy")
         for result in results.values():
             table.add_row(result.variant, str(result.samples), f"{result.accuracy:.3f}")
         console.print(table)
     training["test_accuracy"] = {name: result.accuracy for name, result in results.items()}
-    path = save_checkpoint(model.cpu(), out, extra={"training": training}, overwrite=force)
-    console.print(f"checkpoint written to [bold]{path}[/bold] ({seconds:.1f} s of training)")
+    path = save_checkpoint(trained.model.cpu(), out, extra={"training": training}, overwrite=force)
+    console.print(f"checkpoint written to [bold]{path}[/bold] ({training['seconds']:.1f} s of training)")
     write_json(
         json_path,
         {

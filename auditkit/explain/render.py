@@ -89,14 +89,44 @@ def grid(tiles: list[np.ndarray], columns: int = 8, gap: int = 4) -> np.ndarray:
     return canvas
 
 
+def encode_png(picture: np.ndarray) -> bytes:
+    """An RGB (H, W, 3) or grey (H, W) uint8 picture as PNG bytes."""
+    ok, encoded = cv2.imencode(".png", picture[:, :, ::-1] if picture.ndim == 3 else picture)
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 array
+        raise AuditkitError("could not encode a PNG")
+    return encoded.tobytes()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes as an RGB (H, W, 3) or grey (H, W) uint8 picture."""
+    picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if picture is None:
+        raise AuditkitError("not a readable PNG")
+    return picture[:, :, ::-1].copy() if picture.ndim == 3 else picture
+
+
+def png_data_uri(picture: np.ndarray) -> str:
+    """A picture as a data: URI, for self-contained HTML."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(encode_png(picture)).decode("ascii")
+
+
+def outline(picture: np.ndarray, mask: np.ndarray, colour=(0, 200, 0)) -> np.ndarray:
+    """``picture`` (H, W, 3) with the border of ``mask`` (any size, > half = inside) drawn on it."""
+    inside = cv2.resize((mask > 127).astype(np.uint8) if mask.dtype == np.uint8 else (mask > 0.5).astype(np.uint8),
+                        (picture.shape[1], picture.shape[0]), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    drawn = np.ascontiguousarray(picture.copy())
+    cv2.drawContours(drawn, contours, -1, colour, 1)
+    return drawn
+
+
 def write_png(path: str | Path, picture: np.ndarray) -> Path:
     """Writes an RGB uint8 picture (atomically: temp file, then rename)."""
     from .._io import atomic_write
 
     def write(tmp: Path) -> None:
-        ok, encoded = cv2.imencode(".png", picture[:, :, ::-1])
-        if not ok:
-            raise AuditkitError(f"{path}: could not encode the PNG")
-        tmp.write_bytes(encoded.tobytes())
+        tmp.write_bytes(encode_png(picture))
 
     return atomic_write(path, write, overwrite=True)

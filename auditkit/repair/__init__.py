@@ -3,41 +3,34 @@
     result = run_repair(model, dataset, RepairConfig(method="tap"))
     result.before.verdict, result.after.verdict        # audits on the test split
 
-See docs/repair.md for each method's loss and when to choose it.
+The methods are a registry (``METHODS``, one file each in auditkit/repair/methods/); see
+docs/repair.md for each method's loss and when to choose it.
 """
 
 from __future__ import annotations
 
-from .objectives import (
-    EnergyObjective,
-    Objective,
-    RrrObjective,
-    TapObjective,
-    TeaObjective,
-    heat_distance,
-    multiresolution_heat_loss,
-)
-from .runner import DEFAULT_LAMBDA, METHODS, SWEEP, RepairConfig, RepairResult, run_repair
+from .methods import METHODS, MethodSpec
+from .methods.energy import EnergyObjective, energy_in_mask
+from .methods.rrr import RrrObjective
+from .methods.tap import TapObjective
+from .methods.tea import TeaObjective, distillation_loss, heat_distance, multiresolution_heat_loss
+from .runner import RepairConfig, RepairResult, default_lambda, run_repair
 from .teacher import AnnotationConfig, annotate, saliency_masks
-from .trainer import FitConfig, Interrupted, TrainingStopped, fit
 
 __all__ = [
-    "DEFAULT_LAMBDA",
     "METHODS",
-    "SWEEP",
     "AnnotationConfig",
     "EnergyObjective",
-    "FitConfig",
-    "Interrupted",
-    "Objective",
+    "MethodSpec",
     "RepairConfig",
     "RepairResult",
     "RrrObjective",
     "TapObjective",
     "TeaObjective",
-    "TrainingStopped",
     "annotate",
-    "fit",
+    "default_lambda",
+    "distillation_loss",
+    "energy_in_mask",
     "heat_distance",
     "multiresolution_heat_loss",
     "run_repair",

@@ -8,13 +8,16 @@ default. The model must find other evidence for the labels, which breaks a short
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from dataclasses import dataclass
 
-from .._progress import progress_bar
-from ..data import AuditDataset, collate, to_uint8
-from ..data.dataset import Record
-from ..explain import attribute
+import numpy as np
+
+from ..._progress import progress_bar
+from ...data import AuditDataset, collate, to_uint8
+from ...data.dataset import Record
+from ...explain import attribute
+from ...training import Objective
+from .base import MethodSpec
 
 
 def masktune_dataset(model, dataset: AuditDataset, *, sigmas: float = 2.0, batch_size: int = 128,
@@ -37,3 +40,29 @@ def masktune_dataset(model, dataset: AuditDataset, *, sigmas: float = 2.0, batch
                 records.append(Record(np.ascontiguousarray(pixels[j]), r.label, None, r.variant, r.group, r.split))
             bar.advance(len(indices))
     return AuditDataset(records, dataset.info, channels=dataset.channels, image_size=dataset.image_size)
+
+
+@dataclass(frozen=True)
+class MaskTuneOptions:
+    sigmas: float = 2.0  # pixels above mean + sigmas * std of the Grad-CAM map are masked
+
+
+def prepare_data(model, train: AuditDataset, options: MaskTuneOptions, mask_meaning: str, batch_size: int, device,
+                 show_progress: bool) -> AuditDataset:
+    return masktune_dataset(model, train, sigmas=options.sigmas, batch_size=batch_size, device=device,
+                            show_progress=show_progress)
+
+
+SPEC = MethodSpec(
+    name="masktune",
+    summary="mask what the model relies on most (its Grad-CAM), fine-tune on the masked images (seed 002)",
+    masks=None,
+    teacher="none",
+    default_lambda=0.0,
+    sweep=(0.0,),
+    training={"epochs": 1, "grad_clip": 0.0, "schedule": "constant"},
+    options=MaskTuneOptions,
+    build=lambda model, options, teacher: Objective(),
+    prepare_data=prepare_data,
+    doc="docs/methods/masktune.md",
+)

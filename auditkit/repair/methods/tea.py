@@ -1,22 +1,10 @@
-"""Training objectives that repair a shortcut: loss = task loss + λ · explanation loss (TAP Eq. 3).
-
-- TAP (TAP Eq. 7-8): the mean over targeted layers of the batch-mean penalty on activations in the
-  downscaled mask, through the fused kernels. First-order only.
-- RRR (Ross et al. 2017; TAP Eq. 4): sum over pixels of (M ⊙ Σ_k ∂ log p_k / ∂x)², the input
-  gradient of the summed log-probabilities inside the mask (channels summed first), averaged over
-  the batch. Needs a double backward.
-- Energy (model guidance, seed 003 Eq. 6): −EPG = −Σ M·A⁺ / Σ A⁺ for the true class's input × gradient
-  map, where M marks the *object*; averaged over the batch. Double backward.
-- TEA (Bassi et al.; seed 004): the multi-resolution heat loss between the student's and the
-  teacher's LRP-ε heatmaps, (1/S) Σ_m d(AvgPool_2^m(Hs), AvgPool_2^m(Ht)) with
-  d(a, b) = ‖a − b‖₁ / sqrt(‖a‖₁ ‖b‖₁) per sample, for the teacher's top K classes (their mean).
-  The heatmap is differentiable through the LRP kernels' autograd formulas. Optionally plus
-  distillation (Hinton et al. 2015): T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)) on the same images,
-  which gives the student the teacher's answers while the heat loss keeps it from reaching them
-  through the shortcut (docs/methods/tea.md has the ablation).
-
-Each objective is a small class: ``loss(model, batch, logits, activations) -> tensor`` and the layers it
-needs captured (TAP only). The task loss is added by the trainer with its own weight.
+"""TEA, Training with Explanations Alone (Bassi et al.; seed 004): the multi-resolution heat loss
+between the student's and the teacher's LRP-ε heatmaps, (1/S) Σ_m d(AvgPool_2^m(Hs), AvgPool_2^m(Ht))
+with d(a, b) = ‖a − b‖₁ / sqrt(‖a‖₁ ‖b‖₁) per sample, for the teacher's top K classes (their mean).
+The heatmap is differentiable through the LRP kernels' autograd formulas. Optionally plus
+distillation (Hinton et al. 2015): T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)) on the same images,
+which gives the student the teacher's answers while the heat loss keeps it from reaching them
+through the shortcut (docs/methods/tea.md has the ablation). Needs no masks, only a teacher.
 """
 
 from __future__ import annotations
@@ -28,77 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import Batch
-from ..explain.lrp import lrp_epsilon_and_logits
-from ..models import capture_activations
-from ..ops import tap_loss
-
-
-class Objective:
-    """Base: no extra loss. ``forward_and_loss(model, batch) -> (logits, explanation loss)`` runs the
-    model once: the trainer adds ``task_weight`` · CE(logits) and λ · the explanation loss.
-    ``layers``: modules whose outputs ``loss`` receives (TAP). ``prepare`` runs once before training."""
-
-    name = "plain"
-    layers: tuple[str, ...] = ()
-    task_weight: float = 1.0
-
-    def prepare(self, train_set, device, show_progress: bool = False) -> None:
-        """Work done once per run (e.g. caching a teacher's heatmaps)."""
-
-    def forward_and_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with capture_activations(model, self.layers) as activations:
-            logits = model(batch.images)
-        return logits, self.loss(model, batch, logits, list(activations))
-
-    def loss(self, model: nn.Module, batch: Batch, logits: torch.Tensor, activations: list[torch.Tensor]) -> torch.Tensor:
-        return logits.new_zeros(())
-
-
-@dataclass
-class TapObjective(Objective):
-    layers: tuple[str, ...] = ()
-    kernel_size: int = 3
-    name = "tap"
-
-    def loss(self, model, batch, logits, activations):
-        return tap_loss(activations, batch.masks, self.kernel_size, defer_gradient=True)
-
-
-def forward_with_input_gradient(model: nn.Module, images: torch.Tensor, scores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(leaf images, logits, d scores(logits).sum() / d images), the graph kept for a second backward.
-    One forward serves both the task loss (logits) and the input-gradient loss."""
-    images = images.detach().requires_grad_(True)
-    logits = model(images)
-    (grad,) = torch.autograd.grad(scores(logits).sum(), images, create_graph=True)
-    return images, logits, grad
-
-
-@dataclass
-class RrrObjective(Objective):
-    name = "rrr"
-
-    def forward_and_loss(self, model, batch):
-        _, logits, grad = forward_with_input_gradient(model, batch.images, lambda out: F.log_softmax(out, dim=1).sum(dim=1))
-        return logits, ((batch.masks * grad.sum(dim=1, keepdim=True)) ** 2).sum(dim=(1, 2, 3)).mean()
-
-
-def energy_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Per-sample EPG (seed 003 Eq. 2): sum(M A+) / sum(A+); 0 where a map has no positive part."""
-    positive = maps.clamp_min(0).flatten(1)
-    inside = (positive * masks.flatten(1)).sum(1)
-    return inside / positive.sum(1).clamp_min(1e-12)
-
-
-@dataclass
-class EnergyObjective(Objective):
-    name = "energy"
-
-    def forward_and_loss(self, model, batch):
-        # Input x gradient of the true class's logit (seed 003 uses IxG for its B-cos-free models).
-        images, logits, grad = forward_with_input_gradient(model, batch.images, lambda out: out.gather(1, batch.labels[:, None]))
-        maps = (images * grad).sum(dim=1)
-        return logits, -energy_in_mask(maps, batch.masks[:, 0]).mean()
+from ...errors import ParameterError
+from ...explain.lrp import lrp_epsilon_and_logits
+from ...training import Objective
+from .base import MethodSpec
 
 
 def heat_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -171,8 +92,8 @@ class TeaObjective(Objective):
         channels, height, width = train_set[0].image.shape
         if len(train_set) * self.classes * height * width * 4 > self.cache_bytes:
             return
-        from .._progress import progress_bar
-        from ..data import make_loader
+        from ..._progress import progress_bar
+        from ...data import make_loader
 
         parts = []
         with progress_bar("teacher heatmaps", total=len(train_set), enabled=show_progress) as bar:
@@ -194,3 +115,49 @@ class TeaObjective(Objective):
         if self.distill_weight:
             loss = loss + self.distill_weight * distillation_loss(logits, teacher_logits.detach(), self.temperature)
         return logits, loss
+
+
+@dataclass(frozen=True)
+class TeaOptions:
+    epsilon: float = 0.01  # LRP-epsilon stabiliser
+    scales: int = 4  # resolutions of the heat loss
+    explained_class: str = "teacher"  # "teacher": the teacher's top classes; "random": random logits
+    classes: int = 1  # classes explained per image (the loss is their mean)
+    task_weight: float = 0.0  # cross-entropy's weight (0 = explanations alone)
+    distill_weight: float = 1.0  # distillation of the teacher's class probabilities (0: heatmaps alone)
+    temperature: float = 1.0  # distillation temperature T
+
+    def validate(self) -> None:
+        if self.explained_class not in ("teacher", "random"):
+            raise ParameterError("explained_class", f"must be teacher or random; got {self.explained_class!r}")
+        if self.classes < 1:
+            raise ParameterError("classes", f"must be at least 1; got {self.classes}")
+        if not (self.distill_weight >= 0 and math.isfinite(self.distill_weight)):
+            raise ParameterError("distill_weight", f"must be a number >= 0; got {self.distill_weight}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ParameterError("temperature", f"must be a positive number; got {self.temperature}")
+        if not self.epsilon > 0:
+            raise ParameterError("epsilon", f"must be a positive number; got {self.epsilon}")
+
+
+def build(model, options: TeaOptions, teacher) -> TeaObjective:
+    return TeaObjective(teacher=teacher, epsilon=options.epsilon, scales=options.scales,
+                        explained_class=options.explained_class, classes=options.classes,
+                        task_weight=options.task_weight, distill_weight=options.distill_weight,
+                        temperature=options.temperature)
+
+
+SPEC = MethodSpec(
+    name="tea",
+    summary="train the model to explain (and answer) like a teacher: LRP-epsilon heat loss plus distillation (seed 004)",
+    masks=None,
+    teacher="required",
+    default_lambda=1.0,
+    sweep=(0.1, 1.0, 10.0),
+    # TEA learns a new reasoning from the heatmaps alone, so it needs more epochs than a penalty does;
+    # the LRP ratio's derivative grows like 1/epsilon^2 near z = 0: clipped, cosine schedule.
+    training={"epochs": 30, "grad_clip": 1.0, "schedule": "cosine"},
+    options=TeaOptions,
+    build=build,
+    doc="docs/methods/tea.md",
+)

@@ -1,0 +1,35 @@
+"""What a training step minimises: ``task_weight`` · cross-entropy + ``lam`` · an explanation loss
+(TAP Eq. 3). The base class is plain supervised training (no explanation loss); every repair
+method (auditkit/repair/methods/) subclasses it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data import Batch
+from ..models import capture_activations
+
+
+class Objective:
+    """Plain cross-entropy, and the base of the repair objectives.
+
+    ``forward_and_loss(model, batch) -> (logits, explanation loss)`` runs the model once; the
+    engine adds ``task_weight`` · CE(logits) and ``lam`` · the explanation loss. ``layers``: modules
+    whose outputs ``loss`` receives (TAP). ``prepare`` runs once before training."""
+
+    name = "train"
+    layers: tuple[str, ...] = ()
+    task_weight: float = 1.0
+    lam: float = 0.0  # λ: the explanation loss's weight (TAP Eq. 3)
+
+    def prepare(self, train_set, device, show_progress: bool = False) -> None:
+        """Work done once per run (e.g. caching a teacher's heatmaps)."""
+
+    def forward_and_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with capture_activations(model, self.layers) as activations:
+            logits = model(batch.images)
+        return logits, self.loss(model, batch, logits, list(activations))
+
+    def loss(self, model: nn.Module, batch: Batch, logits: torch.Tensor, activations: list[torch.Tensor]) -> torch.Tensor:
+        return logits.new_zeros(())
