@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import OutputExistsError
+
 
 def _default_file_mode() -> int:
     """0o666 minus the process umask: what open() would have given the file."""
@@ -24,7 +26,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwri
     """
     target = Path(path)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another path or pass --force to replace it")
+        raise OutputExistsError("overwrite", f"is off and {target} already exists: choose another path, or allow replacing it")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

@@ -38,3 +38,8 @@ class ParameterError(AuditkitError):
     def naming(self, name: str) -> str:
         """The message with the parameter called ``name`` (a CLI flag)."""
         return f"{name} {self.problem}"
+
+
+class OutputExistsError(ParameterError, FileExistsError):
+    """An output that would replace an existing file or folder without ``overwrite``
+    (the command line's --force)."""

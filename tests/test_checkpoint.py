@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from auditkit import __version__
-from auditkit.errors import CheckpointError
+from auditkit.errors import CheckpointError, OutputExistsError, ParameterError
 from auditkit.models import (
     AuditModel,
     build_model,
@@ -123,7 +123,7 @@ def test_no_overwrite_without_permission(tmp_path, tap_model, suffix):
     path = save_checkpoint(tap_model, tmp_path / f"m{suffix}")
     before = path.read_bytes()
     other = build_model("tap-cnn", 3, 1, (28, 28))
-    with pytest.raises(CheckpointError, match="already exists.*--force") as info:
+    with pytest.raises(OutputExistsError, match="`overwrite` is off and .* already exists") as info:
         save_checkpoint(other, path)
     assert_one_line(info)
     assert path.read_bytes() == before
@@ -184,7 +184,7 @@ def test_bare_torchvision_state_dict_loads_with_arch(tmp_path, torchvision_resne
 def test_bare_state_dict_without_arch_asks_for_it(tmp_path, torchvision_resnet18):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision_resnet18.state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"is a bare state_dict; pass --arch NAME") as info:
+    with pytest.raises(ParameterError, match=r"`arch` must be given: .* is a bare state_dict") as info:
         load_checkpoint(path)
     assert_one_line(info)
 
@@ -216,10 +216,10 @@ def test_state_dict_without_batch_norm_step_counters_loads(tmp_path, torchvision
 def test_pickled_module_is_refused_then_loads_when_trusted(tmp_path, torchvision_resnet18):
     path = tmp_path / "whole.pt"
     torch.save(torchvision_resnet18, path)
-    with pytest.raises(CheckpointError, match="contains pickled Python objects.*--trust-pickle") as info:
+    with pytest.raises(CheckpointError, match="`trust_pickle` is off and .* contains pickled Python objects") as info:
         load_checkpoint(path)
     assert_one_line(info)
-    with pytest.raises(CheckpointError, match="--trust-pickle"):
+    with pytest.raises(CheckpointError, match="trust_pickle"):
         read_checkpoint_meta(path)
 
     with pytest.warns(UserWarning, match="arbitrary code"):
@@ -238,9 +238,9 @@ def test_custom_class_is_refused_then_wrapped_when_trusted(tmp_path):
     net = TinyNet().eval()
     path = tmp_path / "tiny.pth"
     torch.save(net, path)
-    with pytest.raises(CheckpointError, match="--trust-pickle"):
+    with pytest.raises(CheckpointError, match="trust_pickle"):
         load_checkpoint(path)
-    with pytest.warns(UserWarning, match="--trust-pickle"):
+    with pytest.warns(UserWarning, match="trust_pickle"):
         model = load_checkpoint(path, trust_pickle=True)
     assert isinstance(model.net, TinyNet)
     assert (model.meta.in_channels, model.meta.num_classes) == (2, 5)
@@ -251,7 +251,7 @@ def test_custom_class_is_refused_then_wrapped_when_trusted(tmp_path):
 def test_pickled_audit_model_is_returned_as_is_when_trusted(tmp_path, tap_model, images):
     path = tmp_path / "audit.pt"
     torch.save(tap_model, path)
-    with pytest.raises(CheckpointError, match="--trust-pickle"):
+    with pytest.raises(CheckpointError, match="trust_pickle"):
         load_checkpoint(path)
     with pytest.warns(UserWarning):
         model = load_checkpoint(path, trust_pickle=True)

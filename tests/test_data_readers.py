@@ -12,7 +12,7 @@ import torch
 
 from auditkit.data import AuditDataset, collate, make_dataset, make_loader, open_dataset, write_dataset
 from auditkit.data.sources import load_mnist_digits, stratified_split
-from auditkit.errors import DataError
+from auditkit.errors import DataError, OutputExistsError
 
 
 def write_png(path, pixels):
@@ -93,7 +93,7 @@ def test_written_dataset_reads_back_identically(tmp_path, fmt):
 def test_writer_refuses_to_replace_unless_forced_and_leaves_no_staging(tmp_path):
     made = make_dataset(None, source="sklearn-digits")
     write_dataset(made.select(split="val"), tmp_path / "d")
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         write_dataset(made.select(split="val"), tmp_path / "d")
     write_dataset(made.select(split="test"), tmp_path / "d", overwrite=True)
     assert open_dataset(tmp_path / "d").splits == ["test"]

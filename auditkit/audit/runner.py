@@ -23,7 +23,7 @@ from ..data.contaminations import make_contamination
 from ..data.dataset import Record
 from ..device import autocast, model_device, resolve_device, resolve_precision
 from ..distributed import Context, gather
-from ..errors import AuditkitError
+from ..errors import AuditkitError, ParameterError
 from ..explain import METHODS, attribute
 from ..models import capture_activations
 from ..ops import downscale_masks, weighted_relu_sum
@@ -56,9 +56,11 @@ class AuditConfig:
         if unknown:
             raise AuditkitError(f"unknown method {unknown[0]!r}; methods: {', '.join(METHODS)}")
         if self.batch_size < 1 or self.bootstrap < 1 or not 0 < self.confidence < 1:
-            raise AuditkitError("--batch-size and --bootstrap must be >= 1, --confidence in (0, 1)")
+            bad = next(name for name, ok in (("batch_size", self.batch_size >= 1), ("bootstrap", self.bootstrap >= 1),
+                                             ("confidence", 0 < self.confidence < 1)) if not ok)
+            raise ParameterError(bad, "must be at least 1" if bad != "confidence" else "must lie in (0, 1)")
         if self.task not in M.TASKS:
-            raise AuditkitError(f"--task must be one of {', '.join(M.TASKS)}; got {self.task!r}")
+            raise ParameterError("task", f"must be one of {', '.join(M.TASKS)}; got {self.task!r}")
 
 
 @dataclass
@@ -362,7 +364,7 @@ def run_audit(
                             "move the model there first")
     config = replace(config, device=str(device), precision=resolve_precision(config.precision, device))
     if len(dataset) == 0:
-        raise AuditkitError("the audit data has no samples (check --split)")
+        raise AuditkitError("the audit data has no samples (check the split asked for)")
     start = time.perf_counter()
     was_training = model.training
     model.eval()

@@ -43,6 +43,7 @@ FLAGS = {
     "explained_class": "--tea-class",
     "classes": "--tea-classes",
     "annotation": "--teacher with --tau",
+    "overwrite": "--force",
     "options": "--option",
     "data_order": "the data order",
 }

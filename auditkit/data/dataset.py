@@ -375,7 +375,7 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader yielding Batch objects; shuffling is seeded for repeatable runs."""
     if len(dataset) == 0:
-        raise DataError(f"{dataset.info.name}: no samples to load (check --split and --variant)")
+        raise DataError(f"{dataset.info.name}: no samples to load (check the split and variant asked for)")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from .._version import __version__
-from ..errors import DataError
+from ..errors import DataError, OutputExistsError
 from .dataset import AuditDataset
 from .images import to_uint8
 
@@ -91,7 +91,7 @@ def write_dataset(
         raise DataError(f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
     target = Path(out_dir).expanduser()
     if target.exists() and not overwrite:
-        raise DataError(f"{target} already exists; choose another folder or pass --force to replace it")
+        raise OutputExistsError("overwrite", f"is off and {target} already exists: choose another folder, or allow replacing it")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

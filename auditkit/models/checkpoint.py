@@ -33,7 +33,7 @@ from torch import nn
 
 from .._io import atomic_write
 from .._version import __version__
-from ..errors import CheckpointError, ModelError
+from ..errors import CheckpointError, ModelError, ParameterError
 from .zoo import (
     ARCHITECTURES,
     CUSTOM_ARCH,
@@ -83,10 +83,15 @@ def _unreadable(path: Path, reason: str | BaseException) -> CheckpointError:
     return CheckpointError(f"{path} is not a readable checkpoint ({_one_line(reason)})")
 
 
+class PickleRefused(ParameterError, CheckpointError):
+    """A checkpoint that only unpickling could read, with ``trust_pickle`` off."""
+
+
 def _pickle_refused(path: Path) -> CheckpointError:
-    return CheckpointError(
-        f"{path} contains pickled Python objects; auditkit does not unpickle untrusted files. "
-        "If you trust its author, pass --trust-pickle."
+    return PickleRefused(
+        "trust_pickle",
+        f"is off and {path} contains pickled Python objects; auditkit does not unpickle untrusted files. "
+        "If you trust its author, turn it on.",
     )
 
 
@@ -165,8 +170,8 @@ def save_checkpoint(
 
     try:
         return atomic_write(path, write_safetensors if fmt == "safetensors" else write_torch, overwrite=overwrite)
-    except FileExistsError as err:
-        raise CheckpointError(_one_line(str(err))) from None
+    except FileExistsError:
+        raise
 
 
 # --------------------------------------------------------------------------- reading files
@@ -231,7 +236,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise _unreadable(path, err) from None
 
     warnings.warn(
-        f"unpickling {path} because --trust-pickle was given: this can run arbitrary code stored in the file",
+        f"unpickling {path} because trust_pickle is on: this can run arbitrary code stored in the file",
         UserWarning,
         stacklevel=3,
     )
@@ -338,7 +343,8 @@ def _model_from_state_dict(
     if meta is None:
         arch = overrides["arch"]
         if arch is None:
-            raise CheckpointError(f"{path} is a bare state_dict; pass --arch NAME ({', '.join(ARCHITECTURES)})")
+            raise ParameterError("arch", f"must be given: {path} is a bare state_dict; name its architecture "
+                                         f"({', '.join(ARCHITECTURES)})")
         inferred_channels, inferred_classes = _infer_sizes(arch, state)
         # Sizes that cannot be inferred only matter if the keys are missing, which _load_weights reports.
         in_channels = _first_given(overrides["in_channels"], inferred_channels, 3)
@@ -383,8 +389,8 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
         if num_classes is None:
             num_classes = net.get_submodule(classifier_name(net)).out_features
     except ModelError:  # no Conv2d or no Linear to read sizes from
-        raise CheckpointError(
-            f"{path} holds a {type(net).__name__} whose sizes cannot be inferred; pass --in-channels and --num-classes"
+        raise ParameterError(
+            "in_channels", f"and num_classes must be given: {path} holds a {type(net).__name__} whose sizes cannot be inferred"
         ) from None
     meta = ModelMeta(
         arch=CUSTOM_ARCH,

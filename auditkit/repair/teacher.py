@@ -25,7 +25,7 @@ from .._progress import progress_bar
 from ..data import AuditDataset, collate, to_uint8
 from ..data.dataset import Record
 from ..device import autocast, model_device, resolve_precision
-from ..errors import AuditkitError
+from ..errors import AuditkitError, ParameterError
 from ..explain import METHODS, attribute
 
 
@@ -41,10 +41,10 @@ class AnnotationConfig:
         if self.method not in METHODS:
             raise AuditkitError(f"unknown annotation method {self.method!r}; methods: {', '.join(METHODS)}")
         if (self.tau is None) == (self.quantile is None):
-            raise AuditkitError("give exactly one of --tau and --quantile")
+            raise ParameterError("tau", "must be given, or quantile instead: exactly one of the two")
         value = self.tau if self.tau is not None else self.quantile
         if not 0.0 <= value <= 1.0:
-            raise AuditkitError(f"--tau / --quantile must lie in [0, 1]; got {value}")
+            raise ParameterError("tau" if self.tau is not None else "quantile", f"must lie in [0, 1]; got {value}")
 
 
 def saliency_masks(teacher, images: torch.Tensor, config: AnnotationConfig) -> torch.Tensor:
