@@ -107,19 +107,66 @@ def test_html_report_loads_in_headless_chromium_and_shows_its_images(digits_chec
                                  str(tmp_path / "r"), *FAST])
     assert result.exit_code == 0, result.output
     page = tmp_path / "r" / "report.html"
+    dom, (decoded, total) = _chromium_dom(page, tmp_path)
+    assert total >= 6 and decoded == total  # every picture decoded
+    assert "Verdict:" in dom and "Confusion matrices" in dom
+
+
+def _chromium_dom(page, tmp_path):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-             "--enable-logging=stderr", "--v=0"]
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0"]
     shown = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr[-2000:]
-    dom = shown.stdout
-    loaded = dom.split('data-images-loaded="', 1)[1].split('"', 1)[0]
-    decoded, total = (int(v) for v in loaded.split("/"))
-    assert total >= 6 and decoded == total, loaded  # every heatmap grid decoded
-    assert "Verdict:" in dom and "Confusion matrices" in dom
     console_errors = [line for line in shown.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console_errors, console_errors
+    loaded = shown.stdout.split('data-images-loaded="', 1)[1].split('"', 1)[0]
+    return shown.stdout, [int(v) for v in loaded.split("/")]
+
+
+def test_report_renders_a_before_after_page_from_two_json_files_alone(digits_checkpoint, tmp_path):
+    """`auditkit report before.json after.json`: the page comes from the JSON alone (a folder holding
+    nothing else, no model, data or device), with its plots and example images."""
+    # Two audits of two models: the shortcut model and a TAP-repaired copy of it.
+    data = ["--data", "builtin:decoy-digits", "--examples", "3", *FAST]
+    before = runner.invoke(app, ["audit", str(digits_checkpoint), *data, "--json", str(tmp_path / "b.json")])
+    assert before.exit_code == 0, before.output
+    repaired = tmp_path / "repaired.safetensors"
+    result = runner.invoke(app, ["repair", str(digits_checkpoint), "--data", "builtin:decoy-digits", "--out", str(repaired),
+                                 "--epochs", "1", "--audit-split", "none", "--quiet"])
+    assert result.exit_code == 0, result.output
+    after = runner.invoke(app, ["audit", str(repaired), *data, "--json", str(tmp_path / "a.json")])
+    assert after.exit_code == 0, after.output
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("b.json", "a.json"):
+        (alone / name).write_text((tmp_path / name).read_text())
+    page = alone / "page.html"
+    cwd = os.getcwd()
+    os.chdir(alone)
+    try:
+        shown = runner.invoke(app, ["report", "b.json", "a.json", "--out", "page.html"])
+    finally:
+        os.chdir(cwd)
+    assert shown.exit_code == 0, shown.output
+    assert sorted(p.name for p in alone.iterdir()) == ["a.json", "b.json", "page.html"]
+    text = page.read_text()
+    assert text.count("<svg") >= 1 and "before" in text and "after" in text and "Per class" in text
+    assert "data:image/png;base64," in text
+    again = runner.invoke(app, ["report", str(alone / "b.json"), "--out", str(page)])
+    assert again.exit_code == 2 and "already exists" in again.output
+    if CHROMIUM is not None:
+        dom, (decoded, total) = _chromium_dom(page, tmp_path)
+        assert total >= 4 and decoded == total and "Before:" in dom and "After:" in dom
+
+
+def test_report_refuses_what_is_not_a_report(tmp_path):
+    (tmp_path / "x.json").write_text('{"schema": "something/else"}')
+    (tmp_path / "y.json").write_text("not json")
+    for name, message in (("x.json", "not an auditkit report"), ("y.json", "not a JSON file"), ("z.json", "no such file")):
+        result = runner.invoke(app, ["report", str(tmp_path / name), "--out", str(tmp_path / "p.html")])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "p.html").exists()
 
 
 def test_torchrun_two_processes_give_the_same_report(digits_checkpoint, tmp_path):

@@ -55,6 +55,8 @@ class AuditConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise AuditkitError(f"unknown method {unknown[0]!r}; methods: {', '.join(METHODS)}")
+        if self.examples < 0:
+            raise ParameterError("examples", f"must be at least 0; got {self.examples}")
         if self.batch_size < 1 or self.bootstrap < 1 or not 0 < self.confidence < 1:
             bad = next(name for name, ok in (("batch_size", self.batch_size >= 1), ("bootstrap", self.bootstrap >= 1),
                                              ("confidence", 0 < self.confidence < 1)) if not ok)

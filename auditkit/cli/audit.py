@@ -38,6 +38,9 @@ def audit(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
     layers: Annotated[Optional[str], typer.Option(help="Layers for the activation share (default: TAP targets).")] = None,
     epsilon: Annotated[float, typer.Option(help="LRP-epsilon stabiliser for the audit's maps.")] = 0.01,
+    examples: Annotated[
+        int, typer.Option(help="Example pictures kept in the report: this many correct and wrong predictions per variant.")
+    ] = 8,
     arch: ArchOption = None,
     trust_pickle: TrustPickleOption = False,
     device: DeviceOption = "auto",
@@ -77,6 +80,7 @@ def audit(
             confidence=confidence,
             counterfactuals=counterfactuals,
             epsilon=epsilon,
+            examples=examples,
             layers=tuple(resolve_layers(model, layers.split(","))) if layers else None,
         )
         report = run_audit(model, dataset, config, context=context, show_progress=not quiet,
