@@ -24,12 +24,10 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ._progress import progress_bar
-from .data import AuditDataset, open_dataset, stratified_split
-from .models import build_model
+from .data import AuditDataset, open_dataset
 from .repair import METHODS, AnnotationConfig, RepairConfig, annotate, run_repair
 from .training import TrainConfig, evaluate, train_model
 

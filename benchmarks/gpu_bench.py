@@ -145,7 +145,6 @@ def tap_ops(device: str, size: dict, copy_gbs: float | None) -> dict:
         entry["penalty_fused_peak_bytes"] = peak_bytes(fused, device)
         entry["penalty_eager_peak_bytes"] = peak_bytes(eager, device)
         results[name] = entry
-        del a, base, leaf
     return results
 
 

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import auditkit
 from auditkit.audit import AuditConfig, run_audit
 from auditkit.cli import app
 from auditkit.data import open_dataset
-from auditkit.models import build_model, load_checkpoint, save_checkpoint
+from auditkit.models import load_checkpoint
 from auditkit.training import align_dataset_to_model
 
 from .test_cli_data_train import error_line

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from auditkit.cli import app
 from auditkit.data import open_dataset
-from auditkit.models import build_model, load_checkpoint, save_checkpoint
+from auditkit.models import load_checkpoint, save_checkpoint
 from auditkit.training import evaluate
 
 from .conftest import train_digits_model

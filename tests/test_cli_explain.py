@@ -7,12 +7,9 @@ import json
 import cv2
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from auditkit.cli import app
-from auditkit.data import open_dataset
-from auditkit.models import build_model, save_checkpoint
 
 from .test_cli_data_train import error_line
 

@@ -11,7 +11,6 @@ pure-PyTorch reference.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

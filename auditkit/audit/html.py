@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..explain.render import captioned, colorize, grid, outline, png_data_uri, upscale
+from ..explain.render import captioned, grid, outline, png_data_uri, upscale
 from .tiles import decode_map, decode_picture
 
 STYLE = """

@@ -29,7 +29,7 @@ from ..data import AuditDataset, collate, to_uint8
 from ..data.dataset import Record
 from ..device import resolve_device, resolve_precision
 from ..distributed import Context
-from ..errors import AuditkitError, ParameterError
+from ..errors import ParameterError
 from ..training import TrainConfig, choose_training_variant, fit
 from .methods import METHODS, MethodSpec
 from .teacher import AnnotationConfig, annotate

@@ -8,14 +8,7 @@
 from __future__ import annotations
 
 from .augment import augment_batch, random_channel_shuffle, random_rotate_scale, random_shift
-from .classifier import (
-    TrainedModel,
-    VariantResult,
-    align_dataset_to_model,
-    choose_training_variant,
-    evaluate,
-    train_model,
-)
+from .classifier import TrainedModel, align_dataset_to_model, choose_training_variant, train_model
 from .engine import (
     DATA_ORDERS,
     OPTIMIZERS,
@@ -28,6 +21,7 @@ from .engine import (
     learning_rate,
     training_loss,
 )
+from .evaluation import VariantResult, evaluate
 from .objective import Objective
 
 __all__ = [

@@ -34,6 +34,7 @@ from ..device import autocast, grad_scaler, resolve_device, resolve_precision
 from ..distributed import Context
 from ..errors import AuditkitError, ParameterError
 from .augment import augment_batch
+from .evaluation import evaluate
 from .objective import Objective
 
 STATE_FORMAT = "auditkit-repair-state/1"
@@ -198,8 +199,6 @@ def training_loss(model: nn.Module, batch, objective: Objective):
 
 
 def _validation_accuracy(model: nn.Module, val_set: AuditDataset, device, precision: str) -> float:
-    from .classifier import evaluate
-
     results = evaluate(model, val_set, device=device, precision=precision)
     return sum(r.accuracy * r.samples for r in results.values()) / max(sum(r.samples for r in results.values()), 1)
 
