@@ -25,7 +25,7 @@ from ..device import autocast, model_device, resolve_device, resolve_precision
 from ..distributed import Context, gather
 from ..errors import AuditkitError, ParameterError
 from ..explain import METHODS, attribute
-from ..models import capture_activations
+from ..models import run_capturing
 from ..ops import downscale_masks, weighted_relu_sum
 from . import metrics as M
 from .tiles import example_tiles
@@ -129,8 +129,8 @@ def swap_partners(dataset: AuditDataset, indices: list[int], seed: int) -> dict[
 
 def _activation_shares(model, layers, images, masks):
     """Per layer: share of the channel-summed ReLU activation inside D(M), and D's mean (chance)."""
-    with torch.no_grad(), capture_activations(model, layers) as captured:
-        model(images)
+    with torch.no_grad():
+        _, captured, _ = run_capturing(model, layers, lambda: model(images))
         activations = [a for a in captured]
     weights = downscale_masks(masks, [tuple(a.shape[-2:]) for a in activations])
     shares, coverages = [], []

@@ -27,6 +27,9 @@ def explain(
     epsilon: Annotated[float, typer.Option(help="LRP-epsilon stabiliser.")] = 1e-6,
     layer: Annotated[Optional[str], typer.Option(help="Grad-CAM layer (default: the checkpoint's preset).")] = None,
     steps: Annotated[int, typer.Option(help="Integrated Gradients steps.")] = 32,
+    internal_batch_size: Annotated[
+        Optional[int], typer.Option(help="Integrated Gradients: path images per pass (default: a memory budget).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     save_maps: Annotated[bool, typer.Option("--save-maps", help="Also write the raw maps to heatmaps.npz.")] = False,
     arch: ArchOption = None,
@@ -94,7 +97,7 @@ def explain(
 
     options = {"epsilon": epsilon} if method == "lrp_epsilon" else {"layer": layer} if method == "gradcam" else {}
     if method == "integrated_gradients":
-        options = {"steps": steps}
+        options = {"steps": steps, "internal_batch_size": internal_batch_size}
     tiles, rows, maps = [], [], []
     for start in range(0, len(picks), batch_size):
         batch = collate([dataset[int(k)] for k in picks[start : start + batch_size]]).to(target_device)

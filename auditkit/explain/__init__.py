@@ -7,9 +7,9 @@ Methods: ``lrp_epsilon`` (the fused LRP-epsilon kernels, differentiable for TEA)
 tensor of N indices, an (N, K) tensor for K explanations per sample (one forward pass serves all
 of them for LRP), ``"pred"`` or ``"label"`` (with ``labels=``). Maps are (N, K, H, W) at input
 resolution, summed over channels and signed (Grad-CAM is non-negative). ``create_graph=True``
-makes them differentiable w.r.t. the model's parameters. The model is never changed: no
-parameters replaced, no hooks left behind, no ``.grad`` written. Put it in eval mode first for
-explanations (batch norm and dropout behave as at test time).
+makes them differentiable w.r.t. the model's parameters. The model is never changed: it is
+explained in eval mode (batch norm and dropout as at test time) and its modes restored; no
+parameters replaced, no hooks left behind, no ``.grad`` written.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import ParameterError
 from .gradients import gradcam, gradient, input_x_gradient, integrated_gradients
 from .lrp import DEFAULT_EPSILON, UnsupportedLayerError, lrp_epsilon
+from .validate import as_targets, check_images, check_logits, logits_from, untouched
 
 METHODS: dict[str, Callable] = {
     "lrp_epsilon": lrp_epsilon,
@@ -32,28 +34,23 @@ METHODS: dict[str, Callable] = {
 
 
 def resolve_targets(
-    model: nn.Module, x: torch.Tensor, target, labels: torch.Tensor | None = None
+    model: nn.Module, x: torch.Tensor, target, labels: torch.Tensor | None = None, output=None
 ) -> torch.Tensor:
-    """Targets as an (N, K) long tensor on x's device."""
-    n = x.shape[0]
+    """Targets as an (N, K) long tensor on x's device: ``"pred"`` (the model's prediction),
+    ``"label"`` (``labels``), a class index, N indices or (N, K) indices."""
     if isinstance(target, str):
         if target == "pred":
             with torch.no_grad():
-                return model(x).argmax(dim=1, keepdim=True)
+                logits = logits_from(model(x), output)
+            check_logits(logits, x.shape[0])
+            return logits.argmax(dim=1, keepdim=True)
         if target == "label":
             if labels is None:
-                raise ValueError("target='label' needs labels=")
+                raise ParameterError("labels", "must be given with target='label'")
             target = labels
         else:
-            raise ValueError(f"target must be a class index, a tensor, 'pred' or 'label'; got {target!r}")
-    targets = torch.as_tensor(target, dtype=torch.long, device=x.device)
-    if targets.dim() == 0:
-        targets = targets.expand(n)
-    if targets.dim() == 1:
-        targets = targets.unsqueeze(1)
-    if targets.dim() != 2 or targets.shape[0] != n:
-        raise ValueError(f"target must give one or K classes per sample (shape ({n},) or ({n}, K)); got {tuple(targets.shape)}")
-    return targets
+            raise ParameterError("target", f"must be a class index, a tensor, 'pred' or 'label'; got {target!r}")
+    return as_targets(target, x)
 
 
 def attribute(
@@ -63,24 +60,32 @@ def attribute(
     method: str = "lrp_epsilon",
     *,
     labels: torch.Tensor | None = None,
+    output: str | int | Callable | None = None,
     create_graph: bool = False,
     **options,
 ) -> torch.Tensor:
     """(N, K, H, W) attribution maps of ``model`` on images ``x`` (N, C, H, W) for ``target``.
 
     Options: ``epsilon`` (lrp_epsilon, default 1e-6), ``layer`` (gradcam, default the model's
-    preset), ``steps``/``baseline``/``internal_batch_size`` (integrated_gradients).
+    preset), ``steps``/``baseline``/``internal_batch_size`` (integrated_gradients). ``output``:
+    which part of the model's output holds the (N, classes) logits when it is not one tensor (a
+    dict key, a tuple index or a function).
+
+    Every method checks its inputs alike (auditkit/explain/validate.py): images (N, C, H, W) with the
+    model's channels, device and dtype; one (N, classes) logits tensor; targets in [0, classes).
+    Bad input raises ParameterError naming the argument. The model is explained in eval mode and
+    left exactly as it was (modes, parameters, buffers, hooks, ``requires_grad``, ``.grad``).
 
     Under ``torch.autocast`` (auditkit.device.autocast) the model's passes run in the low dtype
     and maps come back in float32 (LRP's relevance pass runs in float32 throughout); measured
     against float32 maps, bfloat16 keeps a per-map cosine similarity of at least 0.95, 0.98 on average (docs/explain.md).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
-    if x.dim() != 4:
-        raise ValueError(f"attribute: images must have shape (N, C, H, W); got {tuple(x.shape)}")
-    targets = resolve_targets(model, x, target, labels)
-    maps = METHODS[method](model, x, targets, create_graph=create_graph, **options)
+        raise ParameterError("method", f"must be one of {', '.join(METHODS)}; got {method!r}")
+    check_images(model, x)
+    with untouched(model):
+        targets = resolve_targets(model, x, target, labels, output)
+        maps = METHODS[method](model, x, targets, output=output, create_graph=create_graph, **options)
     return maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
 
 

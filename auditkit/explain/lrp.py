@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ops import lrp_epsilon_conv2d, lrp_epsilon_linear, lrp_epsilon_ratio
-from ..errors import ModelError
+from ..errors import AuditkitError, ModelError
+from .validate import check_logits, check_targets, explanation_method, logits_from
 
 DEFAULT_EPSILON = 1e-6
 
@@ -73,10 +74,20 @@ class _Tracer(fx.Tracer):
 
 @dataclass
 class TracedNetwork:
-    root: nn.Module
+    """A traced network: its graph, and the network itself held weakly, so that the trace cache
+    (keyed weakly by the network) never keeps a deleted network alive."""
+
+    _root: "weakref.ReferenceType[nn.Module]"
     graph: fx.Graph
     # Conv nodes whose output feeds only one batch norm: merged into it.
     merged: dict[fx.Node, fx.Node] = field(default_factory=dict)  # bn node -> conv node
+
+    @property
+    def root(self) -> nn.Module:
+        root = self._root()
+        if root is None:  # pragma: no cover - a trace is only used while its network is in use
+            raise ModelError("the traced network no longer exists")
+        return root
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.root.get_submodule(node.target)
@@ -92,13 +103,15 @@ def trace(net: nn.Module) -> TracedNetwork:
         return cached
     try:
         graph = _Tracer().trace(net)
+    except AuditkitError:  # a bad setting found while tracing (e.g. `output` picks nothing): as it is
+        raise
     except Exception as error:  # tracing failures come in many types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnsupportedLayerError(
             f"LRP could not trace {type(net).__name__} with torch.fx ({first[:160]}); "
             "use gradient-based methods or make its forward traceable"
         ) from error
-    traced = TracedNetwork(net, graph)
+    traced = TracedNetwork(weakref.ref(net), graph)
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(traced.module(node), nn.BatchNorm2d):
             source = node.args[0]
@@ -237,9 +250,7 @@ def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, d
             # Keeping relu(z), which autograd holds anyway, instead of z saves one activation-sized
             # tensor per layer (TEA's double backward: benchmarks/RESULTS.md).
             env[node.args[0]] = env[node]
-    if not isinstance(output, torch.Tensor):
-        raise UnsupportedLayerError("LRP needs a network that returns one tensor of logits")
-    return output, env
+    return logits_from(output), env
 
 
 # ---- rules -----------------------------------------------------------------------------------
@@ -482,6 +493,7 @@ def propagate(
     return input_relevance
 
 
+@explanation_method
 def lrp_epsilon(
     model: nn.Module,
     x: torch.Tensor,
@@ -522,8 +534,7 @@ def lrp_epsilon_and_logits(
             normalised = network_input = x
             traced = trace(model)
         logits, env = run_forward(traced, network_input)
-        if logits.dim() != 2 or logits.shape[0] != n:
-            raise UnsupportedLayerError(f"LRP expects logits of shape (N, classes); got {tuple(logits.shape)}")
+        check_targets(targets, n, check_logits(logits, n))
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # Mixed precision: the forward ran in the low dtype; relevance flows in float32 (the

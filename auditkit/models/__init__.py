@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from .checkpoint import FORMAT_VERSION, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .hooks import capture_activations
+from .hooks import ModifiedInPlace, capture_activations, run_capturing
 from .zoo import (
     ARCHITECTURES,
     CUSTOM_ARCH,
@@ -32,7 +32,9 @@ __all__ = [
     "AuditModel",
     "ModelMeta",
     "build_model",
+    "ModifiedInPlace",
     "capture_activations",
+    "run_capturing",
     "get_arch",
     "load_checkpoint",
     "read_checkpoint_meta",

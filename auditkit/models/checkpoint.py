@@ -425,7 +425,8 @@ def load_checkpoint(
     load only with ``trust_pickle=True`` (with a warning): an auditkit dict, a
     state_dict, an AuditModel (returned as is) or a plain ``nn.Module``
     (see :func:`_wrap_module`). Weights are read on the CPU and the finished
-    model is moved once.
+    model is moved once. It comes back in eval mode (batch norm and dropout as
+    at test time), the mode audits and explanations need.
     """
     path = Path(path)
     fmt = _format_of(path)
@@ -451,4 +452,4 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path} holds a {type(payload).__name__}, neither an auditkit checkpoint nor a state_dict"
             )
-    return model.to(map_location)
+    return model.to(map_location).eval()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..data import Batch
-from ..models import capture_activations
+from ..models import run_capturing
 
 
 class Objective:
@@ -27,9 +27,12 @@ class Objective:
         """Work done once per run (e.g. caching a teacher's heatmaps)."""
 
     def forward_and_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with capture_activations(model, self.layers) as activations:
-            logits = model(batch.images)
-        return logits, self.loss(model, batch, logits, list(activations))
+        # Outputs a later in-place operation would overwrite are captured from a copy (found on the
+        # first step, remembered for the rest of the run).
+        copy = getattr(self, "_copied_layers", ())
+        logits, activations, copy = run_capturing(model, self.layers, lambda: model(batch.images), copy)
+        self._copied_layers = copy
+        return logits, self.loss(model, batch, logits, activations)
 
     def loss(self, model: nn.Module, batch: Batch, logits: torch.Tensor, activations: list[torch.Tensor]) -> torch.Tensor:
         return logits.new_zeros(())
