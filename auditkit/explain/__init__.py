@@ -22,6 +22,17 @@ from torch import nn
 from ..errors import ParameterError
 from .gradients import gradcam, gradient, input_x_gradient, integrated_gradients
 from .lrp import DEFAULT_EPSILON, UnsupportedLayerError, lrp_epsilon
+from .lrp_rules import (
+    Step,
+    gate_rule,
+    identity_rule,
+    linear_map_rule,
+    permute_rule,
+    register_rule,
+    reshape_rule,
+    sum_rule,
+    winner_takes_all_rule,
+)
 from .validate import as_targets, check_images, check_logits, logits_from, untouched
 
 METHODS: dict[str, Callable] = {
@@ -92,8 +103,17 @@ def attribute(
 __all__ = [
     "DEFAULT_EPSILON",
     "METHODS",
+    "Step",
     "UnsupportedLayerError",
     "attribute",
+    "gate_rule",
+    "identity_rule",
+    "linear_map_rule",
+    "permute_rule",
+    "register_rule",
+    "reshape_rule",
+    "sum_rule",
+    "winner_takes_all_rule",
     "gradcam",
     "gradient",
     "input_x_gradient",

@@ -1,24 +1,16 @@
 """LRP-epsilon (seed 004 Eq. A1-A3; Bassi et al., TEA) for any network torch.fx can trace.
 
-The network is traced once into a graph of its modules and functions. An explanation runs the
-forward pass through that graph (the model's own modules and parameters — nothing is copied,
-replaced or hooked, so the model, its optimizer and its gradients are untouched), keeps every
-node's input and output, and then propagates relevance from the target logit back to the input
-node by node:
+The network is traced once into a graph of its modules and functions (the trace is cached, held
+weakly). An explanation runs the forward pass through that graph (the model's own modules and
+parameters — nothing is copied, replaced or hooked, so the model, its optimizer and its gradients
+are untouched), keeps every node's input and output, and then propagates relevance from the target
+logit back to the input node by node, each node by the rule the table in lrp_rules.py gives for
+its module type, function or method (``register_rule`` adds one). A batch norm that follows a
+convolution is merged into it on the fly (W' = W γ/σ; the module is not changed).
 
-- conv2d / linear, z = W a + b:  R_in = a * W^T (R / (z + eps sign z))   (the fused ops)
-- batch norm after a conv: merged into it on the fly, W' = W gamma / sigma (the module is not
-  changed); any other batch norm is an elementwise affine layer under the same rule;
-- average / adaptive average pooling, bilinear resizing: linear maps under the same rule;
-- residual additions z = a1 + a2: R_i = a_i R / (z + eps sign z) (split by contribution);
-- max pooling: relevance goes to the maximum (winner takes all);
-- activations, dropout, stochastic depth: relevance passes through unchanged;
-- flatten / reshape / concatenation: relevance is rearranged back;
-- gating products such as squeeze-excitation (x * g(x), g broadcast): all relevance goes to x.
-
-Anything else is refused with an error naming the module or function, never a silent wrong map.
-With ``create_graph=True`` every step is differentiable (the ops have autograd formulas), so a
-loss on the heatmap trains the model (TEA).
+Anything without a rule is refused with an error naming the module or function and how to register
+a rule, never a silent wrong map. With ``create_graph=True`` every step is differentiable (the ops
+have autograd formulas), so a loss on the heatmap trains the model (TEA).
 """
 
 from __future__ import annotations
@@ -31,45 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ops import lrp_epsilon_conv2d, lrp_epsilon_linear, lrp_epsilon_ratio
+from .lrp_rules import (
+    STOCHASTIC_DEPTH_MODULES,
+    Step,
+    UnsupportedLayerError,
+    batch_norm_scale,
+    conv2d_rule,
+    linear_map_rule,
+    no_rule_message,
+    rule_for,
+)
 from ..errors import AuditkitError, ModelError
 from .validate import check_logits, check_targets, explanation_method, logits_from
 
 DEFAULT_EPSILON = 1e-6
 
 
-class UnsupportedLayerError(ModelError):
-    """The network contains a layer LRP-epsilon has no rule for."""
-
-
 # ---- tracing -----------------------------------------------------------------------------------
 
-_PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Dropout, nn.Dropout2d, nn.Identity,
-)
-_PASS_FUNCTIONS = {F.relu, F.relu6, F.silu, F.gelu, F.leaky_relu, F.elu, F.dropout, torch.relu, torch.sigmoid,
-                   torch.tanh, F.hardswish, torch.nn.functional.sigmoid}
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "contiguous", "clone", "float", "to", "type_as", "detach"}
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "view_as", "reshape_as"}
-
-
-def _stochastic_depth():
-    try:
-        from torchvision.ops import StochasticDepth, stochastic_depth
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return (), set()
-    return (StochasticDepth,), {stochastic_depth}
-
-
-_SD_MODULES, _SD_FUNCTIONS = _stochastic_depth()
-
-
 class _Tracer(fx.Tracer):
-    # Keep torchvision's stochastic depth as one call instead of tracing into it.
+    # Keep torchvision's stochastic depth, and any module type a rule is registered for, as one call
+    # instead of tracing into it.
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _SD_MODULES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, STOCHASTIC_DEPTH_MODULES) or super().is_leaf_module(m, qualname)
 
 
 @dataclass
@@ -126,13 +102,6 @@ def trace(net: nn.Module) -> TracedNetwork:
     return traced
 
 
-def _describe(traced: TracedNetwork, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"module {node.target!r} ({type(traced.module(node)).__name__})"
-    name = getattr(node.target, "__name__", str(node.target))
-    return f"{'method' if node.op == 'call_method' else 'function'} {name!r} (graph node {node.name})"
-
-
 # ---- forward -------------------------------------------------------------------------------------
 
 # In-place activations would overwrite the values the rules need (torchvision's ResNet applies
@@ -182,21 +151,33 @@ def _call_module(module: nn.Module, args, kwargs):
     return module(*args, **kwargs)
 
 
-def _max_pool_params(node: fx.Node, traced: TracedNetwork, value) -> tuple | None:
-    """(kernel, stride, padding, dilation, ceil_mode) of a max-pool node, or None."""
+def _pool_with_indices(node: fx.Node, traced: TracedNetwork, value):
+    """For a max or adaptive max pool node, a function that computes (output, indices); else None
+    (the winner-takes-all rule needs the positions of the maxima; computing them now saves a second
+    pooling pass)."""
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
     if node.op == "call_module":
         module = traced.module(node)
         if isinstance(module, nn.MaxPool2d) and not module.return_indices:
-            return (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+            params = (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+            return lambda x: F.max_pool2d(x, *params, return_indices=True)
+        if isinstance(module, nn.AdaptiveMaxPool2d) and not module.return_indices:
+            return lambda x: F.adaptive_max_pool2d(x, module.output_size, return_indices=True)
         return None
     if node.op == "call_function" and node.target is F.max_pool2d:
-        names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
         given = {key: value(v) for key, v in {**dict(zip(names, node.args)), **node.kwargs}.items()}
         if given.get("return_indices"):
             return None
         kernel = given["kernel_size"]
-        return (kernel, given.get("stride") or kernel, given.get("padding", 0), given.get("dilation", 1),
-                given.get("ceil_mode", False))
+        params = (kernel, given.get("stride") or kernel, given.get("padding", 0), given.get("dilation", 1),
+                  given.get("ceil_mode", False))
+        return lambda x: F.max_pool2d(x, *params, return_indices=True)
+    if node.op == "call_function" and node.target is F.adaptive_max_pool2d:
+        given = {key: value(v) for key, v in {**dict(zip(("input", "output_size", "return_indices"), node.args)),
+                                              **node.kwargs}.items()}
+        if given.get("return_indices"):
+            return None
+        return lambda x: F.adaptive_max_pool2d(x, given["output_size"], return_indices=True)
     return None
 
 
@@ -227,8 +208,8 @@ def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, d
             for part in node.target.split("."):
                 target = getattr(target, part)
             env[node] = target
-        elif (pool := _max_pool_params(node, traced, value)) is not None:
-            env[node], env[(node, "indices")] = F.max_pool2d(value(node.args[0]), *pool, return_indices=True)
+        elif (pool := _pool_with_indices(node, traced, value)) is not None:
+            env[node], env[(node, "indices")] = pool(value(node.args[0]))
         elif node.op == "call_module":
             env[node] = _call_module(traced.module(node), value(node.args), value(node.kwargs))
         elif node.op == "call_function":
@@ -253,207 +234,42 @@ def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, d
     return logits_from(output), env
 
 
-# ---- rules -----------------------------------------------------------------------------------
+# ---- propagation ------------------------------------------------------------------------------
 
 
-def _per_target(t: torch.Tensor, k: int) -> torch.Tensor:
-    return t.view(k, t.shape[0] // k, *t.shape[1:])
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-
-
-def _batch_norm_scale(bn: nn.BatchNorm2d, bn_input: torch.Tensor) -> torch.Tensor:
-    """gamma / sigma with the statistics the module used in this forward pass."""
-    if bn.training or bn.running_var is None:
-        variance = bn_input.detach().var(dim=(0, 2, 3), unbiased=False)
-    else:
-        variance = bn.running_var
-    scale = torch.rsqrt(variance + bn.eps)
-    return scale * bn.weight if bn.weight is not None else scale
-
-
-def _linear_map_rule(fn, a: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor, k: int, epsilon: float, create_graph: bool):
-    """The epsilon rule for a bias-free linear map z = fn(a) (pooling, resizing):
-    R_in = a * J^T (R / (z + eps sign z)), with J^T from autograd (fn is linear, so any point works)."""
-    s = lrp_epsilon_ratio(relevance, z, epsilon)
-    with torch.enable_grad():
-        probe = torch.zeros((relevance.shape[0], *a.shape[1:]), dtype=a.dtype, device=a.device, requires_grad=True)
-        (contribution,) = torch.autograd.grad(fn(probe), probe, s, create_graph=create_graph)
-    return _flat(_per_target(contribution, k) * a)
-
-
-def _average_pool_rule(params, a: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor, ctx: "_Context"):
-    """The epsilon rule for average pooling (``params`` None: adaptive), a linear map: the
-    transpose is the pooling's own backward kernel; an adaptive pool to the same size is the
-    identity."""
-    s = lrp_epsilon_ratio(relevance, z, ctx.epsilon)
-    if params is None and z.shape[-2:] == a.shape[-2:]:
-        contribution = s
-    else:
-        # Only the shape of `self` matters to these kernels: a broadcast placeholder.
-        placeholder = s.new_empty(1).expand(relevance.shape[0], *a.shape[1:])
-        if params is None:
-            contribution = torch.ops.aten._adaptive_avg_pool2d_backward(s, placeholder)
-        else:
-            kernel, stride, padding, ceil_mode, count_include_pad, divisor = params
-            contribution = torch.ops.aten.avg_pool2d_backward(
-                s, placeholder, list(_pair(kernel)), list(_pair(stride)), list(_pair(padding)), ceil_mode,
-                count_include_pad, divisor,
-            )
-    return _flat(_per_target(contribution, ctx.k) * a)
-
-
-def _max_pool_rule(indices: torch.Tensor, a: torch.Tensor, relevance: torch.Tensor, k: int):
-    """Winner takes all: each output's relevance goes to the input position of its maximum
-    (overlapping windows add up, exactly as the max pool's gradient)."""
-    flat_indices = indices.flatten(2)
-    if k > 1:
-        flat_indices = flat_indices.repeat(k, 1, 1)
-    out = torch.zeros((relevance.shape[0], a.shape[1], a.shape[2] * a.shape[3]), dtype=relevance.dtype, device=relevance.device)
-    return out.scatter_add_(2, flat_indices, relevance.flatten(2)).view(relevance.shape[0], *a.shape[1:])
-
-
-_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
-_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
-
-
-def _is_gate(traced: TracedNetwork, node: fx.Node) -> bool:
-    """A factor produced by a sigmoid: a gate in [0, 1] (squeeze-excitation, attention)."""
+def _producer(traced: TracedNetwork, node) -> object:
+    """What computed a graph value: its module, function or method name (None for inputs, parameters)."""
+    if not isinstance(node, fx.Node):
+        return None
     if node.op == "call_module":
-        return isinstance(traced.module(node), _GATE_MODULES)
-    if node.op == "call_function":
-        return node.target in _GATE_FUNCTIONS
-    return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
+        return traced.module(node)
+    if node.op in ("call_function", "call_method"):
+        return node.target
+    return None
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def _step(traced: TracedNetwork, env: dict, node: fx.Node, relevance: torch.Tensor, k: int, epsilon: float,
+          create_graph: bool) -> tuple[Step, list[fx.Node]]:
+    """The rule's view of ``node``, and the graph nodes of its tensor inputs (in order)."""
+    sources: list[fx.Node] = []
 
+    def value(arg):
+        if isinstance(arg, fx.Node):
+            result = env[arg]
+            if isinstance(result, torch.Tensor):
+                sources.append(arg)
+            return result
+        return arg
 
-@dataclass
-class _Context:
-    traced: TracedNetwork
-    env: dict
-    k: int
-    epsilon: float
-    create_graph: bool
-
-    def value(self, arg):
-        return self.env[arg] if isinstance(arg, fx.Node) else arg
-
-
-def _conv_rule(ctx: _Context, conv: nn.Conv2d, a, z, relevance, weight=None):
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise UnsupportedLayerError(f"LRP supports zero-padded convolutions with numeric padding; got {conv}")
-    return lrp_epsilon_conv2d(
-        a, z, relevance, conv.weight if weight is None else weight, list(_pair(conv.stride)),
-        list(_pair(conv.padding)), list(_pair(conv.dilation)), conv.groups, ctx.epsilon,
-    )
-
-
-def _module_rule(ctx: _Context, node: fx.Node, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
-    module = ctx.traced.module(node)
-    source = node.args[0]
-    a, z = ctx.value(source), ctx.env[node]
-    if node in ctx.traced.merged:  # conv followed by this batch norm: one linear layer
-        conv_node = ctx.traced.merged[node]
-        conv = ctx.traced.module(conv_node)
-        scale = _batch_norm_scale(module, a)
-        merged_weight = conv.weight * scale.view(-1, 1, 1, 1)
-        return [(conv_node.args[0], _conv_rule(ctx, conv, ctx.value(conv_node.args[0]), z, relevance, merged_weight))]
-    if isinstance(module, nn.Conv2d):
-        return [(source, _conv_rule(ctx, module, a, z, relevance))]
-    if isinstance(module, nn.Linear):
-        return [(source, lrp_epsilon_linear(a, z, relevance, module.weight, ctx.epsilon))]
-    if isinstance(module, nn.BatchNorm2d):  # not after a conv: an elementwise affine layer
-        s = lrp_epsilon_ratio(relevance, z, ctx.epsilon)
-        scale = _batch_norm_scale(module, a).view(1, -1, 1, 1)
-        return [(source, _flat(_per_target(s, ctx.k) * (a * scale)))]
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        return [(source, _average_pool_rule(None, a, z, relevance, ctx))]
-    if isinstance(module, nn.AvgPool2d):
-        params = (module.kernel_size, module.stride, module.padding, module.ceil_mode, module.count_include_pad,
-                  module.divisor_override)
-        return [(source, _average_pool_rule(params, a, z, relevance, ctx))]
-    if isinstance(module, nn.MaxPool2d):
-        return [(source, _max_pool_rule(ctx.env[(node, "indices")], a, relevance, ctx.k))]
-    if isinstance(module, nn.Flatten):
-        return [(source, relevance.reshape(relevance.shape[0], *a.shape[1:]))]
-    if isinstance(module, _PASS_MODULES + _SD_MODULES):
-        return [(source, relevance)]
-    raise UnsupportedLayerError(f"LRP-epsilon has no rule for {_describe(ctx.traced, node)}")
-
-
-def _function_rule(ctx: _Context, node: fx.Node, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
-    target, args = node.target, node.args
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    if target in _PASS_FUNCTIONS or target in _SD_FUNCTIONS or (node.op == "call_method" and name in _PASS_METHODS):
-        return [(args[0], relevance)]
-    if target in _RESHAPE_FUNCTIONS or (node.op == "call_method" and name in _RESHAPE_METHODS):
-        a = ctx.value(args[0])
-        return [(args[0], relevance.reshape(relevance.shape[0], *a.shape[1:]))]
-    if target is torch.cat:
-        tensors = args[0]
-        dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
-        if dim in (0, -ctx.value(tensors[0]).dim()):
-            raise UnsupportedLayerError(f"LRP cannot split relevance of a concatenation along the batch ({node.name})")
-        sizes = [ctx.value(t).shape[dim] for t in tensors]
-        return list(zip(tensors, torch.split(relevance, sizes, dim=dim)))
-    if target in (operator.add, torch.add, operator.iadd):
-        left, right = args[0], args[1]
-        tensors = [arg for arg in (left, right) if isinstance(arg, fx.Node) and isinstance(ctx.value(arg), torch.Tensor)]
-        z = ctx.env[node]
-        if len(tensors) == 1:  # adding a constant: relevance stays with the tensor
-            return [(tensors[0], relevance)]
-        if any(ctx.value(t).shape != z.shape for t in tensors):
-            raise UnsupportedLayerError(f"LRP supports additions of same-shape tensors only ({node.name})")
-        s = _per_target(lrp_epsilon_ratio(relevance, z, ctx.epsilon), ctx.k)
-        return [(t, _flat(s * ctx.value(t))) for t in tensors]
-    if target in (operator.mul, torch.mul, operator.imul):
-        tensors = [arg for arg in args[:2] if isinstance(arg, fx.Node) and isinstance(ctx.value(arg), torch.Tensor)]
-        z = ctx.env[node]
-        if len(tensors) == 1:
-            return [(tensors[0], relevance)]
-        gates = [t for t in tensors if _is_gate(ctx.traced, t)]
-        if len(gates) != 1:  # no sigmoid: the broadcast factor is the gate
-            gates = [t for t in tensors if ctx.value(t).shape != z.shape]
-        if len(gates) != 1:
-            raise UnsupportedLayerError(
-                f"LRP supports products where one factor is a gate (a sigmoid, as in squeeze-excitation, "
-                f"or a broadcast factor); {node.name} is neither"
-            )
-        signal = next(t for t in tensors if t is not gates[0])
-        return [(signal, relevance)]  # the gate g(x) only modulates x
-    if target in (F.conv2d, F.linear):
-        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        given = {**dict(zip(names, args)), **node.kwargs}
-        a, weight, z = ctx.value(given["input"]), ctx.value(given["weight"]), ctx.env[node]
-        if target is F.linear:
-            if a.dim() != 2:
-                raise UnsupportedLayerError(f"LRP supports linear layers on (N, features) inputs ({node.name})")
-            return [(given["input"], lrp_epsilon_linear(a, z, relevance, weight, ctx.epsilon))]
-        padding = ctx.value(given.get("padding", 0))
-        if isinstance(padding, str):
-            raise UnsupportedLayerError(f"LRP supports numeric convolution padding; {node.name} has {padding!r}")
-        step = lrp_epsilon_conv2d(
-            a, z, relevance, weight, list(_pair(ctx.value(given.get("stride", 1)))), list(_pair(padding)),
-            list(_pair(ctx.value(given.get("dilation", 1)))), ctx.value(given.get("groups", 1)), ctx.epsilon,
-        )
-        return [(given["input"], step)]
-    if target is F.adaptive_avg_pool2d:
-        return [(args[0], _average_pool_rule(None, ctx.value(args[0]), ctx.env[node], relevance, ctx))]
-    if target is F.avg_pool2d:
-        names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-        given = {key: ctx.value(v) for key, v in {**dict(zip(names, args)), **node.kwargs}.items()}
-        kernel = given["kernel_size"]
-        params = (kernel, given.get("stride") or kernel, given.get("padding", 0), given.get("ceil_mode", False),
-                  given.get("count_include_pad", True), given.get("divisor_override"))
-        return [(args[0], _average_pool_rule(params, given["input"], ctx.env[node], relevance, ctx))]
-    if target is F.max_pool2d:
-        return [(args[0], _max_pool_rule(ctx.env[(node, "indices")], ctx.value(args[0]), relevance, ctx.k))]
-    raise UnsupportedLayerError(f"LRP-epsilon has no rule for {_describe(ctx.traced, node)}")
+    args = fx.node.map_aggregate(node.args, value)
+    kwargs = fx.node.map_aggregate(node.kwargs, value)
+    kind = {"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]
+    target = traced.module(node) if kind == "module" else node.target
+    extra = {"indices": env[(node, "indices")]} if (node, "indices") in env else {}
+    step = Step(kind, target, tuple(args), dict(kwargs), [env[s] for s in sources],
+                [_producer(traced, s) for s in sources], env[node], relevance, k, epsilon, create_graph,
+                node.target if kind == "module" else node.name, extra)
+    return step, sources
 
 
 def propagate(
@@ -469,7 +285,6 @@ def propagate(
     nodes = list(traced.graph.nodes)
     output_node = next(n for n in reversed(nodes) if n.op == "output")
     relevance: dict[fx.Node, torch.Tensor] = {output_node.args[0]: output_relevance}
-    ctx = _Context(traced, env, k, epsilon, create_graph)
     input_relevance = None
     for node in reversed(nodes):
         if node not in relevance:
@@ -478,14 +293,23 @@ def propagate(
         if node.op == "placeholder":
             input_relevance = r
             continue
-        if node.op == "call_module":
-            contributions = _module_rule(ctx, node, r)
-        elif node.op in ("call_function", "call_method"):
-            contributions = _function_rule(ctx, node, r)
-        else:
+        if node.op not in ("call_module", "call_function", "call_method"):
             raise UnsupportedLayerError(f"LRP-epsilon has no rule for graph node {node.name} ({node.op})")
+        if node in traced.merged:  # a conv followed by this batch norm: one linear layer, W' = W γ/σ
+            conv_node = traced.merged[node]
+            conv = traced.module(conv_node)
+            step, _ = _step(traced, env, conv_node, r, k, epsilon, create_graph)
+            step.output = env[node]
+            merged_weight = conv.weight * batch_norm_scale(traced.module(node), env[conv_node]).view(-1, 1, 1, 1)
+            contributions = [(conv_node.args[0], conv2d_rule(step, merged_weight)[0])]
+        else:
+            step, sources = _step(traced, env, node, r, k, epsilon, create_graph)
+            rule = rule_for(step.kind, step.target)
+            if rule is None:
+                raise UnsupportedLayerError(no_rule_message(step.name, step.kind, step.target))
+            contributions = list(zip(sources, rule(step)))
         for source, value in contributions:
-            if not isinstance(source, fx.Node):
+            if not isinstance(source, fx.Node) or value is None or source.op == "get_attr":
                 continue
             relevance[source] = relevance[source] + value if source in relevance else value
     if input_relevance is None:
@@ -557,11 +381,9 @@ def lrp_epsilon_and_logits(
             start = start.index_put((torch.arange(columns.shape[0], device=x.device), columns), logits[rows, columns])
             relevance = propagate(traced, env, start, k=per_group, epsilon=epsilon, create_graph=create_graph)
             if network_input is not normalised:  # undo the model's resize with the same rule
-                size = network_input.shape[-2:]
-
-                def resize(t):
-                    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-
-                relevance = _linear_map_rule(resize, normalised, network_input, relevance, per_group, epsilon, create_graph)
+                resize = Step("function", F.interpolate, (normalised,),
+                              {"size": tuple(network_input.shape[-2:]), "mode": "bilinear", "align_corners": False},
+                              [normalised], [None], network_input, relevance, per_group, epsilon, create_graph, "resize")
+                relevance = linear_map_rule(resize)[0]
             maps.append(relevance.sum(dim=1).view(per_group, n, *relevance.shape[2:]))  # (k, N, H, W)
         return torch.cat(maps).transpose(0, 1), logits
