@@ -32,6 +32,7 @@ from .lrp_rules import (
     linear_map_rule,
     no_rule_message,
     rule_for,
+    rules_version,
 )
 from ..errors import AuditkitError, ModelError
 from .validate import check_logits, check_targets, explanation_method, logits_from
@@ -45,7 +46,8 @@ class _Tracer(fx.Tracer):
     # Keep torchvision's stochastic depth, and any module type a rule is registered for, as one call
     # instead of tracing into it.
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, STOCHASTIC_DEPTH_MODULES) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, STOCHASTIC_DEPTH_MODULES) or rule_for("module", m) is not None
+                or super().is_leaf_module(m, qualname))
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TracedNetwork:
 
     _root: "weakref.ReferenceType[nn.Module]"
     graph: fx.Graph
+    rules_version: int
     # Conv nodes whose output feeds only one batch norm: merged into it.
     merged: dict[fx.Node, fx.Node] = field(default_factory=dict)  # bn node -> conv node
 
@@ -75,7 +78,7 @@ _TRACES: "weakref.WeakKeyDictionary[nn.Module, TracedNetwork]" = weakref.WeakKey
 def trace(net: nn.Module) -> TracedNetwork:
     """The network's graph (cached per module object)."""
     cached = _TRACES.get(net)
-    if cached is not None:
+    if cached is not None and cached.rules_version == rules_version():
         return cached
     try:
         graph = _Tracer().trace(net)
@@ -87,7 +90,7 @@ def trace(net: nn.Module) -> TracedNetwork:
             f"LRP could not trace {type(net).__name__} with torch.fx ({first[:160]}); "
             "use gradient-based methods or make its forward traceable"
         ) from error
-    traced = TracedNetwork(weakref.ref(net), graph)
+    traced = TracedNetwork(weakref.ref(net), graph, rules_version())
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(traced.module(node), nn.BatchNorm2d):
             source = node.args[0]

@@ -107,9 +107,18 @@ _FUNCTION_RULES: dict[Any, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
 
 
+_version = [0]  # bumped by every registration: traces made under an older table are traced again
+
+
+def rules_version() -> int:
+    return _version[0]
+
+
 def register_rule(key: type | Callable | str, rule: Rule) -> None:
     """Registers ``rule`` for a module type (and its subclasses that have no rule of their own), a
-    function, or a tensor method name. A later registration replaces an earlier one."""
+    function, or a tensor method name. A later registration replaces an earlier one. A module type
+    with a rule is one step of the trace (its forward is not traced into)."""
+    _version[0] += 1
     if isinstance(key, type) and issubclass(key, nn.Module):
         _MODULE_RULES[key] = rule
     elif isinstance(key, str):
