@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from auditkit.explain import UnsupportedLayerError, attribute, identity_rule, register_rule
-from auditkit.explain.lrp import lrp_epsilon_and_logits, run_forward, trace
+from auditkit.explain.lrp import lrp_epsilon_and_logits
 from auditkit.explain.lrp_rules import Step, rule_for
 
 EPS = 0.05
