@@ -33,7 +33,7 @@ from .lrp_rules import (
     sum_rule,
     winner_takes_all_rule,
 )
-from .validate import as_targets, check_images, check_logits, logits_from, untouched
+from .validate import SelectLogits, as_targets, check_images, check_logits, logits_from, untouched
 
 METHODS: dict[str, Callable] = {
     "lrp_epsilon": lrp_epsilon,
@@ -96,7 +96,10 @@ def attribute(
     check_images(model, x)
     with untouched(model):
         targets = resolve_targets(model, x, target, labels, output)
-        maps = METHODS[method](model, x, targets, output=output, create_graph=create_graph, **options)
+        # The method's own body: the checks and the eval mode above are the wrapper's already.
+        run = METHODS[method].__wrapped__
+        net = model if output is None else SelectLogits(model, output)
+        maps = run(net, x, targets, create_graph=create_graph, **options)
     return maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
 
 

@@ -37,6 +37,7 @@ wrong map.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,13 @@ from torch import nn
 
 from ..errors import ModelError
 from ..ops import lrp_epsilon_conv2d, lrp_epsilon_linear, lrp_epsilon_ratio
+
+
+def below_autograd(enabled: bool):
+    """Without a graph to build, the fused ops skip the autograd layer (for our ops a Python one,
+    tens of microseconds a call: a noticeable share of LRP at batch 1)."""
+    below = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+    return below() if enabled and below is not None else contextlib.nullcontext()
 
 
 class UnsupportedLayerError(ModelError):
@@ -81,7 +89,8 @@ class Step:
 
     def ratio(self) -> torch.Tensor:
         """s = R / (z + ε·sign z) (the fused kernel), (K*N, ...)."""
-        return lrp_epsilon_ratio(self.relevance, self.output, self.epsilon)
+        with below_autograd(not self.create_graph):
+            return lrp_epsilon_ratio(self.relevance, self.output, self.epsilon)
 
     def per_target(self, t: torch.Tensor) -> torch.Tensor:
         """(K*N, ...) -> (K, N, ...)."""
@@ -250,8 +259,9 @@ def conv2d_rule(step: Step, weight: torch.Tensor | None = None) -> list:
         if isinstance(padding, str):
             raise UnsupportedLayerError(f"LRP supports numeric convolution padding; {step.name} has {padding!r}")
         stride, dilation, groups = given.get("stride", 1), given.get("dilation", 1), given.get("groups", 1)
-    out = lrp_epsilon_conv2d(step.inputs[0], step.output, step.relevance, weight, list(_pair(stride)),
-                             list(_pair(padding)), list(_pair(dilation)), groups, step.epsilon)
+    with below_autograd(not step.create_graph):
+        out = lrp_epsilon_conv2d(step.inputs[0], step.output, step.relevance, weight, list(_pair(stride)),
+                                 list(_pair(padding)), list(_pair(dilation)), groups, step.epsilon)
     return _only_first(step, out)
 
 
@@ -262,11 +272,12 @@ def linear_rule(step: Step) -> list:
     weight = step.target.weight if step.kind == "module" else {**dict(zip(("input", "weight"), step.args)), **step.kwargs}["weight"]
     if a.dim() < 2:
         raise UnsupportedLayerError(f"LRP supports linear layers on (N, ..., features) inputs ({step.name})")
-    if a.dim() == 2:
-        return _only_first(step, lrp_epsilon_linear(a, z, relevance, weight, step.epsilon))
-    # (K*N, ..., out) target-major flattens to (K * N*positions, out) in the same target-major order.
-    out = lrp_epsilon_linear(a.reshape(-1, a.shape[-1]), z.reshape(-1, z.shape[-1]),
-                             relevance.reshape(-1, relevance.shape[-1]), weight, step.epsilon)
+    with below_autograd(not step.create_graph):
+        if a.dim() == 2:
+            return _only_first(step, lrp_epsilon_linear(a, z, relevance, weight, step.epsilon))
+        # (K*N, ..., out) target-major flattens to (K * N*positions, out) in the same target-major order.
+        out = lrp_epsilon_linear(a.reshape(-1, a.shape[-1]), z.reshape(-1, z.shape[-1]),
+                                 relevance.reshape(-1, relevance.shape[-1]), weight, step.epsilon)
     return _only_first(step, out.view(relevance.shape[0], *a.shape[1:]))
 
 

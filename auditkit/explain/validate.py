@@ -32,16 +32,31 @@ def expected_channels(model: nn.Module) -> int | None:
     meta = getattr(model, "meta", None)
     if meta is not None and getattr(meta, "in_channels", None):
         return int(meta.in_channels)
-    for module in model.modules():
+    for module in _walk(model):
         if isinstance(module, nn.Conv2d):
             return int(module.in_channels)
     return None
 
 
+def _walk(model: nn.Module):
+    """The model's modules, depth first in registration order, through the module dicts (checks
+    run on every call: named_modules costs more)."""
+    stack, seen = [model], set()
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield module
+        stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+
+
 def _parameter(model: nn.Module) -> torch.Tensor | None:
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor
+    """The model's first floating parameter or buffer (its device and dtype)."""
+    for module in _walk(model):
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None and tensor.is_floating_point():
+                return tensor
     return None
 
 
@@ -126,10 +141,18 @@ class SelectLogits(nn.Module):
                                  f"{type(output).__name__} output ({error})") from error
 
 
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every module with its mode."""
+    return [(module, module.training) for module in _walk(model)]
+
+
 @contextmanager
 def untouched(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode for the block; every module's own mode restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
+    modes = _modes(model)
+    if not any(training for _, training in modes):  # already in eval mode: nothing to set or restore
+        yield model
+        return
     model.eval()
     try:
         yield model
