@@ -15,9 +15,11 @@ the libraries compute z along different, equally valid paths (the batch-norm out
 merged convolution in zennit), so float32 agreement depends on eps (ResNet-18: 3e-3 at eps = 1e-6,
 2e-5 at 1e-2), while float64 shows whether the rules are the same (1e-9 and 0).
 
-Goals (CPU; reported, not asserted): forward + LRP <= 1.10 x forward + input gradient; <= 0.5 x
-zennit's time and <= 0.6 x captum's; K targets from one forward <= forward + 1.1 K input-gradient
-backwards; Grad-CAM <= 1.05 x forward + backward to its layer.
+Goals (CPU; reported, not asserted): forward + LRP <= 1.10 x forward + input gradient at every batch
+size (ResNet-18 at 1x112^2, 8x112^2 and 16x224^2, the two-layer CNN at 1x28^2 and 256x28^2);
+<= 0.5 x zennit's time and <= 0.6 x captum's; K targets from one forward <= forward + 1.1 K
+input-gradient backwards; Grad-CAM <= 1.05 x forward + backward to its layer; every method's peak
+memory <= 3 x the input gradient's (Integrated Gradients batches its steps under a pixel budget).
 
 Run: make bench   (or: python -m pytest benchmarks/test_explain_bench.py -q)
 """
@@ -39,7 +41,10 @@ EPSILON = 0.01  # TEA's value; timings do not depend on it (see the docstring fo
 K = 3
 CONFIGS = {
     # name: (arch, batch, channels, size)
+    "two_layer_cnn_1x28": ("tap-cnn", 1, 1, 28),
     "two_layer_cnn_256x28": ("tap-cnn", 256, 1, 28),
+    "resnet18_1x112": ("resnet18", 1, 3, 112),
+    "resnet18_8x112": ("resnet18", 8, 3, 112),
     "resnet18_16x224": ("resnet18", 16, 3, 224),
 }
 ROUNDS = {"cpu": 5, "cuda": 50}
@@ -201,7 +206,9 @@ RATIOS = {
     "gradcam_vs_backward_to_layer": ("auditkit_gradcam", "forward_backward_to_layer", 1.05),
     "gradcam_vs_pytorch_grad_cam": ("auditkit_gradcam", "pytorch_grad_cam", None),
 }
-PAIRS = {"cpu": {"two_layer_cnn_256x28": 15, "resnet18_16x224": 5}, "cuda": {"two_layer_cnn_256x28": 50, "resnet18_16x224": 50}}
+PAIRS = {"cpu": {"two_layer_cnn_1x28": 41, "two_layer_cnn_256x28": 15, "resnet18_1x112": 21, "resnet18_8x112": 11,
+                 "resnet18_16x224": 5},
+         "cuda": {name: 50 for name in CONFIGS}}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -223,6 +230,25 @@ def test_ratio(record, name, config, device):
     record(key, f"{name}_ratio", interleaved_ratio(functions[0], functions[1], PAIRS[device][config], device))
 
 
+MEMORY_METHODS = ("lrp_epsilon", "gradcam", "gradient", "input_x_gradient", "integrated_gradients")
+MEMORY_GOAL = 3.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", ["two_layer_cnn_256x28", "resnet18_8x112"])
+def test_peak_memory_against_the_input_gradient(record, config, device):
+    """Peak memory of every method, as a multiple of forward + input gradient's (benchmarks/_memory.py)."""
+    from ._memory import peak_bytes
+
+    net, x, targets = setup(config, device)
+    key = f"{config} [{device}]"
+    baseline = peak_bytes(lambda: input_gradient(net, x, targets), device)
+    for method in MEMORY_METHODS:
+        options = {"layer": "layer4" if hasattr(net, "layer4") else "conv2"} if method == "gradcam" else {}
+        peak = peak_bytes(lambda: attribute(net, x, targets, method, **options), device)
+        record(key, f"{method}_memory_ratio", peak / baseline if baseline and peak is not None else None)
+
+
 def _fmt(value, unit="x"):
     return "n/a" if value is None else f"{value:.2f}{unit}"
 
@@ -236,9 +262,10 @@ def _goal(value, limit):
 def report(terminal, results):
     terminal.write_sep("=", "auditkit explanations: interleaved ratios measured in this run")
     for key, r in results.items():
-        if "auditkit_lrp_s" not in r:
+        if not any(name.endswith("_ratio") or name.endswith("_s") for name in r):
             continue
-        terminal.write_line(f"{key} on {r.get('device')}: LRP-epsilon {r['auditkit_lrp_s'] * 1e3:.1f} ms (median)")
+        median = f": LRP-epsilon {r['auditkit_lrp_s'] * 1e3:.1f} ms (median)" if "auditkit_lrp_s" in r else ""
+        terminal.write_line(f"{key} on {r.get('device', '')}{median}")
         for name, (_candidate, _baseline, goal) in RATIOS.items():
             ratio = r.get(f"{name}_ratio")
             library = "zennit" if "zennit" in name else "captum" if "captum" in name else None
@@ -252,6 +279,10 @@ def report(terminal, results):
             if name == "gradcam_vs_pytorch_grad_cam" and r.get("pytorch_grad_cam_difference") is not None:
                 extra = f", max difference of min-max maps {r['pytorch_grad_cam_difference']:.1e}"
             terminal.write_line(f"  {name}: {_fmt(ratio)}{_goal(ratio, goal)}{extra}")
+        memory = [(m, r.get(f"{m}_memory_ratio")) for m in MEMORY_METHODS if r.get(f"{m}_memory_ratio") is not None]
+        if memory:
+            terminal.write_line("  peak memory / input gradient's: " + ", ".join(
+                f"{m} {_fmt(v)}{_goal(v, MEMORY_GOAL)}" for m, v in memory))
 
 
 REPORTS.append(report)
