@@ -425,6 +425,17 @@ def propagate(
         if node.op == "placeholder":
             input_relevance = r
             continue
+        if isinstance(r, dict):  # a tuple-valued node (chunk, split): its parts' relevances, zero where none came
+            r = [r.get(i) if r.get(i) is not None else
+                 torch.zeros((k * part.shape[0], *part.shape[1:]), dtype=part.dtype, device=part.device)
+                 for i, part in enumerate(env[node])]
+        if (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+                and isinstance(env[node.args[0]], (tuple, list))):
+            # One part of a tuple: its relevance waits in the tuple node's slot for the part.
+            parts = relevance.setdefault(node.args[0], {})
+            index = node.args[1]
+            parts[index] = parts[index] + r if index in parts else r
+            continue
         if node.op not in ("call_module", "call_function", "call_method"):
             raise UnsupportedLayerError(f"LRP-epsilon has no rule for graph node {node.name} ({node.op})")
         if node in traced.merged:  # a conv followed by this batch norm: one linear layer, W' = W γ/σ

@@ -226,6 +226,30 @@ def cat_rule(step: Step) -> list:
     return list(torch.split(step.relevance, sizes, dim=dim))
 
 
+def split_rule(step: Step) -> list:
+    """chunk / split / unbind: the parts' relevances (``step.relevance`` is a list, one per part)
+    joined back along the dim they were cut along."""
+    position = 1 if step.target in ("unbind", torch.unbind) else 2
+    dim = step.kwargs.get("dim", step.args[position] if len(step.args) > position else 0)
+    if dim % step.inputs[0].dim() == 0:
+        raise UnsupportedLayerError(f"LRP cannot follow relevance across the batch dimension ({step.name})")
+    parts = list(step.relevance)
+    if step.target in ("unbind", torch.unbind):
+        parts = [p.unsqueeze(dim) for p in parts]
+    return _only_first(step, torch.cat(parts, dim=dim))
+
+
+def index_rule(step: Step) -> list:
+    """Indexing and slicing a tensor (x[:, :8]): relevance goes back to the positions read (Jᵀ R of
+    the selection, by autograd); the batch dimension must be kept whole."""
+    _check_batch_kept(step)
+    a = step.inputs[0]
+    with torch.enable_grad():
+        probe = torch.zeros((step.relevance.shape[0], *a.shape[1:]), dtype=a.dtype, device=a.device, requires_grad=True)
+        (back,) = torch.autograd.grad(probe[step.args[1]], probe, step.relevance, create_graph=step.create_graph)
+    return _only_first(step, back)
+
+
 def linear_map_rule(step: Step) -> list:
     """The epsilon rule for a bias-free linear map z = f(a) (means and sums over non-batch dims,
     interpolation, average pooling): R_in = a ⊙ Jᵀ (R / (z + ε·sign z)), Jᵀ by autograd (f is linear,
@@ -434,6 +458,9 @@ def _register_builtins() -> None:
     for key in (torch.permute, torch.transpose, torch.swapaxes, "permute", "transpose", "swapaxes"):
         register_rule(key, permute_rule)
     register_rule(torch.cat, cat_rule)
+    for key in (torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind"):
+        register_rule(key, split_rule)
+    register_rule(operator.getitem, index_rule)
     register_rule(torch.concat, cat_rule)
     for key in (operator.add, operator.iadd, torch.add, "add"):
         register_rule(key, sum_rule)

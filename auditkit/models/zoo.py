@@ -51,11 +51,12 @@ class ArchSpec:
 
     name: str
     build: Callable[[int, int], nn.Module]
-    tap_layers: tuple[str, ...]
-    gradcam_layer: str
+    tap_layers: tuple[str, ...] | None  # None: found by a probe forward pass (auditkit/models/presets.py)
+    gradcam_layer: str | None
     min_input_size: int
     lrp_notes: str
     description: str
+    source: str = "auditkit"  # auditkit (the zoo), torchvision, timm or user
 
 
 # --------------------------------------------------------------------------- small CNNs
@@ -239,21 +240,21 @@ _ARCH_LIST = [
     _torchvision_spec(
         "efficientnet_b0",
         "fan_out",
-        tap_layers=("features.2", "features.3", "features.5", "features.7"),
+        tap_layers=("features.1", "features.2", "features.3", "features.5", "features.8"),
         gradcam_layer="features.8",
         min_input_size=32,
         lrp_notes="batch norm merged into convs; SiLU activations; squeeze-excitation gating; "
         "depthwise convs; residual additions",
-        description="EfficientNet-B0 (torchvision, random init); TAP on 4 stages spaced over depth",
+        description="EfficientNet-B0 (torchvision, random init); TAP on the last block of each resolution",
     ),
     _torchvision_spec(
         "mobilenet_v2",
         "fan_out",
-        tap_layers=("features.3", "features.6", "features.13", "features.18"),
+        tap_layers=("features.1", "features.3", "features.6", "features.13", "features.18"),
         gradcam_layer="features.18",
         min_input_size=32,
         lrp_notes="batch norm merged into convs; ReLU6; depthwise convs; residual additions in linear bottlenecks",
-        description="MobileNetV2 (torchvision, random init); TAP on 4 stages spaced over depth",
+        description="MobileNetV2 (torchvision, random init); TAP on the last block of each resolution",
     ),
 ]
 
@@ -261,14 +262,119 @@ _ARCH_LIST = [
 ARCHITECTURES: dict[str, ArchSpec] = {spec.name: spec for spec in _ARCH_LIST}
 
 
-def get_arch(name: str) -> ArchSpec:
-    """The :class:`ArchSpec` called ``name``; ModelError with the known names otherwise."""
+# Families whose layers are attention, not convolution: refused (their own issue will add them).
+_TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit")
+_MIN_INPUT = {"inception_v3": 75, "alexnet": 64}
+# torchvision networks whose auxiliary heads would change what forward returns in train mode.
+_TORCHVISION_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                        "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+
+def torchvision_classifiers() -> list[str]:
+    """Every torchvision classification network auditkit can build (vision transformers excluded)."""
+    from torchvision import models
+
+    return [n for n in models.list_models(module=models) if not n.startswith(_TRANSFORMER_PREFIXES)]
+
+
+def _refuse_transformer(name: str) -> None:
+    raise ModelError(f"'{name}' is a vision transformer: auditkit needs convolutional feature maps (TAP, Grad-CAM, "
+                     "its LRP rules); transformers are not supported yet")
+
+
+def _has_attention(net: nn.Module) -> bool:
+    return any("Attention" in type(m).__name__ or "Transformer" in type(m).__name__ for m in net.modules())
+
+
+def _build_torchvision_any(factory: str, in_channels: int, num_classes: int) -> nn.Module:
+    from torchvision import models
+
+    net = models.get_model(factory, weights=None, num_classes=num_classes, **_TORCHVISION_OPTIONS.get(factory, {}))
+    if in_channels != 3:
+        _replace_input_conv(net, in_channels, "fan_out")
+    return net
+
+
+def _timm_spec(model_name: str) -> ArchSpec:
     try:
+        import timm
+    except ImportError as error:  # pragma: no cover - timm is a dependency
+        raise ModelError("timm architectures need the timm package (pip install timm)") from error
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=1)
+        hint = f"; did you mean 'timm:{close[0]}'?" if close else ""
+        raise ModelError(f"unknown timm architecture '{model_name}'{hint}")
+
+    def build(in_channels: int, num_classes: int) -> nn.Module:
+        # pretrained=False always: auditkit never downloads weights (bring them in a checkpoint file).
+        net = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        if _has_attention(net):
+            _refuse_transformer(f"timm:{model_name}")
+        return net
+
+    return ArchSpec(name=f"timm:{model_name}", build=build, tap_layers=None, gradcam_layer=None, min_input_size=32,
+                    lrp_notes="found by tracing", description=f"timm {model_name} (random init; presets found)",
+                    source="timm")
+
+
+def _user_spec(reference: str) -> ArchSpec:
+    """``package.module:factory``: the user's own network, imported from their environment (runs their code)."""
+    import importlib
+    import inspect
+
+    module_name, _, attribute = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - any import failure of the user's code: one line
+        raise ModelError(f"cannot import '{module_name}' for architecture '{reference}' ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ModelError(f"'{module_name}' has no callable '{attribute}' (architecture '{reference}')")
+
+    def build(in_channels: int, num_classes: int) -> nn.Module:
+        try:
+            accepted = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        kwargs = {}
+        if "num_classes" in accepted:
+            kwargs["num_classes"] = num_classes
+        for key in ("in_channels", "in_chans"):
+            if key in accepted:
+                kwargs[key] = in_channels
+        net = factory(**kwargs)
+        if not isinstance(net, nn.Module):
+            raise ModelError(f"'{reference}' returned a {type(net).__name__}, not a torch.nn.Module")
+        if not any(key in kwargs for key in ("in_channels", "in_chans")) and in_channels != 3:
+            _replace_input_conv(net, in_channels, "fan_out")
+        return net
+
+    return ArchSpec(name=reference, build=build, tap_layers=None, gradcam_layer=None, min_input_size=1,
+                    lrp_notes="found by tracing", description=f"user factory {reference} (presets found)", source="user")
+
+
+def get_arch(name: str) -> ArchSpec:
+    """The :class:`ArchSpec` called ``name``: one of auditkit's zoo, any torchvision classification
+    CNN (``torchvision.models.list_models``), ``timm:NAME`` or the user's ``package.module:factory``
+    (imported and run: that executes the user's code). ModelError with the known names otherwise."""
+    name = str(name)
+    if name in ARCHITECTURES:
         return ARCHITECTURES[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), ARCHITECTURES, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ModelError(f"unknown architecture '{name}'; {hint}known: {', '.join(ARCHITECTURES)}") from None
+    if name.startswith("timm:"):
+        return _timm_spec(name[len("timm:"):])
+    if ":" in name:
+        return _user_spec(name)
+    if name.startswith(_TRANSFORMER_PREFIXES):
+        _refuse_transformer(name)
+    if name in torchvision_classifiers():
+        return ArchSpec(name=name, build=functools.partial(_build_torchvision_any, name), tap_layers=None,
+                        gradcam_layer=None, min_input_size=_MIN_INPUT.get(name, 32), lrp_notes="found by tracing",
+                        description=f"{name} (torchvision, random init; presets found)", source="torchvision")
+    close = difflib.get_close_matches(name, [*ARCHITECTURES, *torchvision_classifiers()], n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ModelError(f"unknown architecture '{name}'; {hint}known: {', '.join(ARCHITECTURES)}, any torchvision "
+                     "classifier (auditkit models --all), timm:NAME or package.module:factory")
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -407,6 +513,20 @@ def _check_positive_int(value: int, what: str) -> int:
     return int(value)
 
 
+_FOUND: dict[tuple[str, int], object] = {}  # (arch, in_channels) -> Presets: a probe per architecture
+
+
+def found_presets(arch: str, net: nn.Module, in_channels: int):
+    """The presets a probe forward pass finds for ``net`` (auditkit/models/presets.py), cached per
+    architecture name and channel count (they depend on the architecture only)."""
+    from .presets import discover_presets
+
+    key = (arch, in_channels)
+    if key not in _FOUND:
+        _FOUND[key] = discover_presets(net, in_channels, size=max(224, get_arch(arch).min_input_size))
+    return _FOUND[key]
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -442,7 +562,14 @@ def build_model(
     if len(names) != num_classes:
         raise ModelError(f"{len(names)} class name(s) given for {num_classes} classes")
 
-    preset_layers = tuple(f"net.{layer}" for layer in spec.tap_layers)
+    net = spec.build(in_channels, num_classes)
+    if spec.tap_layers is not None and spec.gradcam_layer is not None:
+        tap_layers, gradcam = spec.tap_layers, spec.gradcam_layer
+    elif target_layers is not None and gradcam_layer is not None:
+        tap_layers, gradcam = (), ""  # both given: no probe needed
+    else:
+        found = found_presets(spec.name, net, in_channels)
+        tap_layers, gradcam = found.tap_layers, found.gradcam_layer
     meta = ModelMeta(
         arch=spec.name,
         num_classes=num_classes,
@@ -451,10 +578,10 @@ def build_model(
         mean=mean,
         std=std,
         class_names=names,
-        target_layers=preset_layers,
-        gradcam_layer=f"net.{spec.gradcam_layer}",
+        target_layers=tuple(f"net.{layer}" for layer in tap_layers),
+        gradcam_layer=f"net.{gradcam}" if gradcam else "",
     )
-    model = AuditModel(spec.build(in_channels, num_classes), meta, min_input_size=spec.min_input_size)
+    model = AuditModel(net, meta, min_input_size=spec.min_input_size)
     if target_layers is not None:
         if isinstance(target_layers, str):
             target_layers = [target_layers]
