@@ -149,10 +149,12 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, tap_model, monkeypatch):
 
 
 def test_unsupported_suffix(tmp_path, tap_model):
-    with pytest.raises(CheckpointError, match=r"unsupported checkpoint suffix '\.bin'"):
+    with pytest.raises(CheckpointError, match=r"unsupported checkpoint suffix '\.bin' for saving"):
         save_checkpoint(tap_model, tmp_path / "m.bin")
+    with pytest.raises(CheckpointError, match=r"unsupported checkpoint suffix '\.ckpt' for saving"):
+        save_checkpoint(tap_model, tmp_path / "m.ckpt")
     with pytest.raises(CheckpointError, match="use .safetensors"):
-        load_checkpoint(tmp_path / "m.ckpt")
+        load_checkpoint(tmp_path / "m.onnx")
 
 
 def test_custom_models_cannot_be_saved(tmp_path, tap_model):
@@ -184,7 +186,7 @@ def test_bare_torchvision_state_dict_loads_with_arch(tmp_path, torchvision_resne
 def test_bare_state_dict_without_arch_asks_for_it(tmp_path, torchvision_resnet18):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision_resnet18.state_dict(), path)
-    with pytest.raises(ParameterError, match=r"`arch` must be given: .* is a bare state_dict") as info:
+    with pytest.raises(ParameterError, match=r"`arch` must be given: .* holds weights without auditkit metadata") as info:
         load_checkpoint(path)
     assert_one_line(info)
 
@@ -225,7 +227,8 @@ def test_pickled_module_is_refused_then_loads_when_trusted(tmp_path, torchvision
     with pytest.warns(UserWarning, match="arbitrary code"):
         custom = load_checkpoint(path, trust_pickle=True)
     assert (custom.meta.arch, custom.meta.num_classes, custom.meta.in_channels) == ("custom", 5, 3)
-    assert custom.meta.target_layers == () and custom.meta.mean == (0.0, 0.0, 0.0)
+    # Presets found by a probe pass (issue 16), no normalisation.
+    assert custom.meta.target_layers == tuple(f"net.layer{i}" for i in range(1, 5)) and custom.meta.mean == (0.0, 0.0, 0.0)
     images = torch.rand(2, 3, 32, 32)
     assert torch.equal(outputs(custom.eval(), images), outputs(torchvision_resnet18, images))
 

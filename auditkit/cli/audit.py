@@ -67,7 +67,7 @@ def audit(
     context = distributed.init_from_environment(device)
     try:
         model = load(checkpoint, arch, trust_pickle).to(device)
-        dataset = align_dataset_to_model(open_dataset(data, split=None if split == "all" else split), model.meta)
+        dataset = align_dataset_to_model(open_dataset(data, split=None if split == "all" else split), model)
         config = AuditConfig(
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             task=task,

@@ -111,7 +111,7 @@ def evaluate(
     target = resolve_device(device)
     precision = resolve_precision(precision, target)
     dataset = open_dataset(data, split=None if split == "all" else split)
-    dataset = align_dataset_to_model(dataset, model.meta)
+    dataset = align_dataset_to_model(dataset, model)
     results = evaluate_model(model.to(target), dataset, batch_size=batch_size, device=target, precision=precision,
                              show_progress=True)
     table = Table("variant", "samples", "accuracy")

@@ -70,7 +70,8 @@ def explain(
     model.to(target_device)
 
     if data:
-        dataset = align_dataset_to_model(open_dataset(data, split=split, variant=variant), meta)
+        dataset = align_dataset_to_model(open_dataset(data, split=split, variant=variant), model)
+        meta = model.meta  # a checkpoint without metadata took its input size and class names from the data
         if len(dataset) == 0:
             raise AuditkitError(f"{data}: no samples in split {split!r}")
         picks = np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).round().astype(int)

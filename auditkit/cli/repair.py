@@ -137,10 +137,10 @@ def repair(
     console = Console()
     try:
         model = load(checkpoint, arch, trust_pickle).to(device)
-        dataset = align_dataset_to_model(open_dataset(data), model.meta)
+        dataset = align_dataset_to_model(open_dataset(data), model)
         teacher_model = load(teacher, None, trust_pickle).to(device) if teacher else None
         if teacher_model is not None:
-            align_dataset_to_model(dataset, teacher_model.meta)  # the teacher must know the same classes
+            align_dataset_to_model(dataset, teacher_model)  # the teacher must know the same classes
         given = {k: v for k, v in {"epochs": epochs, "grad_clip": grad_clip, "schedule": schedule}.items() if v is not None}
         training = TrainConfig(**{"data_order": "permutation", **spec.training, **given}, batch_size=batch_size, lr=lr,
                                optimizer=optimizer, seed=seed, device=str(device), precision=precision)
@@ -244,7 +244,7 @@ def annotate(
     config = _annotation(teacher, tau, quantile, method, batch_size, resolve_precision(precision, target))
     model = load(teacher, None, trust_pickle).to(target)
     dataset = align_dataset_to_model(
-        open_dataset(data, split=None if split == "all" else split, variant=variant), model.meta)
+        open_dataset(data, split=None if split == "all" else split, variant=variant), model)
     annotated, stats = annotate_dataset(model, dataset, config, teacher_fingerprint=str(teacher))
     annotated.info.generator = {**dataset.info.generator, "annotation": stats}
     folder = write_dataset(annotated, out, overwrite=force)

@@ -47,7 +47,15 @@ from .zoo import (
 
 FORMAT_VERSION = 1
 _META_KEY = "auditkit"
-_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".ckpt": "torch", ".bin": "torch"}
+# Where training frameworks keep the weights in a checkpoint dict (Lightning: "state_dict"; many
+# training scripts: "model_state_dict", "model", "net"; EMA weights: "ema", "model_ema", ...). The
+# first key that holds a state_dict wins; EMA keys come last (the trained weights first).
+_WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params",
+                "ema", "model_ema", "state_dict_ema", "ema_state_dict")
+# Key prefixes training code adds, in any order: DataParallel/DDP "module.", torch.compile "_orig_mod.",
+# Lightning "model."/"net." attributes, auditkit's own "net.".
+_KEY_PREFIXES = ("module", "_orig_mod", "model", "net", "network", "backbone", "ema", "model_ema")
 _REQUIRED_META = (
     "format_version",
     "arch",
@@ -95,12 +103,19 @@ def _pickle_refused(path: Path) -> CheckpointError:
     )
 
 
-def _format_of(path: Path) -> str:
+_SAVE_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def _format_of(path: Path, saving: bool = False) -> str:
+    if saving and path.suffix.lower() not in _SAVE_SUFFIXES:
+        raise CheckpointError(f"{path}: unsupported checkpoint suffix '{path.suffix}' for saving; use .safetensors "
+                              "(recommended), .pt or .pth")
     try:
         return _FORMATS[path.suffix.lower()]
     except KeyError:
         raise CheckpointError(
-            f"{path}: unsupported checkpoint suffix '{path.suffix}'; use .safetensors (recommended), .pt or .pth"
+            f"{path}: unsupported checkpoint suffix '{path.suffix}'; use .safetensors (recommended), .pt, .pth, "
+            ".ckpt or .bin"
         ) from None
 
 
@@ -152,7 +167,7 @@ def save_checkpoint(
     if not isinstance(model, AuditModel):
         raise TypeError(f"save_checkpoint needs an AuditModel, got {type(model).__name__}")
     path = Path(path)
-    fmt = _format_of(path)
+    fmt = _format_of(path, saving=True)
     if model.meta.arch not in ARCHITECTURES:
         raise CheckpointError(
             f"cannot save a '{model.meta.arch}' model: only built-in architectures can be rebuilt from a checkpoint "
@@ -247,11 +262,70 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    """A mapping of names to tensors, harmless non-tensor values beside them allowed (an EMA's step
+    count, a version number), at least one tensor."""
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
+        return False
+    tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+    return tensors > 0 and all(isinstance(v, (torch.Tensor, int, float, str, bool, type(None))) for v in obj.values())
+
+
+def _tensors_of(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def find_state_dict(payload: Any) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """(the weights in a checkpoint payload, where they were) or (None, ""): the payload itself, or a
+    state_dict under one of the keys training frameworks use, searched one level down too."""
+    if _is_state_dict(payload):
+        return _tensors_of(payload), "the file"
+    if not isinstance(payload, Mapping):
+        return None, ""
+    for key in _WEIGHT_KEYS:
+        value = payload.get(key)
+        if _is_state_dict(value):
+            return _tensors_of(value), f"'{key}'"
+        if isinstance(value, nn.Module):
+            return _tensors_of(value.state_dict()), f"'{key}' (a module)"
+    for key, value in payload.items():  # e.g. {"checkpoint": {"state_dict": ...}}
+        if isinstance(value, Mapping):
+            inner, where = find_state_dict(value)
+            if inner is not None:
+                return inner, f"'{key}' → {where}"
+    return None, ""
+
+
+def align_keys(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """The state_dict with training code's key prefixes removed (module., _orig_mod., model., net., …,
+    nested in any order) wherever that makes a key one the network expects."""
+    aligned: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        name = key
+        while name not in expected:
+            head, dot, rest = name.partition(".")
+            if not dot or head not in _KEY_PREFIXES:
+                break
+            name = rest
+        aligned[name] = tensor
+    return aligned
+
+
+def describe_keys(state: Mapping[str, Any], limit: int = 6) -> str:
+    """The file's top-level key names, for messages."""
+    heads = list(dict.fromkeys(k.split(".")[0] for k in state))
+    return ", ".join(heads[:limit]) + (", ..." if len(heads) > limit else "")
 
 
 def _is_auditkit_payload(obj: Any) -> bool:
     return isinstance(obj, Mapping) and obj.get("format") == "auditkit"
+
+
+def _no_weights_message(path: Path, payload: Any) -> str:
+    if isinstance(payload, Mapping):
+        keys = ", ".join(map(str, list(payload)[:10])) + (", ..." if len(payload) > 10 else "")
+        return (f"{path} holds a dict with keys {keys}; none of them holds a state_dict (looked for "
+                f"{', '.join(_WEIGHT_KEYS[:4])}, ... and one level down)")
+    return f"{path} holds a {type(payload).__name__}, neither an auditkit checkpoint nor weights"
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
@@ -269,9 +343,9 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     payload = _torch_load(path, trust_pickle=False)
     if _is_auditkit_payload(payload):
         return dict(_check_meta(path, payload.get("meta")))
-    if _is_state_dict(payload):
+    if find_state_dict(payload)[0] is not None:
         return {}
-    raise CheckpointError(f"{path} holds a {type(payload).__name__}, neither an auditkit checkpoint nor a state_dict")
+    raise CheckpointError(_no_weights_message(path, payload))
 
 
 # --------------------------------------------------------------------------- building models
@@ -282,23 +356,30 @@ def _first_given(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
 
 
-def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state_dict with keys relative to the network: drops a common "net." (ours) or "module." (DataParallel)."""
-    state = dict(state_dict)
-    for prefix in ("net.", "module."):
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix) :]: value for key, value in state.items()}
-    return state
+_SENTINEL_CLASSES = 7919  # a class count no other layer has: marks the classifier in a shape probe
 
 
-def _infer_sizes(arch: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[int | None, int | None]:
-    """(in_channels, num_classes) read off the input conv's and the final linear layer's weights, None if absent."""
-    with torch.device("meta"):  # a shape-only probe: no memory, no initialisation cost
-        probe = get_arch(arch).build(3, 2)
-    conv = state_dict.get(f"{first_conv_name(probe)}.weight")
-    linear = state_dict.get(f"{classifier_name(probe)}.weight")
-    in_channels = int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None
-    num_classes = int(linear.shape[0]) if linear is not None and linear.dim() == 2 else None
+def _expected(arch: str) -> tuple[set[str], str | None, str | None]:
+    """(the network's state_dict keys, its input conv's weight key, its classifier's weight key), from
+    a shape-only build (meta device: no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        probe = get_arch(arch).build(3, _SENTINEL_CLASSES)
+    keys = set(probe.state_dict())
+    try:
+        conv = f"{first_conv_name(probe)}.weight"
+    except ModelError:
+        conv = None
+    classifier = next((name for name, tensor in probe.state_dict().items()
+                       if name.endswith("weight") and tensor.dim() >= 2 and tensor.shape[0] == _SENTINEL_CLASSES), None)
+    return keys, conv, classifier
+
+
+def _infer_sizes(state: Mapping[str, torch.Tensor], conv: str | None, classifier: str | None) -> tuple[int | None, int | None]:
+    """(in_channels, num_classes) read off the input conv's and the classifier's weights, None if absent."""
+    weight = state.get(conv) if conv else None
+    head = state.get(classifier) if classifier else None
+    in_channels = int(weight.shape[1]) if weight is not None and weight.dim() == 4 else None
+    num_classes = int(head.shape[0]) if head is not None and head.dim() >= 2 else None
     return in_channels, num_classes
 
 
@@ -307,12 +388,22 @@ def _load_weights(path: Path, model: AuditModel, state_dict: dict[str, torch.Ten
     meta = model.meta
     what = f"{path} does not match {meta.arch} (in_channels={meta.in_channels}, num_classes={meta.num_classes})"
     expected = model.net.state_dict()
+    state_dict = align_keys(state_dict, set(expected))
     # BatchNorm's step counter is bookkeeping, absent from some older state_dicts.
     for key in expected:
         if key not in state_dict and key.endswith("num_batches_tracked"):
             state_dict[key] = expected[key]
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
+    if missing and unexpected and len(missing) == len(expected):  # nothing matched: say what the file holds
+        import difflib
+
+        close = difflib.get_close_matches(unexpected[0], list(expected), n=2)
+        raise CheckpointError(
+            f"{what}: none of the file's {len(state_dict)} weights has a name the network expects; the file's "
+            f"names start with {describe_keys(state_dict)} (first: '{unexpected[0]}'); expected names like "
+            f"{', '.join(repr(c) for c in close) or repr(next(iter(expected)))}"
+        )
     if missing or unexpected:
         counts = f"{len(missing)} missing, {len(unexpected)} unexpected"
         if missing:
@@ -339,19 +430,21 @@ def _model_from_state_dict(
     the stored architecture (layers, class names, normalisation) are kept
     only while they still fit.
     """
-    state = _strip_prefix(state_dict)
     if meta is None:
         arch = overrides["arch"]
         if arch is None:
-            raise ParameterError("arch", f"must be given: {path} is a bare state_dict; name its architecture "
-                                         f"({', '.join(ARCHITECTURES)})")
-        inferred_channels, inferred_classes = _infer_sizes(arch, state)
+            raise ParameterError("arch", f"must be given: {path} holds weights without auditkit metadata; name its "
+                                         f"architecture ({', '.join(ARCHITECTURES)}, any torchvision or timm:NAME)")
+        keys, conv, classifier = _expected(arch)
+        state = align_keys(state_dict, keys)
+        inferred_channels, inferred_classes = _infer_sizes(state, conv, classifier)
         # Sizes that cannot be inferred only matter if the keys are missing, which _load_weights reports.
         in_channels = _first_given(overrides["in_channels"], inferred_channels, 3)
         num_classes = _first_given(overrides["num_classes"], inferred_classes, 2)
         input_size = _first_given(overrides["input_size"], _BARE_STATE_DICT_INPUT_SIZE)
         model = build_model(arch, num_classes, in_channels, tuple(input_size))
     else:
+        state = dict(state_dict)
         arch = _first_given(overrides["arch"], meta["arch"])
         in_channels = _first_given(overrides["in_channels"], meta["in_channels"])
         num_classes = _first_given(overrides["num_classes"], meta["num_classes"])
@@ -376,7 +469,7 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
 
     With ``arch`` given, its weights go into a freshly built network of that
     architecture (so the presets apply). Otherwise it becomes arch "custom":
-    no TAP or Grad-CAM presets (pass --layers), no normalisation (mean 0,
+    presets found by a probe pass (or none), no normalisation (mean 0,
     std 1: auditkit cannot know what the module expects, so it gets the
     [0, 1] images unchanged) and no upsampling.
     """
@@ -392,6 +485,13 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
         raise ParameterError(
             "in_channels", f"and num_classes must be given: {path} holds a {type(net).__name__} whose sizes cannot be inferred"
         ) from None
+    try:  # the presets a probe pass finds (none for a network without convolutional stages)
+        from .presets import discover_presets
+
+        found = discover_presets(net, int(in_channels))
+        tap_layers, gradcam = tuple(f"net.{n}" for n in found.tap_layers), f"net.{found.gradcam_layer}"
+    except ModelError:
+        tap_layers, gradcam = (), ""
     meta = ModelMeta(
         arch=CUSTOM_ARCH,
         num_classes=int(num_classes),
@@ -400,8 +500,8 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
         mean=(0.0,) * int(in_channels),
         std=(1.0,) * int(in_channels),
         class_names=tuple(str(i) for i in range(int(num_classes))),
-        target_layers=(),
-        gradcam_layer="",
+        target_layers=tap_layers,
+        gradcam_layer=gradcam,
     )
     return AuditModel(net, meta, min_input_size=1)
 
@@ -432,24 +532,30 @@ def load_checkpoint(
     fmt = _format_of(path)
     _check_readable_file(path)
     overrides = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+    has_meta = True  # whether the file says what the model expects (auditkit metadata, a pickled AuditModel)
     if fmt == "safetensors":
         meta, tensors = _read_safetensors(path, with_tensors=True)
+        has_meta = meta is not None
         model = _model_from_state_dict(path, meta, tensors, overrides)
     else:
         payload = _torch_load(path, trust_pickle)
         if isinstance(payload, AuditModel):
             model = payload
         elif isinstance(payload, nn.Module):
+            has_meta = False
             model = _wrap_module(path, payload, overrides)
         elif _is_auditkit_payload(payload):
             state_dict = payload.get("state_dict")
             if not _is_state_dict(state_dict):
                 raise CheckpointError(f"{path} is an auditkit checkpoint without a valid state_dict")
             model = _model_from_state_dict(path, _check_meta(path, payload.get("meta")), state_dict, overrides)
-        elif _is_state_dict(payload):
-            model = _model_from_state_dict(path, None, payload, overrides)
         else:
-            raise CheckpointError(
-                f"{path} holds a {type(payload).__name__}, neither an auditkit checkpoint nor a state_dict"
-            )
+            has_meta = False
+            state_dict, _where = find_state_dict(payload)
+            if state_dict is None:
+                raise CheckpointError(_no_weights_message(path, payload))
+            model = _model_from_state_dict(path, None, state_dict, overrides)
+    if not has_meta:
+        # No auditkit metadata in the file: the data will say the input size and the class names.
+        model.adopt_from_data = ("class_names",) if input_size is not None else ("input_size", "class_names")
     return model.to(map_location).eval()

@@ -414,6 +414,10 @@ class AuditModel(nn.Module):
     state_dict is exactly the network's, under the prefix ``net.``.
     """
 
+    # Metadata fields the file did not hold (weights without auditkit metadata): the data supplies
+    # them when it is first aligned to the model (auditkit.training.align_dataset_to_model).
+    adopt_from_data: tuple[str, ...] = ()
+
     def __init__(self, net: nn.Module, meta: ModelMeta, *, min_input_size: int | None = None) -> None:
         super().__init__()
         self.net = net

@@ -7,7 +7,7 @@ variant.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -35,12 +35,25 @@ def choose_training_variant(dataset: AuditDataset, requested: str | None) -> str
     raise ParameterError("variant", f"must name the variant to train on: the training data has {', '.join(variants)}")
 
 
-def align_dataset_to_model(dataset: AuditDataset, meta) -> AuditDataset:
+def align_dataset_to_model(dataset: AuditDataset, model) -> AuditDataset:
     """The dataset in the model's input format (channels, size), after checking its classes.
 
-    Images are converted by the dataset policy (grey <-> RGB, resize); class names must match
-    the checkpoint's, in order, or predictions would be compared with the wrong labels.
+    ``model`` is an AuditModel (or its ``meta``). Images are converted by the dataset policy (grey <->
+    RGB, resize); class names must match the checkpoint's, in order, or predictions would be compared
+    with the wrong labels. A model loaded from weights without auditkit metadata (a framework's
+    checkpoint, a bare state_dict) takes its input size and, when the counts agree, its class names
+    from the data: the file does not know them.
     """
+    meta = getattr(model, "meta", model)
+    adopt = getattr(model, "adopt_from_data", ())
+    if adopt:
+        changes = {}
+        if "input_size" in adopt:
+            changes["input_size"] = tuple(dataset.image_size)
+        if "class_names" in adopt and len(dataset.classes) == meta.num_classes:
+            changes["class_names"] = tuple(dataset.classes)
+        meta = model.meta = replace(meta, **changes)
+        model.adopt_from_data = ()
     if tuple(dataset.classes) != tuple(meta.class_names):
         ours, theirs = ", ".join(dataset.classes[:6]), ", ".join(meta.class_names[:6])
         raise DataError(
