@@ -132,6 +132,8 @@ def _activation_shares(model, layers, images, masks):
     with torch.no_grad():
         _, captured, _ = run_capturing(model, layers, lambda: model(images))
         activations = [a for a in captured]
+    if hasattr(model, "masks_for_network"):
+        masks = model.masks_for_network(masks)  # at the resolution the network sees
     weights = downscale_masks(masks, [tuple(a.shape[-2:]) for a in activations])
     shares, coverages = [], []
     for activation, weight in zip(activations, weights):

@@ -66,6 +66,7 @@ class TracedNetwork:
     # bn node -> (the tensors' identities and versions, W γ/σ): merged weights of eval-mode
     # explanations, reused while the convolution and batch norm are unchanged.
     merged_weights: dict = field(default_factory=dict)
+    dynamic: set = field(default_factory=set)  # nodes whose value depends on the network input
     compiled: object = None  # _CompiledForward, made at the first forward
     _identity: dict = field(default_factory=dict)  # node -> its input under the identity rule, or None
     interpret: bool = False  # the code generator refused this graph: interpret it node by node
@@ -147,6 +148,9 @@ def trace(net: nn.Module) -> TracedNetwork:
             "use gradient-based methods or make its forward traceable"
         ) from error
     traced = TracedNetwork(weakref.ref(net), graph, rules_version())
+    for node in graph.nodes:  # nodes are in topological order
+        if node.op == "placeholder" or any(a in traced.dynamic for a in node.all_input_nodes):
+            traced.dynamic.add(node)
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(traced.module(node), nn.BatchNorm2d):
             source = node.args[0]
@@ -400,7 +404,8 @@ def _step(traced: TracedNetwork, env: dict, node: fx.Node, relevance: torch.Tens
     extra = {"indices": env[(node, "indices")]} if (node, "indices") in env else {}
     step = Step(kind, target, tuple(args), dict(kwargs), [env[s] for s in sources],
                 [_producer(traced, s) for s in sources], env[node], relevance, k, epsilon, create_graph,
-                node.target if kind == "module" else node.name, extra)
+                node.target if kind == "module" else node.name, extra,
+                [s not in traced.dynamic for s in sources])
     return step, sources
 
 

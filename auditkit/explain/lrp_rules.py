@@ -86,6 +86,7 @@ class Step:
     create_graph: bool
     name: str = ""
     extra: dict = field(default_factory=dict)
+    constant: list[bool] = field(default_factory=list)  # per input: independent of the network input (weights)
 
     def ratio(self) -> torch.Tensor:
         """s = R / (z + ε·sign z) (the fused kernel), (K*N, ...)."""
@@ -394,7 +395,9 @@ def gate_rule(step: Step) -> list:
     z = step.output
     if len(step.inputs) == 1:  # a constant factor
         return [step.relevance]
-    gates = [i for i, p in enumerate(step.producers) if _is_gate(p)]
+    gates = [i for i, constant in enumerate(step.constant) if constant]  # a weight (layer scale)
+    if len(gates) != 1:
+        gates = [i for i, p in enumerate(step.producers) if _is_gate(p)]
     if len(gates) != 1:
         gates = [i for i, t in enumerate(step.inputs) if t.shape != z.shape]
     if len(gates) != 1 or len(step.inputs) != 2:

@@ -168,11 +168,13 @@ def save_checkpoint(
         raise TypeError(f"save_checkpoint needs an AuditModel, got {type(model).__name__}")
     path = Path(path)
     fmt = _format_of(path, saving=True)
-    if model.meta.arch not in ARCHITECTURES:
+    if model.meta.arch == CUSTOM_ARCH:
         raise CheckpointError(
-            f"cannot save a '{model.meta.arch}' model: only built-in architectures can be rebuilt from a checkpoint "
-            f"({', '.join(ARCHITECTURES)})"
+            "cannot save a 'custom' model: a checkpoint is weights plus the recipe to rebuild the network, and a "
+            "wrapped module has none; build it under an architecture auditkit knows (a zoo name, any torchvision "
+            "CNN, timm:NAME or package.module:factory)"
         )
+    get_arch(model.meta.arch)  # the recipe must resolve (ModelError otherwise)
     meta = checkpoint_meta(model, extra)
 
     def write_safetensors(tmp: Path) -> None:
@@ -310,7 +312,7 @@ def align_keys(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[st
     return aligned
 
 
-def describe_keys(state: Mapping[str, Any], limit: int = 6) -> str:
+def describe_keys(state, limit: int = 6) -> str:
     """The file's top-level key names, for messages."""
     heads = list(dict.fromkeys(k.split(".")[0] for k in state))
     return ", ".join(heads[:limit]) + (", ..." if len(heads) > limit else "")
@@ -362,7 +364,10 @@ _SENTINEL_CLASSES = 7919  # a class count no other layer has: marks the classifi
 def _expected(arch: str) -> tuple[set[str], str | None, str | None]:
     """(the network's state_dict keys, its input conv's weight key, its classifier's weight key), from
     a shape-only build (meta device: no memory, no initialisation cost)."""
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            probe = get_arch(arch).build(3, _SENTINEL_CLASSES)
+    except (NotImplementedError, RuntimeError):  # a builder that reads tensor values while initialising
         probe = get_arch(arch).build(3, _SENTINEL_CLASSES)
     keys = set(probe.state_dict())
     try:
@@ -383,26 +388,42 @@ def _infer_sizes(state: Mapping[str, torch.Tensor], conv: str | None, classifier
     return in_channels, num_classes
 
 
+def _with_metadata(state_dict: Mapping[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
+    from collections import OrderedDict
+
+    out = OrderedDict(state_dict)
+    metadata = getattr(state_dict, "_metadata", None) or getattr(expected, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata
+    return out
+
+
 def _load_weights(path: Path, model: AuditModel, state_dict: dict[str, torch.Tensor]) -> None:
     """Loads ``state_dict`` into ``model.net``; CheckpointError naming the first key that does not fit."""
     meta = model.meta
     what = f"{path} does not match {meta.arch} (in_channels={meta.in_channels}, num_classes={meta.num_classes})"
     expected = model.net.state_dict()
     state_dict = align_keys(state_dict, set(expected))
+    aligned_keys = set(state_dict)
+    # Modules that read versioned metadata while loading (torchvision's MNASNet) find the network's own.
+    state_dict = _with_metadata(state_dict, expected)
     # BatchNorm's step counter is bookkeeping, absent from some older state_dicts.
     for key in expected:
         if key not in state_dict and key.endswith("num_batches_tracked"):
             state_dict[key] = expected[key]
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
-    if missing and unexpected and len(missing) == len(expected):  # nothing matched: say what the file holds
+    if missing and unexpected and not aligned_keys & set(expected):
+        # Nothing matched: say what the file holds.
         import difflib
 
-        close = difflib.get_close_matches(unexpected[0], list(expected), n=2)
+        file_keys = [k for k in state_dict if k in aligned_keys]
+        close = difflib.get_close_matches(file_keys[0], list(expected), n=2)
+        # No size is quoted: none could be read from weights whose names match nothing.
         raise CheckpointError(
-            f"{what}: none of the file's {len(state_dict)} weights has a name the network expects; the file's "
-            f"names start with {describe_keys(state_dict)} (first: '{unexpected[0]}'); expected names like "
-            f"{', '.join(repr(c) for c in close) or repr(next(iter(expected)))}"
+            f"{path} does not match {meta.arch}: none of the file's {len(file_keys)} weights has a name the network "
+            f"expects; the file's names start with {describe_keys(file_keys)} (first: '{file_keys[0]}'); expected "
+            f"names like {', '.join(repr(c) for c in close) or repr(next(iter(expected)))}"
         )
     if missing or unexpected:
         counts = f"{len(missing)} missing, {len(unexpected)} unexpected"

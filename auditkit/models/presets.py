@@ -14,7 +14,8 @@ The rule that finds them:
    conv+activation blocks), the targets are, for each resolution in order, the last block at that
    resolution; resolutions reached only by bare convolutions or layers without one (stems,
    normalisation, pooling) are skipped. If they are all bare layers (VGG's flat ``features``), each
-   pooling layer closes a stage and the targets are the pooling layers' outputs; without pooling
+   pooling layer (not a global one) closes a stage and the targets are the pooling layers' outputs,
+   plus the last convolution's (or its activation's) when no pool follows it; without pooling
    layers, the last convolution (or the activation right after it) at each resolution.
 4. The Grad-CAM layer is the last spatial feature map of the stages: the last convolution-bearing
    child of the stage container, or the activation right after it.
@@ -136,11 +137,14 @@ def discover_presets(net: nn.Module, in_channels: int, size: int = PROBE_SIZE) -
             if blocks:
                 targets.append(blocks[-1])
     else:
-        pools = [c for c, m in children if isinstance(m, _POOLS)]
+        # Pools that close a stage (a global pooling to 1x1 is the head's, not a stage's).
+        pools = [c for c, m in children if isinstance(m, _POOLS) and shapes[c] != (1, 1)]
         after_last_conv = [c for c in pools if order[c] > order[convs[-1][0]]]
         if pools:
-            # Each pool closes a stage; a pool after the last convolution closes the last stage.
-            targets = [c for c in pools if order[c] <= order[after_last_conv[0]]] if after_last_conv else pools
+            # Each pool closes a stage; a pool after the last convolution closes the last stage, else
+            # the last convolution's output (or its activation) does.
+            targets = [c for c in pools if order[c] <= order[after_last_conv[0]]] if after_last_conv else \
+                pools + [activation_after(convs[-1][0])]
         else:
             targets = [activation_after([c for c, m in members if _has_conv(m)][-1])
                        for members in by_resolution.values() if any(_has_conv(m) for _, m in members)]

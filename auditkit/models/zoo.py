@@ -440,6 +440,12 @@ class AuditModel(nn.Module):
         normalised = (images - self.mean) / self.std
         return self.net(self._upsample_to_min_size(normalised))
 
+    def masks_for_network(self, masks: torch.Tensor) -> torch.Tensor:
+        """Masks (N, 1, H, W) at the data's resolution, brought to the resolution the network sees (the
+        model upsamples images below ``min_input_size``): TAP's D(M) and the audit's activation
+        shares compare them with the network's activations."""
+        return self._upsample_to_min_size(masks)
+
     def _upsample_to_min_size(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
         shorter = min(height, width)

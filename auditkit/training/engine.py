@@ -198,6 +198,19 @@ def training_loss(model: nn.Module, batch, objective: Objective):
     return objective.task_weight * task + objective.lam * explanation, task, explanation, logits
 
 
+def _explain_missing_derivative(error: RuntimeError, objective: Objective) -> None:
+    """PyTorch lacks some second derivatives (hardsigmoid's, in MobileNetV3): a loss on input gradients
+    (RRR, Energy) cannot train such a network. Say so in one line instead of a traceback."""
+    import re
+
+    match = re.search(r"derivative for (\S+) is not implemented", str(error))
+    if match:
+        raise TrainingStopped(
+            f"{objective.name} differentiates the network's input gradient, which needs second derivatives, and "
+            f"PyTorch has none for {match.group(1)} in this network; use a first-order method (tap, tea, masktune)"
+        ) from None
+
+
 def _validation_accuracy(model: nn.Module, val_set: AuditDataset, device, precision: str) -> float:
     results = evaluate(model, val_set, device=device, precision=precision)
     return sum(r.accuracy * r.samples for r in results.values()) / max(sum(r.samples for r in results.values()), 1)
@@ -277,7 +290,11 @@ def _fit(model, train_set, objective, config, device, *, val_set, state_path, re
                             "lower the learning rate or λ and try again"
                         )
                     optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
+                    try:
+                        scaler.scale(loss).backward()
+                    except RuntimeError as error:
+                        _explain_missing_derivative(error, objective)
+                        raise
                     if context.active:
                         _average_gradients(model, context)
                     if config.grad_clip > 0:

@@ -19,7 +19,8 @@ class TapObjective(Objective):
     name = "tap"
 
     def loss(self, model, batch, logits, activations):
-        return tap_loss(activations, batch.masks, self.kernel_size, defer_gradient=True)
+        masks = model.masks_for_network(batch.masks) if hasattr(model, "masks_for_network") else batch.masks
+        return tap_loss(activations, masks, self.kernel_size, defer_gradient=True)
 
 
 @dataclass(frozen=True)
