@@ -48,7 +48,8 @@ SIZES = {
         "tap_activation": (64, 256, 56, 56),
         "tap_mask": 224,
         "lrp": ("resnet18", 64, 224),
-        "training": [("resnet18", 64, 224), ("resnet50", 64, 224)],
+        "training": [("resnet18", 64, 224), ("resnet50", 64, 224), ("efficientnet_b0", 64, 224),
+                     ("convnext_tiny", 64, 224)],
         "audit": ("resnet18", 64, 224, 4),  # arch, batch, size, batches
         "pairs": 15,
         "iterations": 20,

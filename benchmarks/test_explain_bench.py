@@ -46,6 +46,9 @@ CONFIGS = {
     "resnet18_1x112": ("resnet18", 1, 3, 112),
     "resnet18_8x112": ("resnet18", 8, 3, 112),
     "resnet18_16x224": ("resnet18", 16, 3, 224),
+    "resnet50_4x224": ("resnet50", 4, 3, 224),
+    "efficientnet_b0_4x224": ("efficientnet_b0", 4, 3, 224),
+    "convnext_tiny_4x224": ("convnext_tiny", 4, 3, 224),
 }
 ROUNDS = {"cpu": 5, "cuda": 50}
 _CACHE: dict = {}
@@ -63,6 +66,7 @@ def setup(config: str, device: str):
                 module.running_var.uniform_(0.5, 2.0)
                 module.eps = 0.0  # see the module docstring
         net = model.net.to(device)
+        _GRADCAM_LAYERS[id(net)] = model.meta.gradcam_layer.removeprefix("net.")
         x = torch.randn(batch, channels, size, size, device=device)
         targets = torch.randint(0, 10, (batch,), device=device)
         _CACHE[key] = (net, x, targets)
@@ -111,8 +115,15 @@ def captum_lrp(net, x, targets):
     return LRP(net).attribute(x, target=targets).sum(1)
 
 
+_GRADCAM_LAYERS: dict[int, str] = {}  # id(net) -> its Grad-CAM layer's name (the model's preset)
+
+
+def gradcam_layer_name(net) -> str:
+    return _GRADCAM_LAYERS.get(id(net), "layer4" if hasattr(net, "layer4") else "conv2")
+
+
 def gradcam_layer(net):
-    return net.layer4 if hasattr(net, "layer4") else net.conv2
+    return net.get_submodule(gradcam_layer_name(net))
 
 
 def pytorch_grad_cam(net, x, targets):
@@ -134,7 +145,7 @@ def forward_backward_to_layer(net, x, targets):
 
 
 def ours_gradcam(net, x, targets):
-    name = "layer4" if hasattr(net, "layer4") else "conv2"
+    name = gradcam_layer_name(net)
     return attribute(net, x, targets, "gradcam", layer=name)[:, 0]
 
 
@@ -207,7 +218,7 @@ RATIOS = {
     "gradcam_vs_pytorch_grad_cam": ("auditkit_gradcam", "pytorch_grad_cam", None),
 }
 PAIRS = {"cpu": {"two_layer_cnn_1x28": 41, "two_layer_cnn_256x28": 15, "resnet18_1x112": 21, "resnet18_8x112": 11,
-                 "resnet18_16x224": 5},
+                 "resnet18_16x224": 5, "resnet50_4x224": 5, "efficientnet_b0_4x224": 7, "convnext_tiny_4x224": 5},
          "cuda": {name: 50 for name in CONFIGS}}
 
 
@@ -244,7 +255,7 @@ def test_peak_memory_against_the_input_gradient(record, config, device):
     key = f"{config} [{device}]"
     baseline = peak_bytes(lambda: input_gradient(net, x, targets), device)
     for method in MEMORY_METHODS:
-        options = {"layer": "layer4" if hasattr(net, "layer4") else "conv2"} if method == "gradcam" else {}
+        options = {"layer": gradcam_layer_name(net)} if method == "gradcam" else {}
         peak = peak_bytes(lambda: attribute(net, x, targets, method, **options), device)
         record(key, f"{method}_memory_ratio", peak / baseline if baseline and peak is not None else None)
 
