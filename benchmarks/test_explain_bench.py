@@ -90,7 +90,11 @@ def zennit_lrp(net, x, targets):
     from zennit.torchvision import ResNetCanonizer
     from zennit.types import Activation, AvgPool, Convolution, Linear
 
-    canonizers = [ResNetCanonizer()] if any(type(m).__name__ == "BasicBlock" for m in net.modules()) else [SequentialMergeBatchNorm()]
+    # zennit's ResNet canonizer (merged batch norms, the residual sum as a module with its own rule)
+    # for both torchvision block types; other networks get its batch-norm merge only, so their
+    # residual sums, SiLU gates and layer norms follow other rules than ours (timing, not equality).
+    residual = any(type(m).__name__ in ("BasicBlock", "Bottleneck") for m in net.modules())
+    canonizers = [ResNetCanonizer()] if residual else [SequentialMergeBatchNorm()]
     layer_map = [(Activation, Pass()), (Convolution, Epsilon(EPSILON)), (Linear, Epsilon(EPSILON)),
                  (AvgPool, Norm(EPSILON)), (Sum, Norm(EPSILON))]
     composite = LayerMapComposite(layer_map=layer_map, canonizers=canonizers)

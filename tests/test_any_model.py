@@ -137,6 +137,26 @@ def test_every_layout_loads_the_same_weights(layout, tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("arch", TORCHVISION_FAMILIES + TIMM_MODELS)
+def test_every_family_loads_from_every_layout(arch, tmp_path):
+    # The loop above rotates layouts over families; loading is the part that depends on both (key
+    # prefixes aligned against the network's own names, sizes read off the file by a probe), so every
+    # family x layout pair is loaded here, as `auditkit inspect` loads it.
+    torch.manual_seed(1)
+    model = build_model(arch, 6, 2, (8, 8))
+    expected = model.state_dict()
+    for layout in LAYOUTS:
+        folder = tmp_path / layout
+        folder.mkdir()
+        path, arch_args = save_as(model, layout, folder)
+        loaded = load_checkpoint(path, arch=arch_args[1] if arch_args else None)
+        assert (loaded.meta.num_classes, loaded.meta.in_channels) == (6, 2), (arch, layout)
+        assert loaded.meta.target_layers == model.meta.target_layers, (arch, layout)
+        got = loaded.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), (arch, layout)
+        path.unlink()
+
+
 def test_a_lightning_checkpoint_renamed_pt_loads_too(tmp_path):
     model = build_model("resnet18", 4, 3, (32, 32))
     path, _ = save_as(model, "lightning", tmp_path)
