@@ -232,7 +232,7 @@ def test_more_targets_than_the_grid_is_tall(device, max_grid_y):
     torch.testing.assert_close(got.cpu(), cpu, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+@pytest.mark.parametrize("kernel_size", [1, 3, 5, 9])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda)])
 def test_nan_in_a_mask_window_propagates_like_max_pool(device, kernel_size):
     # The bug: the CUDA dilation kept a NaN only when it was the first pixel of its window.

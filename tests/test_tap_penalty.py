@@ -141,10 +141,12 @@ def sample_inputs(device, requires_grad=True):
 def test_opcheck(device):
     for activation, mask, kernel_size in sample_inputs(device):
         sizes = [activation.shape[2], activation.shape[3], 3, 2]
-        torch.library.opcheck(torch.ops.auditkit.downscale_mask.default, (mask, kernel_size, sizes))
+        torch.library.opcheck(torch.ops.auditkit.downscale_mask.default, (mask, [kernel_size], sizes))
         torch.library.opcheck(
-            torch.ops.auditkit.downscale_mask.default, (mask, kernel_size, sizes), {"dtype": torch.float64}
+            torch.ops.auditkit.downscale_mask.default, (mask, [kernel_size], sizes), {"dtype": torch.float64}
         )
+        # One kernel size per layer (a dilation that grows with depth).
+        torch.library.opcheck(torch.ops.auditkit.downscale_mask.default, (mask, [kernel_size, 2 * kernel_size + 1], sizes))
         weights = ops.downscale_mask(mask, activation.shape[-2:], kernel_size)
         torch.library.opcheck(torch.ops.auditkit.weighted_relu_sum.default, (activation, weights))
         grad = torch.randn(activation.shape[0], device=device)
@@ -178,6 +180,34 @@ def test_downscale_mask_matches_torch_pooling(device, n, h, w, extra_h, extra_w,
         assert d.shape == (n, *size)
         assert d.dtype == (torch.float64 if mask_dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(d.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    n=st.integers(0, 3),
+    height=st.integers(4, 40),
+    width=st.integers(4, 40),
+    layers=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 23)), min_size=1, max_size=4),
+    mask_dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
+def test_one_kernel_size_per_layer_matches_torch_pooling(device, n, height, width, layers, mask_dtype):
+    # Each layer has its own size (height // a, width // b) and its own k (up to wider than the mask).
+    mask = torch.rand(n, 1, height, width, device=device).to(mask_dtype)
+    sizes = [(max(1, height // a), max(1, width // b)) for a, b, _ in layers]
+    kernel_sizes = [k for _, _, k in layers]
+    got = ops.downscale_masks(mask, sizes, kernel_sizes)
+    for size, k, d in zip(sizes, kernel_sizes, got):
+        torch.testing.assert_close(d.double(), downscale_mask_reference(mask.double(), size, k), rtol=1e-6, atol=1e-7)
+
+
+def test_tap_loss_with_one_kernel_size_per_layer_equals_its_reference():
+    torch.manual_seed(3)
+    mask = random_mask(2, 16, 16, "cpu")
+    activations = [torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64),
+                   torch.randn(2, 4, 8, 8, dtype=torch.float64)]  # two layers of one size, two kernel sizes
+    got = ops.tap_loss(activations, mask, [3, 5, 9])
+    expected = sum(tap_penalty_reference(a, mask, k).mean() for a, k in zip(activations, [3, 5, 9])) / 3
+    torch.testing.assert_close(got, expected)
 
 
 def test_downscale_widens_the_region_by_half_the_kernel():

@@ -40,7 +40,7 @@ def test_registered_downscale_op_rejects(case):
     # Straight to the dispatcher: the compiled (or reference) kernel's own checks.
     _, activation, mask, kernel_size, error, fragment = case
     with pytest.raises(error, match=fragment):
-        torch.ops.auditkit.downscale_mask(mask, kernel_size, [activation.shape[2], activation.shape[3]])
+        torch.ops.auditkit.downscale_mask(mask, [kernel_size], [activation.shape[2], activation.shape[3]])
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,17 @@ def test_backward_op_checks_shapes():
 
 def test_odd_size_list_is_rejected():
     with pytest.raises(ValueError, match="pairs"):
-        torch.ops.auditkit.downscale_mask(torch.ones(*GOOD_MASK), 3, [4, 4, 2])
+        torch.ops.auditkit.downscale_mask(torch.ones(*GOOD_MASK), [3], [4, 4, 2])
+
+
+def test_kernel_sizes_must_be_one_or_one_per_layer():
+    mask = torch.ones(*GOOD_MASK)
+    with pytest.raises(ValueError, match="one kernel size for all layers or one per layer"):
+        torch.ops.auditkit.downscale_mask(mask, [3, 5], [4, 4, 2, 2, 1, 1])
+    with pytest.raises(ValueError, match="`kernel_size` must be an integer >= 1"):
+        torch.ops.auditkit.downscale_mask(mask, [3, 0], [4, 4, 2, 2])
+    with pytest.raises(ValueError, match="one integer or one per activation"):
+        ops.tap_loss([torch.ones(2, 1, 4, 4)] * 3, torch.zeros(2, 1, 8, 8), [3, 5])
 
 
 def test_backward_op_checks_the_base():

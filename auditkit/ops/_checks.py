@@ -67,12 +67,18 @@ def check_mask_covers(mask: torch.Tensor, height: int, width: int) -> None:
 
 
 def check_downscale_mask_args(
-    mask: torch.Tensor, kernel_size: int, sizes: Sequence[tuple[int, int]], dtype: torch.dtype | None
+    mask: torch.Tensor, kernel_sizes: Sequence[int], sizes: Sequence[tuple[int, int]], dtype: torch.dtype | None
 ) -> None:
     check_mask_tensor(mask)
-    check_kernel_size(kernel_size)
     if len(sizes) == 0:
         raise ValueError("downscale_mask: `sizes` must list (height, width) pairs; got none")
+    if len(kernel_sizes) not in (1, len(sizes)):
+        raise ValueError(
+            f"downscale_mask: `kernel_sizes` must hold one kernel size for all layers or one per layer "
+            f"({len(sizes)}); got {list(kernel_sizes)}"
+        )
+    for kernel_size in kernel_sizes:
+        check_kernel_size(kernel_size)
     if dtype is not None and dtype not in (torch.float32, torch.float64):
         raise TypeError(f"downscale_mask: `dtype` must be float32 or float64; got {dtype}")
     for height, width in sizes:

@@ -22,7 +22,7 @@ import torch
 
 from ._checks import check_tap_penalty_args
 from ._reference import accumulate_dtype
-from .downscale_mask import downscale_mask, downscale_masks
+from .downscale_mask import downscale_mask, downscale_masks, kernel_size_list
 from .weighted_relu_sum import weighted_relu_sum, weighted_relu_sum_backward
 
 
@@ -84,14 +84,16 @@ def _penalty_with_deferred_gradient(activation: torch.Tensor, weights: torch.Ten
 def tap_loss(
     activations: Sequence[torch.Tensor],
     mask: torch.Tensor,
-    kernel_size: int = 3,
+    kernel_size: int | Sequence[int] = 3,
     *,
     defer_gradient: bool = False,
 ) -> torch.Tensor:
     """L_TAP of Eq. 8: the mean over layers of the batch-mean penalty.
 
     This is what training adds to the task loss (times lambda). D(M) is
-    computed once for all layers. An empty batch gives 0.
+    computed once for all layers. An empty batch gives 0. ``kernel_size`` is
+    Eq. 7's k for every layer, or one per activation (a dilation that grows
+    with depth: auditkit.ops.dilation).
 
     ``defer_gradient=True`` (what ``auditkit repair`` uses) gives the same
     gradients at a plain step's peak memory: backward reaches the penalties
@@ -103,14 +105,23 @@ def tap_loss(
     """
     if len(activations) == 0:
         raise ValueError("tap_loss: `activations` is empty; pass the outputs of the targeted layers")
-    for activation in activations:
-        check_tap_penalty_args(activation, mask, kernel_size)
-    sizes = list(dict.fromkeys((int(a.shape[2]), int(a.shape[3])) for a in activations))
+    kernel_sizes = kernel_size_list(kernel_size)
+    if len(kernel_sizes) not in (1, len(activations)):
+        raise ValueError(f"tap_loss: `kernel_size` must be one integer or one per activation ({len(activations)}); "
+                         f"got {kernel_sizes}")
+    kernel_sizes = kernel_sizes * len(activations) if len(kernel_sizes) == 1 else kernel_sizes
+    for activation, k in zip(activations, kernel_sizes):
+        check_tap_penalty_args(activation, mask, k)
+    # One D(M) per distinct (size, k); all of them from one op call.
+    keys = [(int(a.shape[2]), int(a.shape[3]), k) for a, k in zip(activations, kernel_sizes)]
+    unique = list(dict.fromkeys(keys))
     precise = any(accumulate_dtype(a.dtype) == torch.float64 for a in activations)
-    weights = dict(zip(sizes, downscale_masks(mask, sizes, kernel_size, torch.float64 if precise else torch.float32)))
+    downscaled = downscale_masks(mask, [(h, w) for h, w, _ in unique], [k for _, _, k in unique],
+                                 torch.float64 if precise else torch.float32)
+    weights = dict(zip(unique, downscaled))
     total = 0
-    for a in activations:
-        w = weights[(int(a.shape[2]), int(a.shape[3]))]
+    for a, key in zip(activations, keys):
+        w = weights[key]
         if defer_gradient and a.requires_grad and torch.is_grad_enabled():
             penalty = _penalty_with_deferred_gradient(a, w)
         else:

@@ -7,6 +7,7 @@
 #include <ATen/ops/empty_strided.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <sstream>
 
 namespace auditkit {
@@ -64,7 +65,7 @@ at::Tensor mask_as_nhw(const at::Tensor& mask) {
 
 std::vector<std::pair<int64_t, int64_t>> check_downscale_mask_args(
     const at::Tensor& mask,
-    int64_t kernel_size,
+    c10::IntArrayRef kernel_sizes,
     c10::IntArrayRef sizes,
     std::optional<at::ScalarType> dtype) {
   TORCH_CHECK_VALUE(
@@ -78,11 +79,16 @@ std::vector<std::pair<int64_t, int64_t>> check_downscale_mask_args(
       mask.scalar_type(),
       ". Convert it with mask.float().");
   TORCH_CHECK_VALUE(
-      kernel_size >= 1, "tap_penalty: `kernel_size` must be an integer >= 1; got ", kernel_size);
-  TORCH_CHECK_VALUE(
       !sizes.empty() && sizes.size() % 2 == 0,
       "downscale_mask: `sizes` must list (height, width) pairs; got ",
       sizes);
+  TORCH_CHECK_VALUE(
+      kernel_sizes.size() == 1 || kernel_sizes.size() == sizes.size() / 2,
+      "downscale_mask: `kernel_sizes` must hold one kernel size for all layers or one per layer (",
+      sizes.size() / 2, "); got ", kernel_sizes);
+  for (const int64_t k : kernel_sizes) {
+    TORCH_CHECK_VALUE(k >= 1, "tap_penalty: `kernel_size` must be an integer >= 1; got ", k);
+  }
   TORCH_CHECK_TYPE(
       !dtype.has_value() || *dtype == at::kFloat || *dtype == at::kDouble,
       "downscale_mask: `dtype` must be float32 or float64");
@@ -103,6 +109,22 @@ std::vector<std::pair<int64_t, int64_t>> check_downscale_mask_args(
     pairs.emplace_back(height, width);
   }
   return pairs;
+}
+
+std::vector<std::pair<int64_t, std::vector<size_t>>> group_by_kernel_size(
+    c10::IntArrayRef kernel_sizes,
+    size_t num_pairs) {
+  std::vector<std::pair<int64_t, std::vector<size_t>>> groups;
+  for (size_t l = 0; l < num_pairs; ++l) {
+    const int64_t k = kernel_sizes.size() == 1 ? kernel_sizes[0] : kernel_sizes[l];
+    auto found = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == k; });
+    if (found == groups.end()) {
+      groups.emplace_back(k, std::vector<size_t>{l});
+    } else {
+      found->second.push_back(l);
+    }
+  }
+  return groups;
 }
 
 void check_weighted_relu_sum_args(const at::Tensor& activation, const at::Tensor& weights) {
@@ -162,9 +184,10 @@ void check_weighted_relu_sum_backward_args(
 }
 
 TORCH_LIBRARY_FRAGMENT(auditkit, m) {
-  // sizes = [h0, w0, h1, w1, ...]: one D(M) per targeted layer, one pass.
+  // sizes = [h0, w0, h1, w1, ...]: one D(M) per targeted layer; kernel_sizes:
+  // one max-pool size for all of them, or one per layer (one pass per distinct size).
   m.def(
-      "downscale_mask(Tensor mask, int kernel_size, int[] sizes, ScalarType? dtype=None) -> Tensor[]");
+      "downscale_mask(Tensor mask, int[] kernel_sizes, int[] sizes, ScalarType? dtype=None) -> Tensor[]");
   m.def("weighted_relu_sum(Tensor activation, Tensor weights) -> Tensor");
   m.def(
       "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights, Tensor? base=None) -> Tensor");

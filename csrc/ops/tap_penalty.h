@@ -1,11 +1,14 @@
 // Shared declarations for the TAP ops (TAP paper, Eq. 7-8).
 //
 //   D(M)  = AdaptiveAvgPool_(h,w)( MaxPool_{k, stride 1, pad k/2}(M) )            (Eq. 7)
+//   (k may differ per targeted layer: a dilation that grows with depth, see
+//   auditkit/ops/dilation.py)
 //   P[n]  = sum_{i,j} D(M)[n,i,j] * sum_c relu(A[n,c,i,j])                          (Eq. 8, per sample)
 //
 // Two ops implement it:
-//   downscale_mask(mask, k, sizes, dtype) -> [D_l]  D(M) for every targeted layer
-//       size in one pass over the mask (a training step calls it once per batch);
+//   downscale_mask(mask, ks, sizes, dtype) -> [D_l]  D(M) for every targeted layer
+//       size, one pass over the mask per distinct kernel size in ks (one k for
+//       all sizes, or one per size; a training step calls it once per batch);
 //   weighted_relu_sum(A, W) -> P  one streaming pass over the activation,
 //       P[n] = sum_{c,i,j} W[n,i,j] * relu(A[n,c,i,j]); the (N,h,w) channel sum
 //       is never materialised. Its backward is g[n] * W[n,i,j] * 1[A > 0];
@@ -32,9 +35,15 @@ namespace auditkit {
 // offending argument. Returns the (height, width) pairs of `sizes`.
 std::vector<std::pair<int64_t, int64_t>> check_downscale_mask_args(
     const at::Tensor& mask,
-    int64_t kernel_size,
+    c10::IntArrayRef kernel_sizes,
     c10::IntArrayRef sizes,
     std::optional<at::ScalarType> dtype);
+
+// The pairs' indices grouped by kernel size, in order of first appearance:
+// [(k, [pair indices])]. `kernel_sizes` holds one k for all pairs or one per pair.
+std::vector<std::pair<int64_t, std::vector<size_t>>> group_by_kernel_size(
+    c10::IntArrayRef kernel_sizes,
+    size_t num_pairs);
 
 void check_weighted_relu_sum_args(const at::Tensor& activation, const at::Tensor& weights);
 

@@ -30,7 +30,7 @@ int main() {
   at::manual_seed(0);
   auto downscale = c10::Dispatcher::singleton()
       .findSchemaOrThrow("auditkit::downscale_mask", "")
-      .typed<std::vector<at::Tensor>(const at::Tensor&, int64_t, c10::IntArrayRef, std::optional<at::ScalarType>)>();
+      .typed<std::vector<at::Tensor>(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, std::optional<at::ScalarType>)>();
   auto weighted_sum = c10::Dispatcher::singleton()
       .findSchemaOrThrow("auditkit::weighted_relu_sum", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
@@ -41,12 +41,17 @@ int main() {
   for (const int64_t k : {1, 2, 3, 5}) {
     const auto activation = at::randn({3, 6, 7, 9});
     const auto mask = (at::rand({3, 1, 30, 37}) > 0.6).to(at::kFloat);
-    const auto weights_all = downscale.call(mask, k, {7, 9, 3, 4}, std::nullopt);
+    const auto weights_all = downscale.call(mask, {k}, {7, 9, 3, 4}, std::nullopt);
     const auto& weights = weights_all[0];
     expect(at::allclose(weights.to(at::kDouble), reference_weights(mask, 7, 9, k), 1e-6, 1e-7),
            "D(M) equals adaptive_avg_pool(max_pool(M)), k=" + std::to_string(k));
     expect(at::allclose(weights_all[1].to(at::kDouble), reference_weights(mask, 3, 4, k), 1e-6, 1e-7),
            "a second size in the same call, k=" + std::to_string(k));
+
+    const auto per_layer = downscale.call(mask, {k, 2 * k + 1}, {7, 9, 3, 4}, std::nullopt);
+    expect(at::allclose(per_layer[0].to(at::kDouble), reference_weights(mask, 7, 9, k), 1e-6, 1e-7) &&
+               at::allclose(per_layer[1].to(at::kDouble), reference_weights(mask, 3, 4, 2 * k + 1), 1e-6, 1e-7),
+           "one kernel size per layer, k=" + std::to_string(k) + " and " + std::to_string(2 * k + 1));
 
     const auto penalty = weighted_sum.call(activation, weights);
     const auto expected = (activation.to(at::kDouble).relu() * weights.to(at::kDouble).unsqueeze(1)).sum({1, 2, 3});
@@ -77,7 +82,7 @@ int main() {
 
   raised = false;
   try {
-    downscale.call(at::full({1, 1, 8, 8}, 2.0), 3, {4, 4}, std::nullopt);
+    downscale.call(at::full({1, 1, 8, 8}, 2.0), {3}, {4, 4}, std::nullopt);
   } catch (const c10::ValueError& error) {
     raised = std::string(error.what()).find("values must lie in [0, 1]") != std::string::npos;
   }

@@ -4,7 +4,8 @@
 //   checked, dilated horizontally into a ring of k rows); each dilated row is
 //   the max over the ring and is added into the row-window sums of every
 //   requested size; the column windows are summed at the end. Cost: a few
-//   vector operations per mask pixel, for all targeted layers together.
+//   vector operations per mask pixel, for all targeted layers together (one
+//   such pass per distinct kernel size when the layers' kernel sizes differ).
 // weighted_relu_sum: each (n, c) plane (or, for channels_last, each (n, i)
 //   row) is reduced against W in one streaming pass with four independent
 //   vector accumulators; partials are added per sample in double, so the
@@ -385,25 +386,21 @@ int64_t downscale_one_sample(
   return bad;
 }
 
-std::vector<at::Tensor> downscale_mask_cpu(
-    const at::Tensor& mask,
+// D(M) with one kernel size k for the sizes `pairs[l]`, l in `layers`, written into `outputs[l]`.
+// Returns the number of mask values outside [0, 1] (NaN included).
+int64_t downscale_mask_one_kernel_cpu(
+    const at::Tensor& m,
     int64_t kernel_size,
-    c10::IntArrayRef sizes,
-    std::optional<at::ScalarType> dtype) {
-  const auto pairs = check_downscale_mask_args(mask, kernel_size, sizes, dtype);
-  const at::Tensor m = mask_as_nhw(mask);
+    const std::vector<std::pair<int64_t, int64_t>>& pairs,
+    const std::vector<size_t>& layers,
+    std::vector<at::Tensor>& outputs,
+    at::ScalarType out_dtype) {
   const int64_t N = m.size(0), H = m.size(1), W = m.size(2);
-  const auto out_dtype = downscaled_dtype(mask, dtype);
   std::vector<LayerWindows> layer_sizes;
-  std::vector<at::Tensor> outputs;
-  for (const auto& [h, w] : pairs) {
-    layer_sizes.emplace_back(h, w, dilated_size(H, kernel_size), dilated_size(W, kernel_size));
-    outputs.push_back(at::empty({N, h, w}, m.options().dtype(out_dtype)));
+  for (const size_t l : layers) {
+    layer_sizes.emplace_back(pairs[l].first, pairs[l].second, dilated_size(H, kernel_size), dilated_size(W, kernel_size));
   }
   const auto order = plan_layer_windows(layer_sizes, dilated_size(H, kernel_size), dilated_size(W, kernel_size));
-  if (N == 0) {
-    return outputs;
-  }
   std::atomic<int64_t> bad_values{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "downscale_mask_cpu", [&] {
     using mask_t = scalar_t;
@@ -417,11 +414,11 @@ std::vector<at::Tensor> downscale_mask_cpu(
         // Kept per thread across calls: a training step asks for the same
         // geometry every batch, so the buffers are allocated once.
         thread_local DownscaleWorkspace<work_t> ws;
-        std::vector<out_t*> outs(outputs.size());
+        std::vector<out_t*> outs(layers.size());
         int64_t bad = 0;
         for (int64_t n = begin; n < end; ++n) {
-          for (size_t l = 0; l < outputs.size(); ++l) {
-            outs[l] = outputs[l].mutable_data_ptr<out_t>() + n * layer_sizes[l].h * layer_sizes[l].w;
+          for (size_t g = 0; g < layers.size(); ++g) {
+            outs[g] = outputs[layers[g]].mutable_data_ptr<out_t>() + n * layer_sizes[g].h * layer_sizes[g].w;
           }
           bad += downscale_one_sample<mask_t, work_t, out_t>(
               mp + n * m.stride(0), m.stride(1), m.stride(2), H, W, kernel_size, layer_sizes, order, outs, ws);
@@ -430,11 +427,34 @@ std::vector<at::Tensor> downscale_mask_cpu(
       });
     });
   });
-  TORCH_CHECK_VALUE(
-      bad_values.load() == 0,
-      "tap_penalty: `mask` values must lie in [0, 1] (1 = spurious pixel); found ",
-      bad_values.load(),
-      " outside that range or NaN");
+  return bad_values.load();
+}
+
+std::vector<at::Tensor> downscale_mask_cpu(
+    const at::Tensor& mask,
+    c10::IntArrayRef kernel_sizes,
+    c10::IntArrayRef sizes,
+    std::optional<at::ScalarType> dtype) {
+  const auto pairs = check_downscale_mask_args(mask, kernel_sizes, sizes, dtype);
+  const at::Tensor m = mask_as_nhw(mask);
+  const int64_t N = m.size(0);
+  const auto out_dtype = downscaled_dtype(mask, dtype);
+  std::vector<at::Tensor> outputs;
+  for (const auto& [h, w] : pairs) {
+    outputs.push_back(at::empty({N, h, w}, m.options().dtype(out_dtype)));
+  }
+  if (N == 0) {
+    return outputs;
+  }
+  // One pass over the mask per distinct kernel size (one pass in all for Eq. 7's single k).
+  for (const auto& [kernel_size, layers] : group_by_kernel_size(kernel_sizes, pairs.size())) {
+    const int64_t bad = downscale_mask_one_kernel_cpu(m, kernel_size, pairs, layers, outputs, out_dtype);
+    TORCH_CHECK_VALUE(
+        bad == 0,
+        "tap_penalty: `mask` values must lie in [0, 1] (1 = spurious pixel); found ",
+        bad,
+        " outside that range or NaN");
+  }
   return outputs;
 }
 

@@ -1,7 +1,8 @@
 // CUDA kernels of the TAP ops (TAP paper Eq. 7-8).
 //
-// downscale_mask: dilate_kernel writes MaxPool_k(M) once (one thread per
-//   dilated pixel); window_mean_kernel then gives each D_l[n,i,j] one warp that
+// downscale_mask: dilate_kernel writes MaxPool_k(M) once per distinct k (one
+//   thread per dilated pixel; separable row and column passes for k > 3);
+//   window_mean_kernel then gives each D_l[n,i,j] one warp that
 //   averages its adaptive window (windows reach 32x32 pixels for ResNet's last
 //   block at 224x224, so one thread per output would be slow).
 // weighted_relu_sum: each sample is split over `blocks_per_sample` blocks that
@@ -85,6 +86,69 @@ __global__ void dilate_kernel(
         // A NaN anywhere in the window wins, as in max_pool2d (v != v: NaN).
         best = (v > best || v != v) ? v : best;
       }
+    }
+    dilated[idx] = best;
+  }
+}
+
+// The separable form of dilate_kernel for wide windows (k > 3: the dilation
+// that grows with depth reaches k = 61 at 224^2), O(k) instead of O(k^2) reads
+// per pixel. Pass 1: rows[n, y, c] = max over the row window of column c, for
+// every mask row y; pass 2: dilated[n, r, c] = max over the column window of row r.
+template <typename mask_t, typename work_t>
+__global__ void dilate_rows_kernel(
+    const mask_t* __restrict__ mask,
+    int64_t sN,
+    int64_t sH,
+    int64_t sW,
+    int64_t N,
+    int64_t H,
+    int64_t W,
+    int64_t k,
+    work_t* __restrict__ rows) {
+  const int64_t pad = k / 2;
+  const int64_t Wd = dilated_size(W, k);
+  const int64_t total = N * H * Wd;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % Wd;
+    const int64_t y = (idx / Wd) % H;
+    const int64_t n = idx / (H * Wd);
+    const mask_t* m = mask + n * sN + y * sH;
+    const int64_t xlo = c - pad > 0 ? c - pad : 0;
+    const int64_t xhi = c - pad + k < W ? c - pad + k : W;
+    work_t best = static_cast<work_t>(m[xlo * sW]);
+    for (int64_t x = xlo + 1; x < xhi; ++x) {
+      const work_t v = static_cast<work_t>(m[x * sW]);
+      best = (v > best || v != v) ? v : best; // NaN wins, as in max_pool2d
+    }
+    rows[idx] = best;
+  }
+}
+
+template <typename work_t>
+__global__ void dilate_cols_kernel(
+    const work_t* __restrict__ rows,
+    int64_t N,
+    int64_t H,
+    int64_t Wd,
+    int64_t k,
+    work_t* __restrict__ dilated) {
+  const int64_t pad = k / 2;
+  const int64_t Hd = dilated_size(H, k);
+  const int64_t total = N * Hd * Wd;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % Wd;
+    const int64_t r = (idx / Wd) % Hd;
+    const int64_t n = idx / (Hd * Wd);
+    const work_t* column = rows + n * H * Wd + c;
+    const int64_t ylo = r - pad > 0 ? r - pad : 0;
+    const int64_t yhi = r - pad + k < H ? r - pad + k : H;
+    work_t best = column[ylo * Wd];
+    for (int64_t y = ylo + 1; y < yhi; ++y) {
+      const work_t v = column[y * Wd];
+      best = (v > best || v != v) ? v : best;
     }
     dilated[idx] = best;
   }
@@ -268,14 +332,13 @@ __global__ void __launch_bounds__(kThreads) relu_grad_kernel(
 
 std::vector<at::Tensor> downscale_mask_cuda(
     const at::Tensor& mask,
-    int64_t kernel_size,
+    c10::IntArrayRef kernel_sizes,
     c10::IntArrayRef sizes,
     std::optional<at::ScalarType> dtype) {
-  const auto pairs = check_downscale_mask_args(mask, kernel_size, sizes, dtype);
+  const auto pairs = check_downscale_mask_args(mask, kernel_sizes, sizes, dtype);
   const c10::cuda::CUDAGuard guard(mask.device());
   const at::Tensor m = mask_as_nhw(mask);
   const int64_t N = m.size(0), H = m.size(1), W = m.size(2);
-  const int64_t Hd = dilated_size(H, kernel_size), Wd = dilated_size(W, kernel_size);
   const auto out_dtype = downscaled_dtype(mask, dtype);
   std::vector<at::Tensor> outputs;
   for (const auto& [h, w] : pairs) {
@@ -287,26 +350,41 @@ std::vector<at::Tensor> downscale_mask_cuda(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   // Max pooling is exact in float for every mask dtype but float64.
   const auto work_dtype = m.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dilated = at::empty({N, Hd, Wd}, m.options().dtype(work_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "downscale_mask_cuda", [&] {
-    using mask_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(work_dtype, "downscale_mask_cuda_work", [&] {
-      using work_t = scalar_t;
-      dilate_kernel<mask_t, work_t><<<num_blocks_for(N * Hd * Wd), kThreads, 0, stream>>>(
-          m.const_data_ptr<mask_t>(), m.stride(0), m.stride(1), m.stride(2), N, H, W, kernel_size,
-          dilated.mutable_data_ptr<work_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      for (size_t l = 0; l < outputs.size(); ++l) {
-        const int64_t h = pairs[l].first, w = pairs[l].second;
-        const int64_t warps = N * h * w;
-        AT_DISPATCH_FLOATING_TYPES(out_dtype, "downscale_mask_cuda_out", [&] {
-          window_mean_kernel<work_t, scalar_t><<<num_blocks_for(warps * 32), kThreads, 0, stream>>>(
-              dilated.const_data_ptr<work_t>(), N, Hd, Wd, h, w, outputs[l].mutable_data_ptr<scalar_t>());
+  // One dilated mask per distinct kernel size (one in all for Eq. 7's single k).
+  for (const auto& [kernel_size, layers] : group_by_kernel_size(kernel_sizes, pairs.size())) {
+    const int64_t Hd = dilated_size(H, kernel_size), Wd = dilated_size(W, kernel_size);
+    at::Tensor dilated = at::empty({N, Hd, Wd}, m.options().dtype(work_dtype));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "downscale_mask_cuda", [&] {
+      using mask_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(work_dtype, "downscale_mask_cuda_work", [&] {
+        using work_t = scalar_t;
+        if (kernel_size <= 3) {
+          dilate_kernel<mask_t, work_t><<<num_blocks_for(N * Hd * Wd), kThreads, 0, stream>>>(
+              m.const_data_ptr<mask_t>(), m.stride(0), m.stride(1), m.stride(2), N, H, W, kernel_size,
+              dilated.mutable_data_ptr<work_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      }
+        } else {
+          at::Tensor rows = at::empty({N, H, Wd}, m.options().dtype(work_dtype));
+          dilate_rows_kernel<mask_t, work_t><<<num_blocks_for(N * H * Wd), kThreads, 0, stream>>>(
+              m.const_data_ptr<mask_t>(), m.stride(0), m.stride(1), m.stride(2), N, H, W, kernel_size,
+              rows.mutable_data_ptr<work_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          dilate_cols_kernel<work_t><<<num_blocks_for(N * Hd * Wd), kThreads, 0, stream>>>(
+              rows.const_data_ptr<work_t>(), N, H, Wd, kernel_size, dilated.mutable_data_ptr<work_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        for (const size_t l : layers) {
+          const int64_t h = pairs[l].first, w = pairs[l].second;
+          const int64_t warps = N * h * w;
+          AT_DISPATCH_FLOATING_TYPES(out_dtype, "downscale_mask_cuda_out", [&] {
+            window_mean_kernel<work_t, scalar_t><<<num_blocks_for(warps * 32), kThreads, 0, stream>>>(
+                dilated.const_data_ptr<work_t>(), N, Hd, Wd, h, w, outputs[l].mutable_data_ptr<scalar_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
+      });
     });
-  });
+  }
   return outputs;
 }
 
