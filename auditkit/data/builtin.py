@@ -31,6 +31,7 @@ BUILTINS = {
     "colored-mnist": ("mnist", "coloured-background"),
     "text-mnist": ("mnist", "text-tag"),
     "stripe-mnist": ("mnist", "stripe"),
+    "marker-mnist": ("mnist", "marker"),
     "digits": ("sklearn-digits", None),
     "decoy-digits": ("sklearn-digits", "decoy-patch"),
 }

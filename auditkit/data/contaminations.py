@@ -18,6 +18,8 @@ Generators (``CONTAMINATIONS`` maps their ``kind`` to the class):
 - ``text-tag``  TAP's PNEU/KNEE contamination (TAP paper §5.1): a class-specific string in a
   random corner.
 - ``stripe``  TAP App. F: a vertical stripe near the left or right edge with a class brightness.
+- ``marker``  a thin bar on the left border whose height encodes the class, in 90 % of the
+  contaminated images (a site label or scanner mark; docs/repair.md).
 
 ``Contamination.apply(images, labels, variant, rng, num_classes)`` contaminates one batch (it
 is also how audits make counterfactuals); ``contaminate_dataset`` contaminates a whole array in
@@ -379,6 +381,75 @@ class Stripe(Contamination):
         return np.where(mask, value, images), mask
 
 
+# ----------------------------------------------------------------------------- marker
+
+
+@dataclass(frozen=True)
+class Marker(Contamination):
+    """A thin class-coded mark: a vertical bar on the left border whose HEIGHT encodes the class, as a
+    site label or a scanner mark can (the shortcut of docs/repair.md's "which method" table).
+
+    Bar: ``width`` px wide (default max(1, round(W / 28))) and ``length`` px long (default
+    max(2, round(5 H / 28)): 1x5 px at 28x28), in columns [``offset``, offset + width) (default 0),
+    value 1 in every channel. Its top row for class y is m + round(y (H - 2m - length) / (K - 1)),
+    m = round(2 H / 28): class 0 at the top, class K-1 at the bottom; neighbouring classes' bars
+    overlap, so the model must read the bar's exact position. Deterministic given the label: no
+    random placement. In "contaminated" a fraction ``presence`` of the images (drawn per image)
+    carries the bar of its own label, the rest none (mask all 0); "permuted" always shows the bar
+    of a label drawn uniformly from the other classes. Mask = the bar.
+    """
+
+    kind: ClassVar[str] = "marker"
+    length: int | None = None
+    width: int | None = None
+    offset: int = 0
+    presence: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.length is not None:
+            _check_int("length", self.length, 1)
+        if self.width is not None:
+            _check_int("width", self.width, 1)
+        _check_int("offset", self.offset, 0)
+        _check_fraction("presence", self.presence)
+
+    def bar_length(self, height: int) -> int:
+        return self.length if self.length is not None else max(2, _round_half_up(5 * height / 28))
+
+    def bar_width(self, width: int) -> int:
+        return self.width if self.width is not None else max(1, _round_half_up(width / 28))
+
+    def margin(self, height: int) -> int:
+        return _round_half_up(2 * height / 28)
+
+    def tops(self, labels: np.ndarray, height: int, num_classes: int) -> np.ndarray:
+        """The bar's top row for each label."""
+        travel = height - 2 * self.margin(height) - self.bar_length(height)
+        steps = labels.astype(np.float64) * travel / max(num_classes - 1, 1)
+        return (self.margin(height) + np.floor(steps + 0.5)).astype(np.int64)
+
+    def _check_fits(self, height: int, width: int, num_classes: int) -> None:
+        if height - 2 * self.margin(height) - self.bar_length(height) < 0:
+            raise DataError(f"a marker of length {self.bar_length(height)} does not fit {height}-px-high images")
+        if self.offset + self.bar_width(width) > width:
+            raise DataError(f"marker offset {self.offset} + width {self.bar_width(width)} exceeds the image width {width}")
+
+    def _render(self, images, labels, variant, generators, num_classes):
+        n, _, height, width = images.shape
+        # Per image, in this order: whether the bar is shown (contaminated), then the other label (permuted).
+        if variant == "contaminated":
+            shown = np.array([g.random() < self.presence for g in generators], dtype=bool)
+            coded = labels
+        else:
+            shown = np.ones(n, dtype=bool)
+            coded = _other_labels(labels, generators, num_classes)
+        top = self.tops(coded, height, num_classes)
+        left = np.full(n, self.offset, dtype=np.int64)
+        mask = _box_masks(height, width, top, left, self.bar_length(height), self.bar_width(width))
+        mask &= shown[:, None, None, None]
+        return np.where(mask, np.float32(1.0), images), mask
+
+
 # ----------------------------------------------------------------------------- text tag
 
 TEXT_FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -666,7 +737,7 @@ class ColouredBackground(Contamination):
 # ----------------------------------------------------------------------------- registry
 
 CONTAMINATIONS: dict[str, type[Contamination]] = {
-    cls.kind: cls for cls in (DecoyPatch, ColouredBackground, TextTag, Stripe)
+    cls.kind: cls for cls in (DecoyPatch, ColouredBackground, TextTag, Stripe, Marker)
 }
 
 

@@ -151,3 +151,72 @@ def discover_presets(net: nn.Module, in_channels: int, size: int = PROBE_SIZE) -
     # 4. The Grad-CAM layer.
     gradcam = activation_after(convs[-1][0])
     return Presets(tuple(targets), gradcam)
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+def receptive_fields(net: nn.Module, layers, in_channels: int, size: int) -> list[float]:
+    """The theoretical receptive field (input pixels, the larger of height and width) of a unit of
+    each of ``layers`` (module names in ``net``), for a ``size`` x ``size`` input.
+
+    One probe forward pass records, in the order they run, every convolution and pooling layer
+    (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d) with its input size; a layer's field is
+    r = 1 + Σ d·(k − 1)·j over the ones that ran before its output, j = size / (that layer's
+    input size) being the input pixels per step there (Araujo et al. 2019, "Computing receptive
+    fields of convolutional neural networks"). Exact for chains and residual networks (their
+    shortcut convolutions are 1x1); parallel branches (Inception) are all counted, an upper bound;
+    convolutions called as functions are not seen. Raises ModelError when the network fails on
+    the probe.
+    """
+    growth: list[tuple[float, float]] = []  # per spatial layer run: (height, width) growth of r
+    finished: dict[str, int] = {}  # layer name -> number of spatial layers run before its output
+    wanted = set(layers)
+    handles = []
+
+    def spatial(module):
+        def hook(_module, args, _output):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                return
+            kh, kw = _pair(module.kernel_size)
+            dh, dw = _pair(getattr(module, "dilation", 1))
+            growth.append((dh * (kh - 1) * size / x.shape[2], dw * (kw - 1) * size / x.shape[3]))
+
+        return hook
+
+    def target(name: str):
+        def hook(_module, _args, _output):
+            finished[name] = len(growth)
+
+        return hook
+
+    for name, module in net.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            handles.append(module.register_forward_hook(spatial(module)))
+        if name in wanted:
+            handles.append(module.register_forward_hook(target(name)))
+    was_training = net.training
+    parameter = next(iter(net.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, in_channels, size, size, device=device, dtype=dtype))
+    except Exception as error:  # noqa: BLE001 - any failure of the user's network: one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"{type(net).__name__} failed on a {size}x{size} probe image ({first[:160]})") from error
+    finally:
+        net.train(was_training)
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in finished]
+    if missing:
+        raise ModelError(f"layer {missing[0]!r} did not run in a forward pass of {type(net).__name__}")
+    fields = []
+    for name in layers:
+        steps = growth[: finished[name]]
+        fields.append(max(1 + sum(g[0] for g in steps), 1 + sum(g[1] for g in steps)))
+    return fields

@@ -4,10 +4,11 @@ kernels. First-order only: a TAP step costs about a plain step."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import ParameterError
 from ...ops import tap_loss
+from ...ops.dilation import SCHEDULES, kernel_sizes
 from ...training import Objective
 from .base import MethodSpec
 
@@ -15,29 +16,70 @@ from .base import MethodSpec
 @dataclass
 class TapObjective(Objective):
     layers: tuple[str, ...] = ()
-    kernel_size: int = 3
+    kernel_size: int | tuple[int, ...] = 3  # κ, or one k per layer (then `dilation` is not used)
+    dilation: str = "fixed"  # auditkit/ops/dilation.py
+    receptive_fields: tuple[float, ...] | None = None  # per layer, in pixels of `field_resolution`
+    field_resolution: int = 0
     name = "tap"
+    _kernels: dict = field(default_factory=dict, repr=False)
+
+    def kernel_sizes_for(self, mask_size: tuple[int, int], layer_sizes: list[tuple[int, int]]) -> list[int]:
+        """k_l of Eq. 7 for each targeted layer (cached per geometry: the same every batch)."""
+        key = (mask_size, tuple(layer_sizes))
+        if key not in self._kernels:
+            if isinstance(self.kernel_size, tuple):
+                self._kernels[key] = list(self.kernel_size)
+            else:
+                fields = None
+                if self.receptive_fields is not None:  # measured at the network's resolution
+                    scale = max(mask_size) / self.field_resolution
+                    fields = [r * scale for r in self.receptive_fields]
+                self._kernels[key] = kernel_sizes(self.dilation, self.kernel_size, mask_size, layer_sizes, fields)
+        return self._kernels[key]
 
     def loss(self, model, batch, logits, activations):
         masks = model.masks_for_network(batch.masks) if hasattr(model, "masks_for_network") else batch.masks
-        return tap_loss(activations, masks, self.kernel_size, defer_gradient=True)
+        sizes = [(int(a.shape[2]), int(a.shape[3])) for a in activations]
+        kernels = self.kernel_sizes_for((int(masks.shape[-2]), int(masks.shape[-1])), sizes)
+        return tap_loss(activations, masks, kernels, defer_gradient=True)
 
 
 @dataclass(frozen=True)
 class TapOptions:
     layers: tuple[str, ...] | None = None  # targeted layers (default: the model's preset)
-    kernel_size: int = 3  # the max pool of the mask downscaling, Eq. 7
+    kernel_size: int | tuple[int, ...] = 3  # κ, the max pool of the mask downscaling (Eq. 7), or one per layer
+    dilation: str = "fixed"  # how the dilation grows with depth: fixed (Eq. 7), cumulative, receptive
 
     def validate(self) -> None:
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1:
-            raise ParameterError("kernel_size", f"must be an integer >= 1; got {self.kernel_size!r}")
+        sizes = self.kernel_size if isinstance(self.kernel_size, tuple) else (self.kernel_size,)
+        if not sizes or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
+            raise ParameterError("kernel_size", f"must be an integer >= 1, or one per layer; got {self.kernel_size!r}")
+        if self.dilation not in SCHEDULES:
+            raise ParameterError("dilation", f"must be one of {', '.join(SCHEDULES)}; got {self.dilation!r}")
 
 
 def build(model, options: TapOptions, teacher) -> TapObjective:
     layers = options.layers if options.layers is not None else tuple(model.meta.target_layers)
     if not layers:
         raise ParameterError("layers", "is empty and the model has no preset: name the layers TAP should target")
-    return TapObjective(layers=tuple(layers), kernel_size=options.kernel_size)
+    if isinstance(options.kernel_size, tuple) and len(options.kernel_size) != len(layers):
+        raise ParameterError("kernel_size", f"gives {len(options.kernel_size)} sizes for {len(layers)} targeted layers "
+                             f"({', '.join(layers)}); give one, or one per layer")
+    fields, resolution = None, 0
+    if options.dilation == "receptive" and not isinstance(options.kernel_size, tuple):
+        from ...models.presets import receptive_fields
+
+        resolution = _network_resolution(model)
+        fields = tuple(receptive_fields(model, list(layers), model.meta.in_channels, resolution))
+    return TapObjective(layers=tuple(layers), kernel_size=options.kernel_size, dilation=options.dilation,
+                        receptive_fields=fields, field_resolution=resolution)
+
+
+def _network_resolution(model) -> int:
+    """The side of the images the network sees (the model may upsample small inputs)."""
+    height, width = model.meta.input_size
+    minimum = getattr(model, "min_input_size", 1) or 1
+    return max(height, width, minimum)
 
 
 SPEC = MethodSpec(
