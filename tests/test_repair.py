@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from auditkit.cli import app
+from auditkit.ops.dilation import SCHEDULES
 from auditkit.data import open_dataset
 from auditkit.models import load_checkpoint, save_checkpoint
 from auditkit.repair import METHODS, RepairConfig, TapObjective
@@ -157,9 +158,26 @@ def test_lambda_auto_sweeps_and_reports(digits_models, tmp_path):
                     "--epochs", "1", "--audit-split", "none", "--quiet", "--json", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "s.json").read_text())
-    assert [row["lambda"] for row in document["sweep"]] == list(METHODS["tap"].sweep)
-    best = min(document["sweep"], key=lambda row: row["val_loss"])
-    assert document["lambda"] == best["lambda"]
+    first = [row for row in document["sweep"] if row["round"] == 1]
+    # Every lambda with every dilation schedule (TAP sweeps the dilation too), one short run each;
+    # the best third run once more, and the best of those is kept.
+    assert sorted((row["lambda"], row["dilation"]) for row in first) == sorted(
+        (lam, schedule) for lam in METHODS["tap"].sweep for schedule in SCHEDULES)
+    second = [row for row in document["sweep"] if row["round"] == 2]
+    assert len(second) == len(first) // 3
+    best = min(second, key=lambda row: (-round(row["val_accuracy"] * 200), row["val_loss"]))
+    assert (document["lambda"], document["options"]["dilation"]) == (best["lambda"], best["dilation"])
+    assert "chose lambda" in result.output and "dilation" in result.output
+
+
+def test_lambda_auto_keeps_an_option_the_user_set(digits_models, tmp_path):
+    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "s.pt", "--lambda", "auto",
+                    "--dilation", "cumulative", "--epochs", "1", "--audit-split", "none", "--quiet", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "s.json").read_text())
+    first = [row for row in document["sweep"] if row["round"] == 1]
+    assert [row["lambda"] for row in first] == list(METHODS["tap"].sweep) and "dilation" not in first[0]
+    assert document["options"]["dilation"] == "cumulative"
 
 
 def test_teacher_masks_are_cached_and_scored_against_ground_truth(digits_models, tmp_path):

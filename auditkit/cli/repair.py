@@ -15,6 +15,7 @@ from ._common import (
     PrecisionOption,
     QuietOption,
     SeedOption,
+    fail,
     handles_errors,
     parse_params,
     write_json,
@@ -53,7 +54,8 @@ def repair(
     checkpoint: Annotated[Path, typer.Argument(help="The checkpoint to repair (never modified).")],
     data: Annotated[str, typer.Option("--data", help="Dataset with train/val/test splits (and masks for tap/rrr/energy).")],
     out: Annotated[Path, typer.Option("--out", help="The repaired checkpoint to write (.safetensors or .pt).")],
-    method: Annotated[str, typer.Option(help="tap, tea, rrr, energy or masktune.")] = "tap",
+    method: Annotated[str, typer.Option(help="tap, tea, rrr, energy, masktune, or auto: try them in order of cost "
+                                               "until one leaves the model not reliant on validation data.")] = "tap",
     lam: Annotated[str, typer.Option("--lambda", help="Weight of the explanation loss: a number, or auto (sweep). Default: TAP 0.1 (0.01 with teacher masks), RRR, Energy, TEA 1.")] = "default",
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: TAP, RRR, Energy 3; TEA 30; MaskTune 1).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
@@ -66,7 +68,13 @@ def repair(
         Optional[str], typer.Option(help="constant or cosine learning rate (default: cosine for TEA, else constant).")
     ] = None,
     layers: Annotated[Optional[str], typer.Option(help="TAP: comma-separated layers (default: the arch's preset).")] = None,
-    kernel_size: Annotated[int, typer.Option(help="TAP: max-pool size of the mask downscaling (Eq. 7).")] = 3,
+    kernel_size: Annotated[int, typer.Option(help="TAP: max-pool size κ of the mask downscaling (Eq. 7).")] = 3,
+    dilation: Annotated[
+        Optional[str],
+        typer.Option(help="TAP: how the mask's dilation grows with depth: fixed (κ at every layer, Eq. 7), receptive "
+                          "(each layer's receptive field) or cumulative (the TAP authors' code). Default: fixed; "
+                          "swept with --lambda auto."),
+    ] = None,
     teacher: TeacherOption = None,
     tau: TauOption = None,
     quantile: QuantileOption = None,
@@ -86,6 +94,13 @@ def repair(
     variant: Annotated[Optional[str], typer.Option(help="Training variant (default: contaminated).")] = None,
     audit_split: Annotated[str, typer.Option(help="Split audited before and after ('none' to skip).")] = "test",
     audit_methods: Annotated[str, typer.Option(help="Attribution methods of the audits.")] = "lrp_epsilon,gradient",
+    fail_on_shortcut: Annotated[
+        bool, typer.Option("--fail-on-shortcut", help="Exit 1 when the repaired model still relies on the signal "
+                                                      "(behavioural audit of the validation split).")
+    ] = False,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="--method auto: the most contaminated validation accuracy an attempt may lose.")
+    ] = 0.03,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
     arch: ArchOption = None,
     trust_pickle: TrustPickleOption = False,
@@ -101,7 +116,13 @@ def repair(
     Writes OUT, OUT's resumable state (OUT.state.pt, each epoch and on Ctrl-C) and the proof beside it:
     OUT.audit.json and OUT.audit.html. Under `torchrun` the training is data-parallel.
 
+    With --method auto, TAP (λ and dilation swept), RRR, TEA (with --teacher), Energy and MaskTune are
+    tried in that order until one leaves the model not reliant on the validation split; every attempt
+    is listed in the proof. With --fail-on-shortcut a repair that leaves the model reliant exits 1.
+
     Example: auditkit repair shortcut.safetensors --data builtin:decoy-mnist --method tap --out repaired.safetensors
+
+    Example: auditkit repair shortcut.safetensors --data builtin:marker-mnist --method auto --fail-on-shortcut --out r.safetensors
     """
     from rich.console import Console
     from rich.table import Table
@@ -113,7 +134,7 @@ def repair(
     from ..device import describe, resolve_device, resolve_precision
     from ..errors import AuditkitError
     from ..models import resolve_layers, save_checkpoint
-    from ..repair import METHODS, RepairConfig, run_repair
+    from ..repair import METHODS, AutoConfig, RepairConfig, decision_audit, run_auto_repair, run_repair
     from ..repair.runner import check_data
     from ..training import TrainConfig, align_dataset_to_model
 
@@ -130,9 +151,13 @@ def repair(
         lam_value = lam if lam in ("auto", "default") else float(lam)
     except ValueError as error:
         raise AuditkitError(f"--lambda must be a number or auto; got {lam!r}") from error
-    if method not in METHODS:
-        raise AuditkitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
-    spec = METHODS[method]
+    if method not in METHODS and method != "auto":
+        raise AuditkitError(f"--method must be one of {', '.join(METHODS)} or auto; got {method!r}")
+    if method == "auto" and lam != "default":
+        raise AuditkitError("--lambda cannot be given with --method auto: auto chooses each method's lambda")
+    if method == "auto" and resume:
+        raise AuditkitError("--resume does not apply to --method auto; run it again without --resume")
+    spec = METHODS["tap" if method == "auto" else method]
     context = distributed.init_from_environment(device)
     console = Console()
     try:
@@ -142,32 +167,47 @@ def repair(
         if teacher_model is not None:
             align_dataset_to_model(dataset, teacher_model)  # the teacher must know the same classes
         given = {k: v for k, v in {"epochs": epochs, "grad_clip": grad_clip, "schedule": schedule}.items() if v is not None}
-        training = TrainConfig(**{"data_order": "permutation", **spec.training, **given}, batch_size=batch_size, lr=lr,
+
+        def training_for(spec) -> TrainConfig:
+            return TrainConfig(**{"data_order": "permutation", **spec.training, **given}, batch_size=batch_size, lr=lr,
                                optimizer=optimizer, seed=seed, device=str(device), precision=precision)
+
         # The method's own options: the flags that belong to it, and any --option KEY=VALUE.
         flags = {"layers": tuple(resolve_layers(model, layers.split(","))) if layers else None,
-                 "kernel_size": kernel_size, "epsilon": epsilon, "explained_class": tea_class, "classes": tea_classes,
+                 "kernel_size": kernel_size, "dilation": dilation, "epsilon": epsilon, "explained_class": tea_class, "classes": tea_classes,
                  "task_weight": task_weight, "distill_weight": distill_weight, "temperature": temperature}
-        known = {f.name for f in dataclasses.fields(spec.options)}
-        options = {name: value for name, value in flags.items() if name in known}
-        options.update(parse_params(option))
+        extra = parse_params(option)
+
+        def options_for(spec) -> dict:
+            known = {f.name for f in dataclasses.fields(spec.options)}
+            chosen = {name: value for name, value in flags.items() if name in known and value is not None}
+            # --option KEY=VALUE: every key for the named method; with auto, the keys each method takes.
+            chosen.update({k: v for k, v in extra.items() if method != "auto" or k in known})
+            return chosen
+
+        options = options_for(spec)
+        training = training_for(spec)
         config = RepairConfig(
-            method=method,
+            method=spec.name,
             training=training,
             lam=lam_value,
             options=options,
             variant=variant,
             teacher=teacher_model,
             teacher_name=str(teacher or ""),
-            annotation=_annotation(teacher if spec.teacher == "annotates" else None, tau, quantile, annotation_method,
-                                   batch_size, precision),
+            annotation=_annotation(teacher if spec.teacher == "annotates" or method == "auto" else None, tau, quantile,
+                                   annotation_method, batch_size, precision),
             cache_dir=cache_dir or out.parent / ".auditkit-cache",
             audit=None if audit_split == "none" else AuditConfig(
                 methods=tuple(m for m in audit_methods.split(",") if m), precision=precision, seed=seed),
             audit_split=audit_split,
         )
         config.validate()
-        check_data(dataset, config)  # fail in one line before any work is shown
+        auto = AutoConfig(max_accuracy_drop=max_accuracy_drop)
+        if method == "auto":
+            auto.validate()
+        else:
+            check_data(dataset, config)  # fail in one line before any work is shown
         if context.is_main:
             console.print(f"repairing [bold]{checkpoint}[/bold] with {method} on {data} "
                           f"({describe(device, precision)}, seed {seed})")
@@ -177,18 +217,43 @@ def repair(
                 console.print(f"  epoch {record.epoch}: task loss {record.task_loss:.4f}, {method} loss "
                               f"{record.explanation_loss:.4g}, train accuracy {record.accuracy:.3f} ({record.seconds:.1f} s)")
 
-        result = run_repair(model, dataset, config, state_path=state_path, resume=resume, context=context,
-                            show_progress=not quiet, on_epoch=report)
+        def attempt(row) -> None:
+            if context.is_main:
+                accuracy = ", ".join(f"{k} {v:.3f}" for k, v in row["val_accuracy"].items())
+                console.print(f"  attempt {row['method']}: {row['verdict']} on validation data ({accuracy}; "
+                              f"contaminated accuracy {-row['accuracy_drop']:+.3f}) in {row['seconds']:.0f} s")
+
+        if method == "auto":
+            result = run_auto_repair(model, dataset, config, auto, training_for=training_for, options_for=options_for,
+                                     context=context, show_progress=not quiet, on_attempt=attempt)
+            decision = result.document["attempts"][-1] if result.document["auto"]["succeeded"] else None
+            still_reliant = not result.document["auto"]["succeeded"]
+        else:
+            result = run_repair(model, dataset, config, state_path=state_path, resume=resume, context=context,
+                                show_progress=not quiet, on_epoch=report)
+            decision = None
+            still_reliant = False
+            if fail_on_shortcut:
+                report_val = decision_audit(result.model, dataset, config, context)
+                result.document["decision"] = {"verdict": report_val.verdict, "split": config.val_split
+                                               if config.val_split in dataset.splits else config.audit_split,
+                                               "val_accuracy": {k: v["value"] for k, v in
+                                                                report_val.data["task"]["per_variant"].items()}}
+                still_reliant = report_val.verdict == "reliant"
         if context.is_main:
             provenance = {"input": str(checkpoint), "data": data, "teacher": str(teacher) if teacher else None}
             summary = {"method": method, **provenance, "data_fingerprint": dataset.fingerprint(), **result.summary()}
             path = save_checkpoint(result.model.cpu(), out, extra={"repair": summary}, overwrite=True)
             if result.sweep:
-                table = Table("lambda", "val loss", "val accuracy")
+                swept = [k for k in result.sweep[0] if k not in ("lambda", "round", "val_loss", "val_accuracy")]
+                table = Table("round", "lambda", *swept, "val accuracy", "val loss")
                 for row in result.sweep:
-                    table.add_row(f"{row['lambda']:g}", f"{row['val_loss']:.4f}", f"{row['val_accuracy']:.3f}")
+                    table.add_row(str(row["round"]), f"{row['lambda']:g}", *(str(row[k]) for k in swept),
+                                  f"{row['val_accuracy']:.3f}", f"{row['val_loss']:.4f}")
                 console.print(table)
-                console.print(f"chose lambda = {result.lam:g} (lowest validation loss on permuted/counterfactual data)")
+                chosen = "".join(f", {k} = {result.document['options'][k]}" for k in swept)
+                console.print(f"chose lambda = {result.lam:g}{chosen} (highest accuracy on permuted/counterfactual "
+                              "validation data, then lowest loss)")
             if result.annotation:
                 a = result.annotation
                 console.print(f"teacher masks cover {a['mean_mask_area']:.1%} of the pixels; against ground truth: "
@@ -205,8 +270,33 @@ def repair(
                 console.print(table)
             console.print(f"repaired checkpoint: [bold]{path}[/bold]; proof: {out.name}.audit.json / .audit.html")
             write_json(json_path, document)
+            if method == "auto":
+                chosen = result.document["auto"]["chosen"]
+                if decision is not None:
+                    console.print(f"auto: kept {chosen}, the first method that left the model not reliant on the "
+                                  f"validation data within {max_accuracy_drop:g} contaminated accuracy")
+        if still_reliant and (fail_on_shortcut or method == "auto") and context.is_main:
+            line = _still_reliant_line(result.document, method, spec.name)
+            if fail_on_shortcut:
+                fail(line, code=1)  # the repair ran; its result is the failure (exit 1, as audit's)
+            console.print(f"[yellow]{line}[/yellow]")
     finally:
         distributed.finish(context)
+
+
+def _still_reliant_line(document: dict, method: str, name: str) -> str:
+    """One line: the repair did not remove the shortcut, its numbers, and what to try next."""
+    if method == "auto":
+        tried = [a for a in document["attempts"] if "skipped" not in a]
+        numbers = "; ".join(f"{a['method']}: {a['verdict']}, " + ", ".join(f"{k} {v:.3f}" for k, v in a["val_accuracy"].items())
+                            for a in tried)
+        return (f"no method left the model not reliant within the allowed accuracy drop ({numbers}); kept "
+                f"{document['auto']['chosen']}, the best on validation data. Try more epochs, a teacher (--teacher) "
+                "for TEA, or masks that cover the signal")
+    accuracy = ", ".join(f"{k} {v:.3f}" for k, v in document["decision"]["val_accuracy"].items())
+    hint = {"tap": "try --dilation receptive, --lambda auto or --method auto"}.get(name, "try --lambda auto or --method auto")
+    return f"the repaired model still relies on the signal ({name}; validation accuracy {accuracy}): {hint}"
+
 
 
 @handles_errors

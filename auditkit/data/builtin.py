@@ -8,7 +8,8 @@ from ``seed``. Pixels are quantised to 8 bits so a dataset made here equals the 
 written by ``auditkit data make`` and read back.
 
 ``builtin:NAME[?key=value&...]`` names presets, e.g. ``builtin:decoy-mnist``,
-``builtin:colored-mnist?bias=0.99&texture=smooth``, ``builtin:mnist?seed=3``.
+``builtin:colored-mnist?bias=0.99&texture=smooth``, ``builtin:mnist?seed=3``,
+``builtin:marker-mnist?size=64`` (digits resized to 64x64 before the artefact is drawn).
 """
 
 from __future__ import annotations
@@ -88,6 +89,18 @@ def _source_images(source: str | AuditDataset, seed: int):
     return images, labels, dataset.classes, split_indices, dataset.info.source or dataset.info.name
 
 
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Source images brought to size x size (bilinear, antialiased when shrinking), before any artefact
+    is drawn, so artefacts keep their pixel-exact masks at the new size."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+        raise DataError(f"size must be an integer >= 8 (pixels); got {size!r}")
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    resized = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                                              antialias=size < images.shape[-1])
+    return resized.clamp(0.0, 1.0)
+
+
 def make_dataset(
     kind: str | None,
     *,
@@ -95,12 +108,16 @@ def make_dataset(
     params: dict | None = None,
     seed: int = 0,
     name: str | None = None,
+    size: int | None = None,
 ) -> AuditDataset:
     """Every split of ``source`` (a built-in image source's name or an opened dataset) in every
-    variant of the contamination ``kind`` (None: clean only)."""
+    variant of the contamination ``kind`` (None: clean only); ``size``: resize the source images to
+    size x size first (e.g. 64 for MNIST digits on ResNet-18)."""
     params = dict(params or {})
     contamination = make_contamination(kind, **params) if kind else None
     images, labels, classes, split_indices, description = _source_images(source, seed)
+    if size is not None:
+        images = _resized(images, size)
     num_classes = len(classes)
     records: list[Record] = []
     for split_number, (split, indices) in enumerate(split_indices.items()):
@@ -130,5 +147,6 @@ def make_dataset(
 def builtin_dataset(spec: str) -> AuditDataset:
     name, params = parse_builtin(spec)
     seed = int(params.pop("seed", 0))
+    size = params.pop("size", None)
     source, kind = BUILTINS[name]
-    return make_dataset(kind, source=source, params=params, seed=seed, name=spec)
+    return make_dataset(kind, source=source, params=params, seed=seed, name=spec, size=size)

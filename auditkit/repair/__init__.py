@@ -2,6 +2,7 @@
 
     result = run_repair(model, dataset, RepairConfig(method="tap"))
     result.before.verdict, result.after.verdict        # audits on the test split
+    result = run_auto_repair(model, dataset, config)   # the methods in order of cost until one works
 
 The methods are a registry (``METHODS``, one file each in auditkit/repair/methods/); see
 docs/repair.md for each method's loss and when to choose it.
@@ -9,6 +10,7 @@ docs/repair.md for each method's loss and when to choose it.
 
 from __future__ import annotations
 
+from .auto import AUTO_ORDER, AutoConfig, decision_audit, run_auto_repair
 from .methods import METHODS, MethodSpec
 from .methods.energy import EnergyObjective, energy_in_mask
 from .methods.rrr import RrrObjective
@@ -18,7 +20,9 @@ from .runner import RepairConfig, RepairResult, default_lambda, run_repair
 from .teacher import AnnotationConfig, annotate, saliency_masks
 
 __all__ = [
+    "AUTO_ORDER",
     "METHODS",
+    "AutoConfig",
     "AnnotationConfig",
     "EnergyObjective",
     "MethodSpec",
@@ -28,11 +32,13 @@ __all__ = [
     "TapObjective",
     "TeaObjective",
     "annotate",
+    "decision_audit",
     "default_lambda",
     "distillation_loss",
     "energy_in_mask",
     "heat_distance",
     "multiresolution_heat_loss",
+    "run_auto_repair",
     "run_repair",
     "saliency_masks",
 ]

@@ -30,6 +30,7 @@ from ..data.dataset import Record
 from ..device import resolve_device, resolve_precision
 from ..distributed import Context
 from ..errors import ParameterError
+from .._progress import progress_bar
 from ..training import TrainConfig, choose_training_variant, fit
 from .methods import METHODS, MethodSpec
 from .teacher import AnnotationConfig, annotate
@@ -186,23 +187,66 @@ def _objective(spec: MethodSpec, model, options, teacher, lam: float):
     return objective
 
 
-def sweep_lambda(model, train, val, config: RepairConfig, options, training: TrainConfig, context: Context) -> tuple[float, list]:
-    """Short runs from the same starting weights, one per λ; the lowest validation loss wins."""
+def _sweep_grid(spec: MethodSpec, config: RepairConfig) -> list[dict]:
+    """The option combinations swept with λ: the product of spec.sweep_options the caller left unset."""
+    grid = [{}]
+    for name, candidates in spec.sweep_options.items():
+        if name not in config.options:
+            grid = [{**combo, name: value} for combo in grid for value in candidates]
+    return grid
+
+
+def _score(row: dict) -> tuple:
+    # Validation data is where the shortcut does not help: the highest accuracy wins (to the
+    # 0.5 %: 500 validation images resolve no finer), then the lowest loss.
+    loss = row["val_loss"] if math.isfinite(row["val_loss"]) else math.inf
+    return (-round(row["val_accuracy"] * 200), loss)
+
+
+def sweep_lambda(model, train, val, config: RepairConfig, options, training: TrainConfig, context: Context,
+                 show_progress: bool = False) -> tuple[float, Any, list]:
+    """λ (and the options in spec.sweep_options the caller left unset) chosen by short runs from the
+    same starting weights, scored on validation data where a shortcut does not help (permuted, else
+    counterfactual). Successive halving: every candidate trains ``sweep_epochs`` on a subset of
+    ``sweep_samples`` images; the best third trains once more on another subset; the best of those
+    is left in ``model`` (the full training continues it). Returns (λ, options, table rows)."""
     if val is None or len(val) == 0:
         raise ParameterError("lam", "'auto' needs validation data (the val split) to score the candidates")
     spec = config.spec
     start = copy.deepcopy(model.state_dict())
-    subset = train.select(indices=np.random.default_rng(training.seed).permutation(len(train))[: config.sweep_samples])
+    order = np.random.default_rng(training.seed).permutation(len(train))
+    subsets = [train.select(indices=order[k * config.sweep_samples:(k + 1) * config.sweep_samples])
+               for k in range(2)]
+    if len(subsets[1]) == 0:
+        subsets[1] = subsets[0]
     short = replace(training, epochs=config.sweep_epochs)
-    rows = []
-    for lam in spec.sweep:
-        model.load_state_dict(start)
-        fit(model, subset, _objective(spec, model, options, config.teacher, lam), short, context=context, show_progress=False)
-        loss, accuracy = validation_loss(model, val, training.device)
-        rows.append({"lambda": lam, "val_loss": loss, "val_accuracy": accuracy})
-    model.load_state_dict(start)
-    best = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
-    return best["lambda"], rows
+    candidates = [(lam, combo) for combo in _sweep_grid(spec, config) for lam in spec.sweep]
+    rows: list[dict] = []
+    states: dict[int, dict] = {}
+    latest: dict[int, dict] = {}  # candidate -> its latest row
+    with progress_bar("choosing lambda" + (" and " + ", ".join(spec.sweep_options) if len(candidates) > len(spec.sweep) else ""),
+                      total=len(candidates) + max(1, len(candidates) // 3), enabled=show_progress) as bar:
+        alive = list(range(len(candidates)))
+        for round_number, subset in enumerate(subsets):
+            for k in alive:
+                lam, combo = candidates[k]
+                model.load_state_dict(start if round_number == 0 else states[k])
+                chosen = replace(options, **combo)
+                fit(model, subset, _objective(spec, model, chosen, config.teacher, lam), short, context=context,
+                    show_progress=False)
+                loss, accuracy = validation_loss(model, val, training.device)
+                row = {"lambda": lam, **combo, "round": round_number + 1, "val_loss": loss, "val_accuracy": accuracy}
+                rows.append(row)
+                latest[k] = row
+                states[k] = copy.deepcopy(model.state_dict())
+                bar.advance(1)
+            alive = sorted(alive, key=lambda k: _score(latest[k]))
+            if round_number == 0:
+                alive = alive[: max(1, len(alive) // 3)]
+    best = alive[0]
+    model.load_state_dict(states[best])
+    lam, combo = candidates[best]
+    return lam, replace(options, **combo), rows
 
 
 def run_repair(
@@ -242,8 +286,8 @@ def run_repair(
         sweep = []
         lam = default_lambda(config) if config.lam == "default" else config.lam
         if lam == "auto":
-            lam, sweep = sweep_lambda(model, train, validation_data(dataset, config, training.seed), config, options,
-                                      training, context)
+            lam, options, sweep = sweep_lambda(model, train, validation_data(dataset, config, training.seed), config,
+                                               options, training, context, show_progress and context.is_main)
         objective = _objective(spec, model, options, config.teacher, lam)
         history = fit(model, train, objective, training, state_path=state_path, resume=resume, context=context,
                       show_progress=show_progress, on_epoch=on_epoch, on_step=on_step)

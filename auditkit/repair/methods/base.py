@@ -37,6 +37,9 @@ class MethodSpec:
     teacher_mask_lambda: float | None = None  # λ when the masks come from a teacher (TAP App. C)
     # (model, train data, options, mask_meaning, batch_size, device, show_progress) -> train data
     prepare_data: Callable | None = None
+    # Options swept together with λ by lambda="auto" unless the caller sets them: name -> candidates
+    # (TAP: the dilation schedule).
+    sweep_options: dict = field(default_factory=dict)
 
     def make_options(self, given: dict | None) -> Any:
         """The method's options from ``given`` (name -> value); unknown names raise ParameterError."""

@@ -94,6 +94,8 @@ SPEC = MethodSpec(
     teacher_mask_lambda=0.01,
     # TAP App. C searches 1e-9 .. 1; the top decades are where its chosen values lie for small networks.
     sweep=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+    # The dilation matters more than λ for thin artefacts (docs/repair.md, "Which method for which shortcut").
+    sweep_options={"dilation": SCHEDULES},
     training={"epochs": 3, "grad_clip": 0.0, "schedule": "constant"},
     options=TapOptions,
     build=build,

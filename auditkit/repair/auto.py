@@ -1,0 +1,150 @@
+"""A repair that proves itself: the verdict on validation data decides whether a repair worked, and
+``method="auto"`` tries the methods in order of cost until one does.
+
+    decision = decision_audit(model, dataset, config)          # behavioural audit of the val split
+    result = run_auto_repair(model, dataset, config)           # TAP (λ and dilation swept), RRR, TEA, ...
+    result.document["attempts"]                                # every attempt with its numbers
+
+The decision uses only the behavioural tests of the audit (degradation to the permuted/clean
+variants, else the counterfactuals; auditkit/audit/verdict.py) on the validation split, so the test
+split stays for the proof: the before/after audit of the kept model. An attempt succeeds when the
+verdict is "not reliant" and the reference variant's validation accuracy (contaminated) fell by at
+most ``max_accuracy_drop`` from the input model's; the first success is kept. When none succeeds,
+the attempt with the highest worst-variant validation accuracy is kept and ``succeeded`` is False.
+The order (TAP, RRR, TEA, Energy, MaskTune) is the measured cost order of docs/repair.md's table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from ..audit import AuditConfig, run_audit
+from ..audit.runner import AuditReport, reference_variant
+from ..distributed import Context
+from ..errors import ParameterError
+from .methods import METHODS, MethodSpec
+from .runner import RepairConfig, RepairResult, check_data, run_repair
+
+AUTO_ORDER = ("tap", "rrr", "tea", "energy", "masktune")
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    order: tuple[str, ...] = AUTO_ORDER  # methods to try, cheapest first
+    max_accuracy_drop: float = 0.03  # the most the contaminated validation accuracy may fall (absolute)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.order if m not in METHODS]
+        if unknown:
+            raise ParameterError("order", f"names an unknown method {unknown[0]!r}; methods: {', '.join(METHODS)}")
+        if not 0 <= self.max_accuracy_drop <= 1:
+            raise ParameterError("max_accuracy_drop", f"must lie in [0, 1]; got {self.max_accuracy_drop}")
+
+
+def decision_audit(model, dataset, config: RepairConfig, context: Context | None = None) -> AuditReport:
+    """The behavioural audit that decides whether ``model`` still relies on the annotated signal: the
+    validation split (the audit split when there is none), no attribution maps, no pictures."""
+    split = config.val_split if config.val_split in dataset.splits else config.audit_split
+    base = config.audit or AuditConfig()
+    audit = AuditConfig(methods=(), layers=(), examples=0, precision=base.precision, seed=base.seed,
+                        thresholds=base.thresholds, batch_size=base.batch_size)
+    return run_audit(model, dataset.select(split=split), audit, context=context)
+
+
+def _numbers(report: AuditReport) -> dict:
+    data = report.data
+    accuracy = {k: round(v["value"], 4) for k, v in data["task"]["per_variant"].items()}
+    return {"verdict": report.verdict, "val_accuracy": accuracy, "reference_variant": data["reference_variant"]}
+
+
+def _unavailable(spec: MethodSpec, dataset, config: RepairConfig) -> str | None:
+    """Why ``spec`` cannot run on this data with this config (None: it can)."""
+    if spec.teacher == "required" and config.teacher is None:
+        return "needs a teacher (--teacher)"
+    try:
+        check_data(dataset, replace(config, method=spec.name, lam="default"))
+    except Exception as error:  # noqa: BLE001 - the one-line reason is the point
+        return str(error).split("\n")[0]
+    return None
+
+
+def run_auto_repair(
+    model,
+    dataset,
+    config: RepairConfig,
+    auto: AutoConfig = AutoConfig(),
+    *,
+    training_for: Callable[[MethodSpec], object] | None = None,
+    options_for: Callable[[MethodSpec], dict] | None = None,
+    context: Context | None = None,
+    show_progress: bool = True,
+    on_attempt: Callable[[dict], None] | None = None,
+) -> RepairResult:
+    """Tries ``auto.order``'s methods on copies of ``model`` until one leaves it not reliant on the
+    validation split without losing more than ``auto.max_accuracy_drop`` contaminated accuracy;
+    returns that repair (or the best attempt), with before/after proof audits on the audit split
+    and ``document["attempts"]``. ``training_for(spec)`` / ``options_for(spec)`` give each method's
+    training settings and options (default: the method's own). TAP sweeps λ and its dilation."""
+    auto.validate()
+    context = context or Context()
+    started = time.perf_counter()
+    before_val = decision_audit(model, dataset, config, context)
+    start = _numbers(before_val)
+    reference = start["reference_variant"]
+    # Ground-truth masks beat a teacher's: the teacher then serves TEA only.
+    has_masks = dataset.select(split=config.train_split).has_masks
+    attempts: list[dict] = []
+    kept: tuple[RepairResult, dict] | None = None
+    best: tuple[RepairResult, dict] | None = None
+    for name in auto.order:
+        spec = METHODS[name]
+        reason = _unavailable(spec, dataset, config)
+        if reason is not None:
+            attempts.append({"method": name, "skipped": reason})
+            continue
+        attempt_config = replace(
+            config, method=name, lam="auto" if spec.sweep_options else "default",
+            options=options_for(spec) if options_for else {},
+            training=training_for(spec) if training_for else None, audit=None,
+            annotation=None if has_masks else config.annotation)
+        tried = time.perf_counter()
+        result = run_repair(model, dataset, attempt_config, context=context, show_progress=show_progress)
+        numbers = _numbers(decision_audit(result.model, dataset, config, context))
+        drop = start["val_accuracy"][reference] - numbers["val_accuracy"][reference]
+        row = {"method": name, "lambda": result.lam, "options": result.document["options"], **numbers,
+               "accuracy_drop": round(drop, 4), "seconds": round(time.perf_counter() - tried, 1)}
+        row["succeeded"] = numbers["verdict"] == "not reliant" and drop <= auto.max_accuracy_drop
+        attempts.append(row)
+        if on_attempt is not None:
+            on_attempt(row)
+        worst = min(numbers["val_accuracy"].values())
+        if best is None or worst > min(best[1]["val_accuracy"].values()):
+            best = (result, row)
+        if row["succeeded"]:
+            kept = (result, row)
+            break
+    if best is None:
+        raise ParameterError("method", "auto found no method that can run on this data: "
+                             + "; ".join(f"{a['method']} {a['skipped']}" for a in attempts))
+    result, row = kept or best
+    # The proof: the input and the kept model audited on the audit split (as any repair is).
+    audit_data = dataset.select(split=config.audit_split) if config.audit and config.audit_split in dataset.splits else None
+    if audit_data is not None:
+        result.before = run_audit(model, audit_data, config.audit, context=context)
+        result.after = run_audit(result.model, audit_data, config.audit, context=context)
+    result.document.update({
+        "method": row["method"],
+        "auto": {"succeeded": kept is not None, "chosen": row["method"], "max_accuracy_drop": auto.max_accuracy_drop,
+                 "before": start, "order": list(auto.order)},
+        "attempts": attempts,
+        "seconds": round(time.perf_counter() - started, 2),
+        **result.summary(),
+        "before_audit": result.before.data if result.before is not None else None,
+        "after_audit": result.after.data if result.after is not None else None,
+    })
+    return result
+
+
+__all__ = ["AUTO_ORDER", "AutoConfig", "decision_audit", "run_auto_repair"]
