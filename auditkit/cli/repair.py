@@ -72,8 +72,8 @@ def repair(
     dilation: Annotated[
         Optional[str],
         typer.Option(help="TAP: how the mask's dilation grows with depth: fixed (κ at every layer, Eq. 7), receptive "
-                          "(each layer's receptive field) or cumulative (the TAP authors' code). Default: fixed; "
-                          "swept with --lambda auto."),
+                          "(each layer's receptive field), cumulative (the TAP authors' code) or auto (receptive when "
+                          "the receptive fields fit in the image, else cumulative). Default: auto; swept with --lambda auto."),
     ] = None,
     teacher: TeacherOption = None,
     tau: TauOption = None,
@@ -294,7 +294,8 @@ def _still_reliant_line(document: dict, method: str, name: str) -> str:
                 f"{document['auto']['chosen']}, the best on validation data. Try more epochs, a teacher (--teacher) "
                 "for TEA, or masks that cover the signal")
     accuracy = ", ".join(f"{k} {v:.3f}" for k, v in document["decision"]["val_accuracy"].items())
-    hint = {"tap": "try --dilation receptive, --lambda auto or --method auto"}.get(name, "try --lambda auto or --method auto")
+    hint = {"tap": "try --lambda auto (it sweeps λ and the dilation) or --method auto"}.get(
+        name, "try --lambda auto or --method auto")
     return f"the repaired model still relies on the signal ({name}; validation accuracy {accuracy}): {hint}"
 
 

@@ -163,8 +163,8 @@ def receptive_fields(net: nn.Module, layers, in_channels: int, size: int) -> lis
 
     One probe forward pass records, in the order they run, every convolution and pooling layer
     (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d) with its input size; a layer's field is
-    r = 1 + Σ d·(k − 1)·j over the ones that ran before its output, j = size / (that layer's
-    input size) being the input pixels per step there (Araujo et al. 2019, "Computing receptive
+    r = 1 + Σ d·(k − 1)·j over the ones that ran before its output, j = round(size / (that layer's
+    input size)) being the input pixels per step there (the product of the strides before it) (Araujo et al. 2019, "Computing receptive
     fields of convolutional neural networks"). Exact for chains and residual networks (their
     shortcut convolutions are 1x1); parallel branches (Inception) are all counted, an upper bound;
     convolutions called as functions are not seen. Raises ModelError when the network fails on
@@ -182,7 +182,10 @@ def receptive_fields(net: nn.Module, layers, in_channels: int, size: int) -> lis
                 return
             kh, kw = _pair(module.kernel_size)
             dh, dw = _pair(getattr(module, "dilation", 1))
-            growth.append((dh * (kh - 1) * size / x.shape[2], dw * (kw - 1) * size / x.shape[3]))
+            # The step there, in input pixels: the product of the strides before it, read off the sizes
+            # (rounded: an unpadded convolution makes 32 -> 14 for a stride of 2).
+            step_h, step_w = max(1, round(size / x.shape[2])), max(1, round(size / x.shape[3]))
+            growth.append((dh * (kh - 1) * step_h, dw * (kw - 1) * step_w))
 
         return hook
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ...errors import ParameterError
 from ...ops import tap_loss
-from ...ops.dilation import SCHEDULES, kernel_sizes
+from ...ops.dilation import NEEDS_RECEPTIVE_FIELDS, SCHEDULES, kernel_sizes
 from ...training import Objective
 from .base import MethodSpec
 
@@ -17,7 +17,7 @@ from .base import MethodSpec
 class TapObjective(Objective):
     layers: tuple[str, ...] = ()
     kernel_size: int | tuple[int, ...] = 3  # κ, or one k per layer (then `dilation` is not used)
-    dilation: str = "fixed"  # auditkit/ops/dilation.py
+    dilation: str = "auto"  # auditkit/ops/dilation.py
     receptive_fields: tuple[float, ...] | None = None  # per layer, in pixels of `field_resolution`
     field_resolution: int = 0
     name = "tap"
@@ -48,14 +48,16 @@ class TapObjective(Objective):
 class TapOptions:
     layers: tuple[str, ...] | None = None  # targeted layers (default: the model's preset)
     kernel_size: int | tuple[int, ...] = 3  # κ, the max pool of the mask downscaling (Eq. 7), or one per layer
-    dilation: str = "fixed"  # how the dilation grows with depth: fixed (Eq. 7), cumulative, receptive
+    # How the dilation grows with depth (auditkit/ops/dilation.py): auto (receptive when the receptive
+    # fields fit in the image, else cumulative; measured), fixed (Eq. 7), receptive, cumulative.
+    dilation: str = "auto"
 
     def validate(self) -> None:
         sizes = self.kernel_size if isinstance(self.kernel_size, tuple) else (self.kernel_size,)
         if not sizes or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
             raise ParameterError("kernel_size", f"must be an integer >= 1, or one per layer; got {self.kernel_size!r}")
-        if self.dilation not in SCHEDULES:
-            raise ParameterError("dilation", f"must be one of {', '.join(SCHEDULES)}; got {self.dilation!r}")
+        if self.dilation not in (*SCHEDULES, "auto"):
+            raise ParameterError("dilation", f"must be one of auto, {', '.join(SCHEDULES)}; got {self.dilation!r}")
 
 
 def build(model, options: TapOptions, teacher) -> TapObjective:
@@ -66,7 +68,7 @@ def build(model, options: TapOptions, teacher) -> TapObjective:
         raise ParameterError("kernel_size", f"gives {len(options.kernel_size)} sizes for {len(layers)} targeted layers "
                              f"({', '.join(layers)}); give one, or one per layer")
     fields, resolution = None, 0
-    if options.dilation == "receptive" and not isinstance(options.kernel_size, tuple):
+    if options.dilation in NEEDS_RECEPTIVE_FIELDS and not isinstance(options.kernel_size, tuple):
         from ...models.presets import receptive_fields
 
         resolution = _network_resolution(model)
