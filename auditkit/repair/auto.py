@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..audit import AuditConfig, run_audit
-from ..audit.runner import AuditReport, reference_variant
+from ..audit.runner import AuditReport
 from ..distributed import Context
 from ..errors import ParameterError
 from .methods import METHODS, MethodSpec
