@@ -252,7 +252,7 @@ KIND_CASES = {  # case: (method, options); TEA's teacher: the same network on a 
 }
 KIND_ARCHS = {  # arch: (input side, the kinds run on it)
     "tap-cnn": (28, tuple(KINDS)),
-    "resnet18": (64, ("decoy-patch", "marker")),
+    "resnet18": (64, ("marker", "stripe")),
 }
 KIND_VARIANTS = ("contaminated", "permuted", "clean")
 

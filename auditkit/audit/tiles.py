@@ -56,6 +56,11 @@ def decode_map(entry: dict) -> torch.Tensor:
     return torch.from_numpy(values * entry["scale"])
 
 
+def encode_picture(picture: torch.Tensor) -> str:
+    """An image or mask (C, H, W) in [0, 1] as a small base64 PNG (what decode_picture reads)."""
+    return _b64(_shrink(to_uint8(picture)))
+
+
 def decode_picture(text: str) -> np.ndarray:
     """A stored image or mask as uint8 (H, W) or (H, W, 3)."""
     return _unb64(text)
@@ -79,14 +84,13 @@ def example_tiles(model, dataset, examples: dict, methods, epsilon: float, devic
                 for method in methods:
                     options = {"epsilon": epsilon} if method == "lrp_epsilon" else {}
                     maps[method] = attribute(model, batch.images, predictions, method, **options)[:, 0]
-            images = to_uint8(batch.images)
             for k, index in enumerate(indices):
-                mask = _b64(_shrink(to_uint8(batch.masks[k]))) if bool(batch.has_mask[k]) else None
+                mask = encode_picture(batch.masks[k]) if bool(batch.has_mask[k]) else None
                 tiles[variant][kind].append({
                     "index": int(index),
                     "label": int(batch.labels[k]),
                     "prediction": int(predictions[k]),
-                    "image": _b64(_shrink(images[k])),
+                    "image": encode_picture(batch.images[k]),
                     "mask": mask,
                     "maps": {method: encode_map(values[k]) for method, values in maps.items()},
                 })

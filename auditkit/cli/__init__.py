@@ -52,6 +52,7 @@ from . import audit as _audit  # noqa: E402  (each module registers its command)
 from . import checkpoints as _checkpoints  # noqa: E402
 from . import data as _data  # noqa: E402
 from . import demo as _demo  # noqa: E402
+from . import discover as _discover  # noqa: E402
 from . import doctor as _doctor  # noqa: E402
 from . import explain as _explain  # noqa: E402
 from . import models as _models  # noqa: E402
@@ -60,7 +61,7 @@ from . import report as _report  # noqa: E402
 from . import reproduce as _reproduce  # noqa: E402
 from . import train as _train  # noqa: E402
 
-for _module in (_demo, _audit, _repair, _report, _data, _train, _explain, _checkpoints, _models, _doctor, _reproduce):
+for _module in (_demo, _audit, _discover, _repair, _report, _data, _train, _explain, _checkpoints, _models, _doctor, _reproduce):
     _module.register(app)
 
 

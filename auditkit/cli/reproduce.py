@@ -14,7 +14,7 @@ from ._common import DeviceOption, JsonOption, PrecisionOption, QuietOption, han
 def reproduce(
     name: Annotated[str, typer.Argument(help="table9, table12, colored or kinds.")],
     seeds: Annotated[int, typer.Option(help="Number of seeds (0, 1, ...); the tables use 5 (kinds: 3).")] = 5,
-    arch: Annotated[str, typer.Option(help="kinds: tap-cnn (every kind, 28x28) or resnet18 (decoy patch and marker, 64x64).")] = "tap-cnn",
+    arch: Annotated[str, typer.Option(help="kinds: tap-cnn (every kind, 28x28) or resnet18 (marker and stripe, 64x64).")] = "tap-cnn",
     only: Annotated[Optional[str], typer.Option(help="kinds: comma-separated kinds to run (default: all of the arch's).")] = None,
     cases: Annotated[Optional[str], typer.Option(help="kinds: comma-separated methods to run, as the table names them.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for NAME.md (the table) and NAME.json (per-seed numbers).")] = Path("reproductions"),

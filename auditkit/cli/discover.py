@@ -1,0 +1,91 @@
+"""`auditkit discover`: find a model's shortcuts without masks; write the data with proposed masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import DeviceOption, ForceOption, JsonOption, PrecisionOption, QuietOption, SeedOption, handles_errors, write_json
+from .checkpoints import ArchOption, TrustPickleOption, load
+
+
+@handles_errors
+def discover(
+    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors or .pt checkpoint.")],
+    data: Annotated[str, typer.Option("--data", help="Labelled images; no masks or variants needed (folder, csv, npz, builtin:NAME).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write: the data with the proposed masks (manifest.csv), discovery.json, discovery.html.")],
+    split: Annotated[str, typer.Option(help="Split to analyse ('all': every split, so the repair finds train and val masks).")] = "all",
+    variant: Annotated[Optional[str], typer.Option(help="Variant to analyse when the data has several (default: contaminated, else original, else the first).")] = None,
+    json_path: JsonOption = None,
+    fail_on_shortcut: Annotated[bool, typer.Option("--fail-on-shortcut", help="Exit 1 when a shortcut is found (0 when none).")] = False,
+    max_area: Annotated[float, typer.Option(help="Largest share of the image a candidate artefact may cover.")] = 0.10,
+    effect_threshold: Annotated[float, typer.Option(help="Effect beyond the control region (share of images) that counts.")] = 0.10,
+    probe_samples: Annotated[int, typer.Option(help="Images the global probes edit.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+    epsilon: Annotated[float, typer.Option(help="LRP-epsilon stabiliser.")] = 0.01,
+    arch: ArchOption = None,
+    trust_pickle: TrustPickleOption = False,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    seed: SeedOption = 0,
+    force: ForceOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Find a shortcut when nobody has masks: strategy clusters of the LRP heatmaps (SpRAy), candidate
+    regions tested causally against a control region, global probes (colour, texture, frequency), and
+    the next command. OUT is a dataset with the proposed masks that `auditkit repair --data OUT` reads.
+
+    Exit codes: 0 done (1 with --fail-on-shortcut when a shortcut is found), 2 bad input.
+    Under `torchrun --nproc_per_node N -m auditkit discover ...` the LRP pass is sharded over N processes.
+
+    Example: auditkit discover shortcut.safetensors --data my-images/ --out discovered
+    """
+    from .. import distributed
+    from .._io import atomic_write_text
+    from ..data import open_dataset, write_dataset
+    from ..device import resolve_device, resolve_precision
+    from ..discover import DiscoveryConfig, proposed_dataset, run_discovery
+    from ..discover.html import render_discovery_html
+    from ..discover.summary import print_discovery
+    from ..errors import AuditkitError
+    from ..training import align_dataset_to_model
+
+    if out.exists() and not force:
+        raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    context = distributed.init_from_environment(device)
+    try:
+        model = load(checkpoint, arch, trust_pickle).to(device)
+        dataset = align_dataset_to_model(open_dataset(data, split=None if split == "all" else split), model)
+        dataset = analysed_variant(dataset, variant)
+        config = DiscoveryConfig(epsilon=epsilon, batch_size=batch_size, device=str(device), precision=precision, seed=seed,
+                                 max_area=max_area, effect_threshold=effect_threshold, probe_samples=probe_samples)
+        report = run_discovery(model, dataset, config, context=context, show_progress=not quiet, data_spec=data,
+                               checkpoint=str(checkpoint), out_dir=str(out))
+        if context.is_main:
+            write_dataset(proposed_dataset(dataset, report), out, overwrite=force)
+            write_json(out / "discovery.json", report.data)
+            atomic_write_text(out / "discovery.html", render_discovery_html(report.data), overwrite=True)
+            if json_path is None or str(json_path) != "-":
+                print_discovery(report.data)
+                typer.echo(f"written: {out} (data with {len(report.masks)} proposed masks), "
+                           f"{out / 'discovery.json'}, {out / 'discovery.html'}")
+            write_json(json_path, report.data)
+    finally:
+        distributed.finish(context)
+    raise typer.Exit(report.exit_code(fail_on_shortcut))
+
+
+def analysed_variant(dataset, variant: str | None):
+    """The one variant discovery looks at: ``variant``, else contaminated, else original, else the first."""
+    if variant is None:
+        variants = dataset.variants
+        variant = next((v for v in ("contaminated", "original") if v in variants), variants[0] if variants else None)
+    return dataset.select(variant=variant) if variant is not None else dataset
+
+
+def register(app: typer.Typer) -> None:
+    app.command("discover")(discover)
