@@ -50,6 +50,10 @@ def audit(
 ) -> None:
     """Measure a checkpoint's reliance on a suspected spurious signal and report the evidence.
 
+    Data without masks and without variants (nothing to compare against) is audited by discovery
+    instead (see `auditkit discover`): the report is then the discovery's, and --fail-on-shortcut
+    exits 1 when it finds a shortcut.
+
     Exit codes: 0 done (1 with --fail-on-shortcut and a 'reliant' verdict), 2 bad input.
     Under `torchrun --nproc_per_node N -m auditkit audit ...` the work is sharded over N processes.
 
@@ -68,6 +72,12 @@ def audit(
     try:
         model = load(checkpoint, arch, trust_pickle).to(device)
         dataset = align_dataset_to_model(open_dataset(data, split=None if split == "all" else split), model)
+        if not dataset.has_masks and len(dataset.variants) == 1:
+            # Nothing to compare against: find the shortcut instead of answering "inconclusive".
+            code = _discover_instead(model, dataset, data, checkpoint, report_dir, json_path, fail_on_shortcut, context,
+                                     batch_size=batch_size, epsilon=epsilon, device=str(device), precision=precision,
+                                     seed=seed, bootstrap=bootstrap, confidence=confidence, quiet=quiet)
+            raise typer.Exit(code)
         config = AuditConfig(
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             task=task,
@@ -96,6 +106,33 @@ def audit(
     finally:
         distributed.finish(context)
     raise typer.Exit(report.exit_code(fail_on_shortcut))
+
+
+def _discover_instead(model, dataset, data, checkpoint, report_dir, json_path, fail_on_shortcut, context, *, quiet,
+                      **settings) -> int:
+    """The audit of data without masks or variants: discovery (auditkit.discover), same outputs."""
+    from .._io import atomic_write_text
+    from ..discover import DiscoveryConfig, run_discovery
+    from ..discover.html import render_discovery_html
+    from ..discover.summary import print_discovery
+
+    if context.is_main and (json_path is None or str(json_path) != "-"):
+        typer.echo("no masks and no variants to compare: running discovery (as `auditkit discover` does)")
+    report = run_discovery(model, dataset, DiscoveryConfig(**settings), context=context, show_progress=not quiet,
+                           data_spec=data, checkpoint=str(checkpoint), out_dir="discovered")
+    recommendation = report.data["recommendation"]
+    if recommendation["method"] == "auto":  # the masks are written by `auditkit discover`, not by the audit
+        recommendation["command"] = (f"auditkit discover {checkpoint} --data {data} --out discovered && "
+                                     + recommendation["command"])
+    if context.is_main:
+        if json_path is None or str(json_path) != "-":
+            print_discovery(report.data)
+        if report_dir is not None:
+            write_json(report_dir / "report.json", report.data)
+            html_path = atomic_write_text(report_dir / "report.html", render_discovery_html(report.data), overwrite=True)
+            typer.echo(f"report: {report_dir / 'report.json'} and {html_path}")
+        write_json(json_path, report.data)
+    return report.exit_code(fail_on_shortcut)
 
 
 def register(app: typer.Typer) -> None:

@@ -20,6 +20,7 @@ def discover(
     variant: Annotated[Optional[str], typer.Option(help="Variant to analyse when the data has several (default: contaminated, else original, else the first).")] = None,
     json_path: JsonOption = None,
     fail_on_shortcut: Annotated[bool, typer.Option("--fail-on-shortcut", help="Exit 1 when a shortcut is found (0 when none).")] = False,
+    probe_drop: Annotated[float, typer.Option(help="Accuracy drop under a colour or low-pass probe that counts as a global shortcut.")] = 0.10,
     max_area: Annotated[float, typer.Option(help="Largest share of the image a candidate artefact may cover.")] = 0.10,
     effect_threshold: Annotated[float, typer.Option(help="Effect beyond the control region (share of images) that counts.")] = 0.10,
     probe_samples: Annotated[int, typer.Option(help="Images the global probes edit.")] = 1000,
@@ -33,9 +34,11 @@ def discover(
     force: ForceOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Find a shortcut when nobody has masks: strategy clusters of the LRP heatmaps (SpRAy), candidate
-    regions tested causally against a control region, global probes (colour, texture, frequency), and
-    the next command. OUT is a dataset with the proposed masks that `auditkit repair --data OUT` reads.
+    """Find a model's shortcuts without masks; propose masks and the repair.
+
+    Strategy clusters of the LRP heatmaps (SpRAy), candidate regions tested causally against a control
+    region of the same area, global probes (colour, texture, frequency), and the next command. OUT is a
+    dataset with the proposed masks that `auditkit repair --data OUT` reads unchanged.
 
     Exit codes: 0 done (1 with --fail-on-shortcut when a shortcut is found), 2 bad input.
     Under `torchrun --nproc_per_node N -m auditkit discover ...` the LRP pass is sharded over N processes.
@@ -62,7 +65,8 @@ def discover(
         dataset = align_dataset_to_model(open_dataset(data, split=None if split == "all" else split), model)
         dataset = analysed_variant(dataset, variant)
         config = DiscoveryConfig(epsilon=epsilon, batch_size=batch_size, device=str(device), precision=precision, seed=seed,
-                                 max_area=max_area, effect_threshold=effect_threshold, probe_samples=probe_samples)
+                                 max_area=max_area, effect_threshold=effect_threshold, probe_samples=probe_samples,
+                                 probe_drop=probe_drop)
         report = run_discovery(model, dataset, config, context=context, show_progress=not quiet, data_spec=data,
                                checkpoint=str(checkpoint), out_dir=str(out))
         if context.is_main:

@@ -112,7 +112,7 @@ PROBES = (
 
 
 def run_probes(predict_under, labels: np.ndarray, predictions: np.ndarray, num_classes: int, *, channels: int,
-               seed: int, resamples: int, confidence: float, drop_threshold: float = 0.25,
+               seed: int, resamples: int, confidence: float, drop_threshold: float = 0.10,
                retained_threshold: float = 0.5) -> list[dict]:
     """Every applicable probe: accuracy, its drop, the changed share, and a finding.
     ``predict_under(edit) -> (N,)`` numpy predictions of the probed images (N, C, H, W) after

@@ -48,7 +48,7 @@ def cluster_region(distributions: torch.Tensor, mass: float = 0.5) -> Region:
     return Region(region, float(region.mean()), agreement, mean)
 
 
-def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
     if pixels <= 0:
         return mask
     kernel = np.ones((2 * pixels + 1, 2 * pixels + 1), np.uint8)
@@ -56,26 +56,26 @@ def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 
 def proposed_box(distribution: np.ndarray, region: np.ndarray, *, level: float = 0.3) -> Box | None:
-    """A member's own region within its cluster's: the bounding box of the connected component
-    (8-neighbourhood) around its most relevant pixel inside ``region`` (dilated by one pixel), among
-    the pixels holding at least ``level`` x that pixel's relevance. None when it has no relevance there."""
-    allowed = _dilate(region, 1)
+    """A member's own region within its cluster's: the bounding box of its pixels inside ``region``
+    (dilated by one pixel) that hold at least ``level`` x its largest relevance there. All such pixels,
+    not only those connected to the peak: an artefact whose relevance is patchy (a one-pixel stripe lit
+    at a few rows) is boxed whole. None when it has no relevance there."""
+    allowed = dilate(region, 1)
     inside = np.where(allowed, distribution, 0.0)
     peak = inside.max()
     if peak <= 0:
         return None
-    strong = (inside >= level * peak).astype(np.uint8)
-    _, components = cv2.connectedComponents(strong, connectivity=8)
-    row, col = np.unravel_index(int(np.argmax(inside)), inside.shape)
-    rows, cols = np.nonzero(components == components[row, col])
+    rows, cols = np.nonzero(inside >= level * peak)
     return int(rows.min()), int(cols.min()), int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
 
 
-def control_box(distribution: np.ndarray, box: Box, *, margin: int = 1) -> Box | None:
-    """A box of the same size as ``box`` that does not touch it (``margin`` pixels apart), placed where
-    the image's own relevance inside it is largest: the control asks whether the candidate region
-    matters more than the most relevant other region of the same area, so that removing an object
-    part (which any model needs) does not pass for a shortcut. None when no such place exists."""
+def control_box(distribution: np.ndarray, box: Box, *, margin: int = 1, avoid: np.ndarray | None = None) -> Box | None:
+    """A box of the same size as ``box`` that does not touch it (``margin`` pixels apart) nor, where
+    possible, ``avoid`` (H, W bool: the cluster's region, so the control does not land on another
+    part of the same artefact), placed where the image's own relevance inside it is largest: the
+    control asks whether the candidate region matters more than the most relevant other region of the
+    same area, so that removing an object part (which any model needs) does not pass for a shortcut.
+    None when no such place exists."""
     top, left, height, width = box
     rows, cols = distribution.shape
     if height > rows or width > cols:
@@ -87,6 +87,10 @@ def control_box(distribution: np.ndarray, box: Box, *, margin: int = 1) -> Box |
     overlaps = ((r + height > top - margin) & (r < top + height + margin)
                 & (c + width > left - margin) & (c < left + width + margin))
     sums = np.where(overlaps, -np.inf, sums)
+    if avoid is not None and avoid.any():
+        hits = F.avg_pool2d(torch.from_numpy(avoid.astype(np.float64))[None, None], (height, width), stride=1)[0, 0].numpy()
+        if np.isfinite(np.where(hits > 0, -np.inf, sums)).any():
+            sums = np.where(hits > 0, -np.inf, sums)
     if not np.isfinite(sums).any():
         return None
     row, col = np.unravel_index(int(np.argmax(sums)), sums.shape)

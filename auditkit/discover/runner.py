@@ -37,7 +37,7 @@ from ..errors import AuditkitError, ParameterError
 from ..explain import attribute
 from .causal import dispersion, edit_effects
 from .probes import run_probes
-from .regions import box_mask, cluster_region, control_box, proposed_box, scale_box
+from .regions import dilate, box_mask, cluster_region, control_box, proposed_box, scale_box
 from .spray import relevance_distribution, strategy_clusters
 
 SCHEMA = "auditkit.discover/1"
@@ -60,17 +60,18 @@ class DiscoveryConfig:
     mass: float = 0.5  # a cluster's region: the fewest pixels holding this share of its mean relevance
     max_area: float = 0.10  # candidate artefacts cover at most this share of the image
     effect_threshold: float = 0.10  # candidate - control effect (share of images) that counts
+    max_tested: int = 200  # images per candidate in the causal test (a seeded sample; all get masks)
     max_dispersion: float = 0.05  # mean absolute deviation of the candidate boxes' content (pixel units)
     max_dispersion_ratio: float = 0.5  # ... and relative to the control boxes'
     probe_samples: int = 1000  # images the global probes edit
-    probe_drop: float = 0.25  # accuracy drop under a shape-preserving probe that counts
+    probe_drop: float = 0.10  # accuracy drop under a shape-preserving probe that counts
     probe_retained: float = 0.5  # share of above-chance accuracy kept under a shape-destroying probe that counts
     bootstrap: int = 1000
     confidence: float = 0.95
     exemplars: int = 6  # per cluster, in the report
 
     def validate(self) -> None:
-        for name in ("batch_size", "analysis_side", "grid", "max_clusters", "min_cluster", "bootstrap"):
+        for name in ("batch_size", "analysis_side", "grid", "max_clusters", "min_cluster", "bootstrap", "max_tested"):
             if getattr(self, name) < 1:
                 raise ParameterError(name, f"must be at least 1; got {getattr(self, name)}")
         for name in ("mass", "max_area", "confidence", "probe_retained"):
@@ -156,10 +157,11 @@ def _candidates(clusters, distributions, labels, predictions, config):
                "accuracy": float(np.mean(predictions[members] == labels[members])),
                "candidate": len(members) >= config.min_cluster and region.area <= config.max_area}
         if row["candidate"]:
+            avoid = dilate(region.mask, 1)
             for position in members:
                 distribution = distributions[position].double().numpy()
                 box = proposed_box(distribution, region.mask)
-                control = control_box(distribution, box) if box is not None else None
+                control = control_box(distribution, box, avoid=avoid) if box is not None else None
                 if box is not None and control is not None:
                     row["boxes"][int(position)], row["controls"][int(position)] = box, control
             # The boxes must be small too: a cluster whose members' own boxes are large is an object.
@@ -178,6 +180,8 @@ def _causal_tests(model, dataset, rows, labels, predictions, size, config):
     for row in [r for r in rows if r["candidate"]]:
         label = row["cluster"].label
         positions = sorted(row["boxes"])
+        if len(positions) > config.max_tested:
+            positions = sorted(int(p) for p in rng.choice(positions, config.max_tested, replace=False))
         images = _images(dataset, positions, config.device)
         others = correct[labels[correct] != label]
         chosen = others[rng.integers(len(others), size=len(positions))] if len(others) else [None] * len(positions)
@@ -233,7 +237,7 @@ def _exemplars(dataset, row, distributions, size, count):
 
 
 def _recommendation(localised: list[dict], global_signals: list[str], data_spec: str, checkpoint: str | None,
-                    out_dir: str | None) -> dict:
+                    out_dir: str | None, arch: str) -> dict:
     ckpt = checkpoint or "MODEL.safetensors"
     stem = ckpt.rsplit(".", 1)[0]
     if localised:
@@ -246,7 +250,7 @@ def _recommendation(localised: list[dict], global_signals: list[str], data_spec:
         return {"method": "tea", "kind": "global",
                 "reason": f"a global shortcut ({', '.join(global_signals)}): no region to mask; TEA distils the "
                           "explanations of a teacher trained on a small clean split (seed 004)",
-                "command": (f"auditkit train --data CLEAN_DATA --arch ARCH --fraction 0.1 --out teacher.safetensors && "
+                "command": (f"auditkit train --data CLEAN_DATA --arch {arch} --fraction 0.1 --out teacher.safetensors && "
                             f"auditkit repair {ckpt} --data {data_spec} --method tea --teacher teacher.safetensors "
                             f"--out {stem}-repaired.safetensors")}
     return {"method": "none", "kind": "none", "reason": "no candidate region beat its control and no global probe "
@@ -327,7 +331,8 @@ def run_discovery(
             summary = f"a global shortcut: the probes point at {', '.join(global_signals)}"
         else:
             summary = f"no shortcut found ({tested})"
-        recommendation = _recommendation(confirmed, global_signals, data_spec or dataset.info.name, checkpoint, out_dir)
+        recommendation = _recommendation(confirmed, global_signals, data_spec or dataset.info.name, checkpoint, out_dir,
+                                         model.meta.arch)
     finally:
         model.train(was_training)
     meta = model.meta
