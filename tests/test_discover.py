@@ -99,7 +99,7 @@ def test_control_box_has_the_same_size_keeps_away_and_seeks_relevance():
     column = np.zeros((12, 12), bool)
     column[:, 10] = True
     top, left, _, _ = control_box(stripe, (0, 10, 3, 1), avoid=column)
-    assert left != 10 and (top, left) == (6, 2)
+    assert left == 2 and top <= 6 < top + 3  # on the most relevant pixel outside the region
 
 
 def test_scale_box_rounds_outwards_and_stays_inside():
