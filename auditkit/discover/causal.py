@@ -5,8 +5,11 @@ Two edits, each applied to the candidate box and to the control box (regions.con
 - removal: the region filled with the image's own background statistics (the audit's removal
   counterfactual, audit.metrics.remove_region); effect = the share of predictions that change;
 - transplant: the region pasted, at the same place, into an image of another class that the model
-  gets right; effect = the share of those images the model then assigns to the candidate's class
-  (the audit's swap counterfactual seen from the donor: is the region *sufficient* for the class?).
+  gets right, after that image's own candidate region (when it has one) was removed; effect = the
+  share of those images the model then assigns to the candidate's class (the audit's swap
+  counterfactual seen from the donor: does the region carry the class?). Removing the recipient's
+  own artefact first matters: a class-coded marker pasted beside the recipient's own marker is a
+  contradiction, not a swap.
 
 A candidate must also repeat itself: its boxes' contents vary much less across images than the
 control boxes' do (``dispersion``).
@@ -62,19 +65,24 @@ def _predict(model, images: list[torch.Tensor], batch_size: int) -> np.ndarray:
 
 
 def edit_effects(model, images: torch.Tensor, predictions: np.ndarray, boxes: list[Box], controls: list[Box],
-                 recipients: list[torch.Tensor | None], label: int, *, seed: int, batch_size: int = 256) -> dict:
+                 recipients: list[tuple[torch.Tensor, Box | None] | None], label: int, *, seed: int,
+                 batch_size: int = 256) -> dict:
     """Per-image effects (n,) float arrays, nan where an edit was impossible: ``removal`` /
     ``control_removal`` (prediction changed), ``transplant`` / ``control_transplant`` (the recipient
     is then assigned ``label``, the candidate's class). ``images`` (n, C, H, W) in the model's input
-    format and on its device; ``recipients[i]``: an image of another class (C, H, W), or None."""
+    format and on its device; ``recipients[i]``: an image of another class (C, H, W) with its own
+    candidate box to remove first (or None), or None."""
     size = tuple(images.shape[-2:])
     removed, removed_control, planted, planted_control = [], [], [], []
     for i, image in enumerate(images):
         for box, out in ((boxes[i], removed), (controls[i], removed_control)):
             mask = torch.from_numpy(box_mask(box, size))[None].to(image.device)
             out.append(remove_region(image, mask, seed * 1_000_003 + i))
-        recipient = recipients[i]
-        if recipient is not None:
+        if recipients[i] is not None:
+            recipient, own = recipients[i]
+            if own is not None:
+                own_mask = torch.from_numpy(box_mask(own, size))[None].to(image.device)
+                recipient = remove_region(recipient, own_mask, seed * 1_000_003 + 500_000 + i)
             planted.append(paste_box(recipient, boxes[i], image, boxes[i]))
             planted_control.append(paste_box(recipient, controls[i], image, controls[i]))
     n = len(images)

@@ -55,17 +55,21 @@ def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
 
 
-def proposed_box(distribution: np.ndarray, region: np.ndarray, *, level: float = 0.3) -> Box | None:
-    """A member's own region within its cluster's: the bounding box of its pixels inside ``region``
-    (dilated by one pixel) that hold at least ``level`` x its largest relevance there. All such pixels,
-    not only those connected to the peak: an artefact whose relevance is patchy (a one-pixel stripe lit
-    at a few rows) is boxed whole. None when it has no relevance there."""
+def proposed_box(distribution: np.ndarray, region: np.ndarray, *, level: float = 0.1) -> Box | None:
+    """A member's own region within its cluster's: among its pixels inside ``region`` (dilated by one
+    pixel) that hold at least ``level`` x its largest relevance there, the bounding box of those
+    connected to that peak, gaps of one pixel bridged (an artefact whose relevance is patchy, a
+    one-pixel stripe lit at some rows, is boxed whole; object parts elsewhere in the region are not
+    joined to it). None when it has no relevance there."""
     allowed = dilate(region, 1)
     inside = np.where(allowed, distribution, 0.0)
     peak = inside.max()
     if peak <= 0:
         return None
-    rows, cols = np.nonzero(inside >= level * peak)
+    strong = inside >= level * peak
+    _, components = cv2.connectedComponents(dilate(strong, 1).astype(np.uint8), connectivity=8)
+    row, col = np.unravel_index(int(np.argmax(inside)), inside.shape)
+    rows, cols = np.nonzero(strong & (components == components[row, col]))
     return int(rows.min()), int(cols.min()), int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
 
 

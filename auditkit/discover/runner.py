@@ -59,6 +59,7 @@ class DiscoveryConfig:
     min_cluster: int = 10  # smaller clusters are listed, not tested
     mass: float = 0.5  # a cluster's region: the fewest pixels holding this share of its mean relevance
     max_area: float = 0.10  # candidate artefacts cover at most this share of the image
+    box_level: float = 0.1  # a member's box holds its pixels in the region with at least this x its peak relevance
     effect_threshold: float = 0.10  # candidate - control effect (share of images) that counts
     max_tested: int = 200  # images per candidate in the causal test (a seeded sample; all get masks)
     max_dispersion: float = 0.05  # mean absolute deviation of the candidate boxes' content (pixel units)
@@ -74,7 +75,7 @@ class DiscoveryConfig:
         for name in ("batch_size", "analysis_side", "grid", "max_clusters", "min_cluster", "bootstrap", "max_tested"):
             if getattr(self, name) < 1:
                 raise ParameterError(name, f"must be at least 1; got {getattr(self, name)}")
-        for name in ("mass", "max_area", "confidence", "probe_retained"):
+        for name in ("mass", "max_area", "confidence", "probe_retained", "box_level"):
             if not 0 < getattr(self, name) <= 1:
                 raise ParameterError(name, f"must lie in (0, 1]; got {getattr(self, name)}")
         if self.epsilon < 0 or self.probe_samples < 0 or self.exemplars < 0:
@@ -160,14 +161,14 @@ def _candidates(clusters, distributions, labels, predictions, config):
             avoid = dilate(region.mask, 1)
             for position in members:
                 distribution = distributions[position].double().numpy()
-                box = proposed_box(distribution, region.mask)
+                box = proposed_box(distribution, region.mask, level=config.box_level)
                 control = control_box(distribution, box, avoid=avoid) if box is not None else None
                 if box is not None and control is not None:
                     row["boxes"][int(position)], row["controls"][int(position)] = box, control
             # The boxes must be small too: a cluster whose members' own boxes are large is an object.
             areas = [b[2] * b[3] / region.mask.size for b in row["boxes"].values()]
             row["box_area"] = float(np.median(areas)) if areas else None
-            row["candidate"] = bool(areas) and row["box_area"] <= config.max_area
+            row["candidate"] = len(areas) >= config.min_cluster and row["box_area"] <= config.max_area
         rows.append(row)
     return rows
 
@@ -175,7 +176,10 @@ def _candidates(clusters, distributions, labels, predictions, config):
 def _causal_tests(model, dataset, rows, labels, predictions, size, config):
     """Runs the causal test of every candidate row (adds row["test"] and row["shortcut"])."""
     scale = lambda box: scale_box(box, size, dataset.image_size)  # noqa: E731 - one-line helper
-    correct = np.flatnonzero(predictions == labels)
+    correct = predictions == labels
+    # Recipients: correctly classified members of other classes' candidates (their own region is
+    # removed before the transplant), else any correctly classified image of another class.
+    boxed = {p: r["boxes"][p] for r in rows if r["candidate"] for p in r["boxes"] if correct[p]}
     rng = np.random.default_rng(config.seed)
     for row in [r for r in rows if r["candidate"]]:
         label = row["cluster"].label
@@ -183,9 +187,12 @@ def _causal_tests(model, dataset, rows, labels, predictions, size, config):
         if len(positions) > config.max_tested:
             positions = sorted(int(p) for p in rng.choice(positions, config.max_tested, replace=False))
         images = _images(dataset, positions, config.device)
-        others = correct[labels[correct] != label]
-        chosen = others[rng.integers(len(others), size=len(positions))] if len(others) else [None] * len(positions)
-        recipients = [dataset[int(j)].image.to(config.device) if j is not None else None for j in chosen]
+        others = np.array([p for p in boxed if labels[p] != label], int)
+        if not len(others):
+            others = np.flatnonzero(correct & (labels != label))
+        chosen = [int(j) for j in others[rng.integers(len(others), size=len(positions))]] if len(others) else []
+        recipients = [(dataset[j].image.to(config.device), scale(boxed[j]) if j in boxed else None) for j in chosen]
+        recipients += [None] * (len(positions) - len(recipients))
         with autocast(config.device, config.precision):
             effects = edit_effects(model, images, predictions[positions], [scale(row["boxes"][p]) for p in positions],
                                    [scale(row["controls"][p]) for p in positions], recipients, label,
