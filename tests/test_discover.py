@@ -75,11 +75,14 @@ def test_proposed_box_boxes_the_strong_pixels_inside_the_region():
     region[0:5, 7:12] = True
     assert proposed_box(distribution, region) == (1, 8, 3, 3)
     assert proposed_box(np.zeros((12, 12)), region) is None
-    stripe = np.zeros((12, 12))  # a one-pixel stripe lit at a few rows only: boxed whole
-    stripe[[0, 5, 11], 10] = 1.0
+    stripe = np.zeros((12, 12))  # a one-pixel stripe lit at every other row: boxed whole
+    stripe[[0, 2, 4, 6, 8, 10, 11], 10] = 1.0
     column = np.zeros((12, 12), bool)
     column[:, 10] = True
     assert proposed_box(stripe, column) == (0, 10, 12, 1)
+    apart = np.zeros((12, 12))  # a second relevant spot in the region, not connected: left out
+    apart[1:3, 1:3], apart[9, 9] = 1.0, 0.8
+    assert proposed_box(apart, np.ones((12, 12), bool)) == (1, 1, 2, 2)
 
 
 def test_control_box_has_the_same_size_keeps_away_and_seeks_relevance():
@@ -265,6 +268,8 @@ def test_cli_discover_then_repair_then_audit_without_any_annotation(decoy_mnist_
     doc = json.loads((tmp_path / "found" / "discovery.json").read_text())
     assert doc["schema"] == "auditkit.discover/1" and doc["recommendation"]["method"] == "auto"
     assert "data:image/png;base64," in (tmp_path / "found" / "discovery.html").read_text()
+    page = runner.invoke(app, ["report", str(tmp_path / "found" / "discovery.json"), "--out", str(tmp_path / "d.html")])
+    assert page.exit_code == 0 and "Shortcut discovery" in (tmp_path / "d.html").read_text()  # re-rendered from JSON
     again = runner.invoke(app, ["discover", str(checkpoint), "--data", str(source), "--out", str(tmp_path / "found")])
     assert again.exit_code == 2 and "already exists" in again.output  # nothing the user owns is overwritten
 
