@@ -12,7 +12,15 @@ from typer.testing import CliRunner
 
 from auditkit.cli import app
 from auditkit.data import AuditDataset, Record, open_dataset
-from auditkit.discover import PROBES, box_iou, eigengap_count, proposed_dataset, run_discovery, run_probes, strategy_clusters
+from auditkit.discover import (
+    PROBES,
+    box_iou,
+    eigengap_count,
+    proposed_dataset,
+    run_discovery,
+    run_probes,
+    strategy_clusters,
+)
 from auditkit.discover.causal import dispersion, paste_box
 from auditkit.discover.regions import control_box, proposed_box, scale_box, top_region
 from auditkit.discover.spray import affinity, relevance_distribution
@@ -235,8 +243,8 @@ def test_proposed_dataset_keeps_records_and_adds_the_masks(shortcut_discovery, d
 
 
 def test_discovery_leaves_the_model_untouched_and_checks_its_input(decoy_mnist_models, decoy):
-    from auditkit.errors import AuditkitError, ParameterError
     from auditkit.discover import DiscoveryConfig
+    from auditkit.errors import AuditkitError, ParameterError
 
     model = load_checkpoint(decoy_mnist_models["shortcut"][0]).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

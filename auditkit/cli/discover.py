@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from ._common import DeviceOption, ForceOption, JsonOption, PrecisionOption, QuietOption, SeedOption, handles_errors, write_json
+from ._common import (
+    DeviceOption,
+    ForceOption,
+    JsonOption,
+    PrecisionOption,
+    QuietOption,
+    SeedOption,
+    handles_errors,
+    write_json,
+)
 from .checkpoints import ArchOption, TrustPickleOption, load
 
 
@@ -17,7 +26,7 @@ def discover(
     data: Annotated[str, typer.Option("--data", help="Labelled images; no masks or variants needed (folder, csv, npz, builtin:NAME).")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write: the data with the proposed masks (manifest.csv), discovery.json, discovery.html.")],
     split: Annotated[str, typer.Option(help="Split to analyse ('all': every split, so the repair finds train and val masks).")] = "all",
-    variant: Annotated[Optional[str], typer.Option(help="Variant to analyse when the data has several (default: contaminated, else original, else the first).")] = None,
+    variant: Annotated[str | None, typer.Option(help="Variant to analyse when the data has several (default: contaminated, else original, else the first).")] = None,
     json_path: JsonOption = None,
     fail_on_shortcut: Annotated[bool, typer.Option("--fail-on-shortcut", help="Exit 1 when a shortcut is found (0 when none).")] = False,
     probe_drop: Annotated[float, typer.Option(help="Accuracy drop under a colour or low-pass probe that counts as a global shortcut.")] = 0.10,

@@ -3,7 +3,15 @@ causal test against a control, global probes) and propose masks and a repair. Se
 
 from .probes import PROBES, run_probes
 from .regions import box_iou
-from .runner import NO_SHORTCUT, SCHEMA, SHORTCUT_FOUND, DiscoveryConfig, DiscoveryReport, proposed_dataset, run_discovery
+from .runner import (
+           NO_SHORTCUT,
+           SCHEMA,
+           SHORTCUT_FOUND,
+           DiscoveryConfig,
+           DiscoveryReport,
+           proposed_dataset,
+           run_discovery,
+)
 from .spray import Cluster, eigengap_count, strategy_clusters
 
 __all__ = ["NO_SHORTCUT", "PROBES", "SCHEMA", "SHORTCUT_FOUND", "Cluster", "DiscoveryConfig", "DiscoveryReport",

@@ -12,7 +12,15 @@ import torch
 
 from ..audit.html import _LOADED_SCRIPT, _fmt, _head, _interval
 from ..audit.tiles import decode_map, decode_picture
-from ..explain.render import captioned, colorize, grid, outline, overlay, png_data_uri, upscale
+from ..explain.render import (
+    captioned,
+    colorize,
+    grid,
+    outline,
+    overlay,
+    png_data_uri,
+    upscale,
+)
 
 
 def _picture(text: str) -> np.ndarray:

@@ -37,7 +37,14 @@ from ..errors import AuditkitError, ParameterError
 from ..explain import attribute
 from .causal import dispersion, edit_effects
 from .probes import run_probes
-from .regions import dilate, box_mask, cluster_region, control_box, proposed_box, scale_box
+from .regions import (
+    box_mask,
+    cluster_region,
+    control_box,
+    dilate,
+    proposed_box,
+    scale_box,
+)
 from .spray import relevance_distribution, strategy_clusters
 
 SCHEMA = "auditkit.discover/1"
@@ -175,7 +182,7 @@ def _candidates(clusters, distributions, labels, predictions, config):
 
 def _causal_tests(model, dataset, rows, labels, predictions, size, config):
     """Runs the causal test of every candidate row (adds row["test"] and row["shortcut"])."""
-    scale = lambda box: scale_box(box, size, dataset.image_size)  # noqa: E731 - one-line helper
+    scale = lambda box: scale_box(box, size, dataset.image_size)
     correct = predictions == labels
     # Recipients: correctly classified members of other classes' candidates (their own region is
     # removed before the transplant), else any correctly classified image of another class.
@@ -316,7 +323,7 @@ def run_discovery(
             cluster, region = row["cluster"], row["region"]
             cluster_entries.append({
                 "class": int(cluster.label), "class_name": dataset.classes[cluster.label], "cluster": cluster.number,
-                "size": int(len(cluster.members)), "accuracy": row["accuracy"], "eigengap": cluster.eigengap,
+                "size": len(cluster.members), "accuracy": row["accuracy"], "eigengap": cluster.eigengap,
                 "region_area": region.area, "agreement": region.agreement, "box_area": row.get("box_area"),
                 "candidate": row["candidate"], "shortcut": row.get("shortcut", False), "test": row.get("test"),
                 "masked": len(row["boxes"]) if row.get("shortcut") else 0,
