@@ -88,16 +88,24 @@ def test_python_api_restores_the_mode_and_recontaminates_on_the_fly(digits_check
     assert report.data["data"]["variants"]["permuted"] == report.data["data"]["variants"]["clean"]
 
 
-def test_data_without_masks_or_variants_is_inconclusive(digits_checkpoint, tmp_path):
+def test_data_without_masks_or_variants_is_discovered_not_inconclusive(digits_checkpoint, tmp_path):
+    """The library audit alone can only say inconclusive; the CLI then runs discovery instead (issue 18)."""
     import numpy as np
 
     digits = open_dataset("builtin:digits", split="test")
     images = np.stack([(digits[k].image[0].numpy() * 255).astype(np.uint8) for k in range(60)])
     labels = np.array([digits[k].label for k in range(60)])
     np.savez(tmp_path / "plain.npz", images=images, labels=labels, classes=np.array([str(k) for k in range(10)]))
+    from auditkit.audit import run_audit
+    from auditkit.models import load_checkpoint
+
+    plain = open_dataset(str(tmp_path / "plain.npz"))
+    library = run_audit(load_checkpoint(digits_checkpoint), plain, AuditConfig(bootstrap=50, methods=("gradient",)))
+    assert library.verdict == "inconclusive" and "No behavioural test" in library.data["verdict"]["summary"]
+    jsonschema.validate(library.data, SCHEMA)
     _, report = audit_json(digits_checkpoint, "--data", tmp_path / "plain.npz", "--split", "all", *FAST)
-    assert report["verdict"]["label"] == "inconclusive" and "No behavioural test" in report["verdict"]["summary"]
-    jsonschema.validate(report, SCHEMA)
+    assert report["schema"] == "auditkit.discover/1"
+    assert report["verdict"]["label"] in ("shortcut found", "no shortcut found")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make setup installs Debian's chromium)")
