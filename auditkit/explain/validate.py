@@ -116,8 +116,12 @@ def check_targets(targets: torch.Tensor, n: int, classes: int) -> None:
     if targets.dim() != 2 or targets.shape[0] != n:
         raise ParameterError("target", f"must give one or K classes per sample (shape ({n},) or ({n}, K)); "
                              f"got {tuple(targets.shape)}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
-        bad = int(targets.min()) if int(targets.min()) < 0 else int(targets.max())
+    if not targets.numel():
+        return
+    low, high = torch.aminmax(targets)
+    low, high = int(low), int(high)
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
         raise ParameterError("target", f"must be class indices in [0, {classes}) for this {classes}-class model; got {bad}")
 
 
