@@ -14,6 +14,7 @@ from auditkit.cli import app
 from auditkit.data import AuditDataset, Record, open_dataset
 from auditkit.discover import (
     PROBES,
+    DiscoveryConfig,
     box_iou,
     eigengap_count,
     proposed_dataset,
@@ -308,3 +309,37 @@ def test_audit_discovers_when_the_data_has_no_masks_and_no_variants(decoy_mnist_
     assert doc["schema"] == "auditkit.discover/1"
     assert result.exit_code == (1 if doc["verdict"]["label"] == "shortcut found" else 0)
     assert "inconclusive" not in doc["verdict"]["label"]
+
+
+def test_no_probe_changes_the_images_it_edits():
+    # Discovery decodes the probed images once and hands the same batch to every probe.
+    from auditkit.discover.probes import PROBES
+
+    torch.manual_seed(0)
+    for channels in (1, 3):
+        images = torch.rand(4, channels, 28, 28)
+        before = images.clone()
+        for probe in PROBES:
+            if probe.needs_colour and channels != 3:
+                continue
+            edited = probe.edit(images, 0)
+            assert edited.shape == images.shape and not edited.data_ptr() == images.data_ptr(), probe.name
+            assert torch.equal(images, before), probe.name
+
+
+def test_discovery_finds_the_global_colour_shortcut_of_coloured_mnist_and_recommends_tea():
+    # Seed 004's coloured MNIST: the background colour gives the class in 95 % of the training images.
+    # No region is to blame, so the probes must find it, and the repair must be TEA (no masks).
+    from auditkit.training import TrainConfig, train_model
+
+    data = open_dataset("builtin:colored-mnist")
+    model = train_model(data, "tap-cnn", TrainConfig(epochs=2, seed=0), variant="contaminated", val_split=None).model
+    test = _without_annotations(data.select(split="test"))
+    report = run_discovery(model, test, DiscoveryConfig(bootstrap=300, seed=0))
+    doc = report.data
+    probes = {p["probe"]: p for p in doc["probes"]}
+    assert probes["channel_permutation"]["points_at"] == "colour", probes["channel_permutation"]["rule"]
+    assert doc["verdict"]["label"] == "shortcut found" and not doc["verdict"]["localised"], doc["verdict"]
+    assert doc["recommendation"]["method"] == "tea" and "--method tea" in doc["recommendation"]["command"]
+    assert not report.masks  # nothing local to mask
+    assert set(doc["timings"]) == {"relevance_pass", "clustering", "causal_tests", "probes", "report"}

@@ -139,10 +139,34 @@ def _images(dataset: AuditDataset, indices, device) -> torch.Tensor:
     return torch.stack([dataset[int(i)].image for i in indices]).to(device)
 
 
-def _predict_batches(model, dataset, indices, config, edit=None) -> np.ndarray:
+class _ImageBatches:
+    """The batches of ``indices``, decoded once and kept when they fit in 256 MB (the probes edit
+    the same images six times; decoding them again cost as much as the model's forward passes)."""
+
+    LIMIT_BYTES = 256 * 2**20
+
+    def __init__(self, dataset: AuditDataset, indices, config) -> None:
+        self.dataset, self.indices, self.config = dataset, indices, config
+        height, width = dataset.image_size
+        fits = len(indices) * dataset.channels * height * width * 4 <= self.LIMIT_BYTES
+        self.kept = [self.load(start) for start in self.starts()] if fits else None
+
+    def starts(self) -> range:
+        return range(0, len(self.indices), self.config.batch_size)
+
+    def load(self, start: int) -> torch.Tensor:
+        return _images(self.dataset, self.indices[start : start + self.config.batch_size], self.config.device)
+
+    def __iter__(self):
+        for number, start in enumerate(self.starts()):
+            yield start, (self.kept[number] if self.kept is not None else self.load(start))
+
+
+def _predict_batches(model, dataset, indices, config, edit, batches: _ImageBatches) -> np.ndarray:
+    """Predictions (N,) for ``batches`` of ``indices`` after ``edit(images, seed)`` (which must not
+    change its input: the batches are reused)."""
     out = []
-    for start in range(0, len(indices), config.batch_size):
-        images = _images(dataset, indices[start : start + config.batch_size], config.device)
+    for start, images in batches:
         if edit is not None:
             images = edit(images, config.seed + start)
         with torch.no_grad(), autocast(config.device, config.precision):
@@ -303,21 +327,32 @@ def run_discovery(
     start = time.perf_counter()
     was_training = model.training
     model.eval()
+    timings = {}  # seconds per stage, in the report: where the time goes
+
+    def lap(stage: str) -> None:
+        timings[stage] = round(time.perf_counter() - start - sum(timings.values()), 3)
+
     try:
         distributions, predictions = relevance_pass(model, dataset, config, context, show_progress)
+        lap("relevance_pass")
         labels = np.array([r.label for r in dataset.records], int)
         size = tuple(distributions.shape[-2:])
         clusters = strategy_clusters(distributions, labels, grid=config.grid, max_clusters=config.max_clusters,
                                      seed=config.seed)
         rows = _candidates(clusters, distributions, labels, predictions, config)
+        lap("clustering")
         _causal_tests(model, dataset, rows, labels, predictions, size, config)
+        lap("causal_tests")
         rng = np.random.default_rng(config.seed)
         probe_indices = np.sort(rng.permutation(len(dataset))[: config.probe_samples])
         probe_labels = labels[probe_indices]
-        probes = run_probes(lambda edit: _predict_batches(model, dataset, probe_indices, config, edit), probe_labels,
+        batches = _ImageBatches(dataset, probe_indices, config)  # loaded once for every probe
+        probes = run_probes(lambda edit: _predict_batches(model, dataset, probe_indices, config, edit, batches),
+                            probe_labels,
                             predictions[probe_indices], dataset.num_classes, channels=dataset.channels,
                             seed=config.seed, resamples=config.bootstrap, confidence=config.confidence,
                             drop_threshold=config.probe_drop, retained_threshold=config.probe_retained)
+        lap("probes")
         cluster_entries = []
         for row in rows:
             cluster, region = row["cluster"], row["region"]
@@ -347,6 +382,7 @@ def run_discovery(
             summary = f"no shortcut found ({tested})"
         recommendation = _recommendation(confirmed, global_signals, data_spec or dataset.info.name, checkpoint, out_dir,
                                          model.meta.arch)
+        lap("report")
     finally:
         model.train(was_training)
     meta = model.meta
@@ -367,6 +403,7 @@ def run_discovery(
         "recommendation": recommendation,
         "masks": {"images": len(masks), "mean_area": float(np.mean([m.mean() for m in masks.values()])) if masks else None},
         "seconds": round(time.perf_counter() - start, 2),
+        "timings": timings,
     }
     return DiscoveryReport(document, masks)
 
