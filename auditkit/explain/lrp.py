@@ -287,6 +287,10 @@ def _compile_forward(traced: TracedNetwork) -> _CompiledForward:
     def new(arg):
         return fx.node.map_arg(arg, lambda n: mapping[n])
 
+    aliases = [(node.args[0], node) for node in traced.graph.nodes if _is_relu(traced, node) and _feeds_only(node.args[0], node)]
+    # A layer whose value is replaced by its ReLU's (see run_forward) is not returned: the generated
+    # code then frees z as soon as the ReLU has run, as autograd does (less memory touched per call).
+    replaced = {layer for layer, _relu in aliases}
     for node in traced.graph.nodes:
         if node.op == "placeholder":
             mapping[node] = graph.placeholder(node.name)
@@ -319,10 +323,10 @@ def _compile_forward(traced: TracedNetwork) -> _CompiledForward:
         else:  # call_method: in-place methods (relu_) out of place
             method = node.target[:-1] if node.target.endswith("_") and not node.target.endswith("__") else node.target
             mapping[node] = graph.call_method(method, new(node.args), new(node.kwargs))
-        keys.append(node)
-        values.append(mapping[node])
+        if node not in replaced:
+            keys.append(node)
+            values.append(mapping[node])
     graph.output((output_value, tuple(values)))
-    aliases = [(node.args[0], node) for node in traced.graph.nodes if _is_relu(traced, node) and _feeds_only(node.args[0], node)]
     return _CompiledForward(fx.GraphModule(traced.root, graph), keys, aliases, submodules)
 
 
@@ -494,8 +498,13 @@ def propagate(
     k: int,
     epsilon: float,
     create_graph: bool,
+    release: bool = False,
 ) -> torch.Tensor:
-    """Relevance at the network input, (K*N, ...) target-major, from relevance at its output."""
+    """Relevance at the network input, (K*N, ...) target-major, from relevance at its output.
+    ``release``: drop each node's forward values from ``env`` once its step is done (the last pass
+    over ``env``): every user of a value comes later in the graph, so it has had its step already.
+    Holding every activation to the end made each pass allocate fresh memory where a gradient, which
+    frees its saved tensors as it goes, reuses it (page faults: 1.2x a gradient at 256x28^2 against 0.97x)."""
     output_node = next(n for n in reversed(traced.graph.nodes) if n.op == "output")
     relevance: dict = {output_node.args[0]: output_relevance}
     input_relevance = None
@@ -560,6 +569,12 @@ def propagate(
             if value is None or not isinstance(source, fx.Node) or source.op == "get_attr":
                 continue
             relevance[source] = relevance[source] + value if source in relevance else value
+        if release:
+            contributions = r = None
+            env.pop(node, None)
+            env.pop((node, "indices"), None)
+            if kind == _MERGED:
+                env.pop(data, None)
     if input_relevance is None:
         raise UnsupportedLayerError("no relevance reached the network input (is the output independent of it?)")
     return input_relevance
@@ -610,13 +625,14 @@ def lrp_epsilon_and_logits(
         logits, env = run_forward(traced, network_input)
         check_targets(targets, n, check_logits(logits, n))
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        autocast = torch.is_autocast_enabled(device_type)
+        if autocast:
             # Mixed precision: the forward ran in the low dtype; relevance flows in float32 (the
             # ratio R / (z + eps sign z) divides by activations, which bfloat16's 8-bit mantissa
             # would blur near 0), so the low dtype reaches the map only through the activations.
             env = _in_float32(env)
             logits = logits.float()
-    autocast_off = torch.autocast(device_type, enabled=False)
+    autocast_off = torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext()
     with torch.set_grad_enabled(create_graph), autocast_off:
         # One forward pass serves every target. On CUDA the K relevance passes run as one batch
         # of K*N (bigger GEMMs, fewer launches); on CPU as K passes of N, which measured faster
@@ -624,15 +640,21 @@ def lrp_epsilon_and_logits(
         # the cost of K input-gradient backwards).
         # Start relevance (Eq. A3): the target logit z_c in its class's column, 0 elsewhere, built
         # with one gather and one scatter (an index_put over aranges cost ~0.1 ms per call at 1x28^2).
-        columns = targets.t()  # (K, N), target-major
-        picked = logits.gather(1, targets).t()  # (K, N)
-        groups = [(columns.reshape(-1), picked.reshape(-1))] if x.device.type == "cuda" else list(zip(columns, picked))
+        picked = logits.gather(1, targets)  # (N, K)
+        if k == 1:
+            groups = [(targets.view(-1), picked.view(-1))]
+        elif x.device.type == "cuda":
+            groups = [(targets.t().reshape(-1), picked.t().reshape(-1))]  # (K*N,), target-major
+        else:
+            groups = list(zip(targets.t(), picked.t()))
         maps = []
         for group, values in groups:
             per_group = group.shape[0] // n
             start = torch.zeros((group.shape[0], logits.shape[1]), dtype=logits.dtype, device=logits.device)
             start.scatter_(1, group[:, None], values[:, None])
-            relevance = propagate(traced, env, start, k=per_group, epsilon=epsilon, create_graph=create_graph)
+            last = group is groups[-1][0]
+            relevance = propagate(traced, env, start, k=per_group, epsilon=epsilon, create_graph=create_graph,
+                                  release=last)
             if network_input is not normalised:  # undo the model's resize with the same rule
                 resize = Step("function", F.interpolate, (normalised,),
                               {"size": tuple(network_input.shape[-2:]), "mode": "bilinear", "align_corners": False},
