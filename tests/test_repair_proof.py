@@ -64,9 +64,10 @@ def test_dilation_schedules_give_the_documented_kernel_sizes():
     assert kernel_sizes("receptive", 3, (64, 64), at_64, [435.0, 211.0, 99.0, 43.0]) == [127, 127, 93, 41]
     with pytest.raises(ValueError, match="must be one of fixed, cumulative, receptive or auto"):
         kernel_sizes("wide", 3, (28, 28), cnn_sizes)
-    # auto (the default): receptive where the receptive fields fit in the image, else cumulative.
+    # auto (the default): receptive where the receptive fields fit in the image, else fixed (the
+    # cumulative scheme destroyed ResNet-18 on the stripe data: docs/repair.md).
     assert kernel_sizes("auto", 3, (28, 28), cnn_sizes, fields) == [3, 7]
-    assert kernel_sizes("auto", 3, (64, 64), at_64, [435.0, 211.0, 99.0, 43.0]) == kernel_sizes("cumulative", 3, (64, 64), at_64)
+    assert kernel_sizes("auto", 3, (64, 64), at_64, [435.0, 211.0, 99.0, 43.0]) == kernel_sizes("fixed", 3, (64, 64), at_64) == [3, 3, 3, 3]
 
 
 def test_tap_objective_uses_the_schedule(tmp_path):
@@ -252,3 +253,28 @@ def test_kinds_markdown_layout():
     row = next(line for line in kinds_markdown(result, "tap-cnn").splitlines() if line.startswith("| marker | rrr |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["marker", "rrr", "0.850 ± 0.071", "0.850 ± 0.071", "0.850 ± 0.071", "1/2", "10"]
+
+
+def test_a_collapsed_model_is_not_a_successful_repair(digits_shortcut, tmp_path):
+    # A model that predicts one class no longer reads the signal, so the behavioural audit calls it
+    # "not reliant"; the decision must still fail it for the accuracy it lost (cumulative dilation did
+    # this to ResNet-18 on the stripe data: docs/repair.md).
+    import copy
+
+    from auditkit.cli.repair import _still_reliant_line
+    from auditkit.models import load_checkpoint
+    from auditkit.repair import repair_decision
+
+    before = load_checkpoint(digits_shortcut)
+    collapsed = copy.deepcopy(before)
+    with torch.no_grad():
+        collapsed.net.fc.weight.zero_()
+        collapsed.net.fc.bias.copy_(torch.arange(collapsed.net.fc.bias.numel(), dtype=torch.float32))
+    data = open_dataset("builtin:decoy-digits")
+    decision = repair_decision(before, collapsed, data, RepairConfig(method="tap"), 0.03)
+    assert decision["verdict"] == "not reliant" and decision["split"] == "val"
+    assert decision["accuracy_drop"] > 0.5 and not decision["succeeded"]
+    line = _still_reliant_line({"decision": decision}, "tap", "tap")
+    assert line.startswith(f"the repair lost {decision['accuracy_drop']:.3f} contaminated validation accuracy") and "--lambda auto" in line
+    kept = repair_decision(before, before, data, RepairConfig(method="tap"), 0.03)
+    assert kept["accuracy_drop"] == 0 and kept["succeeded"] == (kept["verdict"] == "not reliant")

@@ -73,7 +73,7 @@ def repair(
         Optional[str],
         typer.Option(help="TAP: how the mask's dilation grows with depth: fixed (κ at every layer, Eq. 7), receptive "
                           "(each layer's receptive field), cumulative (the TAP authors' code) or auto (receptive when "
-                          "the receptive fields fit in the image, else cumulative). Default: auto; swept with --lambda auto."),
+                          "the receptive fields fit in the image, else fixed). Default: auto; swept with --lambda auto."),
     ] = None,
     teacher: TeacherOption = None,
     tau: TauOption = None,
@@ -99,7 +99,8 @@ def repair(
                                                       "(behavioural audit of the validation split).")
     ] = False,
     max_accuracy_drop: Annotated[
-        float, typer.Option(help="--method auto: the most contaminated validation accuracy an attempt may lose.")
+        float, typer.Option(help="--method auto and --fail-on-shortcut: the most contaminated validation accuracy "
+                                 "a repair may lose (a collapsed model is also 'not reliant').")
     ] = 0.03,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
     arch: ArchOption = None,
@@ -134,7 +135,7 @@ def repair(
     from ..device import describe, resolve_device, resolve_precision
     from ..errors import AuditkitError
     from ..models import resolve_layers, save_checkpoint
-    from ..repair import METHODS, AutoConfig, RepairConfig, decision_audit, run_auto_repair, run_repair
+    from ..repair import METHODS, AutoConfig, RepairConfig, repair_decision, run_auto_repair, run_repair
     from ..repair.runner import check_data
     from ..training import TrainConfig, align_dataset_to_model
 
@@ -234,12 +235,9 @@ def repair(
             decision = None
             still_reliant = False
             if fail_on_shortcut:
-                report_val = decision_audit(result.model, dataset, config, context)
-                result.document["decision"] = {"verdict": report_val.verdict, "split": config.val_split
-                                               if config.val_split in dataset.splits else config.audit_split,
-                                               "val_accuracy": {k: v["value"] for k, v in
-                                                                report_val.data["task"]["per_variant"].items()}}
-                still_reliant = report_val.verdict == "reliant"
+                result.document["decision"] = repair_decision(model, result.model, dataset, config, max_accuracy_drop,
+                                                              context)
+                still_reliant = not result.document["decision"]["succeeded"]
         if context.is_main:
             provenance = {"input": str(checkpoint), "data": data, "teacher": str(teacher) if teacher else None}
             summary = {"method": method, **provenance, "data_fingerprint": dataset.fingerprint(), **result.summary()}
@@ -293,9 +291,13 @@ def _still_reliant_line(document: dict, method: str, name: str) -> str:
         return (f"no method left the model not reliant within the allowed accuracy drop ({numbers}); kept "
                 f"{document['auto']['chosen']}, the best on validation data. Try more epochs, a teacher (--teacher) "
                 "for TEA, or masks that cover the signal")
-    accuracy = ", ".join(f"{k} {v:.3f}" for k, v in document["decision"]["val_accuracy"].items())
+    decision = document["decision"]
+    accuracy = ", ".join(f"{k} {v:.3f}" for k, v in decision["val_accuracy"].items())
     hint = {"tap": "try --lambda auto (it sweeps λ and the dilation) or --method auto"}.get(
         name, "try --lambda auto or --method auto")
+    if decision["verdict"] == "not reliant":  # not reliant, but it paid too much accuracy for it
+        return (f"the repair lost {decision['accuracy_drop']:.3f} {decision['reference_variant']} validation accuracy "
+                f"(more than --max-accuracy-drop; {name}; validation accuracy {accuracy}): {hint}")
     return f"the repaired model still relies on the signal ({name}; validation accuracy {accuracy}): {hint}"
 
 

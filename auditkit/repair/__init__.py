@@ -10,7 +10,7 @@ docs/repair.md for each method's loss and when to choose it.
 
 from __future__ import annotations
 
-from .auto import AUTO_ORDER, AutoConfig, decision_audit, run_auto_repair
+from .auto import AUTO_ORDER, AutoConfig, decision_audit, repair_decision, run_auto_repair
 from .methods import METHODS, MethodSpec
 from .methods.energy import EnergyObjective, energy_in_mask
 from .methods.rrr import RrrObjective
@@ -28,6 +28,7 @@ __all__ = [
     "MethodSpec",
     "RepairConfig",
     "RepairResult",
+    "repair_decision",
     "RrrObjective",
     "TapObjective",
     "TeaObjective",

@@ -53,6 +53,22 @@ def decision_audit(model, dataset, config: RepairConfig, context: Context | None
     return run_audit(model, dataset.select(split=split), audit, context=context)
 
 
+def repair_decision(before, after, dataset, config: RepairConfig, max_accuracy_drop: float,
+                    context: Context | None = None) -> dict:
+    """Whether a repair worked, decided on the validation split: the repaired model ``after`` is not
+    reliant (behavioural audit) and lost at most ``max_accuracy_drop`` contaminated (reference-variant)
+    accuracy against ``before``. A collapsed model is also "not reliant" (it no longer reads anything),
+    which is why the drop counts. Returns {verdict, split, val_accuracy, reference_variant,
+    accuracy_drop, succeeded}."""
+    start = _numbers(decision_audit(before, dataset, config, context))
+    numbers = _numbers(decision_audit(after, dataset, config, context))
+    reference = start["reference_variant"]
+    drop = start["val_accuracy"][reference] - numbers["val_accuracy"][reference]
+    split = config.val_split if config.val_split in dataset.splits else config.audit_split
+    return {**numbers, "split": split, "accuracy_drop": round(drop, 4),
+            "succeeded": numbers["verdict"] == "not reliant" and drop <= max_accuracy_drop}
+
+
 def _numbers(report: AuditReport) -> dict:
     data = report.data
     accuracy = {k: round(v["value"], 4) for k, v in data["task"]["per_variant"].items()}
