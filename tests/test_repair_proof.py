@@ -232,13 +232,14 @@ def test_auto_refuses_an_unknown_method_in_its_order(digits_shortcut):
 
 
 def test_reproduce_kinds_runs_and_tables(tmp_path):
-    result = runner.invoke(app, ["reproduce", "kinds", "--seeds", "1", "--only", "marker", "--cases", "tap-receptive",
-                                 "--out", str(tmp_path), "--quiet"])
+    result = runner.invoke(app, ["reproduce", "kinds", "--seeds", "1", "--first-seed", "2", "--only", "marker",
+                                 "--cases", "tap-receptive", "--out", str(tmp_path), "--quiet"])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "kinds-tap-cnn.md").read_text()
     assert "| marker | shortcut model |" in table and "| marker | tap-receptive |" in table
     numbers = json.loads((tmp_path / "kinds-tap-cnn.json").read_text())
     assert set(numbers["accuracy"]["marker · tap-receptive"]) == {"contaminated", "permuted", "clean"}
+    assert numbers["seeds"] == [2]  # --first-seed: one seed of a spread-out run
     bad = runner.invoke(app, ["reproduce", "kinds", "--only", "confetti", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "--only: unknown 'confetti'" in error_line(bad)
 

@@ -40,3 +40,5 @@ def test_unknown_reproduction_and_bad_seed_count_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "unknown reproduction 'table99'" in error_line(result)
     result = runner.invoke(app, ["reproduce", "table9", "--seeds", "0", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--seeds must be at least 1" in error_line(result)
+    result = runner.invoke(app, ["reproduce", "table9", "--first-seed", "-1", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--first-seed must be at least 0" in error_line(result)

@@ -14,6 +14,8 @@ from ._common import DeviceOption, JsonOption, PrecisionOption, QuietOption, han
 def reproduce(
     name: Annotated[str, typer.Argument(help="table9, table12, colored or kinds.")],
     seeds: Annotated[int, typer.Option(help="Number of seeds (0, 1, ...); the tables use 5 (kinds: 3).")] = 5,
+    first_seed: Annotated[int, typer.Option(help="The first seed: runs seeds FIRST ... FIRST+SEEDS-1 (to spread "
+                                                 "seeds over processes or machines).")] = 0,
     arch: Annotated[str, typer.Option(help="kinds: tap-cnn (every kind, 28x28) or resnet18 (marker and stripe, 64x64).")] = "tap-cnn",
     only: Annotated[Optional[str], typer.Option(help="kinds: comma-separated kinds to run (default: all of the arch's).")] = None,
     cases: Annotated[Optional[str], typer.Option(help="kinds: comma-separated methods to run, as the table names them.")] = None,
@@ -45,6 +47,8 @@ def reproduce(
         raise AuditkitError(f"unknown reproduction {name!r}; choose one of {', '.join(REPRODUCTIONS)}")
     if seeds < 1:
         raise AuditkitError(f"--seeds must be at least 1; got {seeds}")
+    if first_seed < 0:
+        raise AuditkitError(f"--first-seed must be at least 0; got {first_seed}")
     options, stem = {}, name
     if name == "kinds":
         if arch not in KIND_ARCHS:
@@ -58,7 +62,7 @@ def reproduce(
         stem = f"kinds-{arch}"
     target = resolve_device(device)
     compute = Compute(str(target), resolve_precision(precision, target))
-    result = run(name, list(range(seeds)), show_progress=not quiet, compute=compute, **options)
+    result = run(name, list(range(first_seed, first_seed + seeds)), show_progress=not quiet, compute=compute, **options)
     table = kinds_markdown(result, arch) if name == "kinds" else markdown(result)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{stem}.md", table, overwrite=True)

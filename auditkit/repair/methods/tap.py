@@ -49,7 +49,7 @@ class TapOptions:
     layers: tuple[str, ...] | None = None  # targeted layers (default: the model's preset)
     kernel_size: int | tuple[int, ...] = 3  # κ, the max pool of the mask downscaling (Eq. 7), or one per layer
     # How the dilation grows with depth (auditkit/ops/dilation.py): auto (receptive when the receptive
-    # fields fit in the image, else cumulative; measured), fixed (Eq. 7), receptive, cumulative.
+    # fields fit in the image, else fixed; measured), fixed (Eq. 7), receptive, cumulative.
     dilation: str = "auto"
 
     def validate(self) -> None:
