@@ -75,6 +75,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def device_for(model: torch.nn.Module, asked: str, work: str) -> torch.device:
+    """Where ``work`` (e.g. "the audit") on ``model`` runs: the model's device for "auto", else
+    ``asked``, which must be the model's (library calls never move the user's model). Raises
+    AuditkitError naming both devices otherwise."""
+    here = model_device(model)
+    device = here if asked == "auto" else resolve_device(asked)
+    if device != here:
+        raise AuditkitError(f"the model is on {here} but {work} was asked to run on {device}; move the model there first")
+    return device
+
+
 def resolve_precision(precision: str, device: str | torch.device) -> str:
     """'auto' -> 'bf16' on a CUDA GPU that supports it, else 'fp32'; other names checked.
 

@@ -160,3 +160,16 @@ def test_train_evaluate_audit_repair_run_in_low_precision_on_cpu(tmp_path, preci
                                  "--epochs", "1", "--audit-split", "none", "--out", str(repaired), "--quiet", *common])
     assert result.exit_code == 0, result.output
     assert repaired.is_file()
+
+
+def test_device_for_runs_where_the_model_is_and_never_moves_it(monkeypatch):
+    import auditkit.device as device_module
+    from auditkit.device import device_for
+    from auditkit.errors import AuditkitError
+
+    model = torch.nn.Linear(2, 2)
+    assert device_for(model, "auto", "the audit") == torch.device("cpu")
+    assert device_for(model, "cpu", "the audit") == torch.device("cpu")
+    monkeypatch.setattr(device_module, "model_device", lambda m: torch.device("cuda", 0))  # a model on a GPU
+    with pytest.raises(AuditkitError, match=r"the model is on cuda:0 but discovery was asked to run on cpu; move the model there first"):
+        device_for(model, "cpu", "discovery")

@@ -21,7 +21,7 @@ from .._progress import progress_bar
 from ..data import AuditDataset, collate, to_uint8
 from ..data.contaminations import make_contamination
 from ..data.dataset import Record
-from ..device import autocast, model_device, resolve_device, resolve_precision
+from ..device import autocast, device_for, resolve_precision
 from ..distributed import Context, gather
 from ..errors import AuditkitError, ParameterError
 from ..explain import METHODS, attribute
@@ -362,10 +362,7 @@ def run_audit(
     config = config or AuditConfig()
     context = context or Context()
     config.validate(model)
-    device = model_device(model) if config.device == "auto" else resolve_device(config.device)
-    if device != model_device(model):
-        raise AuditkitError(f"the model is on {model_device(model)} but the audit was asked to run on {device}; "
-                            "move the model there first")
+    device = device_for(model, config.device, "the audit")
     config = replace(config, device=str(device), precision=resolve_precision(config.precision, device))
     if len(dataset) == 0:
         raise AuditkitError("the audit data has no samples (check the split asked for)")

@@ -31,7 +31,7 @@ from .._version import __version__
 from ..audit import metrics as M
 from ..audit.tiles import encode_map, encode_picture
 from ..data import AuditDataset, DatasetInfo, Record, collate
-from ..device import autocast, model_device, resolve_device, resolve_precision
+from ..device import autocast, device_for, resolve_precision
 from ..distributed import Context, gather
 from ..errors import AuditkitError, ParameterError
 from ..explain import attribute
@@ -319,10 +319,7 @@ def run_discovery(
     config.validate()
     if len(dataset) == 0:
         raise AuditkitError("the data has no samples to analyse (check the split asked for)")
-    device = model_device(model) if config.device == "auto" else resolve_device(config.device)
-    if device != model_device(model):
-        raise AuditkitError(f"the model is on {model_device(model)} but discovery was asked to run on {device}; "
-                            "move the model there first")
+    device = device_for(model, config.device, "discovery")
     config = replace(config, device=str(device), precision=resolve_precision(config.precision, device))
     start = time.perf_counter()
     was_training = model.training
