@@ -242,3 +242,21 @@ def test_equal_to_zennit_where_zennit_covers_the_network(arch):
     ours = attribute(net, x, targets, "lrp_epsilon", epsilon=bench.EPSILON)[:, 0]
     theirs = bench.zennit_lrp(copy.deepcopy(net), x, targets)
     assert bench.relative_difference(ours, theirs) < 1e-8
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 28, 28), (2, 3, 8, 8), (64, 1, 28, 28)])
+def test_k_targets_give_the_maps_of_k_single_target_calls(shape):
+    # K targets run as one batch of K*N for tiny inputs (and on CUDA), as K passes otherwise; the
+    # maps must be those of one call per target either way, and the logits those of the model.
+    from auditkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tap-cnn", 10, shape[1], tuple(shape[2:])).double().eval()
+    x = torch.rand(shape, dtype=torch.float64)
+    targets = torch.stack([torch.arange(shape[0]) % 10, (torch.arange(shape[0]) + 3) % 10, torch.full((shape[0],), 7)], 1)
+    maps, logits = lrp_epsilon_and_logits(model, x, targets, epsilon=0.01)
+    assert maps.shape == (shape[0], 3, *shape[2:])
+    for j in range(3):
+        single, _ = lrp_epsilon_and_logits(model, x, targets[:, j:j + 1], epsilon=0.01)
+        torch.testing.assert_close(maps[:, j], single[:, 0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(logits, model(x), rtol=1e-12, atol=1e-12)

@@ -643,7 +643,9 @@ def lrp_epsilon_and_logits(
         picked = logits.gather(1, targets)  # (N, K)
         if k == 1:
             groups = [(targets.view(-1), picked.view(-1))]
-        elif x.device.type == "cuda":
+        elif x.device.type == "cuda" or x[0].numel() * n * k <= 16384:
+            # CPU too for tiny batches, where per-pass Python costs more than cache locality saves
+            # (two-layer CNN, 1x28^2, K = 3: 1.08x -> 0.99x the cost of K input-gradient backwards).
             groups = [(targets.t().reshape(-1), picked.t().reshape(-1))]  # (K*N,), target-major
         else:
             groups = list(zip(targets.t(), picked.t()))
