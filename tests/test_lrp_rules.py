@@ -260,3 +260,28 @@ def test_k_targets_give_the_maps_of_k_single_target_calls(shape):
         single, _ = lrp_epsilon_and_logits(model, x, targets[:, j:j + 1], epsilon=0.01)
         torch.testing.assert_close(maps[:, j], single[:, 0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(logits, model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch, channels, side", [("tap-cnn", 1, 28), ("resnet18", 3, 32), ("vgg11_bn", 3, 32)])
+def test_the_directly_called_steps_equal_their_rules(arch, channels, side, monkeypatch):
+    # The relevance plan calls the builtin convolution, linear, max-pool, flatten and same-size
+    # average-pool rules directly; through their Steps (the rule table) the maps must be the same.
+    import auditkit.explain.lrp as lrp_module
+    from auditkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, 10, channels, (side, side)).double().eval()
+    x = torch.rand(2, channels, side, side, dtype=torch.float64)
+    targets = torch.tensor([[1, 4], [7, 2]])
+    direct, _ = lrp_epsilon_and_logits(model, x, targets, epsilon=0.01)
+    kinds = {kind for _node, kind, _data in lrp_module._plan_for(lrp_module.trace(model.net))}
+    assert lrp_module._CONV in kinds and lrp_module._LINEAR in kinds
+    original = lrp_module._plan_for
+    direct_kinds = {lrp_module._CONV, lrp_module._LINEAR, lrp_module._MAX_POOL, lrp_module._FLATTEN, lrp_module._SAME_POOL}
+
+    def through_rules(traced):
+        return [(node, lrp_module._RULE if kind in direct_kinds else kind, data) for node, kind, data in original(traced)]
+
+    monkeypatch.setattr(lrp_module, "_plan_for", through_rules)
+    by_rules, _ = lrp_epsilon_and_logits(model, x, targets, epsilon=0.01)
+    torch.testing.assert_close(direct, by_rules, rtol=1e-12, atol=1e-14)

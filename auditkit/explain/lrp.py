@@ -445,9 +445,10 @@ def _step(traced: TracedNetwork, env: dict, node: fx.Node, relevance: torch.Tens
     return step, sources
 
 
-_INPUT, _PART, _MERGED, _PASS, _CONV, _LINEAR, _MAX_POOL, _RULE = range(8)
+_INPUT, _PART, _MERGED, _PASS, _CONV, _LINEAR, _MAX_POOL, _FLATTEN, _SAME_POOL, _RULE = range(10)
 _CONV_OP = torch.ops.auditkit.lrp_epsilon_conv2d.default
 _LINEAR_OP = torch.ops.auditkit.lrp_epsilon_linear.default
+_RATIO_OP = torch.ops.auditkit.lrp_epsilon_ratio.default
 
 
 def _plan_for(traced: TracedNetwork) -> list:
@@ -458,7 +459,7 @@ def _plan_for(traced: TracedNetwork) -> list:
     of LRP at batch 1 (a hand-written pass of the same kernels takes 0.8x a gradient)."""
     if traced._plan is not None:
         return traced._plan
-    from .lrp_rules import linear_rule, winner_takes_all_rule
+    from .lrp_rules import average_pool_rule, linear_rule, reshape_rule, winner_takes_all_rule
 
     plan = []
     for node in reversed(list(traced.graph.nodes)):
@@ -484,6 +485,10 @@ def _plan_for(traced: TracedNetwork) -> list:
                 plan.append((node, _LINEAR, target))
             elif plain and rule is winner_takes_all_rule and _pool_with_indices(node, traced, lambda a: a) is not None:
                 plan.append((node, _MAX_POOL, None))
+            elif plain and rule is reshape_rule and type(target) is nn.Flatten and target.start_dim == 1:
+                plan.append((node, _FLATTEN, None))  # the batch stays first: R takes the input's shape back
+            elif plain and rule is average_pool_rule and type(target) is nn.AdaptiveAvgPool2d:
+                plan.append((node, _SAME_POOL, None))  # to the input's own size: the identity map (else the rule)
             else:
                 plan.append((node, _RULE, None))
     traced._plan = plan
@@ -546,6 +551,16 @@ def propagate(
                 indices = indices.repeat(k, 1, 1)
             out = torch.zeros((r.shape[0], a.shape[1], a.shape[2] * a.shape[3]), dtype=r.dtype, device=r.device)
             contributions = ((source, out.scatter_add_(2, indices, r.flatten(2)).view(r.shape[0], *a.shape[1:])),)
+        elif kind == _SAME_POOL and env[node].shape == env[node.args[0]].shape:
+            # average_pool_rule's identity case: R_in = a ⊙ R / (z + ε·sign z) with z = a.
+            source = node.args[0]
+            a = env[source]
+            with below():
+                s = _RATIO_OP(r, env[node], epsilon)
+            contributions = ((source, (s.view(k, *a.shape) * a).view(r.shape)),)
+        elif kind == _FLATTEN:
+            source = node.args[0]
+            contributions = ((source, r.reshape(r.shape[0], *env[source].shape[1:])),)
         elif kind == _MERGED:  # a conv followed by this batch norm: one linear layer, W' = W γ/σ
             conv_node = data
             conv = traced.module(conv_node)
