@@ -44,11 +44,13 @@ def _walk(model: nn.Module):
     stack, seen = [model], set()
     while stack:
         module = stack.pop()
-        if id(module) in seen:
+        if module is None or id(module) in seen:
             continue
         seen.add(id(module))
         yield module
-        stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+        children = module._modules
+        if children:
+            stack.extend(reversed(children.values()))
 
 
 def _parameter(model: nn.Module) -> torch.Tensor | None:
