@@ -221,7 +221,7 @@ RATIOS = {
     "gradcam_vs_backward_to_layer": ("auditkit_gradcam", "forward_backward_to_layer", 1.05),
     "gradcam_vs_pytorch_grad_cam": ("auditkit_gradcam", "pytorch_grad_cam", None),
 }
-PAIRS = {"cpu": {"two_layer_cnn_1x28": 41, "two_layer_cnn_256x28": 15, "resnet18_1x112": 21, "resnet18_8x112": 11,
+PAIRS = {"cpu": {"two_layer_cnn_1x28": 201, "two_layer_cnn_256x28": 15, "resnet18_1x112": 21, "resnet18_8x112": 11,
                  "resnet18_16x224": 5, "resnet50_4x224": 5, "efficientnet_b0_4x224": 7, "convnext_tiny_4x224": 5},
          "cuda": {name: 50 for name in CONFIGS}}
 
