@@ -346,7 +346,7 @@ def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, d
         except Exception:  # noqa: BLE001 - any codegen failure: interpret instead
             traced.interpret = True
     if compiled is not None and all(traced.module_at(target) is module for target, module in compiled.submodules):
-        output, values = compiled.module(x)
+        output, values = compiled.module.forward(x)  # our own GraphModule: no hooks to run, one call layer less
         env = dict(zip(compiled.keys, values))
         for layer, relu in compiled.aliases:
             env[layer] = env[relu]  # see the interpreter's comment on relu(z)
