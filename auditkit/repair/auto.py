@@ -46,7 +46,7 @@ class AutoConfig:
 def decision_audit(model, dataset, config: RepairConfig, context: Context | None = None) -> AuditReport:
     """The behavioural audit that decides whether ``model`` still relies on the annotated signal: the
     validation split (the audit split when there is none), no attribution maps, no pictures."""
-    split = config.val_split if config.val_split in dataset.splits else config.audit_split
+    split = _decision_split(dataset, config)
     base = config.audit or AuditConfig()
     audit = AuditConfig(methods=(), layers=(), examples=0, precision=base.precision, seed=base.seed,
                         thresholds=base.thresholds, batch_size=base.batch_size)
@@ -62,10 +62,19 @@ def repair_decision(before, after, dataset, config: RepairConfig, max_accuracy_d
     accuracy_drop, succeeded}."""
     start = _numbers(decision_audit(before, dataset, config, context))
     numbers = _numbers(decision_audit(after, dataset, config, context))
+    return {**numbers, "split": _decision_split(dataset, config), **_judged(start, numbers, max_accuracy_drop)}
+
+
+def _decision_split(dataset, config: RepairConfig) -> str:
+    return config.val_split if config.val_split in dataset.splits else config.audit_split
+
+
+def _judged(start: dict, numbers: dict, max_accuracy_drop: float) -> dict:
+    """The one success rule of a repair: not reliant, and at most ``max_accuracy_drop`` of the
+    reference variant's validation accuracy lost (``start``/``numbers``: _numbers before/after)."""
     reference = start["reference_variant"]
     drop = start["val_accuracy"][reference] - numbers["val_accuracy"][reference]
-    split = config.val_split if config.val_split in dataset.splits else config.audit_split
-    return {**numbers, "split": split, "accuracy_drop": round(drop, 4),
+    return {"accuracy_drop": round(drop, 4),
             "succeeded": numbers["verdict"] == "not reliant" and drop <= max_accuracy_drop}
 
 
@@ -108,7 +117,6 @@ def run_auto_repair(
     started = time.perf_counter()
     before_val = decision_audit(model, dataset, config, context)
     start = _numbers(before_val)
-    reference = start["reference_variant"]
     # Ground-truth masks beat a teacher's: the teacher then serves TEA only.
     has_masks = dataset.select(split=config.train_split).has_masks
     attempts: list[dict] = []
@@ -128,10 +136,8 @@ def run_auto_repair(
         tried = time.perf_counter()
         result = run_repair(model, dataset, attempt_config, context=context, show_progress=show_progress)
         numbers = _numbers(decision_audit(result.model, dataset, config, context))
-        drop = start["val_accuracy"][reference] - numbers["val_accuracy"][reference]
         row = {"method": name, "lambda": result.lam, "options": result.document["options"], **numbers,
-               "accuracy_drop": round(drop, 4), "seconds": round(time.perf_counter() - tried, 1)}
-        row["succeeded"] = numbers["verdict"] == "not reliant" and drop <= auto.max_accuracy_drop
+               **_judged(start, numbers, auto.max_accuracy_drop), "seconds": round(time.perf_counter() - tried, 1)}
         attempts.append(row)
         if on_attempt is not None:
             on_attempt(row)
