@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import AuditkitError, OutputExistsError
+
+# Below this much free space a failed write is put down to a full disk: torch.save reports ENOSPC
+# as a RuntimeError from its zip writer ("unexpected pos ..."), not as an OSError.
+_NEARLY_FULL = 16 * 2**20
 
 
 def _default_file_mode() -> int:
@@ -35,10 +41,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwri
         write(tmp)
         os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600 files
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as error:
+        failure = _write_failure(target, error)
+        if failure is error:
+            raise
+        raise failure from error
     finally:
         if tmp.exists():
             tmp.unlink()
     return target
+
+
+def _write_failure(target: Path, error: Exception) -> Exception:
+    """The one line a failed write becomes, or ``error`` itself when its cause is not the disk's."""
+    if isinstance(error, AuditkitError):
+        return error
+    free = shutil.disk_usage(target.parent).free  # measured while the partial temp file still exists
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < _NEARLY_FULL:
+        return AuditkitError(f"could not write {target}: no space left on its disk ({free / 2**20:.0f} MiB free); "
+                             "free some space or write elsewhere")
+    if isinstance(error, OSError):
+        return AuditkitError(f"could not write {target}: {error.strerror or error}")
+    return error
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:

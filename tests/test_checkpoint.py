@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from auditkit import __version__
-from auditkit.errors import CheckpointError, OutputExistsError, ParameterError
+from auditkit.errors import AuditkitError, CheckpointError, OutputExistsError, ParameterError
 from auditkit.models import (
     AuditModel,
     build_model,
@@ -146,6 +146,58 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, tap_model, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tap_model, tmp_path / "m.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def _fill_the_disk(monkeypatch, error: Exception, free: int) -> None:
+    """torch.save writes part of the file, then fails as it does on a full disk."""
+    import shutil
+
+    def write_then_fail(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04 part of a checkpoint")
+        raise error
+
+    monkeypatch.setattr(torch, "save", write_then_fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    # what torch.save raises on a full disk: its zip writer's check, not an OSError
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000148160 vs 1000148048"),
+], ids=["ENOSPC", "torch-zip-writer"])
+def test_a_full_disk_is_one_line_and_the_old_file_survives(tmp_path, tap_model, monkeypatch, error):
+    path = save_checkpoint(tap_model, tmp_path / "m.pt")
+    before = path.read_bytes()
+    _fill_the_disk(monkeypatch, error, free=4096)
+    with pytest.raises(AuditkitError, match=r"could not write .*m\.pt: no space left on its disk \(0 MiB free\)") as info:
+        save_checkpoint(tap_model, path, overwrite=True)
+    assert_one_line(info)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_a_write_error_that_is_not_the_disk_keeps_its_cause(tmp_path, tap_model, monkeypatch):
+    _fill_the_disk(monkeypatch, PermissionError(13, "Permission denied"), free=10**9)
+    with pytest.raises(AuditkitError, match=r"could not write .*m\.pt: Permission denied$"):
+        save_checkpoint(tap_model, tmp_path / "m.pt")
+    _fill_the_disk(monkeypatch, RuntimeError("a bug of ours"), free=10**9)  # not a write failure: raised as it is
+    with pytest.raises(RuntimeError, match="^a bug of ours$"):
+        save_checkpoint(tap_model, tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_says_a_full_disk_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from auditkit.cli import app
+
+    _fill_the_disk(monkeypatch, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"), free=0)
+    out = tmp_path / "m.pt"
+    result = CliRunner().invoke(app, ["train", "--data", "builtin:decoy-digits", "--arch", "tap-cnn", "--epochs", "1",
+                                      "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "could not write" in last and "no space left on its disk" in last and "Traceback" not in result.output
+    assert not out.exists()
 
 
 def test_unsupported_suffix(tmp_path, tap_model):
