@@ -68,6 +68,19 @@ def test_data_make_refuses_to_overwrite_and_checks_parameters(digits_folder, tmp
     assert not (tmp_path / "y").exists()
 
 
+def test_an_operating_system_error_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    # Any file the system refuses (here a full disk while writing the npz) is one line, not a traceback.
+    import numpy as np
+
+    def full(path, **arrays):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(np, "savez_compressed", full)
+    line = error_line(run("data", "make", "decoy-patch", tmp_path / "d", "--source", "sklearn-digits", "--format", "npz"))
+    assert line.endswith("dataset.npz: No space left on device"), line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_data_show_and_list():
     result = run("data", "show", "builtin:decoy-digits", "--json", "-")
     assert result.exit_code == 0 and json.loads(result.output)["classes"][0] == "0"

@@ -70,6 +70,12 @@ def handles_errors(command):
             fail(str(error))
         except FileExistsError as error:
             fail(str(error))
+        except OSError as error:
+            if error.errno is None:  # not the operating system's answer: a bug of ours, shown in full
+                raise
+            # A file the system refused (full disk, no permission, a folder gone): one line, not a traceback.
+            where = f"{error.filename}: " if error.filename else ""
+            fail(f"{where}{error.strerror or error}")
         except KeyboardInterrupt:
             typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(130) from None
