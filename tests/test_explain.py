@@ -347,3 +347,23 @@ def test_target_forms():
         attribute(model, x, "label", "gradient")
     with pytest.raises(ParameterError, match="`method` must be one of"):
         attribute(model, x, 0, "shap")
+
+
+@pytest.mark.parametrize("replace", ["weights", "stride", "activation"])
+def test_a_module_replaced_after_an_explanation_is_explained_as_it_is_now(replace):
+    # The trace, its compiled forward and its relevance pass are cached per network; a module the
+    # user replaces afterwards must be the one explained next (compared with a fresh copy's maps).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5)).double().eval()
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    before = attribute(net, x, [1, 3], "lrp_epsilon", epsilon=0.01)
+    new = {"weights": lambda: nn.Conv2d(4, 4, 3, padding=1),
+           "stride": lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1),
+           "activation": lambda: nn.SiLU()}[replace]()
+    torch.manual_seed(1)
+    net[2 if replace != "activation" else 1] = new.double()
+    after = attribute(net, x, [1, 3], "lrp_epsilon", epsilon=0.01)
+    fresh = attribute(copy.deepcopy(net), x, [1, 3], "lrp_epsilon", epsilon=0.01)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+    assert not torch.allclose(after, before)

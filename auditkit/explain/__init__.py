@@ -33,7 +33,7 @@ from .lrp_rules import (
     sum_rule,
     winner_takes_all_rule,
 )
-from .validate import SelectLogits, as_targets, check_images, check_logits, logits_from, untouched
+from .validate import SelectLogits, as_targets, check_logits, explained, logits_from
 
 METHODS: dict[str, Callable] = {
     "lrp_epsilon": lrp_epsilon,
@@ -93,8 +93,7 @@ def attribute(
     """
     if method not in METHODS:
         raise ParameterError("method", f"must be one of {', '.join(METHODS)}; got {method!r}")
-    check_images(model, x)
-    with untouched(model):
+    with explained(model, x):
         targets = resolve_targets(model, x, target, labels, output)
         # The method's own body: the checks and the eval mode above are the wrapper's already.
         run = METHODS[method].__wrapped__

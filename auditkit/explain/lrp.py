@@ -75,13 +75,19 @@ class TracedNetwork:
     _steps: dict = field(default_factory=dict)
     _plan: list | None = None  # the relevance pass, node by node (see _plan_for); valid like _steps
     _releases: list | None = None  # per plan step, the forward values read for the last time there
+    _pass: tuple | None = None  # (plan, the relevance pass generated for it: _generate_pass)
+    _same: tuple | None = None  # (number of paths, generated check that each path holds its module)
     _paths: dict = field(default_factory=dict)  # module target -> its attribute path, split once
     interpret: bool = False  # the code generator refused this graph: interpret it node by node
 
     def refresh(self) -> None:
         """Looks the modules up again (the user may have replaced one since the last explanation);
-        what was worked out per node is kept while every module object is the one it was made for."""
-        root, modules = self.root, {}
+        what was worked out per node, the compiled forward and the relevance pass are kept while
+        every module object is the one they were made for."""
+        root = self.root
+        if self._same is not None and self._same[0] == len(self._paths) and self._same[1](root):
+            return
+        modules = {}
         for target, parts in self._paths.items():
             module = root
             for part in parts:  # plain dict lookups: get_submodule's checks cost more
@@ -89,8 +95,9 @@ class TracedNetwork:
             modules[target] = module
         old = self._modules
         if len(old) != len(modules) or any(old.get(target) is not module for target, module in modules.items()):
-            self._identity, self._steps, self._plan = {}, {}, None
+            self._identity, self._steps, self._plan, self.compiled = {}, {}, None, None
         self._modules = modules
+        self._same = (len(self._paths), _generate_same_modules(self._paths, modules))
 
     @property
     def root(self) -> nn.Module:
@@ -143,6 +150,29 @@ class TracedNetwork:
             cached = (key, weight)
             self.merged_weights[bn_node] = cached
         return cached[1]
+
+
+def _generate_same_modules(paths: dict, modules: dict):
+    """``same(root)``: whether every module path of ``paths`` still leads to the object in ``modules``,
+    as straight-line code (each call of an explanation checks it; looping over the paths cost as much
+    as a small layer)."""
+    names, variables = {}, {(): "m"}
+    lines = ["def same(m):"]
+    for target, parts in sorted(paths.items(), key=lambda item: len(item[1])):
+        for depth in range(1, len(parts) + 1):
+            prefix = parts[:depth]
+            if prefix in variables:
+                continue
+            variables[prefix] = f"m{len(variables)}"
+            lines.append(f"    {variables[prefix]} = {variables[prefix[:-1]]}._modules.get({prefix[-1]!r})")
+            lines.append(f"    if {variables[prefix]} is None:")
+            lines.append("        return False")
+        names[f"t{len(names)}"] = modules[target]
+        lines.append(f"    if {variables[parts]} is not t{len(names) - 1}:")
+        lines.append("        return False")
+    lines.append("    return True")
+    exec(compile("\n".join(lines) + "\n", "<auditkit lrp module check>", "exec"), names)
+    return names["same"]
 
 
 _TRACES: "weakref.WeakKeyDictionary[nn.Module, TracedNetwork]" = weakref.WeakKeyDictionary()
@@ -276,13 +306,12 @@ class _CompiledForward:
     module: fx.GraphModule
     keys: list  # env keys of the returned values, in order
     aliases: list  # (layer node, its ReLU node): the layer's value is replaced by relu(z) (see run_forward)
-    submodules: list  # (target, module object) the code calls: checked before each use
 
 
 def _compile_forward(traced: TracedNetwork) -> _CompiledForward:
     graph = fx.Graph()
     mapping: dict[fx.Node, fx.Node] = {}
-    keys, values, submodules = [], [], []
+    keys, values = [], []
     output_value = None
 
     def new(arg):
@@ -315,7 +344,6 @@ def _compile_forward(traced: TracedNetwork) -> _CompiledForward:
                 if getattr(module, "inplace", False):
                     args = (graph.call_method("clone", (args[0],)), *args[1:])
                 mapping[node] = graph.call_module(node.target, args, kwargs)
-            submodules.append((node.target, module))
         elif node.op == "call_function":
             kwargs = dict(new(node.kwargs))
             if kwargs.get("inplace"):
@@ -328,7 +356,7 @@ def _compile_forward(traced: TracedNetwork) -> _CompiledForward:
             keys.append(node)
             values.append(mapping[node])
     graph.output((output_value, tuple(values)))
-    return _CompiledForward(fx.GraphModule(traced.root, graph), keys, aliases, submodules)
+    return _CompiledForward(fx.GraphModule(traced.root, graph), keys, aliases)
 
 
 def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, dict[fx.Node, object]]:
@@ -336,16 +364,17 @@ def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, d
 
     Max pools also keep the positions of their maxima (under ``(node, "indices")``), which the
     winner-takes-all rule needs; computing them now saves a second pooling pass. The graph runs as
-    generated code, compiled once per trace; the node-by-node interpreter below serves a graph the
-    code generator cannot take and a network whose modules were replaced since it was traced.
+    generated code, compiled once per trace and module set (a replaced module compiles it again);
+    the node-by-node interpreter below serves a graph the code generator cannot take.
     """
+    traced.refresh()  # the user may have replaced a module since the last call
     compiled = traced.compiled
     if compiled is None and not traced.interpret:
         try:
             compiled = traced.compiled = _compile_forward(traced)
         except Exception:  # noqa: BLE001 - any codegen failure: interpret instead
             traced.interpret = True
-    if compiled is not None and all(traced.module_at(target) is module for target, module in compiled.submodules):
+    if compiled is not None:  # made for today's modules: refresh() drops it when one was replaced
         output, values = compiled.module.forward(x)  # our own GraphModule: no hooks to run, one call layer less
         env = dict(zip(compiled.keys, values))
         for layer, relu in compiled.aliases:
@@ -526,6 +555,127 @@ def _last_reads(plan: list) -> list[list]:
     return releases
 
 
+def _general_step(traced: TracedNetwork, env: dict, relevance: dict, node: fx.Node, kind: int, data, r, k: int,
+                  epsilon: float, create_graph: bool) -> None:
+    """One step of the relevance pass that the generated code does not inline: adds what ``node``
+    passes back to its inputs' entries in ``relevance`` (a tuple's part, a merged convolution, a rule
+    through its Step, and a direct step whose value it cannot take, e.g. a linear layer on 3-d input)."""
+    if isinstance(r, dict):  # a tuple-valued node (chunk, split): its parts' relevances, zero where none came
+        r = [r.get(i) if r.get(i) is not None else
+             torch.zeros((k * part.shape[0], *part.shape[1:]), dtype=part.dtype, device=part.device)
+             for i, part in enumerate(env[node])]
+    if kind == _PART and isinstance(env[node.args[0]], (tuple, list)):
+        # One part of a tuple: its relevance waits in the tuple node's slot for the part.
+        parts = relevance.setdefault(node.args[0], {})
+        index = node.args[1]
+        parts[index] = parts[index] + r if index in parts else r
+        return
+    if kind == _MERGED:  # a conv followed by this batch norm: one linear layer, W' = W γ/σ
+        conv_node = data
+        conv = traced.module(conv_node)
+        step, _ = _step(traced, env, conv_node, r, k, epsilon, create_graph)
+        step.output = env[node]
+        merged_weight = traced.merged_weight(node, conv, traced.module(node), env[conv_node],
+                                             create_graph or torch.is_grad_enabled())
+        contributions = ((conv_node.args[0], conv2d_rule(step, merged_weight)[0]),)
+    else:
+        if node.op not in _KINDS:
+            raise UnsupportedLayerError(f"LRP-epsilon has no rule for graph node {node.name} ({node.op})")
+        step, sources = _step(traced, env, node, r, k, epsilon, create_graph)
+        rule = _node_facts(traced, node)[2]
+        if rule is None:
+            raise UnsupportedLayerError(no_rule_message(step.name, step.kind, step.target))
+        contributions = zip(sources, rule(step))
+    for source, value in contributions:
+        if value is None or not isinstance(source, fx.Node) or source.op == "get_attr":
+            continue
+        relevance[source] = relevance[source] + value if source in relevance else value
+
+
+# The direct steps, as code: ``s`` is the step's input node, ``m`` its module, ``i`` the pool's
+# indices key; what conv2d_rule, linear_rule, winner_takes_all_rule, reshape_rule, average_pool_rule
+# (to the input's own size: the identity map) and the identity rule compute (tested against them).
+_DIRECT_CODE = {
+    _CONV: ["with below():",
+            "    v = CONV(env[{s}], env[{n}], r, {m}.weight, list({m}.stride), list({m}.padding), list({m}.dilation), "
+            "{m}.groups, epsilon)"],
+    _LINEAR: ["if env[{s}].dim() != 2:",
+              "    general(traced, env, rel, {n}, {kind}, {m}, r, k, epsilon, create_graph)",
+              "else:",
+              "    with below():",
+              "        v = LINEAR(env[{s}], env[{n}], r, {m}.weight, epsilon)"],
+    _MAX_POOL: ["a = env[{s}]",
+                "indices = env[{i}].flatten(2)",
+                "if k > 1:",
+                "    indices = indices.repeat(k, 1, 1)",
+                "v = torch.zeros((r.shape[0], a.shape[1], a.shape[2] * a.shape[3]), dtype=r.dtype, device=r.device)",
+                "v = v.scatter_add_(2, indices, r.flatten(2)).view(r.shape[0], *a.shape[1:])",
+                "a = indices = None"],
+    _FLATTEN: ["v = r.reshape(r.shape[0], *env[{s}].shape[1:])"],
+    _SAME_POOL: ["a = env[{s}]",
+                 "if env[{n}].shape != a.shape:",
+                 "    general(traced, env, rel, {n}, {kind}, {m}, r, k, epsilon, create_graph)",
+                 "else:",
+                 "    with below():",
+                 "        v = RATIO(r, env[{n}], epsilon)",  # R_in = a ⊙ R / (z + ε·sign z), z = a
+                 "    v = (v.view(k, *a.shape) * a).view(r.shape)",
+                 "a = None"],
+    _PASS: ["if env[{s}].shape != env[{n}].shape:",
+            "    general(traced, env, rel, {n}, {kind}, {m}, r, k, epsilon, create_graph)",
+            "else:",
+            "    v = r"],  # an elementwise layer under the identity rule (a ReLU, a dropout): R_in = R
+}
+
+
+def _generate_pass(plan: list, releases: list):
+    """The relevance pass over ``plan`` as one generated Python function (straight-line code, the way
+    torch.fx generates a forward): every step's kind, inputs and forward values are known when the
+    plan is made, so the per-step dispatch of an interpreter loop is done once here. At one 28x28
+    image that dispatch was a tenth of the call."""
+    names: dict = {"CONV": _CONV_OP, "LINEAR": _LINEAR_OP, "RATIO": _RATIO_OP, "torch": torch,
+                   "general": _general_step}
+    constants: dict = {}
+
+    def name(value, prefix: str) -> str:
+        key = id(value)
+        if key not in constants:
+            constants[key] = f"{prefix}{len(constants)}"
+            names[constants[key]] = value
+        return constants[key]
+
+    lines = ["def relevance_pass(traced, env, rel, k, epsilon, create_graph, release, below):",
+             "    found = None"]
+    for position, (node, kind, data) in enumerate(plan):
+        n = name(node, "n")
+        lines.append(f"    r = rel.pop({n}, None)  # {node.name}")
+        if kind == _INPUT:
+            lines.append("    if r is not None:")
+            lines.append("        found = r")
+        elif kind in _DIRECT_CODE:
+            source = data if kind == _PASS else node.args[0]
+            fields = {"n": n, "s": name(source, "n"), "m": name(data, "d"), "kind": kind,
+                      "i": name((node, "indices"), "k") if kind == _MAX_POOL else ""}
+            lines.append("    if r is not None:")
+            lines.append("        v = None")
+            lines.extend("        " + line.format(**fields) for line in _DIRECT_CODE[kind])
+            lines.append("        if v is not None:")
+            lines.append(f"            rel[{fields['s']}] = rel[{fields['s']}] + v if {fields['s']} in rel else v")
+            lines.append("        r = v = None  # this step's tensors are gone before the next allocates")
+        else:
+            lines.append("    if r is not None:")
+            lines.append(f"        general(traced, env, rel, {n}, {kind}, {name(data, 'd')}, r, k, epsilon, create_graph)")
+            lines.append("        r = None")
+        if releases[position]:
+            keys = ", ".join(name(key, "k") if isinstance(key, tuple) else name(key, "n") for key in releases[position])
+            lines.append("    if release:")
+            lines.append(f"        for key in ({keys},):")
+            lines.append("            env.pop(key, None)")
+    lines.append("    return found")
+    code = "\n".join(lines) + "\n"
+    exec(compile(code, "<auditkit lrp relevance pass>", "exec"), names)
+    return names["relevance_pass"]
+
+
 def propagate(
     traced: TracedNetwork,
     env: dict,
@@ -542,87 +692,14 @@ def propagate(
     peak to 1.58x a gradient's, and each call then touched fresh memory the allocator had returned
     to the system (page faults: 1.2x a gradient's time at 256x28^2)."""
     output_node = next(n for n in reversed(traced.graph.nodes) if n.op == "output")
-    relevance: dict = {output_node.args[0]: output_relevance}
-    input_relevance = None
-    # Without a graph to keep, the fused ops skip their (Python) autograd layer; the directly called
-    # builtin rules below are what conv2d_rule, linear_rule and winner_takes_all_rule compute.
-    below = torch._C._AutoDispatchBelowAutograd if not create_graph else contextlib.nullcontext
     plan = _plan_for(traced)
-    releases = traced._releases
-    for position, (node, kind, data) in enumerate(plan):
-        if release and position:  # what the previous step read for the last time
-            for key in releases[position - 1]:
-                env.pop(key, None)
-        r = relevance.pop(node, None)
-        if r is None:
-            continue
-        if kind == _INPUT:
-            input_relevance = r
-            continue
-        if isinstance(r, dict):  # a tuple-valued node (chunk, split): its parts' relevances, zero where none came
-            r = [r.get(i) if r.get(i) is not None else
-                 torch.zeros((k * part.shape[0], *part.shape[1:]), dtype=part.dtype, device=part.device)
-                 for i, part in enumerate(env[node])]
-        if kind == _PART and isinstance(env[node.args[0]], (tuple, list)):
-            # One part of a tuple: its relevance waits in the tuple node's slot for the part.
-            parts = relevance.setdefault(node.args[0], {})
-            index = node.args[1]
-            parts[index] = parts[index] + r if index in parts else r
-            continue
-        if kind == _CONV:
-            source = node.args[0]
-            with below():
-                value = _CONV_OP(env[source], env[node], r, data.weight, list(data.stride), list(data.padding),
-                                 list(data.dilation), data.groups, epsilon)
-            contributions = ((source, value),)
-        elif kind == _LINEAR and env[node.args[0]].dim() == 2:
-            source = node.args[0]
-            with below():
-                value = _LINEAR_OP(env[source], env[node], r, data.weight, epsilon)
-            contributions = ((source, value),)
-        elif kind == _MAX_POOL:
-            source = node.args[0]
-            a, indices = env[source], env[(node, "indices")].flatten(2)
-            if k > 1:
-                indices = indices.repeat(k, 1, 1)
-            out = torch.zeros((r.shape[0], a.shape[1], a.shape[2] * a.shape[3]), dtype=r.dtype, device=r.device)
-            contributions = ((source, out.scatter_add_(2, indices, r.flatten(2)).view(r.shape[0], *a.shape[1:])),)
-        elif kind == _SAME_POOL and env[node].shape == env[node.args[0]].shape:
-            # average_pool_rule's identity case: R_in = a ⊙ R / (z + ε·sign z) with z = a.
-            source = node.args[0]
-            a = env[source]
-            with below():
-                s = _RATIO_OP(r, env[node], epsilon)
-            contributions = ((source, (s.view(k, *a.shape) * a).view(r.shape)),)
-        elif kind == _FLATTEN:
-            source = node.args[0]
-            contributions = ((source, r.reshape(r.shape[0], *env[source].shape[1:])),)
-        elif kind == _MERGED:  # a conv followed by this batch norm: one linear layer, W' = W γ/σ
-            conv_node = data
-            conv = traced.module(conv_node)
-            step, _ = _step(traced, env, conv_node, r, k, epsilon, create_graph)
-            step.output = env[node]
-            merged_weight = traced.merged_weight(node, conv, traced.module(node), env[conv_node],
-                                                 create_graph or torch.is_grad_enabled())
-            contributions = ((conv_node.args[0], conv2d_rule(step, merged_weight)[0]),)
-        elif kind == _PASS and env[data].shape == env[node].shape:
-            # An elementwise layer under the identity rule (a ReLU, a dropout): R_in = R, no Step built.
-            contributions = ((data, r),)
-        else:
-            if node.op not in _KINDS:
-                raise UnsupportedLayerError(f"LRP-epsilon has no rule for graph node {node.name} ({node.op})")
-            step, sources = _step(traced, env, node, r, k, epsilon, create_graph)
-            rule = _node_facts(traced, node)[2]
-            if rule is None:
-                raise UnsupportedLayerError(no_rule_message(step.name, step.kind, step.target))
-            contributions = zip(sources, rule(step))
-        for source, value in contributions:
-            if value is None or not isinstance(source, fx.Node) or source.op == "get_attr":
-                continue
-            relevance[source] = relevance[source] + value if source in relevance else value
-        # This step's tensors (and views that keep their storage, e.g. the flattened indices) are
-        # gone before the next step allocates.
-        contributions = r = a = indices = out = s = value = None
+    if traced._pass is None or traced._pass[0] is not plan:
+        traced._pass = (plan, _generate_pass(plan, traced._releases))
+    # Without a graph to keep, the fused ops skip their (Python) autograd layer; the direct steps
+    # compute what conv2d_rule, linear_rule and winner_takes_all_rule do.
+    below = torch._C._AutoDispatchBelowAutograd if not create_graph else contextlib.nullcontext
+    input_relevance = traced._pass[1](traced, env, {output_node.args[0]: output_relevance}, k, epsilon, create_graph,
+                                      release, below)
     if input_relevance is None:
         raise UnsupportedLayerError("no relevance reached the network input (is the output independent of it?)")
     return input_relevance
@@ -665,11 +742,9 @@ def lrp_epsilon_and_logits(
             normalised = (x - model.mean) / model.std
             network_input = model._upsample_to_min_size(normalised)
             traced = trace(model.net)
-            traced.refresh()
         else:
             normalised = network_input = x
             traced = trace(model)
-            traced.refresh()
         logits, env = run_forward(traced, network_input)
         check_targets(targets, n, check_logits(logits, n))
         device_type = x.device.type
@@ -690,18 +765,18 @@ def lrp_epsilon_and_logits(
         # with one gather and one scatter (an index_put over aranges cost ~0.1 ms per call at 1x28^2).
         picked = logits.gather(1, targets)  # (N, K)
         if k == 1:
-            groups = [(targets.view(-1), picked.view(-1))]
+            groups = [(targets, picked)]
         elif x.device.type == "cuda" or x[0].numel() * n * k <= 16384:
             # CPU too for tiny batches, where per-pass Python costs more than cache locality saves
             # (two-layer CNN, 1x28^2, K = 3: 1.08x -> 0.99x the cost of K input-gradient backwards).
-            groups = [(targets.t().reshape(-1), picked.t().reshape(-1))]  # (K*N,), target-major
+            groups = [(targets.t().reshape(-1, 1), picked.t().reshape(-1, 1))]  # (K*N, 1), target-major
         else:
-            groups = list(zip(targets.t(), picked.t()))
+            groups = [(targets[:, j:j + 1], picked[:, j:j + 1]) for j in range(k)]
         maps = []
-        for group, values in groups:
+        for group, values in groups:  # class indices (rows, 1) and their logits (rows, 1)
             per_group = group.shape[0] // n
             start = torch.zeros((group.shape[0], logits.shape[1]), dtype=logits.dtype, device=logits.device)
-            start.scatter_(1, group[:, None], values[:, None])
+            start.scatter_(1, group, values)
             last = group is groups[-1][0]
             relevance = propagate(traced, env, start, k=per_group, epsilon=epsilon, create_graph=create_graph,
                                   release=last)

@@ -27,15 +27,28 @@ from ..errors import ParameterError
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _survey(model: nn.Module) -> tuple[int | None, torch.Tensor | None, bool]:
+    """(the channel count the model takes, its first floating parameter or buffer, whether any module
+    is in training mode), from one walk over the modules: the checks and the eval-mode guard run on
+    every call, and at one small image two walks were a tenth of LRP's own overhead."""
+    meta = getattr(model, "meta", None)
+    channels = int(meta.in_channels) if meta is not None and getattr(meta, "in_channels", None) else None
+    reference, training = None, False
+    for module in _walk(model):
+        training = training or module.training
+        if channels is None and isinstance(module, nn.Conv2d):
+            channels = int(module.in_channels)
+        if reference is None:
+            for tensor in (*module._parameters.values(), *module._buffers.values()):
+                if tensor is not None and tensor.is_floating_point():
+                    reference = tensor
+                    break
+    return channels, reference, training
+
+
 def expected_channels(model: nn.Module) -> int | None:
     """The channel count the model takes: an auditkit model's, else its first convolution's."""
-    meta = getattr(model, "meta", None)
-    if meta is not None and getattr(meta, "in_channels", None):
-        return int(meta.in_channels)
-    for module in _walk(model):
-        if isinstance(module, nn.Conv2d):
-            return int(module.in_channels)
-    return None
+    return _survey(model)[0]
 
 
 def _walk(model: nn.Module):
@@ -53,30 +66,21 @@ def _walk(model: nn.Module):
             stack.extend(reversed(children.values()))
 
 
-def _parameter(model: nn.Module) -> torch.Tensor | None:
-    """The model's first floating parameter or buffer (its device and dtype)."""
-    for module in _walk(model):
-        for tensor in (*module._parameters.values(), *module._buffers.values()):
-            if tensor is not None and tensor.is_floating_point():
-                return tensor
-    return None
-
-
-def check_images(model: nn.Module, x: Any) -> None:
-    """Images for ``model``: a floating (N, C, H, W) tensor with the model's channels, device and dtype."""
+def check_images(model: nn.Module, x: Any, survey: tuple | None = None) -> None:
+    """Images for ``model``: a floating (N, C, H, W) tensor with the model's channels, device and dtype.
+    ``survey``: the model's ``_survey`` when the caller has it already."""
     if not isinstance(x, torch.Tensor):
         raise ParameterError("images", f"must be a torch.Tensor of shape (N, C, H, W); got {type(x).__name__}")
     if x.dim() != 4:
         raise ParameterError("images", f"must have shape (N, C, H, W); got {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
         raise ParameterError("images", f"must be floating (values in [0, 1] for an auditkit model); got {x.dtype}")
-    channels = expected_channels(model)
+    channels, reference, _training = survey if survey is not None else _survey(model)
     if channels is not None and x.shape[1] != channels:
         raise ParameterError("images", f"must have {channels} channel(s) for this model; got {x.shape[1]} "
                              f"(shape {tuple(x.shape)})")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ParameterError("images", f"must be at least 1x1 pixels; got {x.shape[2]}x{x.shape[3]}")
-    reference = _parameter(model)
     if reference is not None:
         if reference.device != x.device:
             raise ParameterError("images", f"are on {x.device} but the model is on {reference.device}; move one of them")
@@ -147,24 +151,32 @@ class SelectLogits(nn.Module):
                                  f"{type(output).__name__} output ({error})") from error
 
 
-def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """Every module with its mode."""
-    return [(module, module.training) for module in _walk(model)]
-
-
 @contextmanager
-def untouched(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode for the block; every module's own mode restored afterwards."""
-    modes = _modes(model)
-    if not any(training for _, training in modes):  # already in eval mode: nothing to set or restore
+def untouched(model: nn.Module, training: bool | None = None) -> Iterator[nn.Module]:
+    """The model in eval mode for the block; every module's own mode restored afterwards.
+    ``training``: whether any module is in training mode, when the caller knows it (``_survey``)."""
+    if training is None:
+        training = any(module.training for module in _walk(model))
+    if not training:  # already in eval mode: nothing to set or restore
         yield model
         return
+    modes = [(module, module.training) for module in _walk(model)]
     model.eval()
     try:
         yield model
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextmanager
+def explained(model: nn.Module, x: Any) -> Iterator[nn.Module]:
+    """``check_images(model, x)``, then the model in eval mode for the block (``untouched``), from one
+    walk over the modules."""
+    survey = _survey(model)
+    check_images(model, x, survey)
+    with untouched(model, survey[2]):
+        yield model
 
 
 def as_targets(targets: Any, x: torch.Tensor) -> torch.Tensor:
@@ -197,9 +209,8 @@ def explanation_method(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(model: nn.Module, x: torch.Tensor, targets: Any, *, output: str | int | Callable | None = None,
                 **options: Any) -> torch.Tensor:
-        check_images(model, x)
-        targets = as_targets(targets, x)
-        with untouched(model):
+        with explained(model, x):
+            targets = as_targets(targets, x)
             net = model if output is None else SelectLogits(model, output)
             return method(net, x, targets, **options)
 
