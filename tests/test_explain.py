@@ -367,3 +367,26 @@ def test_a_module_replaced_after_an_explanation_is_explained_as_it_is_now(replac
     fresh = attribute(copy.deepcopy(net), x, [1, 3], "lrp_epsilon", epsilon=0.01)
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
     assert not torch.allclose(after, before)
+
+
+def test_a_hooked_layer_runs_with_its_hooks():
+    # The compiled forward runs builtin layers as their ops; a forward hook registered on one (here
+    # one that changes the layer's output) must run as it does in model(x): the logits LRP explains
+    # are the model's own, with and without the hook, and after it is removed.
+    from auditkit.explain.lrp import lrp_epsilon_and_logits
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double().eval()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    targets = torch.tensor([[0], [2]])
+    plain = lrp_epsilon_and_logits(net, x, targets)[1]
+    handle = net[0].register_forward_hook(lambda module, args, output: output + 1.0)
+    hooked = lrp_epsilon_and_logits(net, x, targets)[1]
+    torch.testing.assert_close(hooked, net(x), rtol=0, atol=0)
+    assert not torch.allclose(hooked, plain)
+    handle.remove()
+    torch.testing.assert_close(lrp_epsilon_and_logits(net, x, targets)[1], plain, rtol=0, atol=0)
+    seen = []  # a global hook sees every layer LRP's forward runs (the network itself is not called)
+    with torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: seen.append(module)):
+        lrp_epsilon_and_logits(net, x, targets)
+    assert seen == list(net)

@@ -298,18 +298,82 @@ def _in_float32(env: dict) -> dict:
             for key, value in env.items()}
 
 
+def _direct_call(module: nn.Module):
+    """``module(x)`` as its functional op, for builtin modules whose forward is exactly that op (the
+    exact type, no forward of its own on the instance), else None. Module.__call__ and the
+    parameter lookups through Module.__getattr__ were a tenth of a small network's forward; the
+    compiled forward uses these only while no hook is registered (see run_forward)."""
+    kind = type(module)
+    if "forward" in module.__dict__:
+        return None
+    parameters, buffers = module._parameters, module._buffers
+    if kind is nn.Conv2d and module.padding_mode == "zeros":
+        def conv2d(x):
+            return F.conv2d(x, parameters["weight"], parameters["bias"], module.stride, module.padding,
+                            module.dilation, module.groups)
+        return conv2d
+    if kind is nn.Linear:
+        def linear(x):
+            return F.linear(x, parameters["weight"], parameters["bias"])
+        return linear
+    if kind is nn.ReLU:
+        return F.relu  # out of place, as _OUT_OF_PLACE makes an in-place one
+    if kind is nn.AdaptiveAvgPool2d:
+        def adaptive_avg_pool2d(x):
+            return F.adaptive_avg_pool2d(x, module.output_size)
+        return adaptive_avg_pool2d
+    if kind is nn.Flatten:
+        def flatten(x):
+            return x.flatten(module.start_dim, module.end_dim)
+        return flatten
+    if kind is nn.BatchNorm2d:
+        def batch_norm(x):
+            if module.training or buffers.get("running_mean") is None:
+                return module(x)  # batch statistics, or none kept: the module's own logic
+            return F.batch_norm(x, buffers["running_mean"], buffers["running_var"], parameters["weight"],
+                                parameters["bias"], False, 0.0, module.eps)
+        return batch_norm
+    return None
+
+
+def _hook_check(modules: list):
+    """``hooked()``: whether a hook is registered on any of ``modules`` or globally (what
+    Module.__call__ checks before running a forward without them), as one generated expression."""
+    names = {f"m{i}": module for i, module in enumerate(modules)}
+    names["hooks"] = torch.nn.modules.module
+    terms = [f"hooks.{kind}" for kind in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                          "_global_backward_hooks", "_global_backward_pre_hooks")]
+    terms += [f"{name}.{kind}" for name in names if name != "hooks"
+              for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")]
+    exec(compile(f"def hooked():\n    return bool({' or '.join(terms)})\n", "<auditkit lrp hook check>", "exec"), names)
+    return names["hooked"]
+
+
 @dataclass
 class _CompiledForward:
     """The traced graph as generated Python code (torch.fx codegen) that returns every node's value:
     interpreting the graph node by node cost a third of a ResNet-18 forward at batch 1."""
 
-    module: fx.GraphModule
+    module: fx.GraphModule | None  # every module called as a module (None until a hook needs it)
     keys: list  # env keys of the returned values, in order
     aliases: list  # (layer node, its ReLU node): the layer's value is replaced by relu(z) (see run_forward)
+    direct: fx.GraphModule | None = None  # the same with builtin modules as functional ops (_direct_call)
+    hooked: object = None  # () -> bool: a hook on a module ``direct`` calls as an op (then ``module`` runs)
 
 
 def _compile_forward(traced: TracedNetwork) -> _CompiledForward:
+    """The forward as code with builtin layers as their ops; the one calling every module is made
+    when a hook needs it (see run_forward)."""
+    compiled = _compile_graph(traced, direct=True)
+    if compiled.direct_modules:
+        compiled.direct, compiled.module = compiled.module, None
+        compiled.hooked = _hook_check(compiled.direct_modules)
+    return compiled
+
+
+def _compile_graph(traced: TracedNetwork, direct: bool):
     graph = fx.Graph()
+    direct_modules = []
     mapping: dict[fx.Node, fx.Node] = {}
     keys, values = [], []
     output_value = None
@@ -338,7 +402,11 @@ def _compile_forward(traced: TracedNetwork) -> _CompiledForward:
             module = traced.module(node)
             args, kwargs = new(node.args), new(node.kwargs)
             out_of_place = _OUT_OF_PLACE.get(type(module)) if getattr(module, "inplace", False) else None
-            if out_of_place is not None and len(args) == 1 and not kwargs:
+            function = _direct_call(module) if direct and len(args) == 1 and not kwargs else None
+            if function is not None:
+                mapping[node] = graph.call_function(function, args)
+                direct_modules.append(module)
+            elif out_of_place is not None and len(args) == 1 and not kwargs:
                 mapping[node] = graph.call_function(out_of_place, (graph.get_attr(node.target), args[0]))
             else:
                 if getattr(module, "inplace", False):
@@ -356,7 +424,9 @@ def _compile_forward(traced: TracedNetwork) -> _CompiledForward:
             keys.append(node)
             values.append(mapping[node])
     graph.output((output_value, tuple(values)))
-    return _CompiledForward(fx.GraphModule(traced.root, graph), keys, aliases)
+    compiled = _CompiledForward(fx.GraphModule(traced.root, graph), keys, aliases)
+    compiled.direct_modules = direct_modules
+    return compiled
 
 
 def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, dict[fx.Node, object]]:
@@ -375,7 +445,15 @@ def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, d
         except Exception:  # noqa: BLE001 - any codegen failure: interpret instead
             traced.interpret = True
     if compiled is not None:  # made for today's modules: refresh() drops it when one was replaced
-        output, values = compiled.module.forward(x)  # our own GraphModule: no hooks to run, one call layer less
+        # Our own GraphModule: no hooks of its own to run, so forward() spares a call layer. Builtin
+        # layers run as their ops unless the user hooked one of them (then as modules, hooks and all).
+        if compiled.direct is not None and not compiled.hooked():
+            code = compiled.direct
+        else:
+            if compiled.module is None:
+                compiled.module = _compile_graph(traced, direct=False).module
+            code = compiled.module
+        output, values = code.forward(x)
         env = dict(zip(compiled.keys, values))
         for layer, relu in compiled.aliases:
             env[layer] = env[relu]  # see the interpreter's comment on relu(z)
