@@ -359,6 +359,7 @@ class _CompiledForward:
     aliases: list  # (layer node, its ReLU node): the layer's value is replaced by relu(z) (see run_forward)
     direct: fx.GraphModule | None = None  # the same with builtin modules as functional ops (_direct_call)
     hooked: object = None  # () -> bool: a hook on a module ``direct`` calls as an op (then ``module`` runs)
+    direct_modules: list = field(default_factory=list)  # the modules the code calls as their ops
 
 
 def _compile_forward(traced: TracedNetwork) -> _CompiledForward:
@@ -424,9 +425,7 @@ def _compile_graph(traced: TracedNetwork, direct: bool):
             keys.append(node)
             values.append(mapping[node])
     graph.output((output_value, tuple(values)))
-    compiled = _CompiledForward(fx.GraphModule(traced.root, graph), keys, aliases)
-    compiled.direct_modules = direct_modules
-    return compiled
+    return _CompiledForward(fx.GraphModule(traced.root, graph), keys, aliases, direct_modules=direct_modules)
 
 
 def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, dict[fx.Node, object]]:
