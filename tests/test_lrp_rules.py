@@ -262,8 +262,7 @@ def test_k_targets_give_the_maps_of_k_single_target_calls(shape):
     torch.testing.assert_close(logits, model(x), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch, channels, side", [("tap-cnn", 1, 28), ("resnet18", 3, 32), ("vgg11_bn", 3, 32),
-                                                 ("vgg11", 3, 32)])
+@pytest.mark.parametrize("arch, channels, side", [("tap-cnn", 1, 28), ("resnet18", 3, 32), ("vgg11_bn", 3, 32)])
 def test_the_directly_called_steps_equal_their_rules(arch, channels, side, monkeypatch):
     # The relevance plan calls the builtin convolution, linear, max-pool, flatten and same-size
     # average-pool rules directly; through their Steps (the rule table) the maps must be the same.
@@ -288,68 +287,3 @@ def test_the_directly_called_steps_equal_their_rules(arch, channels, side, monke
     monkeypatch.setattr(lrp_module, "_plan_for", through_rules)
     by_rules, _ = lrp_epsilon_and_logits(model, x, targets, epsilon=0.01)
     torch.testing.assert_close(direct, by_rules, rtol=1e-12, atol=1e-14)
-
-
-class _PoolsAfterConvolutions(nn.Module):
-    """Max pools fed by convolutions: through a ReLU, directly, with overlapping windows (3x3 stride 2:
-    one position wins several windows), and a convolution whose output also feeds a second layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
-        self.conv3, self.side = nn.Conv2d(5, 6, 3, padding=1), nn.Conv2d(5, 6, 1)
-        self.pool1, self.pool2, self.pool3 = nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2), nn.MaxPool2d(2)
-        self.fc = nn.Linear(6 * 1 * 1, 7)
-
-    def forward(self, x):
-        x = self.pool1(torch.relu(self.conv1(x)))
-        x = self.pool2(self.conv2(x))  # no layer between
-        y = self.conv3(x)
-        x = self.pool3(torch.relu(y) + self.side(x))
-        return self.fc(x.flatten(1))
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_a_pool_fed_by_a_convolution_gives_the_map_of_the_unfused_steps(k, monkeypatch):
-    # The pass computes a convolution's ratio on the pool's winners only (_POOL_INTO_CONV); the
-    # steps one by one (pool, identity, convolution) must give the same map, in float64.
-    import auditkit.explain.lrp as lrp_module
-
-    torch.manual_seed(0)
-    net = _PoolsAfterConvolutions().double().eval()
-    x = torch.randn(3, 2, 12, 12, dtype=torch.float64)
-    targets = torch.stack([torch.tensor([1, 4, 6]) + j for j in range(k)], 1) % 7
-    fused, _ = lrp_epsilon_and_logits(net, x, targets, epsilon=0.01)
-    assert "pool into conv" in _generated_pass_source(lrp_module, net)
-    monkeypatch.setattr(lrp_module, "_pool_into_conv", lambda plan, position: None)
-    lrp_module.trace(net)._pass = None  # generated again, without the fusion
-    unfused, _ = lrp_epsilon_and_logits(net, x, targets, epsilon=0.01)
-    assert "pool into conv" not in _generated_pass_source(lrp_module, net)
-    torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-14)
-
-
-def test_the_fused_pool_step_is_not_used_when_tea_needs_a_graph():
-    # With create_graph the unfused steps (whose ops have autograd formulas) run: the map's gradient
-    # with respect to the weights equals a finite difference (float64).
-    torch.manual_seed(1)
-    net = _PoolsAfterConvolutions().double().eval()
-    x = torch.randn(2, 2, 12, 12, dtype=torch.float64)
-    targets = torch.tensor([[2], [5]])
-
-    def loss():
-        return lrp_epsilon_and_logits(net, x, targets, epsilon=0.01, create_graph=True)[0].pow(2).sum()
-
-    weight = net.conv2.weight
-    (grad,) = torch.autograd.grad(loss(), weight)
-    step = 1e-6
-    with torch.no_grad():
-        weight[0, 0, 1, 1] += step
-        up = loss().item()
-        weight[0, 0, 1, 1] -= 2 * step
-        down = loss().item()
-        weight[0, 0, 1, 1] += step
-    assert grad[0, 0, 1, 1].item() == pytest.approx((up - down) / (2 * step), rel=1e-5, abs=1e-8)
-
-
-def _generated_pass_source(lrp_module, net) -> str:
-    return lrp_module.trace(net)._pass[1].source

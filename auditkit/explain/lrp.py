@@ -704,52 +704,13 @@ _DIRECT_CODE = {
 }
 
 
-# A max pool whose input is a convolution's output, directly or through an identity-rule layer (a
-# ReLU): the convolution's ratio s = R / (z + ε·sign z) is non-zero only where the pool's winners
-# are, so it is computed on the pooled grid and scattered once (the unfused pass scatters R into a
-# full-size zero tensor and divides all of it). Same map (a sum per position either way); one
-# full-size buffer and division less: at 256x28^2 that buffer was where the page faults landed.
-_POOL_INTO_CONV = [
-    "z = env[{z}]",
-    "winners = env[{i}].flatten(2)",
-    "with below():",
-    "    s = RATIO(r.flatten(2), z.flatten(2).gather(2, winners), epsilon)",
-    "if k > 1:",
-    "    winners = winners.repeat(k, 1, 1)",
-    "v = torch.zeros((r.shape[0], z.shape[1], z.shape[2] * z.shape[3]), dtype=s.dtype, device=s.device)",
-    "v = v.scatter_add_(2, winners, s).view(r.shape[0], *z.shape[1:])",
-    "a = env[{a}]",
-    "shape_source = a if k == 1 else v.new_empty(1).expand(r.shape[0], *a.shape[1:])",
-    "v = CONV_INPUT_GRAD(v, shape_source, {w}.weight, None, {w}.stride, {w}.padding, {w}.dilation, False, "
-    "[0, 0], {w}.groups, [True, False, False])[0]",
-    "v = (v.view(k, *a.shape) * a).view(v.shape)",
-    "z = winners = s = a = shape_source = None",
-]
-
-
-def _pool_into_conv(plan: list, position: int):
-    """(pass node or None, conv node) when plan[position] is a max pool fed by a directly called
-    convolution (through one identity-rule layer of the same shape, or none), else None."""
-    node, kind, _data = plan[position]
-    if kind != _MAX_POOL:
-        return None
-    following = {n: (k, d) for n, k, d in plan[position + 1:position + 3]}
-    source = node.args[0]
-    middle = None
-    if following.get(source, (None,))[0] == _PASS:
-        middle, source = source, following[source][1]
-    if following.get(source, (None,))[0] != _CONV:
-        return None
-    return middle, source
-
-
 def _generate_pass(plan: list, releases: list):
     """The relevance pass over ``plan`` as one generated Python function (straight-line code, the way
     torch.fx generates a forward): every step's kind, inputs and forward values are known when the
     plan is made, so the per-step dispatch of an interpreter loop is done once here. At one 28x28
     image that dispatch was a tenth of the call."""
     names: dict = {"CONV": _CONV_OP, "LINEAR": _LINEAR_OP, "RATIO": _RATIO_OP, "torch": torch,
-                   "general": _general_step, "CONV_INPUT_GRAD": torch.ops.aten.convolution_backward.default}
+                   "general": _general_step}
     constants: dict = {}
 
     def name(value, prefix: str) -> str:
@@ -771,17 +732,6 @@ def _generate_pass(plan: list, releases: list):
             source = data if kind == _PASS else node.args[0]
             fields = {"n": n, "s": name(source, "n"), "m": name(data, "d"), "kind": kind,
                       "i": name((node, "indices"), "k") if kind == _MAX_POOL else ""}
-            fused = _pool_into_conv(plan, position)
-            if fused is not None:
-                middle, conv = fused
-                same = f"env[{name(middle, 'n')}].shape == env[{name(conv, 'n')}].shape" if middle is not None else "True"
-                target = name(conv.args[0], "n")
-                conv_fields = {"z": name(conv, "n"), "i": fields["i"], "a": target,
-                               "w": name(plan[[n for n, _k, _d in plan].index(conv)][2], "d")}
-                lines.append(f"    if r is not None and not create_graph and {same}:  # pool into {conv.name}")
-                lines.extend("        " + line.format(**conv_fields) for line in _POOL_INTO_CONV)
-                lines.append(f"        rel[{target}] = rel[{target}] + v if {target} in rel else v")
-                lines.append("        r = v = None")
             lines.append("    if r is not None:")
             lines.append("        v = None")
             lines.extend("        " + line.format(**fields) for line in _DIRECT_CODE[kind])
@@ -800,7 +750,7 @@ def _generate_pass(plan: list, releases: list):
     lines.append("    return found")
     code = "\n".join(lines) + "\n"
     exec(compile(code, "<auditkit lrp relevance pass>", "exec"), names)
-    names["relevance_pass"].source = code  # for reading and for tests
+    names["relevance_pass"].source = code  # to read what runs
     return names["relevance_pass"]
 
 
