@@ -152,27 +152,36 @@ class TracedNetwork:
         return cached[1]
 
 
+def _define(lines: list[str], names: dict, what: str):
+    """The function the generated ``lines`` define (its first line is its ``def``), with ``names`` as
+    its globals; its source is kept on ``.source``. Per-call checks and the relevance pass are
+    generated once per trace: straight-line code instead of loops that decide the same thing each call."""
+    code = "\n".join(lines) + "\n"
+    exec(compile(code, f"<auditkit lrp {what}>", "exec"), names)
+    function = names[lines[0].split()[1].split("(")[0]]
+    function.source = code
+    return function
+
+
 def _generate_same_modules(paths: dict, modules: dict):
-    """``same(root)``: whether every module path of ``paths`` still leads to the object in ``modules``,
-    as straight-line code (each call of an explanation checks it; looping over the paths cost as much
-    as a small layer)."""
+    """``same(root)``: whether every module path of ``paths`` still leads to the object in ``modules``
+    (a path that led nowhere must still lead nowhere), as straight-line code (each call of an
+    explanation checks it; looping over the paths cost as much as a small layer)."""
     names, variables = {}, {(): "m"}
     lines = ["def same(m):"]
     for target, parts in sorted(paths.items(), key=lambda item: len(item[1])):
         for depth in range(1, len(parts) + 1):
             prefix = parts[:depth]
-            if prefix in variables:
-                continue
-            variables[prefix] = f"m{len(variables)}"
-            lines.append(f"    {variables[prefix]} = {variables[prefix[:-1]]}._modules.get({prefix[-1]!r})")
-            lines.append(f"    if {variables[prefix]} is None:")
-            lines.append("        return False")
+            if prefix not in variables:
+                variables[prefix] = f"m{len(variables)}"
+                parent = variables[prefix[:-1]]
+                guard = f" if {parent} is not None else None" if depth > 1 else ""  # the root is never None
+                lines.append(f"    {variables[prefix]} = {parent}._modules.get({prefix[-1]!r}){guard}")
         names[f"t{len(names)}"] = modules[target]
         lines.append(f"    if {variables[parts]} is not t{len(names) - 1}:")
         lines.append("        return False")
     lines.append("    return True")
-    exec(compile("\n".join(lines) + "\n", "<auditkit lrp module check>", "exec"), names)
-    return names["same"]
+    return _define(lines, names, "module check")
 
 
 _TRACES: "weakref.WeakKeyDictionary[nn.Module, TracedNetwork]" = weakref.WeakKeyDictionary()
@@ -345,8 +354,7 @@ def _hook_check(modules: list):
                                           "_global_backward_hooks", "_global_backward_pre_hooks")]
     terms += [f"{name}.{kind}" for name in names if name != "hooks"
               for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")]
-    exec(compile(f"def hooked():\n    return bool({' or '.join(terms)})\n", "<auditkit lrp hook check>", "exec"), names)
-    return names["hooked"]
+    return _define(["def hooked():", f"    return bool({' or '.join(terms)})"], names, "hook check")
 
 
 @dataclass
@@ -748,10 +756,7 @@ def _generate_pass(plan: list, releases: list):
             lines.append(f"        for key in ({keys},):")
             lines.append("            env.pop(key, None)")
     lines.append("    return found")
-    code = "\n".join(lines) + "\n"
-    exec(compile(code, "<auditkit lrp relevance pass>", "exec"), names)
-    names["relevance_pass"].source = code  # to read what runs
-    return names["relevance_pass"]
+    return _define(lines, names, "relevance pass")
 
 
 def propagate(

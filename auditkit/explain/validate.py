@@ -46,11 +46,6 @@ def _survey(model: nn.Module) -> tuple[int | None, torch.Tensor | None, bool]:
     return channels, reference, training
 
 
-def expected_channels(model: nn.Module) -> int | None:
-    """The channel count the model takes: an auditkit model's, else its first convolution's."""
-    return _survey(model)[0]
-
-
 def _walk(model: nn.Module):
     """The model's modules, depth first in registration order, through the module dicts (checks
     run on every call: named_modules costs more)."""
