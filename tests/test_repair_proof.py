@@ -276,6 +276,6 @@ def test_a_collapsed_model_is_not_a_successful_repair(digits_shortcut, tmp_path)
     assert decision["verdict"] == "not reliant" and decision["split"] == "val"
     assert decision["accuracy_drop"] > 0.5 and not decision["succeeded"]
     line = _still_reliant_line({"decision": decision}, "tap", "tap")
-    assert line.startswith(f"the repair lost {decision['accuracy_drop']:.3f} contaminated validation accuracy") and "--lambda auto" in line
+    assert line.startswith(f"the repair lost {decision['accuracy_drop']:.3f} clean validation accuracy") and "--lambda auto" in line
     kept = repair_decision(before, before, data, RepairConfig(method="tap"), 0.03)
     assert kept["accuracy_drop"] == 0 and kept["succeeded"] == (kept["verdict"] == "not reliant")

@@ -9,9 +9,12 @@ from typing import Annotated, Optional
 import typer
 
 from ._common import (
+    ClassesOption,
     DeviceOption,
     ForceOption,
     JsonOption,
+    NormalizeOption,
+    OutputOption,
     PrecisionOption,
     QuietOption,
     SeedOption,
@@ -99,17 +102,21 @@ def repair(
                                                       "(behavioural audit of the validation split).")
     ] = False,
     max_accuracy_drop: Annotated[
-        float, typer.Option(help="--method auto and --fail-on-shortcut: the most contaminated validation accuracy "
-                                 "a repair may lose (a collapsed model is also 'not reliant').")
+        float, typer.Option(help="--method auto and --fail-on-shortcut: the most validation accuracy a repair may "
+                                 "lose, judged on the accuracy the shortcut did not give (clean, else permuted, "
+                                 "else mask-removed, else contaminated; a collapsed model is also 'not reliant').")
     ] = 0.03,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state.")] = False,
     arch: ArchOption = None,
+    normalize: NormalizeOption = None,
+    output: OutputOption = None,
     trust_pickle: TrustPickleOption = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     seed: SeedOption = 0,
     force: ForceOption = False,
     json_path: JsonOption = None,
+    classes: ClassesOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune a checkpoint so it stops relying on the annotated signal, then audit before and after.
@@ -162,8 +169,8 @@ def repair(
     context = distributed.init_from_environment(device)
     console = Console()
     try:
-        model = load(checkpoint, arch, trust_pickle).to(device)
-        dataset = align_dataset_to_model(open_dataset(data), model)
+        model = load(checkpoint, arch, trust_pickle, normalize=normalize, output=output).to(device)
+        dataset = align_dataset_to_model(open_dataset(data, classes=classes), model)
         teacher_model = load(teacher, None, trust_pickle).to(device) if teacher else None
         if teacher_model is not None:
             align_dataset_to_model(dataset, teacher_model)  # the teacher must know the same classes
@@ -220,9 +227,8 @@ def repair(
 
         def attempt(row) -> None:
             if context.is_main:
-                accuracy = ", ".join(f"{k} {v:.3f}" for k, v in row["val_accuracy"].items())
-                console.print(f"  attempt {row['method']}: {row['verdict']} on validation data ({accuracy}; "
-                              f"contaminated accuracy {-row['accuracy_drop']:+.3f}) in {row['seconds']:.0f} s")
+                console.print(f"  attempt {row['method']}: {row['verdict']} on validation data "
+                              f"({_accuracies(row['val_accuracy'])}; {_guarded_change(row)}) in {row['seconds']:.0f} s")
 
         if method == "auto":
             result = run_auto_repair(model, dataset, config, auto, training_for=training_for, options_for=options_for,
@@ -271,8 +277,10 @@ def repair(
             if method == "auto":
                 chosen = result.document["auto"]["chosen"]
                 if decision is not None:
+                    guarded = result.document["auto"]["guarded"]
                     console.print(f"auto: kept {chosen}, the first method that left the model not reliant on the "
-                                  f"validation data within {max_accuracy_drop:g} contaminated accuracy")
+                                  f"validation data within {max_accuracy_drop:g} {guarded['accuracy']} accuracy "
+                                  f"(guarded because {guarded['why']})")
         if still_reliant and (fail_on_shortcut or method == "auto") and context.is_main:
             line = _still_reliant_line(result.document, method, spec.name)
             if fail_on_shortcut:
@@ -282,22 +290,39 @@ def repair(
         distributed.finish(context)
 
 
+def _accuracies(accuracy: dict) -> str:
+    return ", ".join(f"{k} {'n/a' if v is None else format(v, '.3f')}" for k, v in accuracy.items())
+
+
+def _guarded_change(row: dict) -> str:
+    """'clean accuracy +0.120': the change of the accuracy the success rule guards (auto.guarded_accuracy)."""
+    measure = row["guarded"]["accuracy"]
+    if row["accuracy_drop"] is None:
+        return f"{measure} accuracy not measured"
+    return f"{measure} accuracy {-row['accuracy_drop']:+.3f}"
+
+
 def _still_reliant_line(document: dict, method: str, name: str) -> str:
     """One line: the repair did not remove the shortcut, its numbers, and what to try next."""
     if method == "auto":
         tried = [a for a in document["attempts"] if "skipped" not in a]
-        numbers = "; ".join(f"{a['method']}: {a['verdict']}, " + ", ".join(f"{k} {v:.3f}" for k, v in a["val_accuracy"].items())
-                            for a in tried)
-        return (f"no method left the model not reliant within the allowed accuracy drop ({numbers}); kept "
+        numbers = "; ".join(f"{a['method']}: {a['verdict']}, {_accuracies(a['val_accuracy'])}" for a in tried)
+        guarded = document["auto"]["guarded"]["accuracy"]
+        return (f"no method left the model not reliant within the allowed {guarded} accuracy drop ({numbers}); kept "
                 f"{document['auto']['chosen']}, the best on validation data. Try more epochs, a teacher (--teacher) "
                 "for TEA, or masks that cover the signal")
     decision = document["decision"]
-    accuracy = ", ".join(f"{k} {v:.3f}" for k, v in decision["val_accuracy"].items())
+    accuracy = _accuracies(decision["val_accuracy"])
     hint = {"tap": "try --lambda auto (it sweeps λ and the dilation) or --method auto"}.get(
         name, "try --lambda auto or --method auto")
     if decision["verdict"] == "not reliant":  # not reliant, but it paid too much accuracy for it
-        return (f"the repair lost {decision['accuracy_drop']:.3f} {decision['reference_variant']} validation accuracy "
-                f"(more than --max-accuracy-drop; {name}; validation accuracy {accuracy}): {hint}")
+        guarded = decision["guarded"]
+        if decision["accuracy_drop"] is None:
+            return (f"the repair cannot be judged: no {guarded['accuracy']} validation accuracy was measured "
+                    f"({name}; validation accuracy {accuracy})")
+        return (f"the repair lost {decision['accuracy_drop']:.3f} {guarded['accuracy']} validation accuracy "
+                f"(more than --max-accuracy-drop, guarded because {guarded['why']}; {name}; validation accuracy "
+                f"{accuracy}): {hint}")
     return f"the repaired model still relies on the signal ({name}; validation accuracy {accuracy}): {hint}"
 
 
@@ -318,6 +343,7 @@ def annotate(
     precision: PrecisionOption = "auto",
     force: ForceOption = False,
     json_path: JsonOption = None,
+    classes: ClassesOption = None,
 ) -> None:
     """Write teacher masks (TAP §4.2) for a dataset: 1 where the teacher's saliency is low.
 
@@ -337,7 +363,7 @@ def annotate(
     config = _annotation(teacher, tau, quantile, method, batch_size, resolve_precision(precision, target))
     model = load(teacher, None, trust_pickle).to(target)
     dataset = align_dataset_to_model(
-        open_dataset(data, split=None if split == "all" else split, variant=variant), model)
+        open_dataset(data, split=None if split == "all" else split, variant=variant, classes=classes), model)
     annotated, stats = annotate_dataset(model, dataset, config, teacher_fingerprint=str(teacher))
     annotated.info.generator = {**dataset.info.generator, "annotation": stats}
     folder = write_dataset(annotated, out, overwrite=force)

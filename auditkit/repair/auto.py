@@ -8,8 +8,11 @@
 The decision uses only the behavioural tests of the audit (degradation to the permuted/clean
 variants, else the counterfactuals; auditkit/audit/verdict.py) on the validation split, so the test
 split stays for the proof: the before/after audit of the kept model. An attempt succeeds when the
-verdict is "not reliant" and the reference variant's validation accuracy (contaminated) fell by at
-most ``max_accuracy_drop`` from the input model's; the first success is kept. When none succeeds,
+verdict is "not reliant" and the accuracy that does not come from the shortcut fell by at most
+``max_accuracy_drop`` from the input model's (:func:`guarded_accuracy`: clean, else permuted, else the
+mask-removed counterfactual, else contaminated; removing a shortcut must lower the contaminated
+accuracy the shortcut inflated, so guarding that one would fail the repairs that work best); the
+first success is kept. When none succeeds,
 the attempt with the highest worst-variant validation accuracy is kept and ``succeeded`` is False.
 The order (TAP, RRR, TEA, Energy, MaskTune) is the measured cost order of docs/repair.md's table.
 """
@@ -33,7 +36,7 @@ AUTO_ORDER = ("tap", "rrr", "tea", "energy", "masktune")
 @dataclass(frozen=True)
 class AutoConfig:
     order: tuple[str, ...] = AUTO_ORDER  # methods to try, cheapest first
-    max_accuracy_drop: float = 0.03  # the most the contaminated validation accuracy may fall (absolute)
+    max_accuracy_drop: float = 0.03  # the most the guarded validation accuracy may fall (absolute; guarded_accuracy)
 
     def validate(self) -> None:
         unknown = [m for m in self.order if m not in METHODS]
@@ -56,10 +59,10 @@ def decision_audit(model, dataset, config: RepairConfig, context: Context | None
 def repair_decision(before, after, dataset, config: RepairConfig, max_accuracy_drop: float,
                     context: Context | None = None) -> dict:
     """Whether a repair worked, decided on the validation split: the repaired model ``after`` is not
-    reliant (behavioural audit) and lost at most ``max_accuracy_drop`` contaminated (reference-variant)
-    accuracy against ``before``. A collapsed model is also "not reliant" (it no longer reads anything),
-    which is why the drop counts. Returns {verdict, split, val_accuracy, reference_variant,
-    accuracy_drop, succeeded}."""
+    reliant (behavioural audit) and lost at most ``max_accuracy_drop`` of the guarded accuracy (the
+    accuracy the shortcut did not give: :func:`guarded_accuracy`) against ``before``. A collapsed model
+    is also "not reliant" (it no longer reads anything), which is why the drop counts. Returns
+    {verdict, split, val_accuracy, reference_variant, guarded, accuracy_drop, succeeded}."""
     start = _numbers(decision_audit(before, dataset, config, context))
     numbers = _numbers(decision_audit(after, dataset, config, context))
     return {**numbers, "split": _decision_split(dataset, config), **_judged(start, numbers, max_accuracy_drop)}
@@ -69,19 +72,57 @@ def _decision_split(dataset, config: RepairConfig) -> str:
     return config.val_split if config.val_split in dataset.splits else config.audit_split
 
 
+def guarded_accuracy(numbers: dict) -> dict:
+    """The validation accuracy a repair must keep: the one the shortcut did not give.
+
+    ``numbers`` is :func:`_numbers` of a decision audit. In order of preference: the ``clean`` variant
+    (no signal at all), the ``permuted`` one (signal decorrelated from the label), the accuracy with
+    the masked region filled with background (the audit's removal counterfactual), and only when none
+    of these was measured the reference (contaminated) variant, whose accuracy includes whatever the
+    shortcut contributes. Returns {accuracy, value, why}; ``accuracy`` names the measure (a variant or
+    "removal counterfactual")."""
+    accuracy = numbers["val_accuracy"]
+    for variant, why in (("clean", "the clean variant carries no signal"),
+                         ("permuted", "the permuted variant decorrelates the signal from the label")):
+        if accuracy.get(variant) is not None:
+            return {"accuracy": variant, "value": accuracy[variant], "why": why}
+    if numbers.get("removal_accuracy") is not None:
+        return {"accuracy": "removal counterfactual", "value": numbers["removal_accuracy"],
+                "why": "no clean or permuted variant: the masked region filled with background"}
+    reference = numbers["reference_variant"]
+    return {"accuracy": reference, "value": accuracy.get(reference),
+            "why": f"no clean or permuted variant and no masks: {reference} accuracy, which includes what the "
+                   "shortcut contributes"}
+
+
+def _guarded_value(numbers: dict, measure: str):
+    if measure == "removal counterfactual":
+        return numbers.get("removal_accuracy")
+    return numbers["val_accuracy"].get(measure)
+
+
 def _judged(start: dict, numbers: dict, max_accuracy_drop: float) -> dict:
-    """The one success rule of a repair: not reliant, and at most ``max_accuracy_drop`` of the
-    reference variant's validation accuracy lost (``start``/``numbers``: _numbers before/after)."""
-    reference = start["reference_variant"]
-    drop = start["val_accuracy"][reference] - numbers["val_accuracy"][reference]
-    return {"accuracy_drop": round(drop, 4),
+    """The one success rule of a repair: not reliant, and at most ``max_accuracy_drop`` of the guarded
+    validation accuracy lost (``start``/``numbers``: _numbers before/after; the measure is chosen on
+    ``start`` and read from both, so before and after compare like with like)."""
+    guarded = guarded_accuracy(start)
+    after = _guarded_value(numbers, guarded["accuracy"])
+    if guarded["value"] is None or after is None:
+        # Nothing comparable was measured (e.g. a variant without samples): no accuracy can prove the repair kept it.
+        return {"guarded": guarded, "accuracy_drop": None, "succeeded": False}
+    drop = guarded["value"] - after
+    return {"guarded": guarded, "accuracy_drop": round(drop, 4),
             "succeeded": numbers["verdict"] == "not reliant" and drop <= max_accuracy_drop}
 
 
 def _numbers(report: AuditReport) -> dict:
     data = report.data
-    accuracy = {k: round(v["value"], 4) for k, v in data["task"]["per_variant"].items()}
-    return {"verdict": report.verdict, "val_accuracy": accuracy, "reference_variant": data["reference_variant"]}
+    accuracy = {k: None if v.get("value") is None else round(v["value"], 4)
+                for k, v in data["task"]["per_variant"].items()}
+    removal = (data.get("counterfactual") or {}).get("removal") or {}
+    after = removal.get("after")
+    return {"verdict": report.verdict, "val_accuracy": accuracy, "reference_variant": data["reference_variant"],
+            "removal_accuracy": None if after is None else round(float(after), 4)}
 
 
 def _unavailable(spec: MethodSpec, dataset, config: RepairConfig) -> str | None:
@@ -108,7 +149,7 @@ def run_auto_repair(
     on_attempt: Callable[[dict], None] | None = None,
 ) -> RepairResult:
     """Tries ``auto.order``'s methods on copies of ``model`` until one leaves it not reliant on the
-    validation split without losing more than ``auto.max_accuracy_drop`` contaminated accuracy;
+    validation split without losing more than ``auto.max_accuracy_drop`` of the guarded accuracy;
     returns that repair (or the best attempt), with before/after proof audits on the audit split
     and ``document["attempts"]``. ``training_for(spec)`` / ``options_for(spec)`` give each method's
     training settings and options (default: the method's own). TAP sweeps λ and its dilation."""
@@ -141,8 +182,8 @@ def run_auto_repair(
         attempts.append(row)
         if on_attempt is not None:
             on_attempt(row)
-        worst = min(numbers["val_accuracy"].values())
-        if best is None or worst > min(best[1]["val_accuracy"].values()):
+        worst = _worst(numbers["val_accuracy"])
+        if best is None or worst > _worst(best[1]["val_accuracy"]):
             best = (result, row)
         if row["succeeded"]:
             kept = (result, row)
@@ -159,7 +200,7 @@ def run_auto_repair(
     result.document.update({
         "method": row["method"],
         "auto": {"succeeded": kept is not None, "chosen": row["method"], "max_accuracy_drop": auto.max_accuracy_drop,
-                 "before": start, "order": list(auto.order)},
+                 "guarded": guarded_accuracy(start), "before": start, "order": list(auto.order)},
         "attempts": attempts,
         "seconds": round(time.perf_counter() - started, 2),
         **result.summary(),
@@ -169,4 +210,10 @@ def run_auto_repair(
     return result
 
 
-__all__ = ["AUTO_ORDER", "AutoConfig", "decision_audit", "run_auto_repair"]
+def _worst(accuracy: dict) -> float:
+    """The lowest measured accuracy of a decision audit (variants without a value do not count)."""
+    values = [v for v in accuracy.values() if v is not None]
+    return min(values) if values else float("-inf")
+
+
+__all__ = ["AUTO_ORDER", "AutoConfig", "decision_audit", "guarded_accuracy", "run_auto_repair"]
