@@ -53,11 +53,13 @@ bench: setup $(VENV)/.bench-installed
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name $(PYTEST_ARGS)
 
 # The prepared GPU check (tools/gpu_check.py): build for this GPU, every CUDA test, the demo on
-# the GPU, the GPU benchmarks, all figures to $OUT/gpu-results.md/.json. Without a GPU: one line, exit 0.
+# the GPU, the GPU benchmarks, all figures to $OUT/gpu-results.md/.json (rewritten after every step,
+# so a killed check keeps them). Without a GPU: one line, exit 0. The device call: README, "On a GPU machine".
 gpu-check:
 	bash tools/gpu_check.sh
 
-# The wheels gpu-check installs on the GPU machine (no network there): fills .whl/.
+# The wheels gpu-check installs on the GPU machine (no network there): fills .whl/, which the device
+# call carries (carry=[".whl"]), and says how much of the call's 64 MiB the tree and wheels take.
 gpu-wheels:
 	bash tools/gpu_wheels.sh
 

@@ -12,8 +12,13 @@ benchmarks/RESULTS.md need and writes it to JSON and Markdown:
    cached) on ResNet-18 and ResNet-50 at 64x224^2 in bf16 autocast: time and peak-memory ratios;
 5. audit throughput (images/s) of ResNet-18 at 224^2 with LRP, Grad-CAM and the gradient.
 
-Each section is timed interleaved against its baseline where it is a ratio
-(benchmarks/_timing.interleaved_ratio) and fails alone: an error is recorded and the rest runs.
+The kernel figures (1-3) come first. Each section is timed interleaved against its baseline where
+it is a ratio (benchmarks/_timing.interleaved_ratio) and fails alone: an error is recorded and the
+rest runs. The time budget is checked before every measurement, not only between sections, and
+gpu-bench.json and .md in --out are rewritten (atomically: a temporary file, then a rename) at
+each check: a run stopped by the budget keeps every figure measured before it, and a run killed
+from outside (the GPU check's time limit) leaves files that parse and say ``"complete": false``
+and which section was running.
 ``--smoke`` runs every section at toy sizes on any device (the unit test runs it on the CPU so
 the program cannot rot between GPU sessions).
 
@@ -24,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -68,6 +75,31 @@ SIZES = {
 EPSILON = 0.01
 
 
+class OutOfBudget(Exception):
+    """The benchmark's time budget ran out inside a section (its figures so far are kept)."""
+
+
+class Budget:
+    """The whole benchmark's time budget, checked between sections and between the measurements
+    inside them. Each check first saves the report as it stands (``on_check``), so a process killed
+    in the next measurement keeps every figure measured before it."""
+
+    def __init__(self, seconds: float, clock=time.perf_counter):
+        self.seconds = seconds
+        self.clock = clock
+        self.started = clock()
+        self.on_check = None
+
+    def left(self) -> float:
+        return self.seconds - (self.clock() - self.started)
+
+    def check(self, where: str) -> None:
+        if self.on_check is not None:
+            self.on_check()
+        if self.left() <= 0:
+            raise OutOfBudget(f"the {self.seconds:g} s budget ran out before {where}")
+
+
 def median_seconds(fn, device: str, iterations: int, warmup: int = 2) -> float:
     """Median wall time of ``fn`` (synchronised on CUDA) over ``iterations`` calls."""
     for _ in range(warmup):
@@ -82,71 +114,79 @@ def median_seconds(fn, device: str, iterations: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(device: str, size: dict) -> dict:
+# Each section fills ``result`` in place, checking the budget before each measurement: a section
+# stopped by the budget (or an error) keeps what it measured.
+
+
+def copy_bandwidth(device: str, size: dict, result: dict, budget: Budget, report: dict) -> None:
     n = size["copy_bytes"] // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     seconds = median_seconds(lambda: dst.copy_(src), device, size["iterations"])
-    return {"bytes": 2 * n * 4, "seconds": seconds, "gb_per_s": 2 * n * 4 / seconds / 1e9}
+    result.update({"bytes": 2 * n * 4, "seconds": seconds, "gb_per_s": 2 * n * 4 / seconds / 1e9})
 
 
-def tap_ops(device: str, size: dict, copy_gbs: float | None) -> dict:
-    results = {}
+def tap_ops(device: str, size: dict, result: dict, budget: Budget, report: dict) -> None:
+    copy_gbs = report["sections"].get("copy", {}).get("gb_per_s")
     n, c, h, w = size["tap_activation"]
     side = size["tap_mask"]
     mask = torch.zeros(n, 1, side, side, device=device)
     mask[..., : side // 7, : side // 7] = 1.0
-    compiled_reference = torch.compile(tap_penalty_reference)
+    weights = ops.downscale_mask(mask, (h, w))
+    leaves = {}
+    # The op figures of both dtypes first; torch.compile (tens of seconds on a bare machine) last.
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).replace("torch.", "")
+        budget.check(f"tap_ops {name}")
         a = torch.randn(n, c, h, w, device=device, dtype=dtype)
-        weights = ops.downscale_mask(mask, (h, w))
         base = torch.randn_like(a)
         grad = torch.randn(n, device=device)
+        entry = result[name] = {"activation": [n, c, h, w]}
         forward = median_seconds(lambda: ops.weighted_relu_sum(a, weights), device, size["iterations"])
+        read = a.numel() * a.element_size() + weights.numel() * 4
+        entry.update({"forward_s": forward, "forward_gb_per_s": read / forward / 1e9})
         backward = median_seconds(
             lambda: torch.ops.auditkit.weighted_relu_sum_backward(grad, a, weights, base), device, size["iterations"]
         )
-        eager_forward = median_seconds(lambda: weighted_relu_sum_reference(a, weights), device, size["iterations"])
-        read = a.numel() * a.element_size() + weights.numel() * 4
         moved_backward = 3 * a.numel() * a.element_size() + weights.numel() * 4
-        entry = {
-            "activation": [n, c, h, w],
-            "forward_s": forward,
-            "forward_gb_per_s": read / forward / 1e9,
-            "backward_with_base_s": backward,
-            "backward_gb_per_s": moved_backward / backward / 1e9,
-            "eager_forward_s": eager_forward,
-            "fused_vs_eager_forward": forward / eager_forward,
-        }
+        entry.update({"backward_with_base_s": backward, "backward_gb_per_s": moved_backward / backward / 1e9})
         if copy_gbs:
             entry["forward_fraction_of_copy"] = entry["forward_gb_per_s"] / copy_gbs
             entry["backward_fraction_of_copy"] = entry["backward_gb_per_s"] / copy_gbs
+        eager_forward = median_seconds(lambda: weighted_relu_sum_reference(a, weights), device, size["iterations"])
+        entry.update({"eager_forward_s": eager_forward, "fused_vs_eager_forward": forward / eager_forward})
         # The whole penalty: mask downscaling, forward and backward.
-        leaf = a.detach().requires_grad_(True)
+        leaf = leaves[name] = a.detach().requires_grad_(True)
 
-        def fused():
+        def fused(leaf=leaf):
             (g,) = torch.autograd.grad(ops.tap_penalty(leaf, mask).sum(), leaf)
             return g
 
-        def eager():
+        def eager(leaf=leaf):
             (g,) = torch.autograd.grad(tap_penalty_reference(leaf, mask).sum(), leaf)
             return g
 
-        def compiled():
+        budget.check(f"tap_ops {name} penalty")
+        entry["penalty_fused_vs_eager"] = interleaved_ratio(fused, eager, size["pairs"], device)
+        entry["penalty_fused_peak_bytes"] = peak_bytes(fused, device)
+        entry["penalty_eager_peak_bytes"] = peak_bytes(eager, device)
+    compiled_reference = torch.compile(tap_penalty_reference)
+    for name, leaf in leaves.items():
+        budget.check(f"tap_ops {name} torch.compile")
+
+        def fused(leaf=leaf):
+            (g,) = torch.autograd.grad(ops.tap_penalty(leaf, mask).sum(), leaf)
+            return g
+
+        def compiled(leaf=leaf):
             (g,) = torch.autograd.grad(compiled_reference(leaf, mask).sum(), leaf)
             return g
 
-        entry["penalty_fused_vs_eager"] = interleaved_ratio(fused, eager, size["pairs"], device)
         try:
             compiled()  # compiles
-            entry["penalty_fused_vs_compiled"] = interleaved_ratio(fused, compiled, size["pairs"], device)
+            result[name]["penalty_fused_vs_compiled"] = interleaved_ratio(fused, compiled, size["pairs"], device)
         except Exception as error:  # torch.compile may be unavailable (no compiler) on a machine
-            entry["penalty_fused_vs_compiled_error"] = _one_line(error)
-        entry["penalty_fused_peak_bytes"] = peak_bytes(fused, device)
-        entry["penalty_eager_peak_bytes"] = peak_bytes(eager, device)
-        results[name] = entry
-    return results
+            result[name]["penalty_fused_vs_compiled_error"] = _one_line(error)
 
 
 def _network(arch: str, batch: int, size: int, device: str):
@@ -163,13 +203,13 @@ def _network(arch: str, batch: int, size: int, device: str):
     return model.to(device), x, targets
 
 
-def lrp(device: str, size: dict) -> dict:
+def lrp(device: str, size: dict, result: dict, budget: Budget, report: dict) -> None:
     from .test_explain_bench import captum_lrp, input_gradient, zennit_lrp
 
     arch, batch, side = size["lrp"]
     model, x, targets = _network(arch, batch, side, device)
     net = model.net
-    results = {"network": f"{arch} {batch}x{side}^2"}
+    result["network"] = f"{arch} {batch}x{side}^2"
 
     def ours():
         return attribute(net, x, targets, "lrp_epsilon", epsilon=EPSILON)
@@ -177,14 +217,21 @@ def lrp(device: str, size: dict) -> dict:
     def gradient():
         return input_gradient(net, x, targets)
 
-    results["lrp_s"] = median_seconds(ours, device, size["iterations"])
-    results["lrp_vs_gradient"] = interleaved_ratio(ours, gradient, size["pairs"], device)
+    budget.check("lrp (time)")
+    result["lrp_s"] = median_seconds(ours, device, size["iterations"])
+    budget.check("lrp vs gradient")
+    result["lrp_vs_gradient"] = interleaved_ratio(ours, gradient, size["pairs"], device)
     for library, fn in (("zennit", zennit_lrp), ("captum", captum_lrp)):
+        budget.check(f"lrp vs {library}")
         try:
             fn(net, x, targets)
-            results[f"lrp_vs_{library}"] = interleaved_ratio(ours, lambda fn=fn: fn(net, x, targets), size["pairs"], device)
+
+            def theirs(fn=fn):
+                return fn(net, x, targets)
+
+            result[f"lrp_vs_{library}"] = interleaved_ratio(ours, theirs, size["pairs"], device)
         except Exception as error:  # a library that refuses the network is a result too
-            results[f"{library}_error"] = _one_line(error)
+            result[f"{library}_error"] = _one_line(error)
 
     def ours_bf16():
         with autocast(device, "bf16"):
@@ -194,21 +241,22 @@ def lrp(device: str, size: dict) -> dict:
         with autocast(device, "bf16"):
             return gradient()
 
-    results["bf16_lrp_vs_gradient"] = interleaved_ratio(ours_bf16, gradient_bf16, size["pairs"], device)
-    results["bf16_vs_fp32_lrp"] = interleaved_ratio(ours_bf16, ours, size["pairs"], device)
+    budget.check("lrp bf16 vs gradient")
+    result["bf16_lrp_vs_gradient"] = interleaved_ratio(ours_bf16, gradient_bf16, size["pairs"], device)
+    budget.check("lrp bf16 vs fp32")
+    result["bf16_vs_fp32_lrp"] = interleaved_ratio(ours_bf16, ours, size["pairs"], device)
     reference = ours()
     low = ours_bf16()
     cosine = torch.nn.functional.cosine_similarity(low.flatten(1), reference.flatten(1), dim=1)
-    results["bf16_map_cosine_min"] = float(cosine.min())
-    return results
+    result["bf16_map_cosine_min"] = float(cosine.min())
 
 
-def training_steps(device: str, size: dict) -> dict:
+def training_steps(device: str, size: dict, result: dict, budget: Budget, report: dict) -> None:
     from . import test_repair_bench as repair_bench
 
-    results = {}
     for arch, batch, side in size["training"]:
         config = f"{arch}_{batch}x{side}"
+        budget.check(f"training {config}")
         channels = 1 if arch in ("tap-cnn", "shortcut-cnn") else 3
         repair_bench.CONFIGS.setdefault(config, (arch, batch, channels, side))
         steps = {}
@@ -220,7 +268,7 @@ def training_steps(device: str, size: dict) -> dict:
                     step()
 
             steps[method] = in_bf16
-        entry = {"precision": "bf16"}
+        entry = result[config] = {"precision": "bf16"}
         plain = steps["plain"]
         plain()
         entry["plain_s"] = median_seconds(plain, device, size["iterations"])
@@ -231,6 +279,7 @@ def training_steps(device: str, size: dict) -> dict:
         for method, step in steps.items():
             if method == "plain":
                 continue
+            budget.check(f"training {config} {method}")
             try:
                 step()
                 entry[f"{method}_time_ratio"] = interleaved_ratio(step, plain, size["pairs"], device)
@@ -239,28 +288,26 @@ def training_steps(device: str, size: dict) -> dict:
                 entry[f"{method}_memory_ratio"] = peak / plain_peak if peak and plain_peak else None
             except Exception as error:
                 entry[f"{method}_error"] = _one_line(error)
-        results[config] = entry
         repair_bench._CACHE.clear()
         if device == "cuda":
             torch.cuda.empty_cache()
-    return results
 
 
-def audit_throughput(device: str, size: dict) -> dict:
+def audit_throughput(device: str, size: dict, result: dict, budget: Budget, report: dict) -> None:
     arch, batch, side, batches = size["audit"]
     model, x, _ = _network(arch, batch, side, device)
-    results = {"network": f"{arch} {batch}x{side}^2 (AuditModel: normalisation included)"}
+    result["network"] = f"{arch} {batch}x{side}^2 (AuditModel: normalisation included)"
     for precision in ("fp32", "bf16"):
         for method in ("lrp_epsilon", "gradcam", "gradient"):
+            budget.check(f"audit {method} {precision}")
 
-            def run(method=method):
+            def run(method=method, precision=precision):
                 with autocast(device, precision):
                     for _ in range(batches):
                         attribute(model, x, "pred", method)
 
             seconds = median_seconds(run, device, max(1, size["iterations"] // 4), warmup=1)
-            results[f"{method}_{precision}_images_per_s"] = batch * batches / seconds
-    return results
+            result[f"{method}_{precision}_images_per_s"] = batch * batches / seconds
 
 
 def _one_line(error: BaseException) -> str:
@@ -268,10 +315,44 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:160] if text else ''}"
 
 
-SECTIONS = ("copy", "tap_ops", "lrp", "training", "audit")
+# The kernel figures first (copy bandwidth, the TAP ops, LRP and its peers), then the whole-network
+# ones: a run stopped by its budget or killed loses the least valuable figures.
+SECTION_FUNCTIONS = {
+    "copy": copy_bandwidth,
+    "tap_ops": tap_ops,
+    "lrp": lrp,
+    "training": training_steps,
+    "audit": audit_throughput,
+}
+SECTIONS = tuple(SECTION_FUNCTIONS)
+RESULT_FILES = ("gpu-bench.json", "gpu-bench.md")
 
 
-def run(device: str, smoke: bool, budget_s: float, only: tuple[str, ...] = SECTIONS) -> dict:
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds either its old or its new text at every moment, never a half-written one
+    (a temporary file beside it, then a rename), so a process killed mid-write leaves a readable file."""
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f"{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: dict, out: Path) -> None:
+    """gpu-bench.json and .md in ``out`` as the report stands (complete or not)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / RESULT_FILES[0], json.dumps(report, indent=2, default=str))
+    write_atomically(out / RESULT_FILES[1], markdown(report))
+
+
+def run(device: str, smoke: bool, budget_s: float, only: tuple[str, ...] = SECTIONS, out: Path | None = None,
+        budget: Budget | None = None) -> dict:
+    """Runs the sections in ``only`` (in SECTIONS' order) within ``budget_s`` seconds. With ``out``,
+    the report is written there at the start, before every measurement and at the end: until the
+    end it says ``"complete": false`` and which section is ``"running"``."""
     size = SIZES["smoke" if smoke else "full"]
     torch.backends.cudnn.benchmark = device == "cuda"
     report = {
@@ -282,36 +363,41 @@ def run(device: str, smoke: bool, budget_s: float, only: tuple[str, ...] = SECTI
                     "cuda_reason": ops.extension_status().cuda_reason},
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu_bench", *sys.argv[1:]]),
         "sizes": "smoke" if smoke else "full",
+        "budget_s": budget_s,
+        "complete": False,
+        "running": None,
         "sections": {},
         "errors": {},
         "seconds": {},
     }
-    started = time.perf_counter()
-    copy_gbs = None
-    for name in only:
-        if time.perf_counter() - started > budget_s:
-            report["errors"][name] = f"skipped: the {budget_s:.0f} s budget was spent"
+    budget = budget or Budget(budget_s)
+    save = (lambda: write_report(report, out)) if out is not None else (lambda: None)
+    budget.on_check = save
+    save()
+    for name in sorted(only, key=SECTIONS.index):
+        if budget.left() <= 0:
+            report["errors"][name] = f"skipped: the {budget_s:g} s budget was spent"
             continue
+        report["running"] = name
         section_start = time.perf_counter()
+        result = report["sections"][name] = {}
         try:
-            if name == "copy":
-                result = copy_bandwidth(device, size)
-                copy_gbs = result["gb_per_s"]
-            elif name == "tap_ops":
-                result = tap_ops(device, size, copy_gbs)
-            elif name == "lrp":
-                result = lrp(device, size)
-            elif name == "training":
-                result = training_steps(device, size)
-            else:
-                result = audit_throughput(device, size)
-            report["sections"][name] = result
+            SECTION_FUNCTIONS[name](device, size, result, budget, report)
+        except OutOfBudget as stop:
+            report["errors"][name] = f"stopped: {stop} (the figures before it are kept)"
         except Exception as error:  # one section's failure must not lose the others
             report["errors"][name] = _one_line(error)
             report["errors"][f"{name}_traceback"] = traceback.format_exc()[-2000:]
+        if not result:
+            del report["sections"][name]
+        report["running"] = None
         report["seconds"][name] = round(time.perf_counter() - section_start, 1)
         if device == "cuda":
             torch.cuda.empty_cache()
+        save()
+    report["running"] = None
+    report["complete"] = True
+    save()
     return report
 
 
@@ -323,13 +409,22 @@ def _fmt(value, digits=3, unit="") -> str:
     return f"{value}{unit}"
 
 
+def _ms(seconds) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
 def markdown(report: dict) -> str:
-    """The report as the Markdown tables of benchmarks/RESULTS.md."""
+    """The report as the Markdown tables of benchmarks/RESULTS.md; a figure not (yet) measured is n/a."""
     lines = [f"GPU benchmarks on {report['device']} (torch {report['torch']}, CUDA {report['cuda']}, "
              f"kernels: CUDA {report['kernels']['cuda']}); command: `{report['command']}`", ""]
+    if not report.get("complete", True):
+        where = f"in section `{report['running']}`" if report.get("running") else "between sections"
+        lines += [f"**INCOMPLETE**: the run stopped (killed, or still running) {where}; the figures below are "
+                  "those measured before that.", ""]
     sections = report["sections"]
     if "copy" in sections:
-        lines += [f"Device-to-device copy: {sections['copy']['gb_per_s']:.0f} GB/s (bytes read + written).", ""]
+        copy = _fmt(sections["copy"].get("gb_per_s"), 0)
+        lines += [f"Device-to-device copy: {copy} GB/s (bytes read + written).", ""]
     if "tap_ops" in sections:
         lines += ["| TAP op | dtype | forward GB/s | of copy | backward+base GB/s | of copy | fused/eager fwd | "
                   "penalty fused/eager | penalty fused/compiled | peak fused/eager |",
@@ -337,37 +432,45 @@ def markdown(report: dict) -> str:
         for dtype, e in sections["tap_ops"].items():
             peak = (e["penalty_fused_peak_bytes"] / e["penalty_eager_peak_bytes"]
                     if e.get("penalty_fused_peak_bytes") and e.get("penalty_eager_peak_bytes") else None)
+            compiled = (e.get("penalty_fused_vs_compiled_error", "")[:40]
+                        or _fmt(e.get("penalty_fused_vs_compiled"), unit="x"))
             lines.append(
-                f"| {tuple(e['activation'])} | {dtype} | {e['forward_gb_per_s']:.0f} | {_fmt(e.get('forward_fraction_of_copy'), 2)} | "
-                f"{e['backward_gb_per_s']:.0f} | {_fmt(e.get('backward_fraction_of_copy'), 2)} | "
-                f"{e['fused_vs_eager_forward']:.3f}x | {e['penalty_fused_vs_eager']:.3f}x | "
-                f"{_fmt(e.get('penalty_fused_vs_compiled'), unit='x')} | {_fmt(peak, unit='x')} |")
+                f"| {tuple(e['activation'])} | {dtype} | {_fmt(e.get('forward_gb_per_s'), 0)} | "
+                f"{_fmt(e.get('forward_fraction_of_copy'), 2)} | {_fmt(e.get('backward_gb_per_s'), 0)} | "
+                f"{_fmt(e.get('backward_fraction_of_copy'), 2)} | {_fmt(e.get('fused_vs_eager_forward'), unit='x')} | "
+                f"{_fmt(e.get('penalty_fused_vs_eager'), unit='x')} | {compiled} | {_fmt(peak, unit='x')} |")
         lines.append("")
     if "lrp" in sections:
         e = sections["lrp"]
-        lines += [f"LRP-epsilon on {e['network']}: {e['lrp_s'] * 1e3:.1f} ms; (forward + LRP) / (forward + gradient) "
-                  f"{e['lrp_vs_gradient']:.3f}x (bf16: {e['bf16_lrp_vs_gradient']:.3f}x); vs zennit "
-                  f"{_fmt(e.get('lrp_vs_zennit'), unit='x') if 'zennit_error' not in e else e['zennit_error']}; vs captum "
-                  f"{_fmt(e.get('lrp_vs_captum'), unit='x') if 'captum_error' not in e else e['captum_error']}; "
-                  f"bf16/fp32 time {e['bf16_vs_fp32_lrp']:.3f}x, bf16 map cosine >= {e['bf16_map_cosine_min']:.3f}", ""]
+        peers = "; ".join(f"vs {library} " + (e[f"{library}_error"] if f"{library}_error" in e
+                                                else _fmt(e.get(f"lrp_vs_{library}"), unit="x"))
+                          for library in ("zennit", "captum"))
+        lines += [f"LRP-epsilon on {e.get('network')}: {_ms(e.get('lrp_s'))} ms; "
+                  f"(forward + LRP) / (forward + gradient) {_fmt(e.get('lrp_vs_gradient'), unit='x')} "
+                  f"(bf16: {_fmt(e.get('bf16_lrp_vs_gradient'), unit='x')}); "
+                  f"{peers}; bf16/fp32 time {_fmt(e.get('bf16_vs_fp32_lrp'), unit='x')}, bf16 map cosine >= "
+                  f"{_fmt(e.get('bf16_map_cosine_min'))}", ""]
     if "training" in sections:
         lines += ["| training step (bf16) | plain ms | plain peak MiB | TAP time | TAP mem | RRR time | RRR mem | "
-                  "TEA time | TEA mem | TEA cached time | TEA cached mem |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "TEA time | TEA mem | TEA cached time | TEA cached mem |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for config, e in sections["training"].items():
             cells = []
             for method in ("tap", "rrr", "tea", "tea_cached"):
                 if f"{method}_error" in e:
                     cells += [e[f"{method}_error"][:40], ""]
                 else:
-                    cells += [_fmt(e.get(f"{method}_time_ratio"), unit="x"), _fmt(e.get(f"{method}_memory_ratio"), unit="x")]
+                    cells += [_fmt(e.get(f"{method}_time_ratio"), unit="x"),
+                              _fmt(e.get(f"{method}_memory_ratio"), unit="x")]
             peak = e["plain_peak_bytes"] / 2**20 if e.get("plain_peak_bytes") else None
-            lines.append(f"| {config} | {e['plain_s'] * 1e3:.1f} | {_fmt(peak, 0)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {config} | {_ms(e.get('plain_s'))} | {_fmt(peak, 0)} | " + " | ".join(cells) + " |")
         lines.append("")
     if "audit" in sections:
         e = sections["audit"]
-        lines += [f"Audit throughput, {e['network']}, images/s:", "", "| method | fp32 | bf16 |", "|---|---|---|"]
+        lines += [f"Audit throughput, {e.get('network')}, images/s:", "", "| method | fp32 | bf16 |", "|---|---|---|"]
         for method in ("lrp_epsilon", "gradcam", "gradient"):
-            lines.append(f"| {method} | {e[f'{method}_fp32_images_per_s']:.0f} | {e[f'{method}_bf16_images_per_s']:.0f} |")
+            lines.append(f"| {method} | {_fmt(e.get(f'{method}_fp32_images_per_s'), 0)} | "
+                         f"{_fmt(e.get(f'{method}_bf16_images_per_s'), 0)} |")
         lines.append("")
     for name, error in report["errors"].items():
         if not name.endswith("_traceback"):
@@ -379,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path("gpu-check-results"))
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds; later sections are skipped after it")
+    parser.add_argument("--budget", type=float, default=240.0,
+                        help="seconds; checked before every measurement, what is left is skipped after it")
     parser.add_argument("--smoke", action="store_true", help="toy sizes (any device)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
@@ -387,10 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section {unknown[0]!r}")
-    report = run(args.device, args.smoke, args.budget, only)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu-bench.json").write_text(json.dumps(report, indent=2))
-    (args.out / "gpu-bench.md").write_text(markdown(report))
+    report = run(args.device, args.smoke, args.budget, only, out=args.out)
     print(markdown(report))
     return 1 if any(not k.endswith("_traceback") for k in report["errors"]) else 0
 

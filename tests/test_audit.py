@@ -105,7 +105,9 @@ def test_data_without_masks_or_variants_is_discovered_not_inconclusive(digits_ch
     jsonschema.validate(library.data, SCHEMA)
     _, report = audit_json(digits_checkpoint, "--data", tmp_path / "plain.npz", "--split", "all", *FAST)
     assert report["schema"] == "auditkit.discover/1"
-    assert report["verdict"]["label"] in ("shortcut found", "no shortcut found")
+    # 60 images in 10 classes: clusters below --min-cluster are untested, and said so (issue 29).
+    assert report["verdict"]["label"] in ("shortcut found", "no shortcut found",
+                                          "no shortcut among the tested candidates")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make setup installs Debian's chromium)")

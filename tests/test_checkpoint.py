@@ -205,6 +205,10 @@ def test_unsupported_suffix(tmp_path, tap_model):
         save_checkpoint(tap_model, tmp_path / "m.bin")
     with pytest.raises(CheckpointError, match=r"unsupported checkpoint suffix '\.ckpt' for saving"):
         save_checkpoint(tap_model, tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointError, match="m.onnx: no such file"):
+        load_checkpoint(tmp_path / "m.onnx")
+    # Files are read by content (issue 29): one that is none of the formats says which to use.
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
     with pytest.raises(CheckpointError, match="use .safetensors"):
         load_checkpoint(tmp_path / "m.onnx")
 

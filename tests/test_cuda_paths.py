@@ -86,6 +86,8 @@ def test_inplace_ratio_backward_in_half_precision_matches_reference(dtype):
     want_relevance, want_output = lrp_epsilon_ratio_backward_reference(*(t.double() for t in low), 0.01)
     overwritten = low[0].clone()
     got_output = torch.ops.auditkit.lrp_epsilon_ratio_backward_(overwritten, low[1], low[2], 0.01)
+    # One rounding of a float32 result to dtype against float64 on the same inputs: <= u = 2^-11 (fp16),
+    # 2^-8 (bf16) in norm; the tolerance is ~4-5 u (tests/test_lrp_ops.py derives it).
     tolerance = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     for got, want in ((overwritten, want_relevance), (got_output, want_output)):
         assert got.dtype == dtype
@@ -277,6 +279,8 @@ def test_half_precision_lrp_ratio_and_signed_zero(device, dtype):
     got = torch.ops.auditkit.lrp_epsilon_ratio(relevance, z, 0.01)
     want = lrp_epsilon_ratio_reference(relevance.double(), z.double(), 0.01)
     assert got.dtype == dtype
+    # One rounding of a float32 result to dtype against float64 on the same inputs: <= u = 2^-11 (fp16),
+    # 2^-8 (bf16) in norm; the tolerance is ~4-5 u (tests/test_lrp_ops.py derives it).
     tolerance = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     assert ((got.double() - want).norm() / want.norm()).item() < tolerance
     for t in range(2):

@@ -13,11 +13,18 @@ rehearsed beforehand and runs start to finish without help, within about 8 minut
 6. the demo on the GPU (`auditkit demo --device cuda`);
 7. the GPU benchmarks (benchmarks/gpu_bench.py);
 
-and writes every figure, with the device name, torch version and command, to
-$OUT/gpu-results.md and .json (OUT unset: ./gpu-check-results). Exit status: 0 when every step
-passed, 1 when a CUDA test failed or a step broke.
+and writes every figure, with the device name, the versions (Python, torch, setuptools, nvcc) and
+command, to $OUT/gpu-results.md and .json (OUT unset: ./gpu-check-results). Exit status: 0 when
+every step passed, 1 when a CUDA test failed or a step broke.
+
+Nothing is kept for the end: gpu-results.md and .json are rewritten (atomically) before and after
+every step, saying ``"complete": false`` and which step is running until the last write, and the
+benchmarks write their own gpu-bench.md and .json into $OUT before each measurement. A check
+killed from outside (the device call's time limit) still returns every figure it had measured.
+A step that would start with less than 10 s of the budget left is skipped (and says so).
 
 Run: bash tools/gpu_check.sh   (or make gpu-check; GPU_CHECK_PYTHON picks the interpreter)
+     python3 tools/gpu_check.py --versions   (the versions alone: Python, torch, setuptools, nvcc)
 
 Rehearsal without a GPU: `tools/gpu_check.sh --rehearse` runs every step on the CPU (the build for
 compute capability 9.0, the CUDA tests, which then skip, the demo and the benchmarks at toy sizes),
@@ -28,7 +35,9 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +48,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET", "480"))  # the whole check, build included
 STEP_LIMITS = {"build": 240, "doctor": 120, "tests": 240, "demo": 150, "bench": 240}
+MIN_STEP_S = 10.0  # a step is not started with less of the budget left
+
+
+def versions() -> dict:
+    """The software the check runs on: Python, torch (and its CUDA), setuptools, nvcc."""
+    found = {"python": sys.version.split()[0]}
+    try:
+        import torch
+
+        found["torch"], found["torch_cuda"] = torch.__version__, torch.version.cuda
+    except ImportError:
+        found["torch"] = found["torch_cuda"] = None
+    try:
+        import setuptools
+
+        found["setuptools"] = setuptools.__version__
+    except ImportError:
+        found["setuptools"] = None
+    find_cuda = runpy.run_path(str(ROOT / "tools" / "find_cuda.py"))
+    home = find_cuda["find_cuda_home"]()
+    found["nvcc"] = f"{find_cuda['nvcc_version'](home)} ({home}/bin/nvcc)" if home else None
+    return found
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """The old or the new text at every moment, never half of one (temporary file, then rename)."""
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f"{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
 
 
 def gpu_or_reason() -> tuple[dict | None, str | None]:
@@ -75,28 +118,68 @@ class Check:
         self.started = time.perf_counter()
         self.steps: list[dict] = []
         self.env = dict(os.environ)
-        self.report: dict = {"command": "make gpu-check (tools/gpu_check.sh)", "steps": self.steps}
+        self.report: dict = {"command": "make gpu-check (tools/gpu_check.sh)", "steps": self.steps,
+                             "complete": False, "running": None}
 
     def left(self) -> float:
         return BUDGET_S - (time.perf_counter() - self.started)
 
+    def save(self) -> None:
+        """gpu-results.json and .md as they stand (``complete`` stays false until write())."""
+        self.report["seconds"] = round(time.perf_counter() - self.started, 1)
+        self.report["ok"] = self.passed() if self.report["complete"] else None
+        write_atomically(self.out / "gpu-results.json", json.dumps(self.report, indent=2, default=str))
+        write_atomically(self.out / "gpu-results.md", markdown(self.report))
+
+    def passed(self) -> bool:
+        tests = self.report.get("tests", {})
+        return not any(s["rc"] != 0 for s in self.steps) and tests.get("failed", 0) + tests.get("errors", 0) == 0
+
     def run(self, name: str, command: list[str], log_name: str | None = None, limit: float | None = None) -> dict:
         """Runs one step with its time limit (never past the whole budget); keeps its tail."""
-        limit = max(10.0, min(limit or STEP_LIMITS.get(name, 120), self.left()))
+        if self.left() < MIN_STEP_S:
+            step = {"name": name, "command": shlex.join(command), "rc": 124, "seconds": 0.0,
+                    "tail": f"[gpu-check] {name} skipped: {max(self.left(), 0):.0f} s of the {BUDGET_S:.0f} s "
+                            "budget left"}
+            self.steps.append(step)
+            print(f"gpu-check: {name}: skipped (budget spent)", flush=True)
+            self.save()
+            return step
+        limit = min(limit or STEP_LIMITS.get(name, 120), self.left())
         start = time.perf_counter()
+        self.report["running"] = name
+        self.save()
         print(f"gpu-check: {name}: {shlex.join(command)} (limit {limit:.0f} s)", flush=True)
-        try:
-            done = subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=limit)
-            rc, output = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as expired:
-            rc = 124
-            output = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-            output += f"\n[gpu-check] {name} stopped at its {limit:.0f} s limit"
-        step = {"name": name, "command": shlex.join(command), "rc": rc, "seconds": round(time.perf_counter() - start, 1),
-                "tail": output[-3000:]}
+        # The output goes to its log file as it comes (a check killed mid-step keeps it), and the step
+        # runs in its own process group: at its limit the whole group goes (ninja's compilers,
+        # pytest's children), and nothing left holds a pipe open.
         if log_name:
-            (self.out / log_name).write_text(output[-200_000:])
+            log_path = self.out / log_name
+        else:
+            handle, log_path = tempfile.mkstemp(prefix=f"gpu-check-{name}-", suffix=".log")
+            os.close(handle)
+            log_path = Path(log_path)
+        with open(log_path, "w") as log:
+            child = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            try:
+                rc = child.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended just now
+                    pass
+                child.wait()
+                rc = 124
+                log.write(f"\n[gpu-check] {name} stopped at its {limit:.0f} s limit\n")
+        output = log_path.read_text(errors="replace")
+        if not log_name:
+            log_path.unlink()
+        step = {"name": name, "command": shlex.join(command), "rc": rc,
+                "seconds": round(time.perf_counter() - start, 1), "tail": output[-3000:]}
         self.steps.append(step)
+        self.report["running"] = None
+        self.save()
         print(f"gpu-check: {name}: rc {rc} in {step['seconds']} s", flush=True)
         return step
 
@@ -145,33 +228,31 @@ class Check:
     def demo(self) -> dict:
         folder = Path(tempfile.mkdtemp(prefix="auditkit-demo-"))
         summary = folder / "demo.json"
-        step = self.run("demo", [sys.executable, "-m", "auditkit", "demo", "--device", self.device, "--out", str(folder / "demo"),
+        step = self.run("demo", [sys.executable, "-m", "auditkit", "demo", "--device", self.device,
+                                 "--out", str(folder / "demo"),
                                  "--force", "--quiet", "--json", str(summary)], "demo.log")
         if summary.is_file():
             self.report["demo"] = json.loads(summary.read_text())
         return step
 
     def bench(self) -> dict:
-        folder = Path(tempfile.mkdtemp(prefix="auditkit-bench-"))
-        budget = max(30.0, min(STEP_LIMITS["bench"], self.left()) - 20)
+        # Straight into $OUT: the benchmark rewrites gpu-bench.json/.md before every measurement, so
+        # its figures come back even if this whole check is killed in the middle of it.
+        budget = max(MIN_STEP_S, min(STEP_LIMITS["bench"], self.left()) - 20)
         smoke = ["--smoke"] if self.device == "cpu" else []
-        step = self.run("bench", [sys.executable, "-m", "benchmarks.gpu_bench", "--device", self.device, "--out", str(folder),
-                                  "--budget", f"{budget:.0f}", *smoke], limit=budget + 20)
-        if (folder / "gpu-bench.json").is_file():
-            self.report["bench"] = json.loads((folder / "gpu-bench.json").read_text())
-            self.report["bench_markdown"] = (folder / "gpu-bench.md").read_text()
+        step = self.run("bench", [sys.executable, "-m", "benchmarks.gpu_bench", "--device", self.device,
+                                  "--out", str(self.out), "--budget", f"{budget:.0f}", *smoke], limit=budget + 20)
+        path = self.out / "gpu-bench.json"
+        if path.is_file():  # complete, or what a stopped run had measured (it says so)
+            self.report["bench"] = json.loads(path.read_text())
+            self.report["bench_markdown"] = (self.out / "gpu-bench.md").read_text()
         return step
 
     # ---- report --------------------------------------------------------------------------------------
 
     def write(self) -> int:
-        tests = self.report.get("tests", {})
-        failed_tests = tests.get("failed", 0) + tests.get("errors", 0)
-        broken = [s["name"] for s in self.steps if s["rc"] != 0]
-        self.report["ok"] = not broken and failed_tests == 0
-        self.report["seconds"] = round(time.perf_counter() - self.started, 1)
-        (self.out / "gpu-results.json").write_text(json.dumps(self.report, indent=2, default=str))
-        (self.out / "gpu-results.md").write_text(markdown(self.report))
+        self.report["complete"], self.report["running"] = True, None
+        self.save()
         print(markdown(self.report))
         print(f"gpu-check: results in {self.out / 'gpu-results.md'} and .json", flush=True)
         return 0 if self.report["ok"] else 1
@@ -203,12 +284,18 @@ def summarise_junit(path: Path) -> dict:
 
 def markdown(report: dict) -> str:
     gpu = report.get("gpu", {})
+    found = report.get("versions", {})
+    if report.get("complete", True):
+        verdict = "PASSED" if report.get("ok") else "FAILED"
+    else:
+        verdict = f"INCOMPLETE (running: {report.get('running') or 'between steps'}; killed if this stays)"
     lines = [
-        f"# auditkit GPU check: {'PASSED' if report.get('ok') else 'FAILED'}",
+        f"# auditkit GPU check: {verdict}",
         "",
         f"- device: {gpu.get('name')} (compute capability {gpu.get('capability')}, {gpu.get('memory_gib')} GiB, "
         f"{gpu.get('count')} GPU(s))",
-        f"- software: python {gpu.get('python')}, torch {gpu.get('torch')} (CUDA {gpu.get('torch_cuda')})",
+        f"- software: python {gpu.get('python')}, torch {gpu.get('torch')} (CUDA {gpu.get('torch_cuda')}), "
+        f"setuptools {found.get('setuptools')}, nvcc {found.get('nvcc')}",
         f"- command: `{report.get('command')}`; {report.get('seconds')} s in all",
         "",
         "| step | rc | seconds |",
@@ -239,6 +326,10 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "--versions" in argv:  # printed first by the device call (README, "On a GPU machine")
+        for name, value in versions().items():
+            print(f"{name}: {value}")
+        return 0
     rehearse = "--rehearse" in argv
     gpu, reason = gpu_or_reason()
     if gpu is None and not rehearse:
@@ -254,6 +345,9 @@ def main(argv: list[str]) -> int:
     out = Path(os.environ.get("OUT") or ROOT / "gpu-check-results")
     check = Check(out, device="cpu" if rehearse and gpu["count"] == 0 else "cuda")
     check.report["gpu"] = gpu
+    check.report["versions"] = versions()
+    print("gpu-check: versions: " + ", ".join(f"{k} {v}" for k, v in check.report["versions"].items()), flush=True)
+    check.save()
     check.install_wheels()
     if check.build(gpu["capability"])["rc"] == 0:
         check.doctor()

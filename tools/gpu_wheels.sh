@@ -43,5 +43,19 @@ for wheel in "${wheels[@]}"; do
 done
 rm -f "$log"
 count=$(ls "$dest"/*.whl | wc -l)
-size=$(du -sh "$dest" | cut -f1)
-echo "gpu-wheels: $count wheels in $dest ($size)"
+if [ "$count" -ne "${#wheels[@]}" ]; then
+  # Two versions of one package stop the whole install there (pip refuses the set).
+  echo "gpu-wheels: $dest holds $count wheels, not the ${#wheels[@]} listed: remove the others and rerun" >&2
+  exit 1
+fi
+# The device call carries the working tree (tracked and untracked, not ignored) and .whl: 64 MiB at most.
+wheel_bytes=$(du -sb "$dest" | cut -f1)
+tree_bytes=$( (git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -n 1 | cut -f1) \
+  2>/dev/null || true)
+total_mib=$(( (wheel_bytes + ${tree_bytes:-0}) / 1048576 + 1 ))
+echo "gpu-wheels: $count wheels in $dest ($(( wheel_bytes / 1024 )) KiB); with the working tree about" \
+  "$total_mib MiB of the 64 MiB a device call carries"
+if [ "$total_mib" -gt 64 ]; then
+  echo "gpu-wheels: over the device call's 64 MiB: carry less" >&2
+  exit 1
+fi

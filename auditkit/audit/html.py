@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..explain.render import captioned, grid, outline, png_data_uri, upscale
+from .metrics import HOW_CHOSEN
 from .tiles import decode_map, decode_picture
 
 STYLE = """
@@ -43,8 +44,24 @@ def _fmt(value, digits=3) -> str:
 
 
 def _interval(entry: dict) -> str:
+    if entry["value"] is None and entry.get("reason"):
+        return f"– <span class=muted>({html.escape(entry['reason'])})</span>"
     low, high = entry["ci"]
     return f"{_fmt(entry['value'])} <span class=muted>[{_fmt(low)}, {_fmt(high)}]</span>"
+
+
+def metric_name(report: dict) -> str:
+    """The task metric as the report names it ("F1 of 'pneumonia'"); older reports: its short name."""
+    return report["task"].get("metric_label", report["task"]["metric"])
+
+
+def _positive_note(report: dict) -> str:
+    positive = report["task"].get("positive_class")
+    if not positive:
+        return ""
+    how = HOW_CHOSEN.get(positive["chosen"], positive["chosen"])
+    return (f"<p>The F-score is of class <b>{html.escape(positive['name'])}</b> ({html.escape(how)}: "
+            f"{positive['count']} of {positive['of']} {html.escape(positive['variant'])} images).</p>")
 
 
 def _head(title: str) -> list[str]:
@@ -205,7 +222,7 @@ def render_html(report: dict) -> str:
     """The HTML page of one audit report (its JSON document, auditkit.audit/1)."""
     verdict = report["verdict"]
     classes = report["checkpoint"]["classes"]
-    metric = report["task"]["metric"]
+    metric = html.escape(metric_name(report))
     out = _head(f"auditkit audit: {verdict['label']}")
     out += [f"<h1>Shortcut audit of {html.escape(str(report['checkpoint']['path'] or report['checkpoint']['arch']))}</h1>",
             f"<p class=muted>{html.escape(report['checkpoint']['arch'])} on {html.escape(report['data']['spec'])} "
@@ -215,13 +232,15 @@ def render_html(report: dict) -> str:
             _verdict_box(report),
             "<h2>Evidence</h2><table><tr><th class=l>test</th><th>value [interval]</th><th>threshold</th><th class=l>finding</th></tr>"]
     for e in verdict["evidence"]:
-        out.append(f"<tr><td class=l>{html.escape(e['test'])}</td><td>{_interval(e)}</td><td>{e['threshold']}</td>"
-                   f"<td class=l>{html.escape(e['finding'])}</td></tr>")
+        finding = f"not run: {e.get('reason') or 'no data'}" if e["finding"] == "not run" else e["finding"]
+        value = "–" if e["value"] is None else _interval(e)
+        out.append(f"<tr><td class=l>{html.escape(e['test'])}</td><td>{value}</td><td>{e['threshold']}</td>"
+                   f"<td class=l>{html.escape(finding)}</td></tr>")
     out.append("</table>")
     if verdict["supporting"]:
         out.append("<p>Supporting (localisation, does not decide):</p><ul>"
                    + "".join(f"<li>{html.escape(s)}</li>" for s in verdict["supporting"]) + "</ul>")
-    out.append(f"<h2>Task performance ({metric})</h2>" + metric_plot({"": report}))
+    out.append(f"<h2>Task performance ({metric})</h2>" + _positive_note(report) + metric_plot({"": report}))
     out.append(f"<table><tr><th class=l>variant</th><th>{metric} [interval]</th><th>samples</th></tr>")
     for variant, entry in report["task"]["per_variant"].items():
         out.append(f"<tr><td class=l>{html.escape(variant)}</td><td>{_interval(entry)}</td><td>{entry['samples']}</td></tr>")
@@ -272,7 +291,7 @@ def render_comparison_html(before: dict, after: dict, title: str = "Repair") -> 
     """The before/after page of a repair from its two audit reports (JSON documents): verdicts,
     metrics side by side with intervals, changes, per-class table and both models' heatmaps."""
     b, a = before, after
-    metric = a["task"]["metric"]
+    metric = metric_name(a)  # row() escapes its name
 
     def value(entry):
         return None if entry is None else entry.get("value")
@@ -285,7 +304,8 @@ def render_comparison_html(before: dict, after: dict, title: str = "Repair") -> 
     out += [f"<h1>{html.escape(title)}: before and after</h1>",
             f"<p class=muted>{html.escape(a['data']['spec'])}, {a['data']['samples']} samples; auditkit {a['auditkit_version']}</p>",
             _verdict_box(b, "Before"), _verdict_box(a, "After"),
-            f"<h2>Task performance ({metric})</h2>" + metric_plot({"before": b, "after": a}),
+            f"<h2>Task performance ({html.escape(metric)})</h2>" + _positive_note(a)
+            + metric_plot({"before": b, "after": a}),
             "<h2>Changes</h2><table><tr><th class=l>measure</th><th>before</th><th>after</th><th>change</th></tr>"]
     for variant in a["task"]["per_variant"]:
         out.append(row(f"{metric}, {variant}", value(b["task"]["per_variant"].get(variant)), value(a["task"]["per_variant"][variant])))

@@ -5,10 +5,16 @@ so under ``torchrun`` each rank takes every N-th batch, computes exactly what on
 for those samples, and the per-sample results are gathered to every rank before anything is
 aggregated: the report is identical to a single-process run. Memory stays bounded: only a few
 numbers per sample are kept, never images or maps.
+
+A mask with no pixel above 0.5 at the model's input size is *empty*: it marks nothing, so the image
+takes no part in the mask-based measurements (removal, swap, localisation, activation share) — it is
+counted and excluded, never measured as "no effect". The swap runs after a first pass, once it is
+known which masks are empty, so a donor's region is never an empty one.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -17,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .._json import finite
 from .._progress import progress_bar
 from ..data import AuditDataset, collate, to_uint8
 from ..data.contaminations import make_contamination
@@ -29,10 +36,12 @@ from ..models import run_capturing
 from ..ops import downscale_masks, weighted_relu_sum
 from . import metrics as M
 from .tiles import example_tiles
-from .verdict import Evidence, Thresholds, decide, judge
+from .verdict import RELIANT, Evidence, Thresholds, decide, judge, not_run
 
 SCHEMA = "auditkit.audit/1"
 LOCALISATION_KEYS = ("energy_in_mask", "top_quartile_recall", "top_quartile_precision", "iou")
+# Energy in the mask is a share of the positive attribution: undefined for maps with none.
+NO_POSITIVE = "no map has positive attribution to share out"
 
 
 @dataclass
@@ -50,6 +59,9 @@ class AuditConfig:
     epsilon: float = 0.01  # LRP-epsilon stabiliser for the audit's maps
     layers: tuple[str, ...] | None = None  # activation-share layers (default: the model's TAP targets)
     examples: int = 8  # per variant: this many correct and this many wrong predictions in the HTML
+    # Binary task: the class whose F-score is the metric, a name or an index; None = the minority class
+    # of the audited (reference) split, ties -> class 1 (see metrics.resolve_positive).
+    positive_class: int | str | None = None
 
     def validate(self, model) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -76,8 +88,19 @@ class AuditReport:
     def verdict(self) -> str:
         return self.data["verdict"]["label"]
 
+    @property
+    def tested(self) -> bool:
+        """Whether any behavioural test ran (False: e.g. every mask empty and no variant to compare)."""
+        return any(e["finding"] != "not run" for e in self.data["verdict"]["evidence"])
+
     def exit_code(self, fail_on_shortcut: bool) -> int:
-        return 1 if fail_on_shortcut and self.verdict == "reliant" else 0
+        """0; with ``fail_on_shortcut``: 1 for a reliant verdict, 3 when no behavioural test could
+        run (a gate must not pass a model it could not test)."""
+        if not fail_on_shortcut:
+            return 0
+        if self.verdict == RELIANT:
+            return 1
+        return 0 if self.tested else 3
 
 
 # ---- preparing the data --------------------------------------------------------------------
@@ -111,11 +134,12 @@ def add_permuted_variant(dataset: AuditDataset, seed: int) -> AuditDataset:
     return AuditDataset(dataset.records + extra, dataset.info, channels=dataset.channels, image_size=dataset.image_size)
 
 
-def swap_partners(dataset: AuditDataset, indices: list[int], seed: int) -> dict[int, int]:
-    """For each masked sample, a masked sample of another class (seeded, from labels alone)."""
+def swap_partners(masked: list[int], labels: list[int], seed: int) -> dict[int, int]:
+    """For each sample of ``masked`` (dataset indices of the samples with a non-empty mask, in
+    order; ``labels`` their classes), a sample of ``masked`` of another class (seeded, from labels
+    alone). A sample with no such partner (every masked sample of its class) has none."""
     rng = np.random.default_rng(seed)
-    masked = [i for i in indices if dataset.records[i].mask is not None]
-    labels = np.array([dataset.records[i].label for i in masked])
+    labels = np.asarray(labels)
     partners = {}
     for position, i in enumerate(masked):
         others = np.flatnonzero(labels != labels[position])
@@ -144,49 +168,46 @@ def _activation_shares(model, layers, images, masks):
     return torch.stack(shares, 1), torch.stack(coverages, 1)
 
 
-def _measure_batch(model, dataset, indices, variant, config, layers, partners, is_reference):
+def _removal_seed(config: AuditConfig, index: int) -> int:
+    return config.seed * 1_000_003 + int(index)
+
+
+def _measure_batch(model, dataset, indices, variant, config, layers, is_reference):
     device = config.device
     batch = collate([dataset[i] for i in indices]).to(device)
     with torch.no_grad():
         predictions = model(batch.images).argmax(1)
     records = [
         {"index": int(i), "variant": variant, "label": int(batch.labels[j]), "prediction": int(predictions[j]),
-         "has_mask": bool(batch.has_mask[j]), "mask_area": None, "localisation": {}, "share": None,
-         "coverage": None, "removed_prediction": None, "swap_prediction": None, "partner_label": None}
+         "has_mask": bool(batch.has_mask[j]), "mask_area": None, "mask_empty": None, "localisation": {},
+         "share": None, "coverage": None, "removed_prediction": None, "swap_prediction": None,
+         "partner_label": None}
         for j, i in enumerate(indices)
     ]
-    masked = torch.nonzero(batch.has_mask).flatten()
+    # The pixels the region tests use are those above 0.5 (remove_region, localisation's S); a mask
+    # with none marks nothing: recorded as empty, and left out of every mask-based measurement.
+    areas = (batch.masks[:, 0] > 0.5).float().mean(dim=(1, 2))
+    for j in torch.nonzero(batch.has_mask).flatten().tolist():
+        records[j]["mask_area"] = float(areas[j])
+        records[j]["mask_empty"] = bool(areas[j] == 0)
+    masked = torch.nonzero(batch.has_mask & (areas > 0)).flatten()
     if len(masked) == 0:
         return records
     images, masks, targets = batch.images[masked], batch.masks[masked], predictions[masked]
-    mask_areas = (masks[:, 0] > 0.5).float().mean(dim=(1, 2)).tolist()
     per_method = {}
     for method in config.methods:
         options = {"epsilon": config.epsilon} if method == "lrp_epsilon" else {}
         maps = attribute(model, images, targets, method, **options)[:, 0]
         per_method[method] = M.localisation(maps, masks[:, 0])
     shares, coverages = _activation_shares(model, layers, images, masks) if layers else (None, None)
-    removed_pred = swap_pred = partner_labels = None
+    removed_pred = None
     if is_reference and config.counterfactuals:
-        seeds = [config.seed * 1_000_003 + int(indices[int(j)]) for j in masked]
+        seeds = [_removal_seed(config, indices[int(j)]) for j in masked]
         removed = torch.stack([M.remove_region(images[k], masks[k], seeds[k]) for k in range(len(masked))])
-        swapped, has_partner, partner_labels = [], [], []
-        for k, j in enumerate(masked.tolist()):
-            partner = partners.get(indices[j])
-            has_partner.append(partner is not None)
-            if partner is None:
-                swapped.append(removed[k])
-                partner_labels.append(-1)
-                continue
-            donor = dataset[partner]
-            swapped.append(M.paste_region(removed[k], donor.image.to(device), donor.mask.to(device)))
-            partner_labels.append(donor.label)
         with torch.no_grad():
             removed_pred = model(removed).argmax(1).tolist()
-            swap_pred = [p if ok else None for p, ok in zip(model(torch.stack(swapped)).argmax(1).tolist(), has_partner)]
     for k, j in enumerate(masked.tolist()):
         record = records[j]
-        record["mask_area"] = float(mask_areas[k])
         record["localisation"] = {
             method: {key: float(values[key][k]) for key in LOCALISATION_KEYS} for method, values in per_method.items()
         }
@@ -195,9 +216,24 @@ def _measure_batch(model, dataset, indices, variant, config, layers, partners, i
             record["coverage"] = coverages[k].tolist()
         if removed_pred is not None:
             record["removed_prediction"] = removed_pred[k]
-            record["swap_prediction"] = swap_pred[k]
-            record["partner_label"] = partner_labels[k] if partner_labels[k] >= 0 else None
     return records
+
+
+def _measure_swaps(model, dataset, indices, partners, config) -> list[dict]:
+    """The swap counterfactual of the samples ``indices`` (each with a partner): the masked region
+    filled as by the removal test (same seed), then the partner's masked region pasted in."""
+    device = config.device
+    samples = [dataset[i] for i in indices]
+    donors = [dataset[partners[i]] for i in indices]
+    swapped = torch.stack([
+        M.paste_region(M.remove_region(s.image.to(device), s.mask.to(device), _removal_seed(config, i)),
+                       d.image.to(device), d.mask.to(device))
+        for i, s, d in zip(indices, samples, donors)
+    ])
+    with torch.no_grad():
+        predictions = model(swapped).argmax(1).tolist()
+    return [{"index": int(i), "swap_prediction": int(p), "partner_label": int(d.label)}
+            for i, p, d in zip(indices, predictions, donors)]
 
 
 def measure(model, dataset: AuditDataset, config: AuditConfig, context: Context, show_progress: bool) -> list[dict]:
@@ -213,16 +249,29 @@ def measure(model, dataset: AuditDataset, config: AuditConfig, context: Context,
         for start in range(0, len(indices), config.batch_size)
     ]
     mine = batches[context.rank :: context.world_size]
-    partners = swap_partners(dataset, by_variant[reference], config.seed) if config.counterfactuals else {}
     layers = list(config.layers) if config.layers is not None else list(getattr(model.meta, "target_layers", ()))
     records = []
     with progress_bar("auditing", total=sum(len(i) for _, i in mine), enabled=show_progress and context.is_main) as bar:
         for variant, indices in mine:
             with autocast(config.device, config.precision):
-                records += _measure_batch(model, dataset, indices, variant, config, layers, partners, variant == reference)
+                records += _measure_batch(model, dataset, indices, variant, config, layers, variant == reference)
             bar.advance(len(indices))
     records = gather(context, records)
     records.sort(key=lambda r: r["index"])
+    if config.counterfactuals:
+        # Second pass, now that every rank knows which masks are empty: partners are drawn from
+        # the reference samples with a non-empty mask only, the same on every rank.
+        usable = [r for r in records if r["variant"] == reference and r["mask_empty"] is False]
+        partners = swap_partners([r["index"] for r in usable], [r["label"] for r in usable], config.seed)
+        todo = [r["index"] for r in usable if r["index"] in partners]
+        swap_batches = [todo[start : start + config.batch_size] for start in range(0, len(todo), config.batch_size)]
+        swaps = []
+        for indices in swap_batches[context.rank :: context.world_size]:
+            with autocast(config.device, config.precision):
+                swaps += _measure_swaps(model, dataset, indices, partners, config)
+        by_index = {s["index"]: s for s in gather(context, swaps)}
+        for record in records:
+            record.update(by_index.get(record["index"], {}))
     return records
 
 
@@ -233,60 +282,133 @@ def _aligned(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(x["label"] == y["label"] for x, y in zip(a, b))
 
 
-def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, layers: list[str]) -> tuple[dict, dict]:
+@dataclass(frozen=True)
+class TaskSpec:
+    """The task the audit scores: its type, metric, and for the binary F-score the class it scores."""
+
+    type: str  # multiclass | binary | ordinal
+    positive: int | None  # binary: the class whose F-score is the metric
+    chosen: str  # how ``positive`` was chosen: "minority" | "tie" | "given" | "class 1" | ""
+
+    @property
+    def metric(self) -> str:
+        return M.METRIC_OF_TASK[self.type]
+
+    def label(self, classes) -> str:
+        """The metric as people read it: "accuracy", "F1 of 'pneumonia'", "mae"."""
+        return f"F1 of {classes[self.positive]!r}" if self.type == "binary" else self.metric
+
+
+def task_spec(config: AuditConfig, dataset: AuditDataset) -> TaskSpec:
+    """The task of ``config`` on ``dataset`` (labels read from its records, no pixels): the binary
+    F-score's class is ``config.positive_class`` or the minority class of the reference variant."""
     task = M.resolve_task(config.task, dataset.num_classes)
-    metric = M.METRIC_OF_TASK[task]
+    reference = reference_variant(dataset)
+    labels = [r.label for r in dataset.records if r.variant == reference]
+    positive, chosen = M.resolve_positive(config.positive_class, task, dataset.classes, labels)
+    return TaskSpec(task, positive, chosen)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # null in JSON; the estimate beside it says why
+
+
+def _mask_reason(rows: list[dict], variant: str) -> str | None:
+    """Why the mask tests have nothing to measure on ``rows`` (the reference variant), or None."""
+    with_mask = [r for r in rows if r["has_mask"]]
+    if not with_mask:
+        return f"none of the {len(rows)} {variant} images has a mask"
+    if all(r["mask_empty"] for r in with_mask):
+        return (f"the masks of the {len(with_mask)} {variant} images are all empty "
+                "(no pixel above 0.5 at the model's input size)")
+    return None
+
+
+def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, layers: list[str],
+              spec: TaskSpec | None = None) -> tuple[dict, dict]:
+    spec = spec or task_spec(config, dataset)
+    task, positive, classes = spec.type, spec.positive, dataset.classes
+    scored = positive if positive is not None else 1  # the class an F-score scores (unused by other tasks)
+    metric = spec.label(classes)
     reference = reference_variant(dataset)
     by_variant: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         by_variant[record["variant"]].append(record)
-    stats = dict(resamples=config.bootstrap, confidence=config.confidence)
+    stats = dict(resamples=config.bootstrap, confidence=config.confidence, positive=scored)
+    mean_stats = dict(resamples=config.bootstrap, confidence=config.confidence)
 
     def labels_predictions(rows):
         return np.array([r["label"] for r in rows], int), np.array([r["prediction"] for r in rows], int)
+
+    def undefined(labels, variant):
+        reason = M.undefined_reason(task, labels, scored, classes)
+        return f"{variant}: {reason}" if reason else None
 
     per_variant = {}
     for number, variant in enumerate(dataset.variants):
         rows = by_variant[variant]
         labels, predictions = labels_predictions(rows)
         estimate = M.bootstrap_metric(task, labels, predictions, seed=config.seed + number, **stats)
-        per_variant[variant] = {**estimate.as_dict(),
-                                "confusion": M.confusion_matrix(labels, predictions, dataset.num_classes)}
+        per_variant[variant] = {**estimate.because(M.undefined_reason(task, labels, scored, classes)).as_dict(),
+                                "confusion": M.confusion_matrix(labels, predictions, dataset.num_classes),
+                                "missing_classes": M.missing_classes(labels, classes)}
 
     evidence: list[Evidence] = []
     degradation = {}
     for number, other in enumerate(("permuted", "clean")):
         if other not in by_variant or reference not in ("contaminated",):
             continue
+        (ref_labels, _), (other_labels, _) = (labels_predictions(by_variant[v]) for v in (reference, other))
         estimate = M.bootstrap_degradation(
             task, labels_predictions(by_variant[reference]), labels_predictions(by_variant[other]),
             paired=_aligned(by_variant[reference], by_variant[other]), seed=config.seed + 101 + number, **stats,
-        )
+        ).because(undefined(ref_labels, reference) or undefined(other_labels, other))
         degradation[other] = {**estimate.as_dict(), "paired": _aligned(by_variant[reference], by_variant[other])}
         evidence.append(judge(f"degradation_to_{other}", estimate, config.thresholds.degradation,
                               f"{metric} degradation from contaminated to {other} data"))
 
     counterfactual = {}
-    swapped = [r for r in by_variant[reference] if r["swap_prediction"] is not None]
-    removed = [r for r in by_variant[reference] if r["removed_prediction"] is not None]
-    if swapped:
-        flips = [float(r["swap_prediction"] != r["prediction"]) for r in swapped]
-        follows = [float(r["swap_prediction"] == r["partner_label"]) for r in swapped]
-        flip = M.bootstrap_mean(flips, seed=config.seed + 201, **stats)
-        counterfactual["swap"] = {"flip_rate": flip.as_dict(),
-                                  "follow_rate": M.bootstrap_mean(follows, seed=config.seed + 202, **stats).as_dict()}
-        evidence.append(judge("swap_flip_rate", flip, config.thresholds.swap_flip_rate,
-                              "share of predictions changed by swapping in another class's masked region"))
-    if removed:
+    reference_rows = by_variant[reference]
+    masked = [r for r in reference_rows if r["has_mask"]]
+    empty = sum(bool(r["mask_empty"]) for r in masked)
+    no_masks = _mask_reason(reference_rows, reference)
+    # Images whose own mask is empty are not evidence: excluded, and the count said.
+    excluded = f" ({empty} of {len(masked)} images with an empty mask excluded)" if empty and not no_masks else ""
+    swap_what = "share of predictions changed by swapping in another class's masked region"
+    removal_what = f"{metric} drop when the masked region is filled with background"
+    if not config.counterfactuals:
+        for test, threshold, what in (("swap_flip_rate", config.thresholds.swap_flip_rate, swap_what),
+                                      ("removal_drop", config.thresholds.removal_drop, removal_what)):
+            evidence.append(not_run(test, threshold, what, "the counterfactual tests were switched off"))
+    elif no_masks:
+        evidence.append(not_run("swap_flip_rate", config.thresholds.swap_flip_rate, swap_what, no_masks))
+        evidence.append(not_run("removal_drop", config.thresholds.removal_drop, removal_what, no_masks))
+    else:
+        swapped = [r for r in reference_rows if r["swap_prediction"] is not None]
+        removed = [r for r in reference_rows if r["removed_prediction"] is not None]
+        if swapped:
+            flips = [float(r["swap_prediction"] != r["prediction"]) for r in swapped]
+            follows = [float(r["swap_prediction"] == r["partner_label"]) for r in swapped]
+            flip = M.bootstrap_mean(flips, seed=config.seed + 201, **mean_stats)
+            counterfactual["swap"] = {"flip_rate": flip.as_dict(), "excluded_empty_masks": empty,
+                                      "follow_rate": M.bootstrap_mean(follows, seed=config.seed + 202,
+                                                                      **mean_stats).as_dict()}
+            evidence.append(judge("swap_flip_rate", flip, config.thresholds.swap_flip_rate, swap_what + excluded))
+        else:
+            names = sorted({classes[r["label"]] for r in masked if not r["mask_empty"]})
+            evidence.append(not_run("swap_flip_rate", config.thresholds.swap_flip_rate, swap_what + excluded,
+                                    f"every image with a non-empty mask is of one class ({names[0]!r}); "
+                                    "a swap needs a masked image of another class"))
         labels, before = labels_predictions(removed)
         after = np.array([r["removed_prediction"] for r in removed], int)
-        drop = M.bootstrap_degradation(task, (labels, before), (labels, after), paired=True, seed=config.seed + 203, **stats)
+        drop = M.bootstrap_degradation(task, (labels, before), (labels, after), paired=True, seed=config.seed + 203,
+                                       **stats).because(undefined(labels, f"{reference} images with a mask"))
         counterfactual["removal"] = {
-            "before": M.task_metric(task, labels, before), "after": M.task_metric(task, labels, after),
-            "drop": drop.as_dict(),
+            "before": _finite(M.task_metric(task, labels, before, scored)),
+            "after": _finite(M.task_metric(task, labels, after, scored)),
+            "drop": drop.as_dict(), "excluded_empty_masks": empty,
         }
-        evidence.append(judge("removal_drop", drop, config.thresholds.removal_drop,
-                              f"{metric} drop when the masked region is filled with background"))
+        evidence.append(judge("removal_drop", drop, config.thresholds.removal_drop, removal_what + excluded))
 
     localisation = {}
     for method in config.methods:
@@ -296,26 +418,29 @@ def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, l
             if not rows:
                 continue
             entry = {key: M.bootstrap_mean([r["localisation"][method][key] for r in rows],
-                                           seed=config.seed + 300 + number, **stats).as_dict()
+                                           seed=config.seed + 300 + number, **mean_stats)
+                     .because(NO_POSITIVE if key == "energy_in_mask" else None).as_dict()
                      for key in LOCALISATION_KEYS}
             area = float(np.mean([r["mask_area"] for r in rows]))
             entry["chance"] = {"energy_in_mask": area, "top_quartile_recall": 0.25, "top_quartile_precision": area}
             localisation[method][variant] = entry
 
     shares = []
-    reference_rows = [r for r in by_variant[reference] if r["share"] is not None]
+    share_rows = [r for r in reference_rows if r["share"] is not None]
     for position, name in enumerate(layers):
-        if not reference_rows:
+        if not share_rows:
             break
-        values = [r["share"][position] for r in reference_rows]
+        values = [r["share"][position] for r in share_rows]
         shares.append({
             "layer": name,
-            "share": M.bootstrap_mean(values, seed=config.seed + 400 + position, **stats).as_dict(),
-            "chance": float(np.mean([r["coverage"][position] for r in reference_rows])),
+            "share": M.bootstrap_mean(values, seed=config.seed + 400 + position, **mean_stats).as_dict(),
+            "chance": float(np.mean([r["coverage"][position] for r in share_rows])),
         })
 
     verdict, summary = decide(evidence)
     supporting = []
+    if no_masks and masked:  # masks given but all empty: say why localisation is missing
+        supporting.append(f"localisation and activation share not computed: {no_masks}")
     for method, variants in localisation.items():
         entry = variants.get(reference)
         if entry and entry["energy_in_mask"]["value"] is not None:
@@ -335,8 +460,15 @@ def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, l
             "correct": [r["index"] for r in rows if r["prediction"] == r["label"]][: config.examples],
             "wrong": [r["index"] for r in rows if r["prediction"] != r["label"]][: config.examples],
         }
+    positive_entry = None
+    if task == "binary":
+        reference_labels = [r["label"] for r in reference_rows]
+        positive_entry = {"index": positive, "name": classes[positive], "chosen": spec.chosen,
+                          "count": sum(label == positive for label in reference_labels),
+                          "of": len(reference_labels), "variant": reference}
     report = {
-        "task": {"type": task, "metric": metric, "higher_is_better": M.higher_is_better(task), "per_variant": per_variant},
+        "task": {"type": task, "metric": spec.metric, "metric_label": metric, "positive_class": positive_entry,
+                 "higher_is_better": M.higher_is_better(task), "per_variant": per_variant},
         "reference_variant": reference,
         "degradation": degradation,
         "counterfactual": counterfactual,
@@ -358,7 +490,12 @@ def run_audit(
     data_spec: str | None = None,
     checkpoint: str | None = None,
 ) -> AuditReport:
-    """Audits ``model`` (an auditkit model, in its input format) on ``dataset``."""
+    """Audits ``model`` (an auditkit model, in its input format) on ``dataset``.
+
+    Metrics that cannot be computed on this data (a one-class split for the F-score, a variant with
+    no samples) are null with a ``reason``; mask tests on masks that are all empty are "not run".
+    Raises AuditkitError for empty data, ParameterError for a bad config (e.g. a ``positive_class``
+    the model does not have, or one given for a task that is not binary)."""
     config = config or AuditConfig()
     context = context or Context()
     config.validate(model)
@@ -372,8 +509,9 @@ def run_audit(
     layers = list(config.layers) if config.layers is not None else list(getattr(model.meta, "target_layers", ()))
     try:
         dataset = add_permuted_variant(dataset, config.seed)
+        spec = task_spec(config, dataset)  # a bad positive_class fails here, before any work
         records = measure(model, dataset, config, context, show_progress)
-        body, examples = aggregate(records, dataset, config, layers)
+        body, examples = aggregate(records, dataset, config, layers, spec)
         # The pictures the report shows, kept in it: it renders from its JSON alone.
         tiles = example_tiles(model, dataset, examples, config.methods, config.epsilon, config.device, config.precision)
     finally:
@@ -384,16 +522,21 @@ def run_audit(
         "auditkit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "checkpoint": {"path": checkpoint, "arch": meta.arch, "classes": list(meta.class_names),
-                       "input_size": list(meta.input_size), "in_channels": meta.in_channels},
+                       "input_size": list(meta.input_size), "in_channels": meta.in_channels,
+                       "normalization": {"mean": list(meta.mean), "std": list(meta.std), "source": meta.normalization}},
         "data": {"spec": data_spec or dataset.info.name, "fingerprint": dataset.fingerprint(),
                  "samples": len(dataset), "variants": {v: sum(r.variant == v for r in dataset.records) for v in dataset.variants},
-                 "with_masks": sum(r.mask is not None for r in dataset.records), "mask_meaning": dataset.info.mask_meaning},
+                 "with_masks": sum(r.mask is not None for r in dataset.records),
+                 "empty_masks": sum(bool(r["mask_empty"]) for r in records), "mask_meaning": dataset.info.mask_meaning},
         "config": {"methods": list(config.methods), "task": config.task, "batch_size": config.batch_size,
                    "device": config.device, "precision": config.precision, "seed": config.seed, "bootstrap": config.bootstrap,
                    "confidence": config.confidence, "counterfactuals": config.counterfactuals,
-                   "epsilon": config.epsilon, "processes": context.world_size},
+                   "epsilon": config.epsilon, "processes": context.world_size,
+                   "positive_class": config.positive_class},
         **body,
         "examples": tiles,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    return AuditReport(document)
+    # Every number is finite or null (non-finite ones carry their reason beside them already):
+    # report.json must parse in JSON.parse and jq, not only in Python.
+    return AuditReport(finite(document))

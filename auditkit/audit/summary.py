@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+
+from .metrics import HOW_CHOSEN
 
 COLOURS = {"reliant": "red", "not reliant": "green", "inconclusive": "yellow"}
 
 
 def _interval(entry: dict) -> str:
     if entry["value"] is None:
-        return "–"
+        return f"– ({entry['reason']})" if entry.get("reason") else "–"
     low, high = entry["ci"]
     return f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]"
 
@@ -23,15 +26,22 @@ def print_summary(report, console: Console | None = None) -> None:
     colour = COLOURS[verdict["label"]]
     console.print(Panel(f"[bold {colour}]{verdict['label'].upper()}[/bold {colour}]  {verdict['summary']}",
                         title=f"audit of {data['checkpoint']['path'] or data['checkpoint']['arch']}"))
-    metric = data["task"]["metric"]
+    metric = data["task"].get("metric_label", data["task"]["metric"])  # reports before issue 29 lack the label
+    positive = data["task"].get("positive_class")
+    if positive:
+        how = HOW_CHOSEN.get(positive["chosen"], positive["chosen"])
+        console.print(escape(f"{metric}: the F-score of class {positive['name']!r} ({how}; {positive['count']} of "
+                      f"{positive['of']} {positive['variant']} images)"))
     table = Table(f"variant ({data['data']['spec']})", f"{metric} [{int(data['config']['confidence'] * 100)}% CI]", "samples")
     for variant, entry in data["task"]["per_variant"].items():
-        table.add_row(variant, _interval(entry), str(entry["samples"]))
+        table.add_row(variant, escape(_interval(entry)), str(entry["samples"]))
     console.print(table)
     evidence = Table("behavioural test", "value [CI]", "threshold", "finding")
     for e in verdict["evidence"]:
         style = {"shows reliance": "red", "clears": "green"}.get(e["finding"], "yellow")
-        evidence.add_row(e["test"], _interval(e), f"{e['threshold']:g}", f"[{style}]{e['finding']}[/{style}]")
+        finding = f"not run: {e.get('reason') or 'no data'}" if e["finding"] == "not run" else e["finding"]
+        evidence.add_row(e["test"], "–" if e["value"] is None else _interval(e), f"{e['threshold']:g}",
+                         f"[{style}]{escape(finding)}[/{style}]")
     if verdict["evidence"]:
         console.print(evidence)
     localisation = Table("method", "variant", "energy in mask [CI]", "chance", "top-25% recall", "IoU")
@@ -40,7 +50,7 @@ def print_summary(report, console: Console | None = None) -> None:
             localisation.add_row(method, variant, _interval(entry["energy_in_mask"]),
                                  f"{entry['chance']['energy_in_mask']:.3f}", _interval(entry["top_quartile_recall"]),
                                  _interval(entry["iou"]))
-    if data["localisation"]:
+    if any(data["localisation"].values()):  # a method with no masked variant has no rows
         console.print(localisation)
     if data["activation_share"]:
         shares = Table("targeted layer", "activation inside the mask [CI]", "chance")

@@ -19,13 +19,17 @@ digit strokes too, and a model that ignores colour still flips. The verdict, ove
 - **inconclusive** otherwise (an interval straddles its threshold, or no behavioural test was
   possible: then attribution localisation is reported, but it cannot decide on its own).
 
+A test that could not run is "not run" with its true reason (no masks; masks that are all empty;
+every masked image of one class; a metric undefined on a one-class split), never "clears": a test on
+nothing is not evidence, so an audit whose masks are all empty cannot call a model "not reliant".
+
 Attribution and activation localisation are listed as supporting evidence.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .metrics import Estimate
 
@@ -58,15 +62,22 @@ class Evidence:
 
 
 def judge(test: str, estimate: Estimate, threshold: float, what: str) -> Evidence:
-    """Compare a confidence interval with a threshold."""
-    if estimate.samples == 0 or math.isnan(estimate.low):
-        return Evidence(test, estimate, threshold, "not run", f"{what}: no data for this test")
+    """Compare a confidence interval with a threshold; "not run" (with ``estimate.reason``) when the
+    estimate has no value or no interval."""
+    if estimate.samples == 0 or not all(math.isfinite(v) for v in (estimate.value, estimate.low, estimate.high)):
+        return not_run(test, threshold, what, estimate.reason or "no data for this test", estimate)
     interval = f"{estimate.value:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"
     if estimate.low > threshold:
         return Evidence(test, estimate, threshold, "shows reliance", f"{what} {interval} is above {threshold:g}")
     if estimate.high < threshold:
         return Evidence(test, estimate, threshold, "clears", f"{what} {interval} is below {threshold:g}")
     return Evidence(test, estimate, threshold, "inconclusive", f"{what} {interval} straddles {threshold:g}")
+
+
+def not_run(test: str, threshold: float, what: str, reason: str, estimate: Estimate | None = None) -> Evidence:
+    """Evidence of a test that could not run, with the reason (never counted for or against)."""
+    estimate = estimate if estimate is not None else Estimate(math.nan, math.nan, math.nan, 0)
+    return Evidence(test, replace(estimate, reason=reason), threshold, "not run", f"{what}: not run: {reason}")
 
 
 DIRECT_TESTS = ("degradation_to_permuted", "degradation_to_clean")
@@ -87,9 +98,13 @@ def decide(evidence: list[Evidence]) -> tuple[str, str]:
     if run and all(e.finding == "clears" for e in run):
         return NOT_RELIANT, "No reliance found: " + "; ".join(e.explanation for e in run) + "."
     if not run:
-        return INCONCLUSIVE, (
-            "No behavioural test was possible (the data has no permuted or clean variant and no masks); "
-            "attribution localisation alone cannot decide."
-        )
+        # Name the real reasons: each test that could not run says why (empty masks, one class, ...).
+        tests_of: dict[str, list[str]] = {}
+        for e in evidence:
+            if e.finding == "not run":
+                tests_of.setdefault(e.estimate.reason or "no data", []).append(e.test)
+        why = "; ".join(f"{', '.join(tests)}: {reason}" for reason, tests in tests_of.items())
+        why = why or "the data has no permuted or clean variant and no masks"
+        return INCONCLUSIVE, f"No behavioural test was possible ({why}); attribution localisation alone cannot decide."
     unsure = [e for e in run if e.finding == "inconclusive"]
     return INCONCLUSIVE, "Inconclusive: " + "; ".join(e.explanation for e in unsure) + "."

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -28,6 +28,35 @@ PrecisionOption = Annotated[
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random choice; the same seed repeats a run.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output instead of refusing.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+OutputOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--output",
+        metavar="NAME|INDEX",
+        help="Which part of the model's output is the logits when its forward returns a dict, tuple, namedtuple or "
+        "dataclass: a key or field name (logits) or an index (0). Default: what the checkpoint records, else a "
+        "container's only tensor, its field named logits, or a tuple's first (N, classes) tensor.",
+    ),
+]
+NormalizeOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--normalize",
+        metavar="NAME|MEAN/STD",
+        help="Input normalisation the model was trained with: imagenet, inception (0.5/0.5), clip, none (pixels "
+        "in [0, 1] unchanged) or MEAN/STD, comma-separated per channel or one number for all "
+        "(0.485,0.456,0.406/0.229,0.224,0.225 or 0.5/0.25). Default: what the checkpoint records, else 0.5/0.5 "
+        "with a warning. train also takes dataset (its default: the training images' statistics).",
+    ),
+]
+ClassesOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--classes",
+        help="Class names in index order, comma-separated (e.g. cat,dog): overrides dataset.json and the default "
+        "order (folder trees: names sorted as text, like torchvision's ImageFolder).",
+    ),
+]
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> None:
@@ -63,7 +92,8 @@ def handles_errors(command):
         from ..errors import AuditkitError, ParameterError
 
         try:
-            return command(*args, **kwargs)
+            with _warnings_as_lines():
+                return command(*args, **kwargs)
         except ParameterError as error:
             fail(error.naming(flag_for(error.parameter)))
         except AuditkitError as error:
@@ -83,11 +113,30 @@ def handles_errors(command):
     return wrapper
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """While a command runs, each warning shown is one line on stderr ("warning: ..."), its advice
+    worded with the command's flags (a warning with ``parameter`` and ``naming``, e.g.
+    auditkit.models.NormalizationWarning, says --normalize where the library says normalize=)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        parameter, naming = getattr(message, "parameter", None), getattr(message, "naming", None)
+        text = naming(flag_for(parameter)) if parameter and callable(naming) else str(message)
+        typer.secho(f"warning: {' '.join(text.split())}", fg=typer.colors.YELLOW, err=True)
+
+    with warnings.catch_warnings():  # (also resets which warnings were shown: each command shows its own)
+        warnings.showwarning = show
+        yield
+
+
 def write_json(path: Optional[Path], payload: Any) -> None:
     """Writes ``payload`` as JSON to ``path`` atomically ('-' prints it to stdout)."""
     if path is None:
         return
-    text = json.dumps(payload, indent=2, default=str) + "\n"
+    from .._json import dumps
+
+    text = dumps(payload, indent=2, default=str) + "\n"  # never NaN/Infinity: JSON.parse rejects them
     if str(path) == "-":
         sys.stdout.write(text)
         return

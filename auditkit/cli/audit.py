@@ -7,8 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, PrecisionOption, JsonOption, SeedOption, handles_errors, write_json
-from .checkpoints import ArchOption, TrustPickleOption, load
+from ._common import (
+    ClassesOption,
+    DeviceOption,
+    JsonOption,
+    NormalizeOption,
+    OutputOption,
+    PrecisionOption,
+    SeedOption,
+    handles_errors,
+    write_json,
+)
+from .checkpoints import ArchOption, TrustPickleOption, load, model_data
 
 
 @handles_errors
@@ -23,10 +33,17 @@ def audit(
         Optional[Path], typer.Option("--report-dir", help="Write report.json and report.html here.")
     ] = None,
     json_path: JsonOption = None,
+    classes: ClassesOption = None,
     fail_on_shortcut: Annotated[
-        bool, typer.Option("--fail-on-shortcut", help="Exit 1 when the verdict is 'reliant' (for CI gates).")
+        bool, typer.Option("--fail-on-shortcut",
+                           help="Exit 1 when the verdict is 'reliant', 3 when nothing could be tested (for CI gates)."),
     ] = False,
     task: Annotated[str, typer.Option(help="auto, multiclass (accuracy), binary (F-score) or ordinal (MAE).")] = "auto",
+    positive_class: Annotated[
+        Optional[str],
+        typer.Option("--positive-class", help="Binary task: the class (name or index) whose F-score is scored; "
+                                              "default: the minority class of the audited split."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     counterfactuals: Annotated[
         bool, typer.Option("--counterfactuals/--no-counterfactuals", help="Swap and removal tests on masked samples.")
@@ -42,6 +59,8 @@ def audit(
         int, typer.Option(help="Example pictures kept in the report: this many correct and wrong predictions per variant.")
     ] = 8,
     arch: ArchOption = None,
+    normalize: NormalizeOption = None,
+    output: OutputOption = None,
     trust_pickle: TrustPickleOption = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
@@ -54,24 +73,23 @@ def audit(
     instead (see `auditkit discover`): the report is then the discovery's, and --fail-on-shortcut
     exits 1 when it finds a shortcut.
 
-    Exit codes: 0 done (1 with --fail-on-shortcut and a 'reliant' verdict), 2 bad input.
+    Exit codes: 0 done (1 with --fail-on-shortcut and a 'reliant' verdict; 3 with --fail-on-shortcut when no
+    behavioural test could run, e.g. every mask empty: a gate cannot pass what it did not test), 2 bad input.
     Under `torchrun --nproc_per_node N -m auditkit audit ...` the work is sharded over N processes.
 
     Example: auditkit audit shortcut.safetensors --data builtin:decoy-mnist --report-dir audit --fail-on-shortcut
     """
     from .. import distributed
     from ..audit import AuditConfig, Thresholds, print_summary, run_audit, write_html
-    from ..data import open_dataset
     from ..models import resolve_layers
     from ..device import resolve_device, resolve_precision
-    from ..training import align_dataset_to_model
 
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     context = distributed.init_from_environment(device)
     try:
-        model = load(checkpoint, arch, trust_pickle).to(device)
-        dataset = align_dataset_to_model(open_dataset(data, split=None if split == "all" else split), model)
+        model = load(checkpoint, arch, trust_pickle, normalize=normalize, output=output).to(device)
+        dataset = model_data(data, model, split=None if split == "all" else split, classes=classes)
         if not dataset.has_masks and len(dataset.variants) == 1:
             # Nothing to compare against: find the shortcut instead of answering "inconclusive".
             code = _discover_instead(model, dataset, data, checkpoint, report_dir, json_path, fail_on_shortcut, context,
@@ -81,6 +99,7 @@ def audit(
         config = AuditConfig(
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             task=task,
+            positive_class=positive_class,
             thresholds=Thresholds(degradation_threshold, flip_threshold, removal_threshold),
             batch_size=batch_size,
             device=str(device),
@@ -105,7 +124,10 @@ def audit(
             write_json(json_path, report.data)
     finally:
         distributed.finish(context)
-    raise typer.Exit(report.exit_code(fail_on_shortcut))
+    code = report.exit_code(fail_on_shortcut)
+    if code == 3 and context.is_main:
+        typer.echo(f"error: --fail-on-shortcut: nothing was tested: {report.data['verdict']['summary']}", err=True)
+    raise typer.Exit(code)
 
 
 def _discover_instead(model, dataset, data, checkpoint, report_dir, json_path, fail_on_shortcut, context, *, quiet,

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, PrecisionOption, JsonOption, handles_errors, write_json
+from ._common import (
+    ClassesOption,
+    DeviceOption,
+    JsonOption,
+    NormalizeOption,
+    OutputOption,
+    PrecisionOption,
+    handles_errors,
+    write_json,
+)
 
 ArchOption = Annotated[
     Optional[str], typer.Option("--arch", help="Architecture of a bare state_dict (a checkpoint without metadata).")
@@ -21,9 +31,11 @@ TrustPickleOption = Annotated[
 ]
 
 
-def load(path: Path, arch: Optional[str], trust_pickle: bool, input_size: Optional[str] = None):
+def load(path: Path, arch: Optional[str], trust_pickle: bool, input_size: Optional[str] = None,
+         normalize: Optional[str] = None, output: Optional[str] = None):
     from ..errors import AuditkitError
     from ..models import load_checkpoint
+    from ..models.outputs import use_output
 
     size = None
     if input_size:
@@ -32,14 +44,32 @@ def load(path: Path, arch: Optional[str], trust_pickle: bool, input_size: Option
             size = (int(height), int(width or height))
         except ValueError as error:
             raise AuditkitError(f"--input-size expects HxW, e.g. 224x224; got {input_size!r}") from error
-    model = load_checkpoint(path, arch=arch, trust_pickle=trust_pickle, input_size=size)
-    return model.eval()
+    model = load_checkpoint(path, arch=arch, trust_pickle=trust_pickle, input_size=size, normalize=normalize)
+    return use_output(model, output).eval()  # --output: where the logits are in the network's output
+
+
+def model_data(data: str, model, *, split: Optional[str] = None, variant=None, classes=None):
+    """``data`` (its ``split`` and ``variant``; None: all) in the model's input format. A model whose
+    normalisation was assumed is checked on the data's train split (align_dataset_to_model)."""
+    from ..data import open_dataset
+    from ..training import align_dataset_to_model
+
+    full = open_dataset(data, classes=classes)
+    if split is not None and full.splits == [""]:
+        # The user's own data often has no split column: use all of it (and say so) rather than refuse
+        # the default split, which the user never chose.
+        warnings.warn(f"{data} has no splits (no split column or folders): using all {len(full)} images", stacklevel=2)
+        split = None
+    chosen = full.select(split=split, variant=variant) if split is not None or variant is not None else full
+    return align_dataset_to_model(chosen, model, check_on=full)
 
 
 @handles_errors
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors or .pt checkpoint.")],
     arch: ArchOption = None,
+    normalize: NormalizeOption = None,
+    output: OutputOption = None,
     trust_pickle: TrustPickleOption = False,
     json_path: JsonOption = None,
 ) -> None:
@@ -50,12 +80,18 @@ def inspect(
     from rich.console import Console
 
     from ..models import read_checkpoint_meta
+    from ..models.checkpoint import checkpoint_format
+    from ..models.normalization import describe
 
-    model = load(checkpoint, arch, trust_pickle)
+    model = load(checkpoint, arch, trust_pickle, normalize=normalize, output=output)
     meta = model.meta
     stored = read_checkpoint_meta(checkpoint) if not trust_pickle else {}
+    # Class names the file does not record (bare weights) come from the data when it is scored.
+    names_from_data = "class_names" in getattr(model, "adopt_from_data", ())
     report = {
         "checkpoint": str(checkpoint),
+        "format": checkpoint_format(checkpoint),  # by content, whatever the suffix
+        "class_names_recorded": not names_from_data,
         "parameters": sum(p.numel() for p in model.parameters()),
         **meta.to_dict(),
         "extra": stored.get("extra", {}),
@@ -65,12 +101,20 @@ def inspect(
         return
     console = Console()
     console.print(f"[bold]{checkpoint}[/bold]: {meta.arch}, {report['parameters']:,} parameters")
-    console.print(f"  classes ({meta.num_classes}): {', '.join(meta.class_names)}")
+    console.print(f"  format: {report['format']}", markup=False)
+    if names_from_data:
+        console.print(f"  classes ({meta.num_classes}): not recorded in the file; scored against --data, in the "
+                      "data's class order (--classes to state it)", markup=False)
+    else:
+        console.print(f"  classes ({meta.num_classes}, by index): "
+                      + ", ".join(f"{k}={name}" for k, name in enumerate(meta.class_names)), markup=False)
     console.print(
         f"  input: {meta.in_channels} channel(s), {meta.input_size[1]}x{meta.input_size[0]} px, "
-        f"normalised with mean {list(meta.mean)} std {list(meta.std)}"
+        f"normalised with {describe(meta)}"
     )
     console.print(f"  TAP targets: {', '.join(meta.target_layers) or 'none'}; Grad-CAM layer: {meta.gradcam_layer or 'none'}")
+    if meta.output is not None:
+        console.print(f"  logits: the network's output [{meta.output!r}]")
     training = report["extra"].get("training")
     if training:
         accuracies = ", ".join(f"{k} {v:.3f}" for k, v in training.get("test_accuracy", {}).items())
@@ -90,11 +134,14 @@ def evaluate(
     input_size: Annotated[
         Optional[str], typer.Option(help="Input size HxW for a bare state_dict (default 224x224).")
     ] = None,
+    normalize: NormalizeOption = None,
+    output: OutputOption = None,
     trust_pickle: TrustPickleOption = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     json_path: JsonOption = None,
+    classes: ClassesOption = None,
 ) -> None:
     """Accuracy and confusion matrix of a checkpoint on every variant of a dataset split.
 
@@ -103,16 +150,15 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from ..data import open_dataset
     from ..device import resolve_device, resolve_precision
-    from ..training import align_dataset_to_model, evaluate as evaluate_model
+    from ..training import evaluate as evaluate_model
 
-    model = load(checkpoint, arch, trust_pickle, input_size)
+    model = load(checkpoint, arch, trust_pickle, input_size, normalize, output)
     target = resolve_device(device)
     precision = resolve_precision(precision, target)
-    dataset = open_dataset(data, split=None if split == "all" else split)
-    dataset = align_dataset_to_model(dataset, model)
-    results = evaluate_model(model.to(target), dataset, batch_size=batch_size, device=target, precision=precision,
+    model.to(target)  # before the data: an assumed normalisation is checked on it
+    dataset = model_data(data, model, split=None if split == "all" else split, classes=classes)
+    results = evaluate_model(model, dataset, batch_size=batch_size, device=target, precision=precision,
                              show_progress=True)
     table = Table("variant", "samples", "accuracy")
     for result in results.values():

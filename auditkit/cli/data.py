@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import ForceOption, JsonOption, SeedOption, handles_errors, parse_params, write_json
+from ._common import ClassesOption, ForceOption, JsonOption, SeedOption, handles_errors, parse_params, write_json
 
 app = typer.Typer(
     help="Make contaminated datasets and inspect datasets.\n\nExample: auditkit data make decoy-patch out/decoy-mnist",
@@ -31,6 +31,7 @@ def make(
     fmt: Annotated[str, typer.Option("--format", help="png (manifest.csv + PNG files) or npz.")] = "png",
     force: ForceOption = False,
     json_path: JsonOption = None,
+    classes: ClassesOption = None,
 ) -> None:
     """Write the contaminated, permuted and clean variants of every split, with a mask per image.
 
@@ -41,7 +42,8 @@ def make(
     from .._progress import progress_bar
     from ..data import SOURCES, make_dataset, open_dataset, write_dataset
 
-    images = source if source in SOURCES else open_dataset(source)  # a built-in source, or the user's data
+    # a built-in source, or the user's data
+    images = source if source in SOURCES else open_dataset(source, classes=classes)
     dataset = make_dataset(kind, source=images, params=parse_params(param), seed=seed)
     with progress_bar(f"writing {len(dataset)} images", total=len(dataset)) as bar:
         folder = write_dataset(dataset, out_dir, fmt=fmt, overwrite=force, progress=bar.advance)
@@ -56,6 +58,7 @@ def make(
 def show(
     spec: Annotated[str, typer.Argument(help="A dataset: folder, .csv of boxes, .npz or builtin:NAME.")],
     json_path: JsonOption = None,
+    classes: ClassesOption = None,
 ) -> None:
     """Describe a dataset: splits, variants, classes, masks.
 
@@ -65,7 +68,7 @@ def show(
 
     from ..data import open_dataset
 
-    summary = open_dataset(spec).summary()
+    summary = open_dataset(spec, classes=classes).summary()
     if json_path is not None and str(json_path) == "-":
         write_json(json_path, summary)
         return
@@ -105,6 +108,9 @@ def _print_summary(console, summary: dict) -> None:
         f"{summary['channels']} channel(s), {summary['image_size'][1]}x{summary['image_size'][0]} px, "
         f"{summary['with_masks']} with masks ({summary['mask_meaning']} regions)"
     )
+    order = f"; {summary['class_order']}" if summary.get("class_order") else ""
+    console.print(f"classes by index{order}: " + ", ".join(f"{k}={n}" for k, n in enumerate(summary["classes"])),
+                  markup=False, highlight=False)
     variants = sorted({v for counts in summary["splits"].values() for v in counts})
     table = Table("split", *variants)
     for split, counts in summary["splits"].items():

@@ -8,16 +8,19 @@ from typing import Annotated
 import typer
 
 from ._common import (
+    ClassesOption,
     DeviceOption,
     ForceOption,
     JsonOption,
+    NormalizeOption,
+    OutputOption,
     PrecisionOption,
     QuietOption,
     SeedOption,
     handles_errors,
     write_json,
 )
-from .checkpoints import ArchOption, TrustPickleOption, load
+from .checkpoints import ArchOption, TrustPickleOption, load, model_data
 
 
 @handles_errors
@@ -28,14 +31,24 @@ def discover(
     split: Annotated[str, typer.Option(help="Split to analyse ('all': every split, so the repair finds train and val masks).")] = "all",
     variant: Annotated[str | None, typer.Option(help="Variant to analyse when the data has several (default: contaminated, else original, else the first).")] = None,
     json_path: JsonOption = None,
+    classes: ClassesOption = None,
     fail_on_shortcut: Annotated[bool, typer.Option("--fail-on-shortcut", help="Exit 1 when a shortcut is found (0 when none).")] = False,
     probe_drop: Annotated[float, typer.Option(help="Accuracy drop under a colour or low-pass probe that counts as a global shortcut.")] = 0.10,
-    max_area: Annotated[float, typer.Option(help="Largest share of the image a candidate artefact may cover.")] = 0.10,
+    max_area: Annotated[float, typer.Option(
+        help="Largest share of the image a candidate region may cover (0.5: above it no control region of its size "
+             "fits beside it). Clusters above it are listed as not tested.")] = 0.5,
+    min_cluster: Annotated[int, typer.Option(
+        help="Smallest strategy cluster (images) causally tested; smaller ones are listed as not tested.")] = 10,
+    max_clusters: Annotated[int, typer.Option(help="Most strategy clusters per class.")] = 8,
+    max_tested: Annotated[int, typer.Option(
+        help="Images per candidate in the causal test (a seeded sample; all get masks).")] = 200,
     effect_threshold: Annotated[float, typer.Option(help="Effect beyond the control region (share of images) that counts.")] = 0.10,
     probe_samples: Annotated[int, typer.Option(help="Images the global probes edit.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     epsilon: Annotated[float, typer.Option(help="LRP-epsilon stabiliser.")] = 0.01,
     arch: ArchOption = None,
+    normalize: NormalizeOption = None,
+    output: OutputOption = None,
     trust_pickle: TrustPickleOption = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
@@ -49,6 +62,10 @@ def discover(
     region of the same area, global probes (colour, texture, frequency), and the next command. OUT is a
     dataset with the proposed masks that `auditkit repair --data OUT` reads unchanged.
 
+    Every limit that kept a cluster from the causal test (--min-cluster, --max-area, ...) is listed with
+    its count and flag in the summary, discovery.json ("limits", "skipped") and the page; then the
+    verdict is "no shortcut among the tested candidates", never "no shortcut found".
+
     Exit codes: 0 done (1 with --fail-on-shortcut when a shortcut is found), 2 bad input.
     Under `torchrun --nproc_per_node N -m auditkit discover ...` the LRP pass is sharded over N processes.
 
@@ -56,13 +73,12 @@ def discover(
     """
     from .. import distributed
     from .._io import atomic_write_text
-    from ..data import open_dataset, write_dataset
+    from ..data import write_dataset
     from ..device import resolve_device, resolve_precision
     from ..discover import DiscoveryConfig, proposed_dataset, run_discovery
     from ..discover.html import render_discovery_html
     from ..discover.summary import print_discovery
     from ..errors import AuditkitError
-    from ..training import align_dataset_to_model
 
     if out.exists() and not force:
         raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -70,22 +86,25 @@ def discover(
     precision = resolve_precision(precision, device)
     context = distributed.init_from_environment(device)
     try:
-        model = load(checkpoint, arch, trust_pickle).to(device)
-        dataset = align_dataset_to_model(open_dataset(data, split=None if split == "all" else split), model)
+        model = load(checkpoint, arch, trust_pickle, normalize=normalize, output=output).to(device)
+        dataset = model_data(data, model, split=None if split == "all" else split, classes=classes)
         dataset = analysed_variant(dataset, variant)
         config = DiscoveryConfig(epsilon=epsilon, batch_size=batch_size, device=str(device), precision=precision, seed=seed,
                                  max_area=max_area, effect_threshold=effect_threshold, probe_samples=probe_samples,
-                                 probe_drop=probe_drop)
+                                 probe_drop=probe_drop, min_cluster=min_cluster, max_clusters=max_clusters,
+                                 max_tested=max_tested)
         report = run_discovery(model, dataset, config, context=context, show_progress=not quiet, data_spec=data,
                                checkpoint=str(checkpoint), out_dir=str(out))
         if context.is_main:
-            write_dataset(proposed_dataset(dataset, report), out, overwrite=force)
+            proposed = proposed_dataset(dataset, report)
+            masked = sum(record.mask is not None for record in proposed.records)
+            write_dataset(proposed, out, overwrite=force)
             write_json(out / "discovery.json", report.data)
             atomic_write_text(out / "discovery.html", render_discovery_html(report.data), overwrite=True)
             if json_path is None or str(json_path) != "-":
                 print_discovery(report.data)
-                typer.echo(f"written: {out} (data with {len(report.masks)} proposed masks), "
-                           f"{out / 'discovery.json'}, {out / 'discovery.html'}")
+                typer.echo(f"written: {out} (data with {masked} proposed masks; {len(proposed) - masked} images have "
+                           f"no proposed region and no mask), {out / 'discovery.json'}, {out / 'discovery.html'}")
             write_json(json_path, report.data)
     finally:
         distributed.finish(context)

@@ -7,8 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, PrecisionOption, ForceOption, JsonOption, SeedOption, handles_errors, write_json
-from .checkpoints import ArchOption, TrustPickleOption, load
+from ._common import (
+    ClassesOption,
+    DeviceOption,
+    ForceOption,
+    JsonOption,
+    NormalizeOption,
+    OutputOption,
+    PrecisionOption,
+    SeedOption,
+    handles_errors,
+    write_json,
+)
+from .checkpoints import ArchOption, TrustPickleOption, load, model_data
 
 
 @handles_errors
@@ -33,12 +44,15 @@ def explain(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     save_maps: Annotated[bool, typer.Option("--save-maps", help="Also write the raw maps to heatmaps.npz.")] = False,
     arch: ArchOption = None,
+    normalize: NormalizeOption = None,
+    output: OutputOption = None,
     trust_pickle: TrustPickleOption = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     seed: SeedOption = 0,
     force: ForceOption = False,
     json_path: JsonOption = None,
+    classes: ClassesOption = None,
 ) -> None:
     """Show where a model looks: one overlay per image and a captioned grid.
 
@@ -48,13 +62,12 @@ def explain(
     import torch
     from rich.console import Console
 
-    from ..data import collate, open_dataset
+    from ..data import collate
     from ..data.dataset import AuditDataset, DatasetInfo, Record
     from ..errors import AuditkitError
     from ..explain import METHODS, attribute
     from ..explain.render import captioned, grid, overlay, to_rgb, upscale, write_png
     from ..device import autocast, resolve_device, resolve_precision
-    from ..training import align_dataset_to_model
 
     if method not in METHODS:
         raise AuditkitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -63,14 +76,14 @@ def explain(
     if out.exists() and any(out.iterdir()) and not force:
         raise AuditkitError(f"{out} exists and is not empty; choose another --out or pass --force")
     torch.manual_seed(seed)
-    model = load(checkpoint, arch, trust_pickle)
+    model = load(checkpoint, arch, trust_pickle, normalize=normalize, output=output)
     meta = model.meta
     target_device = resolve_device(device)
     precision = resolve_precision(precision, target_device)
     model.to(target_device)
 
     if data:
-        dataset = align_dataset_to_model(open_dataset(data, split=split, variant=variant), model)
+        dataset = model_data(data, model, split=split, variant=variant, classes=classes)
         meta = model.meta  # a checkpoint without metadata took its input size and class names from the data
         if len(dataset) == 0:
             raise AuditkitError(f"{data}: no samples in split {split!r}")

@@ -270,7 +270,8 @@ def repair(
                 atomic_write_text(out.with_name(out.name + ".audit.html"), page, overwrite=True)
                 table = Table("", "verdict", *result.after.data["task"]["per_variant"].keys())
                 for label, audit in (("before", result.before), ("after", result.after)):
-                    table.add_row(label, audit.verdict, *(f"{v['value']:.3f}" for v in audit.data["task"]["per_variant"].values()))
+                    table.add_row(label, audit.verdict, *("–" if v["value"] is None else f"{v['value']:.3f}"
+                                                           for v in audit.data["task"]["per_variant"].values()))
                 console.print(table)
             console.print(f"repaired checkpoint: [bold]{path}[/bold]; proof: {out.name}.audit.json / .audit.html")
             write_json(json_path, document)

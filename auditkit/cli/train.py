@@ -7,7 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOption, PrecisionOption, ForceOption, JsonOption, QuietOption, SeedOption, handles_errors, write_json
+from ._common import (
+    ClassesOption,
+    DeviceOption,
+    ForceOption,
+    JsonOption,
+    NormalizeOption,
+    OutputOption,
+    PrecisionOption,
+    QuietOption,
+    SeedOption,
+    handles_errors,
+    write_json,
+)
 
 
 @handles_errors
@@ -40,14 +52,14 @@ def train(
     layers: Annotated[
         Optional[str], typer.Option(help="Comma-separated module names TAP should target (default: the arch's preset).")
     ] = None,
-    normalize: Annotated[
-        str, typer.Option(help="Input normalisation stored in the checkpoint: dataset (per-channel mean/std of the training images) or none.")
-    ] = "dataset",
+    normalize: NormalizeOption = "dataset",
+    output: OutputOption = None,
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     force: ForceOption = False,
     json_path: JsonOption = None,
+    classes: ClassesOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train a classifier (the paper's "No XS" model on contaminated data) and save a checkpoint.
@@ -65,6 +77,7 @@ def train(
     from ..device import describe, resolve_device, resolve_precision
     from ..errors import AuditkitError
     from ..models import save_checkpoint
+    from ..models.outputs import parse_spec
     from ..training import TrainConfig, evaluate, train_model
 
     console = Console()
@@ -75,7 +88,7 @@ def train(
     config.validate()
     if out.exists() and not force:
         raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")
-    dataset = open_dataset(data)
+    dataset = open_dataset(data, classes=classes)
 
     def start(model, train_set, chosen_variant) -> None:
         console.print(
@@ -93,7 +106,8 @@ def train(
 
     trained = train_model(dataset, arch, config, split=split, variant=variant, fraction=fraction, normalize=normalize,
                           layers=layers.split(",") if layers else None, val_split=None if val_split == "none" else val_split,
-                          show_progress=not quiet, on_start=start, on_epoch=report, data_name=data)
+                          show_progress=not quiet, on_start=start, on_epoch=report, data_name=data,
+                          output=parse_spec(output))
     training = trained.training
     results = {}
     if test_split != "none":

@@ -9,6 +9,8 @@ Resize/normalise policy (documented in docs/data.md):
 - size: every image is resized to the dataset's ``image_size`` (default: the size of the first
   image) with area averaging when shrinking and bilinear interpolation when enlarging; masks get
   the same geometry, so a mask always lines up with its image, and stay in [0, 1];
+- masks are decoded by auditkit.data.masks (0/1, 0/255, bool, float, label maps, JPEG, colour:
+  its MASK_RULE), never on the images' 0-255 scale;
 - mean/std normalisation is *not* applied here: it belongs to the model (see
   auditkit.models), so images, masks and explanations share one pixel space.
 """
@@ -28,12 +30,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
+from .masks import Box, read_mask
 
 # Variants in the order reports list them.
 VARIANT_ORDER = ("contaminated", "permuted", "inverted", "clean", "original")
 
-# A box is (x0, y0, x1, y1) in pixels of the original image, end exclusive.
-Box = tuple[int, int, int, int]
+# A box (auditkit.data.masks.Box) is (x0, y0, x1, y1) in pixels of the original image, end exclusive.
 ImageSource = Union[Path, np.ndarray]
 MaskSource = Union[Path, np.ndarray, tuple[Box, ...], None]
 
@@ -141,15 +143,6 @@ def _as_unit_float(pixels: np.ndarray, where: str, from_opencv: bool = False) ->
     return np.ascontiguousarray(out)
 
 
-def _boxes_to_mask(boxes: tuple[Box, ...], height: int, width: int, where: str) -> np.ndarray:
-    mask = np.zeros((height, width), dtype=np.float32)
-    for x0, y0, x1, y1 in boxes:
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise DataError(f"{where}: box ({x0}, {y0}, {x1}, {y1}) lies outside the {width}x{height} image")
-        mask[y0:y1, x0:x1] = 1.0
-    return mask
-
-
 def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     if pixels.shape[:2] == (height, width):
@@ -184,6 +177,7 @@ class DatasetInfo:
     classes: tuple[str, ...]
     mask_meaning: str = "spurious"  # what mask = 1 marks: "spurious" (TAP, RRR) or "object" (Energy)
     generator: dict = field(default_factory=dict)  # the contamination that made it, if any
+    class_order: str = ""  # the rule that ordered ``classes`` (auditkit/data/readers.py), for reports
 
 
 class AuditDataset(Dataset):
@@ -240,17 +234,14 @@ class AuditDataset(Dataset):
         return _as_unit_float(np.asarray(record.image), "in-memory image")
 
     def _read_mask(self, record: Record, size: tuple[int, int]) -> np.ndarray:
+        """The record's mask as float32 (H, W) in [0, 1] at its image's ``size`` (H, W): files,
+        arrays and boxes all go through auditkit.data.masks.read_mask, which decides 0/1, 0/255,
+        bool, float, label-map, lossy and colour encodings per mask (its MASK_RULE)."""
         source = record.mask
-        where = f"mask of {_describe(record.image)}"
+        where = str(source) if isinstance(source, Path) else f"mask of {_describe(record.image)}"
+        mask = read_mask(source, where, size)
         if isinstance(source, tuple):
-            return _boxes_to_mask(source, size[0], size[1], where)
-        if isinstance(source, Path):
-            mask = read_image_file(source)
-            where = str(source)
-        else:
-            mask = _as_unit_float(np.asarray(source), where)
-        if mask.ndim == 3:
-            mask = mask.max(axis=2)
+            return mask
         if mask.shape != size and not (isinstance(source, np.ndarray) and mask.shape == tuple(self.image_size)):
             # (an in-memory mask already made at the dataset's size, e.g. a teacher annotation, is fine)
             raise DataError(
@@ -351,6 +342,7 @@ class AuditDataset(Dataset):
             "source": self.info.source,
             "samples": len(self.records),
             "classes": list(self.classes),
+            "class_order": self.info.class_order,
             "channels": self.channels,
             "image_size": list(self.image_size),
             "splits": {

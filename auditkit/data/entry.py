@@ -12,7 +12,14 @@ from pathlib import Path
 from ..errors import DataError
 from .builtin import builtin_dataset
 from .dataset import AuditDataset
-from .readers import apply_folder_meta, read_box_csv, read_image_folder, read_manifest_folder, read_npz
+from .readers import (
+    apply_folder_meta,
+    read_box_csv,
+    read_image_folder,
+    read_manifest_folder,
+    read_npz,
+    reindex_classes,
+)
 
 
 def open_dataset(
@@ -21,27 +28,37 @@ def open_dataset(
     split: str | None = None,
     variant: str | list[str] | None = None,
     mask_meaning: str | None = None,
+    classes: str | list[str] | tuple[str, ...] | None = None,
 ) -> AuditDataset:
-    """Opens any supported dataset; ``split``/``variant`` select a subset."""
+    """Opens any supported dataset; ``split``/``variant`` select a subset.
+
+    ``classes`` (names in index order, or one comma-separated string: the CLI's ``--classes``)
+    fixes the class order for every layout, over a ``dataset.json``'s ``classes``. Without either,
+    folder trees follow torchvision's ImageFolder (folder names sorted as text) and tables sort
+    their labels (numerically when all are integers); see docs/data.md. Raises DataError for labels
+    the given classes lack.
+    """
     text = str(spec)
     if text.startswith("builtin:"):
         dataset = builtin_dataset(text)
+        if classes is not None:
+            dataset = reindex_classes(dataset, classes, "the classes option")
     else:
         path = Path(text).expanduser()
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         if path.is_dir():
             if (path / "manifest.csv").is_file():
-                dataset = read_manifest_folder(path)
+                dataset = read_manifest_folder(path, classes)
             elif (path / "dataset.npz").is_file():
-                dataset = read_npz(path / "dataset.npz")
+                dataset = read_npz(path / "dataset.npz", classes, meta_folder=path)
                 apply_folder_meta(dataset, path)
             else:
-                dataset = read_image_folder(path)
+                dataset = read_image_folder(path, classes)
         elif path.suffix.lower() == ".npz":
-            dataset = read_npz(path)
+            dataset = read_npz(path, classes)
         elif path.suffix.lower() == ".csv":
-            dataset = read_box_csv(path)
+            dataset = read_box_csv(path, classes)
         else:
             raise DataError(
                 f"{path}: not a dataset; give a folder (manifest.csv or split/class/*.png), "

@@ -13,6 +13,12 @@ Accepted ``spec`` values (see docs/data.md):
   masks (model-guidance style; set ``mask_meaning`` with the ``boxes`` option);
 - a ``.npz`` with ``images`` (N,H,W), (N,H,W,C) or (N,C,H,W), ``labels`` (N,), and optionally
   ``masks``, ``variants``, ``groups``, ``splits``, ``classes``.
+
+Class order (docs/data.md, "Class order"): the ``classes`` option, else a ``dataset.json``'s
+``classes`` (for every layout), else the convention of the loader that trained most models on that
+layout: torchvision ImageFolder's text order for folder trees, sorted labels (numerically when all
+are integers) for tables, the integers themselves for .npz integer labels. CSVs are read as Excel
+saves them (UTF-8 with a byte-order mark, UTF-16, Windows-1252; ',', ';' or tab delimiters).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,30 +40,150 @@ MASK_FOLDER = "masks"
 
 # ---- labels ----------------------------------------------------------------------------
 
+# How a dataset's classes got their order (DatasetInfo.class_order, shown by `auditkit data show`).
+ORDER_DECLARED = "as declared ({})"
+ORDER_TEXT = "folder names in text order, as torchvision's ImageFolder"
+ORDER_SORTED = "sorted labels (numerically when all are integers)"
+ORDER_INDEX = "integer labels are the class indices"
 
-def _class_list(labels: list[str], declared: list[str] | None, where: str) -> tuple[str, ...]:
+
+def _is_integer(name: str) -> bool:
+    return name.lstrip("-").isdigit()
+
+
+def declared_classes(value, where: str) -> list[str] | None:
+    """The class names of a ``classes`` list (dataset.json, the ``classes`` option; a comma-separated
+    string too), checked: non-empty names, none twice. None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise DataError(f"{where}: classes must be a list of names; got {type(value).__name__}")
+    names = [str(v).strip() for v in value]
+    if not names or not all(names):
+        raise DataError(f"{where}: classes must be non-empty names; got {names}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"{where}: class {twice[0]!r} is named twice in the classes")
+    return names
+
+
+def _class_list(
+    labels: list[str], declared: list[str] | None, where: str, *, numeric: bool = True, folders: bool = False
+) -> tuple[tuple[str, ...], dict[str, int]]:
+    """(the class names in index order, each label's index).
+
+    ``declared`` (dataset.json, the ``classes`` option) wins: labels are looked up by name, or, when
+    they are all integers and none is a declared name, taken as indices into it (not for ``folders``:
+    a folder's name is a name, its ImageFolder index is not its number). Otherwise the
+    sorted label names: text order when ``numeric`` is off (torchvision's ImageFolder: "10" before
+    "2"), numeric order when every label is an integer and ``numeric`` is on (tables: pandas and
+    scikit-learn's LabelEncoder read and sort such labels as numbers).
+    """
+    present = set(labels)
     if declared is not None:
-        unknown = sorted(set(labels) - set(declared))
-        if unknown:
-            raise DataError(f"{where}: labels {', '.join(unknown[:5])} are not among the declared classes")
-        return tuple(declared)
-    names = sorted(set(labels))
-    if names and all(n.lstrip("-").isdigit() for n in names):
+        if present <= set(declared):
+            return tuple(declared), {name: k for k, name in enumerate(declared)}
+        if not folders and all(_is_integer(n) for n in present) and not present & set(declared):
+            outside = sorted((n for n in present if not 0 <= int(n) < len(declared)), key=int)
+            if not outside:
+                return tuple(declared), {name: int(name) for name in present}
+            raise DataError(f"{where}: labels {', '.join(outside[:5])} are not indices of the "
+                            f"{len(declared)} declared classes")
+        unknown = sorted(present - set(declared))
+        what = "class folders" if folders else "labels"
+        raise DataError(f"{where}: {what} {', '.join(unknown[:5])} are not among the declared classes "
+                        f"({', '.join(declared[:8])}{', ...' if len(declared) > 8 else ''})")
+    names = sorted(present)
+    if numeric and names and all(_is_integer(n) for n in names):
         names = sorted(names, key=int)
-    return tuple(names)
+    return tuple(names), {name: k for k, name in enumerate(names)}
+
+
+def reindex_classes(dataset: AuditDataset, classes, where: str = "classes") -> AuditDataset:
+    """``dataset`` with its classes in the order ``classes`` gives (names, or, when the dataset's
+    class names are all integers and none is among ``classes``, the names of those indices); labels
+    re-indexed to match. DataError for a class ``classes`` lacks."""
+    declared = declared_classes(classes, where)
+    new, index = _class_list(list(dataset.classes), declared, where)
+    if new == tuple(dataset.classes):
+        return dataset
+    old = dataset.classes
+    records = [replace(r, label=index[old[r.label]]) for r in dataset.records]
+    info = replace(dataset.info, classes=new, class_order=ORDER_DECLARED.format(where))
+    return AuditDataset(records, info, channels=dataset.channels, image_size=dataset.image_size)
+
+
+def _declared(option, meta: dict, meta_path: Path) -> tuple[list[str] | None, str]:
+    """(the declared classes, where from): the ``classes`` option wins over dataset.json."""
+    if option is not None:
+        return declared_classes(option, "the classes option"), ORDER_DECLARED.format("the classes option")
+    if meta.get("classes") is not None:
+        return declared_classes(meta["classes"], str(meta_path)), ORDER_DECLARED.format(str(meta_path))
+    return None, ""
+
+
+# ---- CSV files as people save them ------------------------------------------------------
+
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+def _decode_csv(path: Path) -> str:
+    """The text of a CSV file: UTF-8 (with or without Excel's byte-order mark), UTF-16 with a
+    byte-order mark (Excel's "Unicode text"), else Windows-1252 (Excel's Western default, a superset
+    of Latin-1's printable characters) with a warning."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: starts with a UTF-16 byte-order mark but is not UTF-16 "
+                            f"({error.reason})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    if b"\x00" in data[:4096]:
+        raise DataError(f"{path}: contains NUL bytes (UTF-16 without a byte-order mark?); save it as CSV UTF-8")
+    import warnings
+
+    warnings.warn(f"{path} is not UTF-8; read as Windows-1252 (Excel's Western encoding)", UserWarning, stacklevel=4)
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:  # bytes cp1252 leaves undefined: Latin-1 maps every byte
+        return data.decode("latin-1")
+
+
+def _delimiter(text: str, required: tuple[str, ...]) -> str:
+    """The delimiter whose header row has the required columns (Excel writes ';' where the decimal
+    separator is a comma, a tab for "Unicode text"); ',' when none has them."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    for delimiter in _DELIMITERS:
+        fields = [f.strip().lower() for f in next(csv.reader([header], delimiter=delimiter), [])]
+        if all(c in fields for c in required):
+            return delimiter
+    return ","
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a CSV as {column: stripped value}; column names stripped and lower-cased, rows with
+    every value empty (Excel's trailing ';;;' lines) dropped."""
+    import io
+
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            fields = [f.strip() for f in (reader.fieldnames or [])]
-            missing = [c for c in required if c not in fields]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(fields) or 'none'}")
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        text = _decode_csv(path)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text, required))
+        reader.fieldnames = [f.strip().lower() for f in (reader.fieldnames or [])]
+        fields = reader.fieldnames
+        missing = [c for c in required if c not in fields]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(fields) or 'none'}")
+        rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()}
+                for row in reader]
+    except (OSError, csv.Error) as error:
         raise DataError(f"{path}: cannot read CSV ({error})") from error
+    rows = [row for row in rows if any(row.values())]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -94,12 +221,14 @@ def apply_folder_meta(dataset: AuditDataset, folder: Path) -> None:
     dataset.info.generator = meta.get("generator", {})
 
 
-def read_manifest_folder(folder: Path) -> AuditDataset:
+def read_manifest_folder(folder: Path, classes=None) -> AuditDataset:
+    """A folder with manifest.csv (and dataset.json); ``classes`` (names in index order) wins over
+    dataset.json's."""
     manifest = folder / "manifest.csv"
     meta = _folder_meta(folder)
     rows = _read_csv(manifest, ("path", "label"))
-    classes = _class_list([r["label"] for r in rows], meta.get("classes"), str(manifest))
-    index = {name: k for k, name in enumerate(classes)}
+    declared, order = _declared(classes, meta, folder / "dataset.json")
+    classes, index = _class_list([r["label"] for r in rows], declared, str(manifest))
     records = []
     for line, row in enumerate(rows, start=2):
         where = f"{manifest}:{line}"
@@ -120,6 +249,7 @@ def read_manifest_folder(folder: Path) -> AuditDataset:
         classes=classes,
         mask_meaning=meta.get("mask_meaning", "spurious"),
         generator=meta.get("generator", {}),
+        class_order=order or ORDER_SORTED,
     )
     return AuditDataset(records, info)
 
@@ -145,8 +275,13 @@ def _find_mask(mask_folder: Path, stem: str) -> Path | None:
     return None
 
 
-def read_image_folder(root: Path) -> AuditDataset:
-    """``root/<split>/<class>/*`` or ``root/<class>/*``, masks mirrored under ``root/masks``."""
+def read_image_folder(root: Path, classes=None) -> AuditDataset:
+    """``root/<split>/<class>/*`` or ``root/<class>/*``, masks mirrored under ``root/masks``.
+
+    Class indices follow torchvision's ImageFolder, which trained most models on such trees: the
+    folder names sorted as text (``sorted(names)``: "0", "1", "10", "11", "2", ...), unless
+    ``classes`` or ``root/dataset.json``'s ``classes`` give the order.
+    """
     top = _subfolders(root)
     if not top:
         raise DataError(
@@ -155,8 +290,9 @@ def read_image_folder(root: Path) -> AuditDataset:
         )
     with_splits = all(not _images_in(folder) and _subfolders(folder) for folder in top)
     layout = [(f.name, c) for f in top for c in _subfolders(f)] if with_splits else [("", f) for f in top]
-    classes = _class_list(sorted({c.name for _, c in layout}), None, str(root))
-    index = {name: k for k, name in enumerate(classes)}
+    meta = _folder_meta(root)
+    declared, order = _declared(classes, meta, root / "dataset.json")
+    classes, index = _class_list([c.name for _, c in layout], declared, str(root), numeric=False, folders=True)
     records = []
     for split, class_folder in layout:
         mask_folder = root / MASK_FOLDER / split / class_folder.name if split else root / MASK_FOLDER / class_folder.name
@@ -164,13 +300,18 @@ def read_image_folder(root: Path) -> AuditDataset:
             records.append(Record(image, index[class_folder.name], _find_mask(mask_folder, image.stem), split=split))
     if not records:
         raise DataError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
-    return AuditDataset(records, DatasetInfo(name=root.name, source=str(root), classes=classes))
+    info = DatasetInfo(name=meta.get("name", root.name), source=str(root), classes=classes,
+                       mask_meaning=meta.get("mask_meaning", "spurious"), generator=meta.get("generator", {}),
+                       class_order=order or ORDER_TEXT)
+    return AuditDataset(records, info)
 
 
 # ---- bounding boxes -------------------------------------------------------------------
 
 
-def read_box_csv(path: Path) -> AuditDataset:
+def read_box_csv(path: Path, classes=None) -> AuditDataset:
+    """A CSV of bounding boxes; class order from ``classes``, else a ``dataset.json`` beside it, else
+    the sorted labels."""
     rows = _read_csv(path, ("path", "label"))
     boxes: dict[tuple, list[Box]] = defaultdict(list)
     order: list[tuple] = []
@@ -185,8 +326,8 @@ def read_box_csv(path: Path) -> AuditDataset:
                 boxes[key].append(tuple(int(float(c)) for c in coordinates))
             except ValueError as error:
                 raise DataError(f"{path}:{line}: box coordinates must be numbers; got {coordinates}") from error
-    classes = _class_list([key[1] for key in order], None, str(path))
-    index = {name: k for k, name in enumerate(classes)}
+    declared, class_order = _declared(classes, _folder_meta(path.parent), path.parent / "dataset.json")
+    classes, index = _class_list([key[1] for key in order], declared, str(path))
     records = [
         Record(
             image=_resolve(path.parent, key[0], str(path)),
@@ -198,7 +339,9 @@ def read_box_csv(path: Path) -> AuditDataset:
         )
         for key in order
     ]
-    return AuditDataset(records, DatasetInfo(name=path.stem, source=str(path), classes=classes, mask_meaning="object"))
+    info = DatasetInfo(name=path.stem, source=str(path), classes=classes, mask_meaning="object",
+                       class_order=class_order or ORDER_SORTED)
+    return AuditDataset(records, info)
 
 
 # ---- npz ----------------------------------------------------------------------------------
@@ -215,7 +358,11 @@ def _as_hwc(images: np.ndarray, where: str) -> np.ndarray:
     raise DataError(f"{where}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W) with C 1 or 3; got {images.shape}")
 
 
-def read_npz(path: Path) -> AuditDataset:
+def read_npz(path: Path, classes=None, meta_folder: Path | None = None) -> AuditDataset:
+    """An .npz of arrays. Integer labels are class indices (named by the archive's ``classes``, else
+    "0".."K-1"); string labels are sorted like a manifest's. ``classes``, else the ``dataset.json``
+    in ``meta_folder`` (default: the archive's folder), gives the order by name, or names the indices
+    of unnamed integer labels."""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -241,16 +388,22 @@ def read_npz(path: Path) -> AuditDataset:
             if not np.isfinite(masks).all() or masks.min() < 0 or masks.max() > 1:
                 raise DataError(f"{path}: float masks must lie in [0, 1] and be finite")
         columns = {k: [str(v) for v in archive[k]] if k in archive else None for k in ("variants", "groups", "splits")}
-        declared = [str(c) for c in archive["classes"]] if "classes" in archive else None
-    if np.issubdtype(labels.dtype, np.integer) and declared is None:
-        names = [str(int(v)) for v in labels]
+        stored = declared_classes(archive["classes"], f"{path} (array 'classes')") if "classes" in archive else None
+    folder = meta_folder if meta_folder is not None else path.parent
+    override, class_order = _declared(classes, _folder_meta(folder), folder / "dataset.json")
+    if np.issubdtype(labels.dtype, np.integer):
         if labels.size and labels.min() < 0:
             raise DataError(f"{path}: labels must be >= 0")
-        declared = [str(k) for k in range(int(labels.max()) + 1)] if labels.size else []
+        top = int(labels.max()) + 1 if labels.size else 0
+        if stored is not None and top > len(stored):
+            raise DataError(f"{path}: label {top - 1} is not an index of the {len(stored)} classes in the archive")
+        stored = stored or [str(k) for k in range(top)]
+        names = [stored[int(v)] for v in labels]
+        class_order = class_order or ORDER_INDEX
     else:
-        names = [str(declared[int(v)]) if declared and np.issubdtype(labels.dtype, np.integer) else str(v) for v in labels]
-    classes = _class_list(names, declared, str(path))
-    index = {name: k for k, name in enumerate(classes)}
+        names = [str(v) for v in labels]
+        class_order = class_order or (ORDER_DECLARED.format(f"{path} (array 'classes')") if stored else ORDER_SORTED)
+    classes, index = _class_list(names, override if override is not None else stored, str(path))
     records = [
         Record(
             image=images[k],
@@ -262,4 +415,5 @@ def read_npz(path: Path) -> AuditDataset:
         )
         for k in range(n)
     ]
-    return AuditDataset(records, DatasetInfo(name=path.stem, source=str(path), classes=classes))
+    info = DatasetInfo(name=path.stem, source=str(path), classes=classes, class_order=class_order)
+    return AuditDataset(records, info)

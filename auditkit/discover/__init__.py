@@ -5,14 +5,18 @@ from .probes import PROBES, run_probes
 from .regions import box_iou
 from .runner import (
            NO_SHORTCUT,
+           NOT_ALL_TESTED,
            SCHEMA,
            SHORTCUT_FOUND,
            DiscoveryConfig,
            DiscoveryReport,
+           discovery_limits,
            proposed_dataset,
+           real_masks,
            run_discovery,
 )
 from .spray import Cluster, eigengap_count, strategy_clusters
 
-__all__ = ["NO_SHORTCUT", "PROBES", "SCHEMA", "SHORTCUT_FOUND", "Cluster", "DiscoveryConfig", "DiscoveryReport",
-           "box_iou", "eigengap_count", "proposed_dataset", "run_discovery", "run_probes", "strategy_clusters"]
+__all__ = ["NOT_ALL_TESTED", "NO_SHORTCUT", "PROBES", "SCHEMA", "SHORTCUT_FOUND", "Cluster", "DiscoveryConfig",
+           "DiscoveryReport", "box_iou", "discovery_limits", "eigengap_count", "proposed_dataset", "real_masks",
+           "run_discovery", "run_probes", "strategy_clusters"]

@@ -55,13 +55,18 @@ def render_discovery_section(doc: dict, *, clusters: str = "candidates") -> list
     """The discovery's HTML (no page head): verdict, recommendation, probes, clusters
     (``clusters``: "candidates" shows the tested ones, "all" every one)."""
     verdict, recommendation = doc["verdict"], doc["recommendation"]
-    css = "reliant" if verdict["label"] == "shortcut found" else "notreliant"
+    css = ("reliant" if verdict["label"] == "shortcut found" else "notreliant" if verdict.get("complete", True)
+           else "inconclusive")
     out = [f"<div class='verdict {css}'><b>Discovery: {html.escape(verdict['label'])}.</b> "
            f"{html.escape(verdict['summary'])}</div>",
            f"<p class=muted>Tested: {html.escape(verdict['tested'])}.</p>",
            f"<h2>Recommendation: {html.escape(recommendation['method'])}</h2><p>{html.escape(recommendation['reason'])}</p>"]
     if recommendation.get("command"):
         out.append(f"<pre>{html.escape(recommendation['command'])}</pre>")
+    masks = doc.get("masks", {})
+    if "without_mask" in masks:
+        out.append(f"<p class=muted>Proposed masks: {masks['images']} images; {masks['without_mask']} have no proposed "
+                   "region and get no mask (never an empty one).</p>")
     out.append("<h2>Global probes (no mask needed)</h2><table><tr><th class=l>probe</th><th class=l>edit</th>"
                "<th>accuracy [interval]</th><th>drop [interval]</th><th>changed</th><th class=l>finding</th></tr>")
     for probe in doc["probes"]:
@@ -73,6 +78,7 @@ def render_discovery_section(doc: dict, *, clusters: str = "candidates") -> list
                    f"<td>{_interval(probe['accuracy'])}</td><td>{_interval(probe['drop'])}</td>"
                    f"<td>{_fmt(probe['changed']['value'])}</td><td class=l>{html.escape(probe['finding'])}</td></tr>")
     out.append("</table>")
+    out += _limits_section(doc)
     shown = [c for c in doc["clusters"] if clusters == "all" or c["candidate"]]
     shown.sort(key=lambda c: (not c["shortcut"], c["class"], c["cluster"]))
     out.append(f"<h2>Strategy clusters (SpRAy): {len(doc['clusters'])} in all, {sum(c['candidate'] for c in doc['clusters'])} "
@@ -92,10 +98,41 @@ def render_discovery_section(doc: dict, *, clusters: str = "candidates") -> list
                    f"<td>{_fmt(spread.get('candidate'))} / {_fmt(spread.get('control'))}</td>"
                    f"<td class=l>{'yes' if c['shortcut'] else 'no'}</td></tr>")
     out.append("</table>")
+    if len(shown) > 24:
+        out.append(f"<p class=muted>The figures of the first 24 of {len(shown)} clusters; every cluster is in "
+                   "discovery.json.</p>")
     for c in shown[:24]:
         label = "shortcut" if c["shortcut"] else "candidate" if c["candidate"] else "cluster"
         out.append(f"<figure><figcaption><b>{html.escape(c['class_name'])}</b> · cluster {c['cluster']} · {label} · "
                    f"{c['size']} images</figcaption>{cluster_figure(c)}</figure>")
+    return out
+
+
+def _limits_section(doc: dict) -> list[str]:
+    """Every limit with what it did in this run, and the clusters that were not tested (and why)."""
+    limits = doc.get("limits")
+    if limits is None:  # a report written before the limits were recorded
+        return []
+    out = ["<h2>Limits</h2><p class=muted>Every setting that can keep a strategy cluster from the causal test or "
+           "test it only in part, and what it did here. A cluster that was not tested makes the verdict incomplete."
+           "</p><table><tr><th class=l>limit</th><th class=l>flag</th><th>value</th><th class=l>effect</th>"
+           "<th>clusters</th><th>images</th><th>lifted by</th><th class=l>what it does</th></tr>"]
+    for e in limits:
+        lift = f"{html.escape(e['flag'])} {e['lift']:g}" if e["flag"] and e["lift"] is not None else "–"
+        count = e.get("classes", e["clusters"]) if e["limit"] == "max_clusters" else e["clusters"]
+        unit = " classes" if e["limit"] == "max_clusters" else ""
+        out.append(f"<tr><td class=l>{html.escape(e['limit'])}</td><td class=l>{html.escape(e['flag'] or '–')}</td>"
+                   f"<td>{e['value']:g}</td><td class=l>{html.escape(e['effect'])}</td><td>{count}{unit}</td>"
+                   f"<td>{e['images']}</td><td>{lift}</td><td class=l>{html.escape(e['description'])}</td></tr>")
+    out.append("</table>")
+    skipped = doc.get("skipped", [])
+    if skipped:
+        out.append(f"<h3>Not tested: {len(skipped)} strategy clusters</h3><table><tr><th class=l>class</th>"
+                   "<th>cluster</th><th>images</th><th class=l>limit</th><th class=l>why</th></tr>")
+        for c in skipped:
+            out.append(f"<tr><td class=l>{html.escape(c['class_name'])}</td><td>{c['cluster']}</td><td>{c['size']}</td>"
+                       f"<td class=l>{html.escape(c['limit'])}</td><td class=l>{html.escape(c['reason'])}</td></tr>")
+        out.append("</table>")
     return out
 
 

@@ -101,6 +101,41 @@ def control_box(distribution: np.ndarray, box: Box, *, margin: int = 1, avoid: n
     return int(row), int(col), height, width
 
 
+def box_overlap(a: Box, b: Box) -> float:
+    """Share of ``a``'s pixels that lie inside ``b`` (0..1)."""
+    rows = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    cols = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return rows * cols / max(1, a[2] * a[3])
+
+
+def overlapping_control_box(distribution: np.ndarray, box: Box, *,
+                            max_overlap: float = 0.5) -> tuple[Box, float] | None:
+    """The control for a candidate box too large for a disjoint one (``control_box`` found no place:
+    a box taller and wider than about half the image): a box of the same size at the place sharing the
+    fewest pixels with the candidate, the most relevant of those. Returns (box, shared share 0..1), or
+    None when even the best place shares more than ``max_overlap`` of its pixels with the candidate.
+
+    Why this is sound but conservative: the shared pixels are edited in both arms of the paired test,
+    so whatever they carry adds to the control's effect as much as to the candidate's and cancels in
+    the difference; only what the candidate holds beyond the control counts. A shortcut lying in the
+    shared part is missed, never invented (docs/discover.md, "Large regions")."""
+    top, left, height, width = box
+    rows, cols = distribution.shape
+    if height > rows or width > cols:
+        return None
+    sums = F.avg_pool2d(torch.from_numpy(distribution)[None, None], (height, width), stride=1)[0, 0].numpy()
+    r = np.arange(sums.shape[0])[:, None]
+    c = np.arange(sums.shape[1])[None, :]
+    shared_rows = np.clip(np.minimum(r + height, top + height) - np.maximum(r, top), 0, None)
+    shared_cols = np.clip(np.minimum(c + width, left + width) - np.maximum(c, left), 0, None)
+    shared = shared_rows * shared_cols / (height * width)
+    least = shared.min()
+    if least > max_overlap:
+        return None
+    row, col = np.unravel_index(int(np.argmax(np.where(shared <= least + 1e-12, sums, -np.inf))), sums.shape)
+    return (int(row), int(col), height, width), float(least)
+
+
 def scale_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) -> Box:
     """A box found on maps of ``from_size`` (H, W) in the pixels of ``to_size`` (outward rounding)."""
     sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]

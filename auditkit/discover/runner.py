@@ -4,14 +4,18 @@
    sharded under torchrun.
 2. Strategy clusters per class (SpRAy, spray.py).
 3. Candidate artefacts: clusters of at least ``min_cluster`` images whose mean relevance lies in a
-   small region (the fewest pixels holding ``mass`` of it cover at most ``max_area`` of the image);
-   each member's proposed mask is its own most relevant box within that region (regions.py).
+   region (the fewest pixels holding ``mass`` of it cover at most ``max_area`` of the image, 0.5 by
+   default); each member's proposed mask is its own most relevant box within that region (regions.py).
+   Every cluster that a limit keeps from the test is listed with the limit, its value and its flag
+   (``discovery_limits``); then the verdict is never "no shortcut found".
 4. The causal test of each candidate against a control region of the same area in the same images
-   (causal.py): a candidate is a shortcut only when its effect clearly beats the control's.
+   (causal.py): a candidate is a shortcut only when its effect clearly beats the control's. A box
+   with no room for a disjoint control is tested against the least overlapping one (conservative).
 5. Global probes that need no mask (probes.py): colour, texture and frequency.
 6. A recommendation: localised shortcut -> mask-based repair with the proposed masks (``auto``: TAP,
    then RRR, ... until the repair proves itself; docs/repair.md "Which method for which shortcut");
-   global -> TEA with a small clean teacher split; neither -> "no shortcut found", with what was tested.
+   global -> TEA with a small clean teacher split; neither -> "no shortcut found", with what was tested,
+   or "no shortcut among the tested candidates" with what was not and the rerun that tests it.
 
 The report is data (schema ``auditkit.discover/1``); ``proposed_dataset`` turns it into a dataset
 with the proposed masks that ``auditkit repair --data`` reads unchanged.
@@ -33,7 +37,7 @@ from ..audit.tiles import encode_map, encode_picture
 from ..data import AuditDataset, DatasetInfo, Record, collate
 from ..device import autocast, device_for, resolve_precision
 from ..distributed import Context, gather
-from ..errors import AuditkitError, ParameterError
+from ..errors import AuditkitError, DataError, ParameterError
 from ..explain import attribute
 from .causal import dispersion, edit_effects
 from .probes import run_probes
@@ -42,6 +46,7 @@ from .regions import (
     cluster_region,
     control_box,
     dilate,
+    overlapping_control_box,
     proposed_box,
     scale_box,
 )
@@ -49,6 +54,8 @@ from .spray import relevance_distribution, strategy_clusters
 
 SCHEMA = "auditkit.discover/1"
 SHORTCUT_FOUND, NO_SHORTCUT = "shortcut found", "no shortcut found"
+# Nothing found, but some strategy clusters were not tested (a limit kept them out): never "no shortcut".
+NOT_ALL_TESTED = "no shortcut among the tested candidates"
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,11 @@ class DiscoveryConfig:
     max_clusters: int = 8  # per class
     min_cluster: int = 10  # smaller clusters are listed, not tested
     mass: float = 0.5  # a cluster's region: the fewest pixels holding this share of its mean relevance
-    max_area: float = 0.10  # candidate artefacts cover at most this share of the image
+    # Candidate regions cover at most this share of the image. 0.5: a box larger than half the image is
+    # taller and wider than half of it, so no control region of its size fits beside it; a region of
+    # half the relevance spread over more than half the image is no localised artefact (the global
+    # probes test those). It was 0.1 and silently skipped a ruler covering 20 % (issue 29).
+    max_area: float = 0.5
     box_level: float = 0.1  # a member's box holds its pixels in the region with at least this x its peak relevance
     effect_threshold: float = 0.10  # candidate - control effect (share of images) that counts
     max_tested: int = 200  # images per candidate in the causal test (a seeded sample; all get masks)
@@ -77,6 +88,9 @@ class DiscoveryConfig:
     bootstrap: int = 1000
     confidence: float = 0.95
     exemplars: int = 6  # per cluster, in the report
+    # A box without room for a disjoint control gets one of its size sharing at most this share of its
+    # pixels with it (regions.overlapping_control_box: conservative); above it, the member is untested.
+    max_control_overlap: float = 0.5
 
     def validate(self) -> None:
         for name in ("batch_size", "analysis_side", "grid", "max_clusters", "min_cluster", "bootstrap", "max_tested"):
@@ -85,6 +99,8 @@ class DiscoveryConfig:
         for name in ("mass", "max_area", "confidence", "probe_retained", "box_level"):
             if not 0 < getattr(self, name) <= 1:
                 raise ParameterError(name, f"must lie in (0, 1]; got {getattr(self, name)}")
+        if not 0 <= self.max_control_overlap < 1:
+            raise ParameterError("max_control_overlap", f"must lie in [0, 1); got {self.max_control_overlap}")
         if self.epsilon < 0 or self.probe_samples < 0 or self.exemplars < 0:
             raise ParameterError("epsilon" if self.epsilon < 0 else "probe_samples" if self.probe_samples < 0
                                  else "exemplars", "must not be negative")
@@ -93,7 +109,8 @@ class DiscoveryConfig:
 @dataclass
 class DiscoveryReport:
     """``data``: the JSON document (schema auditkit.discover/1); ``masks``: dataset index -> proposed
-    mask (H, W) float32 in the dataset's image size, for every image of a confirmed candidate."""
+    mask (H, W) float32 in the dataset's image size, for every image of a confirmed candidate that has
+    a box (never an empty mask)."""
 
     data: dict
     masks: dict[int, np.ndarray]
@@ -180,26 +197,50 @@ def _estimate(values: np.ndarray, seed: int, config: DiscoveryConfig) -> M.Estim
 
 
 def _candidates(clusters, distributions, labels, predictions, config):
-    """Per cluster: its region and, for candidates, every member's proposed and control boxes (analysis size)."""
+    """Per cluster: its region and, for candidates, every member's proposed and control boxes
+    (analysis size). A cluster that is not tested says why: row["untested"] = (limit, reason), the
+    limit being the DiscoveryConfig field that kept it out (run_discovery lists them all)."""
     rows = []
     for number, cluster in enumerate(clusters):
         members = cluster.members
         region = cluster_region(distributions[members], config.mass)
-        row = {"cluster": cluster, "region": region, "number": number, "boxes": {}, "controls": {},
-               "accuracy": float(np.mean(predictions[members] == labels[members])),
-               "candidate": len(members) >= config.min_cluster and region.area <= config.max_area}
-        if row["candidate"]:
+        row = {"cluster": cluster, "region": region, "number": number, "boxes": {}, "controls": {}, "overlaps": {},
+               "accuracy": float(np.mean(predictions[members] == labels[members])), "untested": None,
+               "without_box": 0, "without_control": 0, "box_area": None}
+        if len(members) < config.min_cluster:
+            row["untested"] = ("min_cluster", f"{len(members)} images, fewer than {config.min_cluster}")
+        elif region.area > config.max_area:
+            row["untested"] = ("max_area", f"its region covers {region.area:.3f} of the image, more than "
+                                           f"{config.max_area:g}")
+        else:
             avoid = dilate(region.mask, 1)
             for position in members:
                 distribution = distributions[position].double().numpy()
                 box = proposed_box(distribution, region.mask, level=config.box_level)
-                control = control_box(distribution, box, avoid=avoid) if box is not None else None
-                if box is not None and control is not None:
-                    row["boxes"][int(position)], row["controls"][int(position)] = box, control
-            # The boxes must be small too: a cluster whose members' own boxes are large is an object.
+                if box is None:  # no relevance of its own in the cluster's region
+                    row["without_box"] += 1
+                    continue
+                control, overlap = control_box(distribution, box, avoid=avoid), 0.0
+                if control is None:  # no room for a disjoint control: the least overlapping one
+                    found = overlapping_control_box(distribution, box, max_overlap=config.max_control_overlap)
+                    control, overlap = found if found is not None else (None, 0.0)
+                if control is None:
+                    row["without_control"] += 1
+                    continue
+                position = int(position)
+                row["boxes"][position], row["controls"][position], row["overlaps"][position] = box, control, overlap
+            # The members' own boxes must keep within max_area too (median), not only the cluster's region.
             areas = [b[2] * b[3] / region.mask.size for b in row["boxes"].values()]
             row["box_area"] = float(np.median(areas)) if areas else None
-            row["candidate"] = len(areas) >= config.min_cluster and row["box_area"] <= config.max_area
+            if len(areas) < config.min_cluster:
+                row["untested"] = ("boxed_members", f"{len(areas)} of its {len(members)} images have a proposed box "
+                                   f"with a control ({row['without_box']} no relevance in the cluster's region, "
+                                   f"{row['without_control']} no control region sharing at most "
+                                   f"{config.max_control_overlap:.0%} of the box), fewer than {config.min_cluster}")
+            elif row["box_area"] > config.max_area:
+                row["untested"] = ("max_area", f"its images' boxes cover {row['box_area']:.3f} of the image "
+                                               f"(median), more than {config.max_area:g}")
+        row["candidate"] = row["untested"] is None
         rows.append(row)
     return rows
 
@@ -238,6 +279,12 @@ def _causal_tests(model, dataset, rows, labels, predictions, size, config):
         control_spread = dispersion(images, [scale(row["controls"][p]) for p in positions])
         ratio = spread / control_spread if control_spread > 0 else (0.0 if spread == 0 else float("inf"))
         test["dispersion"] = {"candidate": spread, "control": control_spread, "ratio": ratio}
+        shared = [row["overlaps"][p] for p in positions]
+        # How the test was run: on a sample when the cluster has more boxed images than max_tested, and
+        # with controls that share pixels with the candidate when its boxes are too large for a
+        # disjoint one (conservative: see regions.overlapping_control_box).
+        test["images"], test["boxed_images"] = len(positions), len(row["boxes"])
+        test["control_overlap"] = {"mean": float(np.mean(shared)), "images": int(np.sum(np.asarray(shared) > 0))}
         threshold = config.effect_threshold
         # Removal alone cannot tell an artefact from the object's most telling part, and a transplant
         # misses artefacts the model needs but does not follow alone (decoy MNIST); so: the region must
@@ -251,6 +298,10 @@ def _causal_tests(model, dataset, rows, labels, predictions, size, config):
                         f"{spread:.3f} <= {config.max_dispersion:g}, vs control {control_spread:.3f} (ratio {ratio:.2f} <= "
                         f"{config.max_dispersion_ratio:g}): "
                         f"{'yes' if repeats else 'no'})")
+        if test["control_overlap"]["images"]:
+            test["rule"] += (f"; the control shares {test['control_overlap']['mean']:.0%} of the box's pixels on "
+                             f"average ({test['control_overlap']['images']} images: no room for a disjoint one), "
+                             "which can hide a shortcut but not invent one")
         row["test"], row["shortcut"] = test, bool(shortcut)
 
 
@@ -274,8 +325,93 @@ def _exemplars(dataset, row, distributions, size, count):
     return out
 
 
+def _limit(limit: str, flag: str | None, value, effect: str, skips: bool, clusters: int, images: int,
+           description: str, lift=None, **extra) -> dict:
+    return {"limit": limit, "flag": flag, "value": value, "effect": effect, "skips": skips, "clusters": clusters,
+            "images": images, "lift": lift, "description": description, **extra}
+
+
+def discovery_limits(rows: list[dict], clusters, samples: int, probed: int, config: DiscoveryConfig) -> list[dict]:
+    """Every setting that kept a strategy cluster (or some of its images) from the causal test, or
+    tested it only in part, with what it did in this run: ``limit`` (the DiscoveryConfig field),
+    ``flag`` (the `auditkit discover` option, None when there is none), ``value``, ``effect``,
+    ``skips`` (True: clusters it applies to were not tested at all; they make the verdict incomplete),
+    ``clusters`` and ``images`` it applied to, and ``lift``: the value that would let them all through
+    (None when no value would). Discovery has no time budget: every cluster these limits let through
+    is tested."""
+    untested = lambda key: [r for r in rows if r["untested"] and r["untested"][0] == key]
+    size = lambda r: len(r["cluster"].members)
+    small, large, unboxed = untested("min_cluster"), untested("max_area"), untested("boxed_members")
+    tested = [r for r in rows if r["candidate"]]
+    area = lambda r: max(r["region"].area, r["box_area"] or 0.0)
+    boxed_lift = min((len(r["boxes"]) for r in unboxed), default=0)
+    per_class = np.bincount([c.label for c in clusters]) if len(clusters) else np.zeros(0, int)
+    capped = int(np.sum(per_class >= config.max_clusters))
+    sampled = [r for r in tested if len(r["boxes"]) > config.max_tested]
+    lacking = [r for r in rows if r["without_control"]]
+    overlapping = [r for r in tested if r["test"]["control_overlap"]["images"]]
+    return [
+        _limit("min_cluster", "--min-cluster", config.min_cluster, "not tested", True, len(small),
+               sum(size(r) for r in small), "strategy clusters with fewer images are not tested (too few for a paired "
+               "bootstrap interval)", min((size(r) for r in small), default=None)),
+        _limit("max_area", "--max-area", config.max_area, "not tested", True, len(large), sum(size(r) for r in large),
+               "strategy clusters whose region (the fewest pixels holding half their mean relevance), or their images' "
+               "median box, covers a larger share of the image are not tested (0.5 by default: a box larger than half "
+               "the image has no room for a control region of its size beside it)",
+               min(1.0, float(np.ceil(max(area(r) for r in large) * 100) / 100)) if large else None),
+        _limit("boxed_members", "--min-cluster", config.min_cluster, "not tested", True, len(unboxed),
+               sum(size(r) for r in unboxed), "strategy clusters where fewer images than this have a proposed box "
+               "(their own relevance in the cluster's region) with a control region are not tested",
+               boxed_lift if unboxed and boxed_lift >= 1 else None),
+        _limit("max_control_overlap", None, config.max_control_overlap, "images not tested", False, len(lacking),
+               sum(r["without_control"] for r in lacking), "images whose box has no control region of its size sharing "
+               "at most this share of its pixels get no test and no mask; boxes without room for a disjoint control "
+               "are tested against the least overlapping one (conservative)",
+               overlapping={"clusters": len(overlapping),
+                            "images": sum(r["test"]["control_overlap"]["images"] for r in overlapping)}),
+        _limit("max_clusters", "--max-clusters", config.max_clusters, "strategies merged", False, capped, 0,
+               "per class at most this many strategy clusters; classes that reached it may merge strategies (the "
+               "merged cluster is still tested)", config.max_clusters * 2 if capped else None, classes=capped),
+        _limit("max_tested", "--max-tested", config.max_tested, "tested on a sample", False, len(sampled),
+               sum(len(r["boxes"]) - config.max_tested for r in sampled), "images per candidate in the causal test (a "
+               "seeded sample; every image of a confirmed candidate still gets its mask)",
+               max((len(r["boxes"]) for r in sampled), default=None)),
+        _limit("probe_samples", "--probe-samples", config.probe_samples, "probed on a sample", False, 0,
+               samples - probed, "images the global probes edit (a seeded sample)",
+               samples if probed < samples else None),
+    ]
+
+
+def untested_summary(limits: list[dict], clusters: int) -> str | None:
+    """One sentence on the strategy clusters that were not tested and how to test them; None when none."""
+    parts, total = [], 0
+    for entry in limits:
+        if not entry["skips"] or not entry["clusters"]:
+            continue
+        total += entry["clusters"]
+        n, value, lift, one = entry["clusters"], entry["value"], entry["lift"], entry["clusters"] == 1
+        rerun = f"rerun with {entry['flag']} {lift:g}" if lift is not None else "no setting lifts this"
+        what = {"min_cluster": f"{'is' if one else 'are'} smaller than {value} images",
+                "max_area": f"cover{'s' if one else ''} more than {value:g} of the image",
+                "boxed_members": f"{'has' if one else 'have'} fewer than {value} images with a proposed box and a "
+                                 "control region"}
+        parts.append(f"{n} {what[entry['limit']]} ({rerun})")
+    if not total:
+        return None
+    return f"{total} of {clusters} strategy clusters were not tested because " + "; ".join(parts)
+
+
+def _rerun_flags(limits: list[dict]) -> list[str]:
+    flags: dict[str, float] = {}
+    for entry in limits:
+        if entry["skips"] and entry["clusters"] and entry["lift"] is not None:
+            # --min-cluster serves two limits: the smaller value lets both through.
+            flags[entry["flag"]] = min(flags.get(entry["flag"], entry["lift"]), entry["lift"])
+    return [f"{flag} {value:g}" for flag, value in flags.items()]
+
+
 def _recommendation(localised: list[dict], global_signals: list[str], data_spec: str, checkpoint: str | None,
-                    out_dir: str | None, arch: str) -> dict:
+                    out_dir: str | None, arch: str, untested: str | None = None, rerun: list[str] = ()) -> dict:
     ckpt = checkpoint or "MODEL.safetensors"
     stem = ckpt.rsplit(".", 1)[0]
     if localised:
@@ -291,8 +427,21 @@ def _recommendation(localised: list[dict], global_signals: list[str], data_spec:
                 "command": (f"auditkit train --data CLEAN_DATA --arch {arch} --fraction 0.1 --out teacher.safetensors && "
                             f"auditkit repair {ckpt} --data {data_spec} --method tea --teacher teacher.safetensors "
                             f"--out {stem}-repaired.safetensors")}
+    if untested:
+        return {"method": "none", "kind": "untested",
+                "reason": f"no tested candidate region beat its control and no global probe pointed at a signal, but "
+                          f"{untested}",
+                "command": (f"auditkit discover {ckpt} --data {data_spec} --out {out_dir or 'DISCOVERED'} --force "
+                            + " ".join(rerun)) if rerun else None}
     return {"method": "none", "kind": "none", "reason": "no candidate region beat its control and no global probe "
             "pointed at a signal", "command": None}
+
+
+def real_masks(masks: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], int]:
+    """The proposed masks that mark something (a pixel above 0.5), and how many were empty: an empty
+    proposed mask would make every later mask test of that image vacuous, so it is never a mask."""
+    kept = {k: m for k, m in masks.items() if np.asarray(m).max(initial=0.0) > 0.5}
+    return kept, len(masks) - len(kept)
 
 
 def run_discovery(
@@ -309,7 +458,9 @@ def run_discovery(
     """Finds the shortcuts of ``model`` (an auditkit model) on labelled ``dataset`` without masks.
 
     Returns a DiscoveryReport: strategy clusters, candidate artefacts with their causal tests,
-    global probes, the verdict ("shortcut found" / "no shortcut found") and the recommendation
+    global probes, the limits that kept clusters from the test (``data["limits"]``, ``data["skipped"]``),
+    the verdict ("shortcut found" / "no shortcut found" / "no shortcut among the tested candidates"
+    when a limit kept some out) and the recommendation
     (``data["recommendation"]["method"]``: auto, tea or none, and the next command). ``out_dir``
     only names the folder the recommendation's command reads. Raises AuditkitError for empty data
     and ParameterError for bad settings. The model is explained in eval mode and left as it was.
@@ -350,6 +501,8 @@ def run_discovery(
                             seed=config.seed, resamples=config.bootstrap, confidence=config.confidence,
                             drop_threshold=config.probe_drop, retained_threshold=config.probe_retained)
         lap("probes")
+        masks, empty = real_masks({position: box_mask(scale_box(box, size, dataset.image_size), dataset.image_size)
+                                   for row in rows if row.get("shortcut") for position, box in row["boxes"].items()})
         cluster_entries = []
         for row in rows:
             cluster, region = row["cluster"], row["region"]
@@ -358,27 +511,37 @@ def run_discovery(
                 "size": len(cluster.members), "accuracy": row["accuracy"], "eigengap": cluster.eigengap,
                 "region_area": region.area, "agreement": region.agreement, "box_area": row.get("box_area"),
                 "candidate": row["candidate"], "shortcut": row.get("shortcut", False), "test": row.get("test"),
-                "masked": len(row["boxes"]) if row.get("shortcut") else 0,
+                "untested": ({"limit": row["untested"][0], "reason": row["untested"][1]} if row["untested"] else None),
+                "without_box": row["without_box"], "without_control": row["without_control"],
+                "masked": sum(p in masks for p in row["boxes"]) if row.get("shortcut") else 0,
                 "mean_heatmap": _heat_entry(region.mean_map),
                 "exemplars": _exemplars(dataset, row, distributions, size, config.exemplars),
             })
-        masks = {position: box_mask(scale_box(box, size, dataset.image_size), dataset.image_size)
-                 for row in rows if row.get("shortcut") for position, box in row["boxes"].items()}
         confirmed = [e for e in cluster_entries if e["shortcut"]]
         global_signals = sorted({p["points_at"] for p in probes if p.get("points_at")})
         found = bool(confirmed or global_signals)
+        limits = discovery_limits(rows, clusters, len(dataset), len(probe_indices), config)
+        untested = untested_summary(limits, len(clusters))
+        skipped = [{"class": e["class"], "class_name": e["class_name"], "cluster": e["cluster"], "size": e["size"],
+                    **e["untested"]} for e in cluster_entries if e["untested"]]
         tested = (f"{len(clusters)} strategy clusters in {len(np.unique(labels))} classes, "
-                  f"{sum(r['candidate'] for r in rows)} candidate regions causally tested, "
-                  f"{sum(p['applicable'] for p in probes)} global probes")
+                  f"{sum(r['candidate'] for r in rows)} candidate regions causally tested"
+                  + (f", {len(skipped)} not tested" if skipped else "")
+                  + f", {sum(p['applicable'] for p in probes)} global probes")
         if confirmed:
-            summary = (f"a localised shortcut: {len(confirmed)} of {len(clusters)} strategy clusters rely on a small "
+            summary = (f"a localised shortcut: {len(confirmed)} of {len(clusters)} strategy clusters rely on a "
                        f"region ({len(masks)} images masked)")
         elif global_signals:
             summary = f"a global shortcut: the probes point at {', '.join(global_signals)}"
+        elif untested:
+            summary = f"no shortcut among the tested candidates; {untested}"
         else:
             summary = f"no shortcut found ({tested})"
+        if found and untested:
+            summary += f" ({untested})"
+        label = SHORTCUT_FOUND if found else NOT_ALL_TESTED if untested else NO_SHORTCUT
         recommendation = _recommendation(confirmed, global_signals, data_spec or dataset.info.name, checkpoint, out_dir,
-                                         model.meta.arch)
+                                         model.meta.arch, untested, _rerun_flags(limits))
         lap("report")
     finally:
         model.train(was_training)
@@ -388,17 +551,22 @@ def run_discovery(
         "auditkit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "checkpoint": {"path": checkpoint, "arch": meta.arch, "classes": list(meta.class_names),
-                       "input_size": list(meta.input_size), "in_channels": meta.in_channels},
+                       "input_size": list(meta.input_size), "in_channels": meta.in_channels,
+                       "normalization": {"mean": list(meta.mean), "std": list(meta.std), "source": meta.normalization}},
         "data": {"spec": data_spec or dataset.info.name, "fingerprint": dataset.fingerprint(), "samples": len(dataset),
                  "splits": sorted({r.split for r in dataset.records}), "analysis_size": list(size)},
         "config": {k: v for k, v in config.__dict__.items()},
         "accuracy": float(np.mean(predictions == labels)),
         "clusters": cluster_entries,
         "probes": probes,
-        "verdict": {"label": SHORTCUT_FOUND if found else NO_SHORTCUT, "summary": summary, "tested": tested,
-                    "localised": bool(confirmed), "global": global_signals},
+        "verdict": {"label": label, "summary": summary, "tested": tested, "localised": bool(confirmed),
+                    "global": global_signals, "complete": not skipped, "untested": untested},
+        "limits": limits,
+        "skipped": skipped,
         "recommendation": recommendation,
-        "masks": {"images": len(masks), "mean_area": float(np.mean([m.mean() for m in masks.values()])) if masks else None},
+        # Images without a real proposed region get no mask (never an empty one); their count is stated.
+        "masks": {"images": len(masks), "without_mask": len(dataset) - len(masks), "empty_dropped": empty,
+                  "mean_area": float(np.mean([m.mean() for m in masks.values()])) if masks else None},
         "seconds": round(time.perf_counter() - start, 2),
         "timings": timings,
     }
@@ -408,9 +576,17 @@ def run_discovery(
 def proposed_dataset(dataset: AuditDataset, report: DiscoveryReport) -> AuditDataset:
     """``dataset`` with the proposed masks (mask = 1 on the suspected artefact, ``mask_meaning``
     "spurious"): what ``auditkit repair --data`` and ``auditkit audit --data`` read. Images without a
-    proposed mask keep none; the records' splits, variants and groups are kept."""
+    proposed region keep no mask: an empty proposed mask (no pixel above 0.5) is never written, since
+    it would make the later mask tests of that image vacuous; ``report.data["masks"]`` counts them.
+    The records' splits, variants and groups are kept. Raises DataError when a proposed mask's shape
+    is not the dataset's image size (a report of other data)."""
+    masks, _ = real_masks(report.masks)
+    for k, mask in masks.items():
+        if not 0 <= k < len(dataset) or tuple(np.shape(mask)) != tuple(dataset.image_size):
+            raise DataError(f"the discovery's proposed mask for image {k} does not fit this data ({len(dataset)} "
+                            f"images of {dataset.image_size[0]}x{dataset.image_size[1]}): give the data it ran on")
     records = [
-        Record(record.image, record.label, (report.masks[k] * 255).astype(np.uint8) if k in report.masks else None,
+        Record(record.image, record.label, (masks[k] * 255).astype(np.uint8) if k in masks else None,
                record.variant, record.group, record.split)
         for k, record in enumerate(dataset.records)
     ]

@@ -93,6 +93,9 @@ def attribute(
     """
     if method not in METHODS:
         raise ParameterError("method", f"must be one of {', '.join(METHODS)}; got {method!r}")
+    from ..models.zoo import unwrap_compiled
+
+    model = unwrap_compiled(model)  # the eager module: hooks added after torch.compile never run in its code
     with explained(model, x):
         targets = resolve_targets(model, x, target, labels, output)
         # The method's own body: the checks and the eval mode above are the wrapper's already.

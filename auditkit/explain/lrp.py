@@ -436,8 +436,10 @@ def _compile_graph(traced: TracedNetwork, direct: bool):
     return _CompiledForward(fx.GraphModule(traced.root, graph), keys, aliases, direct_modules=direct_modules)
 
 
-def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, dict[fx.Node, object]]:
-    """Runs the graph with the network's own modules; returns (output, every node's value).
+def run_forward(traced: TracedNetwork, x: torch.Tensor,
+                select=logits_from) -> tuple[torch.Tensor, dict[fx.Node, object]]:
+    """Runs the graph with the network's own modules; returns (the logits ``select`` finds in its
+    output, every node's value).
 
     Max pools also keep the positions of their maxima (under ``(node, "indices")``), which the
     winner-takes-all rule needs; computing them now saves a second pooling pass. The graph runs as
@@ -464,7 +466,7 @@ def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, d
         env = dict(zip(compiled.keys, values))
         for layer, relu in compiled.aliases:
             env[layer] = env[relu]  # see the interpreter's comment on relu(z)
-        return logits_from(output), env
+        return select(output), env
     env: dict[fx.Node, object] = {}
 
     def value(arg):
@@ -502,7 +504,7 @@ def run_forward(traced: TracedNetwork, x: torch.Tensor) -> tuple[torch.Tensor, d
             # Keeping relu(z), which autograd holds anyway, instead of z saves one activation-sized
             # tensor per layer (TEA's double backward: benchmarks/RESULTS.md).
             env[node.args[0]] = env[node]
-    return logits_from(output), env
+    return select(output), env
 
 
 # ---- propagation ------------------------------------------------------------------------------
@@ -759,6 +761,30 @@ def _generate_pass(plan: list, releases: list):
     return _define(lines, names, "relevance pass")
 
 
+def logits_node(traced: TracedNetwork, env: dict, logits: torch.Tensor) -> fx.Node:
+    """The node whose value is ``logits``: the graph's output, or the part of a dict or tuple output
+    that the model's output adapter picked (auditkit/models/outputs.py), found by identity."""
+    output = next(n for n in reversed(traced.graph.nodes) if n.op == "output").args[0]
+    if isinstance(output, fx.Node) and env.get(output) is logits:
+        return output
+    # A container: its parts, and the arguments of nodes that built one (a namedtuple's constructor).
+    found, pending, seen = None, [output], set()
+    while pending and found is None:
+        leaves: list[fx.Node] = []
+        fx.node.map_arg(pending.pop(), leaves.append)
+        for leaf in leaves:
+            if env.get(leaf) is logits:
+                found = leaf
+                break
+            if leaf not in seen and not isinstance(env.get(leaf), torch.Tensor):
+                seen.add(leaf)
+                pending.append((leaf.args, leaf.kwargs))
+    if found is None:
+        raise UnsupportedLayerError("LRP could not find the logits among the network's outputs (they are not one "
+                                    "of its returned values); use gradient-based methods")
+    return found
+
+
 def propagate(
     traced: TracedNetwork,
     env: dict,
@@ -768,8 +794,10 @@ def propagate(
     epsilon: float,
     create_graph: bool,
     release: bool = False,
+    start: fx.Node | None = None,
 ) -> torch.Tensor:
-    """Relevance at the network input, (K*N, ...) target-major, from relevance at its output.
+    """Relevance at the network input, (K*N, ...) target-major, from relevance at its output (at
+    ``start``, the logits' node, when the output is a dict or tuple: :func:`logits_node`).
     ``release`` (the last pass over ``env``): drop each forward value from ``env`` after the last step
     that reads it, as autograd frees saved tensors. Holding every activation to the end raised the
     peak to 1.58x a gradient's, and each call then touched fresh memory the allocator had returned
@@ -781,8 +809,8 @@ def propagate(
     # Without a graph to keep, the fused ops skip their (Python) autograd layer; the direct steps
     # compute what conv2d_rule, linear_rule and winner_takes_all_rule do.
     below = torch._C._AutoDispatchBelowAutograd if not create_graph else contextlib.nullcontext
-    input_relevance = traced._pass[1](traced, env, {output_node.args[0]: output_relevance}, k, epsilon, create_graph,
-                                      release, below)
+    start = output_node.args[0] if start is None else start
+    input_relevance = traced._pass[1](traced, env, {start: output_relevance}, k, epsilon, create_graph, release, below)
     if input_relevance is None:
         raise UnsupportedLayerError("no relevance reached the network input (is the output independent of it?)")
     return input_relevance
@@ -828,7 +856,10 @@ def lrp_epsilon_and_logits(
         else:
             normalised = network_input = x
             traced = trace(model)
-        logits, env = run_forward(traced, network_input)
+        # The network's output as the model's forward reads it (meta.output for an auditkit model).
+        select = model.logits if isinstance(model, AuditModel) else logits_from
+        logits, env = run_forward(traced, network_input, select)
+        logits_at = logits_node(traced, env, logits)  # before autocast's float copies: found by identity
         check_targets(targets, n, check_logits(logits, n))
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -862,7 +893,7 @@ def lrp_epsilon_and_logits(
             start.scatter_(1, group, values)
             last = group is groups[-1][0]
             relevance = propagate(traced, env, start, k=per_group, epsilon=epsilon, create_graph=create_graph,
-                                  release=last)
+                                  release=last, start=logits_at)
             if network_input is not normalised:  # undo the model's resize with the same rule
                 resize = Step("function", F.interpolate, (normalised,),
                               {"size": tuple(network_input.shape[-2:]), "mode": "bilinear", "align_corners": False},

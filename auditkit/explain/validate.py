@@ -3,8 +3,9 @@ user's model as it was.
 
 Every method checks the same things, the same way, before it computes anything: the images are a
 floating (N, C, H, W) tensor on the model's device with the model's channel count and dtype; the
-model's output is one (N, classes) tensor of logits (or ``output`` picks it: a key, an index or a
-function); every target is a class index in [0, classes). A failure is one ParameterError naming the
+model's output is one (N, classes) tensor of logits, found in a dict, tuple, namedtuple or dataclass
+by auditkit.models.outputs' stated rule (or ``output`` picks it: a key, an index or a function);
+every target is a class index in [0, classes). A failure is one ParameterError naming the
 argument and the expected value, so no method returns a map for an input another refuses.
 
 ``untouched(model)``: the model is explained in eval mode (batch norm with its running statistics,
@@ -86,23 +87,12 @@ def check_images(model: nn.Module, x: Any, survey: tuple | None = None) -> None:
 
 
 def logits_from(output: Any, select: str | int | Callable | None = None) -> torch.Tensor:
-    """The logits in a model's output: the output itself, or ``select`` applied to it (a dict key,
-    a sequence index or a function). Raises ParameterError when there is no single logits tensor."""
-    if select is not None:
-        if callable(select):
-            output = select(output)
-        else:
-            try:
-                output = output[select]
-            except (KeyError, IndexError, TypeError) as error:
-                raise ParameterError("output", f"= {select!r} does not pick anything from the model's "
-                                     f"{type(output).__name__} output ({error})") from error
-    if not isinstance(output, torch.Tensor):
-        kind = "dict" if isinstance(output, dict) else "tuple" if isinstance(output, (tuple, list)) else type(output).__name__
-        hint = " (keys: " + ", ".join(map(str, list(output)[:8])) + ")" if isinstance(output, dict) else ""
-        raise ParameterError("output", f"must pick the logits: the model returns a {kind}{hint}, not one tensor; "
-                             "pass output=KEY, INDEX or a function")
-    return output
+    """The logits in a model's output: auditkit.models.outputs.select_logits (a tensor as it is, a dict,
+    tuple, namedtuple or dataclass by its stated rule, or what ``select`` picks: a key, an index or a
+    function). Raises ParameterError on ``output`` when there is no single logits tensor."""
+    from ..models.outputs import select_logits
+
+    return select_logits(output, select)
 
 
 def check_logits(logits: torch.Tensor, n: int) -> int:
@@ -136,14 +126,9 @@ class SelectLogits(nn.Module):
         self.select = select
 
     def forward(self, x):
-        output = self.model(x)
-        if callable(self.select):
-            return self.select(output)
-        try:
-            return output[self.select]
-        except (KeyError, IndexError, TypeError) as error:  # the same line as logits_from's
-            raise ParameterError("output", f"= {self.select!r} does not pick anything from the model's "
-                                 f"{type(output).__name__} output ({error})") from error
+        from ..models.outputs import select_logits
+
+        return select_logits(self.model(x), self.select)
 
 
 @contextmanager
@@ -204,6 +189,9 @@ def explanation_method(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(model: nn.Module, x: torch.Tensor, targets: Any, *, output: str | int | Callable | None = None,
                 **options: Any) -> torch.Tensor:
+        from ..models.zoo import unwrap_compiled
+
+        model = unwrap_compiled(model)  # hooks added after torch.compile never run in its compiled code
         with explained(model, x):
             targets = as_targets(targets, x)
             net = model if output is None else SelectLogits(model, output)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .checkpoint import FORMAT_VERSION, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .hooks import ModifiedInPlace, capture_activations, run_capturing
+from .normalization import Normalization, NormalizationWarning, check_normalization
 from .zoo import (
     ARCHITECTURES,
     CUSTOM_ARCH,
@@ -31,9 +32,12 @@ __all__ = [
     "ArchSpec",
     "AuditModel",
     "ModelMeta",
+    "Normalization",
+    "NormalizationWarning",
     "build_model",
     "ModifiedInPlace",
     "capture_activations",
+    "check_normalization",
     "run_capturing",
     "get_arch",
     "load_checkpoint",

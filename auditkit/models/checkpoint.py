@@ -1,6 +1,7 @@
 """Saving and loading models without running code from the file.
 
-Formats, by suffix:
+Formats, saved by suffix, read by content (the first bytes, whatever the suffix:
+a safetensors file named .pth loads; see :func:`_sniff`):
 
 * ``.safetensors`` (recommended): the state_dict as safetensors, with the
   model's metadata as JSON under the header key ``"auditkit"``.
@@ -11,8 +12,10 @@ Formats, by suffix:
 Loading never unpickles by default. A ``.pt`` file that holds pickled Python
 objects (a whole ``nn.Module``, custom classes) is refused unless the caller
 passes ``trust_pickle=True`` (``--trust-pickle``), because unpickling runs
-arbitrary code. Bare state_dicts (e.g. a torchvision resnet18 ``.pth``) load
-when the architecture is named. Every failure is a CheckpointError with a
+arbitrary code; so is a TorchScript archive (``torch.jit.save``), which runs
+its compiled code. Bare state_dicts (e.g. a torchvision resnet18 ``.pth``) load
+when the architecture is named. A folder is refused with the weights files it
+holds (model folders are not read yet). Every failure is a CheckpointError with a
 one-line message.
 """
 
@@ -23,6 +26,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,15 @@ from torch import nn
 from .._io import atomic_write
 from .._version import __version__
 from ..errors import CheckpointError, ModelError, ParameterError
+from .normalization import (
+    Normalization,
+    assumed_warning,
+    is_assumed,
+    parse_normalize,
+    preprocessor_normalization,
+    recorded_normalization,
+    set_normalization,
+)
 from .zoo import (
     ARCHITECTURES,
     CUSTOM_ARCH,
@@ -104,24 +117,118 @@ def _pickle_refused(path: Path) -> CheckpointError:
 
 
 _SAVE_SUFFIXES = (".safetensors", ".pt", ".pth")
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+# What a file is, by its first bytes (the suffix says nothing: a safetensors file named .pth, a torch
+# zip named .bin or .ckpt, a legacy pickle named .pt all exist). Formats auditkit reads:
+SAFETENSORS, TORCH_ZIP, TORCHSCRIPT, PICKLE = "safetensors", "torch", "torchscript", "pickle"
+FORMAT_NAMES = {
+    SAFETENSORS: "safetensors",
+    TORCH_ZIP: "PyTorch zip archive (torch.save)",
+    TORCHSCRIPT: "TorchScript archive (torch.jit.save)",
+    PICKLE: "pickle stream (legacy torch.save)",
+}
+# Files people hand over by mistake, by magic bytes: the line says what they are.
+_FOREIGN = (
+    (b"version https://git-lfs", "a Git LFS pointer, not the weights: run `git lfs pull` first"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras .h5?); auditkit reads PyTorch weights"),
+    (b"\x93NUMPY", "a NumPy .npy array, not a checkpoint"),
+    (b"GGUF", "a GGUF file (llama.cpp); auditkit reads PyTorch weights"),
+)
+
+
+def _safetensors_header(head: bytes) -> bool:
+    """Whether ``head`` starts like safetensors: an 8-byte little-endian header length, then JSON."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= 100_000_000  # safetensors' own header limit; a truncated file still counts
+
+
+def _zip_kind(path: Path) -> str:
+    """TORCHSCRIPT, TORCH_ZIP, or "" for a zip archive torch did not write (an .npz, ...). A zip whose
+    directory cannot be read (truncated) counts as TORCH_ZIP: torch.load then names the damage."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return TORCH_ZIP
+    # torch.jit.save writes <archive>/constants.pkl and the compiled code under <archive>/code/.
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return TORCHSCRIPT
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return TORCH_ZIP
+    return ""
+
+
+def _sniff(path: Path) -> str:
+    """The file's format by content (SAFETENSORS, TORCH_ZIP, TORCHSCRIPT, PICKLE); CheckpointError
+    (one line) for anything else, saying what it is when its first bytes tell."""
+    with path.open("rb") as file:
+        head = file.read(64)
+    if _safetensors_header(head):
+        return SAFETENSORS
+    if head.startswith(b"PK\x03\x04"):
+        kind = _zip_kind(path)
+        if not kind:
+            raise _unreadable(path, "a zip archive without torch's data.pkl: an .npz or another archive?")
+        return kind
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return PICKLE
+    for magic, what in _FOREIGN:
+        if head.startswith(magic):
+            raise _unreadable(path, what)
+    raise _unreadable(path, "not safetensors, a PyTorch zip archive or a pickle, whatever its suffix; "
+                            "use .safetensors (recommended), .pt or .pth")
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """What the checkpoint file at ``path`` is, read from its content, in words ("safetensors",
+    "PyTorch zip archive (torch.save)", "TorchScript archive (torch.jit.save)", "pickle stream (legacy
+    torch.save)"); CheckpointError for a missing file, a folder or another format."""
+    path = Path(path)
+    _check_readable_file(path)
+    return FORMAT_NAMES[_sniff(path)]
 
 
 def _format_of(path: Path, saving: bool = False) -> str:
-    if saving and path.suffix.lower() not in _SAVE_SUFFIXES:
+    """The format to save in, by suffix (``saving``), or to read with, by content (:func:`_sniff`)."""
+    if not saving:
+        return _sniff(path)
+    if path.suffix.lower() not in _SAVE_SUFFIXES:
         raise CheckpointError(f"{path}: unsupported checkpoint suffix '{path.suffix}' for saving; use .safetensors "
                               "(recommended), .pt or .pth")
-    try:
-        return _FORMATS[path.suffix.lower()]
-    except KeyError:
-        raise CheckpointError(
-            f"{path}: unsupported checkpoint suffix '{path.suffix}'; use .safetensors (recommended), .pt, .pth, "
-            ".ckpt or .bin"
-        ) from None
+    return _FORMATS[path.suffix.lower()]
+
+
+def _weights_files_in(folder: Path, limit: int = 4) -> list[str]:
+    """Up to ``limit`` weights files in ``folder`` and two levels of subfolders, as relative paths."""
+    found: list[str] = []
+    for pattern in ("*", "*/*", "*/*/*"):
+        for candidate in sorted(folder.glob(pattern)):
+            if candidate.suffix.lower() in _WEIGHT_SUFFIXES and candidate.is_file():
+                found.append(str(candidate.relative_to(folder)))
+                if len(found) == limit:
+                    return found
+    return found
 
 
 def _check_readable_file(path: Path) -> None:
+    """CheckpointError (one line) unless ``path`` is a non-empty regular file; a folder is told what
+    to bring instead, naming the weights files inside it."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        found = _weights_files_in(path)
+        if found:
+            bring = f"give one of its weights files (with --arch NAME for bare weights): it holds {', '.join(found)}"
+        else:
+            bring = (f"give a weights file (.safetensors, .pt or .pth) with --arch NAME; it holds none "
+                     f"({', '.join(_WEIGHT_SUFFIXES)})")
+        raise CheckpointError(f"{path} is a folder, not a regular file: model folders (Hugging Face, timm) are not "
+                              f"supported yet; {bring}")
     if not path.is_file():
         raise _unreadable(path, "not a regular file")
     if path.stat().st_size == 0:
@@ -242,7 +349,10 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     if not _looks_like_torch_file(path):
         raise _unreadable(path, "not a PyTorch checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's notice about a plain pickle's protocol: noise beside the one line auditkit gives
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's safe unpickler refuses classes, functions and opcodes it does not implement.
         if not str(err).startswith("Weights only load failed"):
@@ -261,6 +371,77 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # e.g. a class the pickle names that cannot be imported here
         raise _unreadable(path, err) from None
+
+
+def _torchscript_refused(path: Path) -> CheckpointError:
+    return PickleRefused(
+        "trust_pickle",
+        f"is off and {path} is a TorchScript archive (torch.jit.save): loading it runs the code compiled into it. "
+        "If you trust its author, turn it on (with --arch NAME its weights go into auditkit's NAME network, for "
+        "every method); or bring the weights: torch.save(model.state_dict(), 'weights.pt').",
+    )
+
+
+def _torchscript_sizes(path: Path, script: nn.Module, overrides: dict[str, Any]) -> tuple[int, int]:
+    """(in_channels, num_classes) of a TorchScript module: the given ones, else its first Conv2d's and
+    last Linear's (scripted submodules keep their ``original_name`` and size attributes), else the
+    first 4-D and the last 2-D weight's shapes."""
+    convs = [m for _, m in script.named_modules() if getattr(m, "original_name", "") == "Conv2d"]
+    linears = [m for _, m in script.named_modules() if getattr(m, "original_name", "") == "Linear"]
+    weights = [t for k, t in script.state_dict().items() if k.endswith("weight")]
+    in_channels = _first_given(
+        overrides["in_channels"],
+        getattr(convs[0], "in_channels", None) if convs else None,
+        next((int(t.shape[1]) for t in weights if t.dim() == 4), None),
+    )
+    num_classes = _first_given(
+        overrides["num_classes"],
+        getattr(linears[-1], "out_features", None) if linears else None,
+        next((int(t.shape[0]) for t in reversed(weights) if t.dim() == 2), None),
+    )
+    if in_channels is None or num_classes is None:
+        raise ParameterError(
+            "in_channels", f"and num_classes must be given: they cannot be read off the layers of {path}"
+        )
+    return int(in_channels), int(num_classes)
+
+
+def _load_torchscript(path: Path, trust_pickle: bool, overrides: dict[str, Any]) -> AuditModel:
+    """A TorchScript archive as an AuditModel, only with ``trust_pickle`` (torch.jit.load runs its code).
+
+    With ``arch`` its weights go into a fresh network of that architecture (presets, hooks: every
+    method works). Without, the scripted module itself runs as arch "custom" with no TAP or Grad-CAM
+    layers (a ScriptModule refuses forward hooks), enough to evaluate it.
+    """
+    if not trust_pickle:
+        raise _torchscript_refused(path)
+    warnings.warn(
+        f"loading TorchScript archive {path} because trust_pickle is on: this runs the code compiled into it",
+        UserWarning,
+        stacklevel=3,
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation notice: not the user's concern
+            script = torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # the archive's bytes or code decide what breaks
+        raise _unreadable(path, err) from None
+    if overrides["arch"] is not None:
+        return _model_from_state_dict(path, None, dict(script.state_dict()), overrides)
+    in_channels, num_classes = _torchscript_sizes(path, script, overrides)
+    meta = ModelMeta(
+        arch=CUSTOM_ARCH,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        input_size=tuple(_first_given(overrides["input_size"], _BARE_STATE_DICT_INPUT_SIZE)),
+        mean=(0.0,) * in_channels,
+        std=(1.0,) * in_channels,
+        class_names=tuple(str(i) for i in range(num_classes)),
+        target_layers=(),
+        gradcam_layer="",
+        normalization="assumed",  # as for a pickled module: load_checkpoint settles it
+    )
+    return AuditModel(script, meta, min_input_size=1)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -308,6 +489,8 @@ def align_keys(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[st
             if not dot or head not in _KEY_PREFIXES:
                 break
             name = rest
+        if name not in expected and "_orig_mod." in name:  # a torch.compile'd submodule's keys, inside
+            name = ".".join(part for part in name.split(".") if part != "_orig_mod")
         aligned[name] = tensor
     return aligned
 
@@ -337,11 +520,13 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     :func:`load_checkpoint` without ``trust_pickle``.
     """
     path = Path(path)
-    fmt = _format_of(path)
     _check_readable_file(path)
-    if fmt == "safetensors":
+    fmt = _format_of(path)
+    if fmt == SAFETENSORS:
         meta, _ = _read_safetensors(path, with_tensors=False)
         return dict(meta or {})
+    if fmt == TORCHSCRIPT:
+        raise _torchscript_refused(path)
     payload = _torch_load(path, trust_pickle=False)
     if _is_auditkit_payload(payload):
         return dict(_check_meta(path, payload.get("meta")))
@@ -449,7 +634,8 @@ def _model_from_state_dict(
 
     Arguments in ``overrides`` win over the file's metadata. Presets tied to
     the stored architecture (layers, class names, normalisation) are kept
-    only while they still fit.
+    only while they still fit. Bare weights get the assumed normalisation
+    (``meta.normalization`` "assumed"); :func:`load_checkpoint` settles it.
     """
     if meta is None:
         arch = overrides["arch"]
@@ -463,23 +649,30 @@ def _model_from_state_dict(
         in_channels = _first_given(overrides["in_channels"], inferred_channels, 3)
         num_classes = _first_given(overrides["num_classes"], inferred_classes, 2)
         input_size = _first_given(overrides["input_size"], _BARE_STATE_DICT_INPUT_SIZE)
-        model = build_model(arch, num_classes, in_channels, tuple(input_size))
+        model = build_model(arch, num_classes, in_channels, tuple(input_size), normalization="assumed")
     else:
         state = dict(state_dict)
         arch = _first_given(overrides["arch"], meta["arch"])
         in_channels = _first_given(overrides["in_channels"], meta["in_channels"])
         num_classes = _first_given(overrides["num_classes"], meta["num_classes"])
         same_arch = arch == meta["arch"]
+        try:  # the record, fitted to an overridden channel count (RGB statistics averaged for grey)
+            recorded = Normalization(tuple(meta["mean"]), tuple(meta["std"]), "checkpoint").for_channels(in_channels)
+        except ParameterError:
+            recorded = None
         model = build_model(
             arch,
             num_classes,
             in_channels,
             tuple(_first_given(overrides["input_size"], meta["input_size"])),
-            mean=meta["mean"] if len(meta["mean"]) == in_channels else None,
-            std=meta["std"] if len(meta["std"]) == in_channels else None,
+            mean=recorded.mean if recorded else None,
+            std=recorded.std if recorded else None,
             class_names=meta["class_names"] if len(meta["class_names"]) == num_classes else None,
             target_layers=meta["target_layers"] if same_arch else None,
             gradcam_layer=meta["gradcam_layer"] if same_arch else None,
+            # The recorded source survives a round trip ("training data", "option: imagenet", ...).
+            normalization=(meta.get("normalization") or "checkpoint") if recorded else "assumed",
+            output=meta.get("output"),
         )
     _load_weights(path, model, state)
     return model
@@ -490,9 +683,10 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
 
     With ``arch`` given, its weights go into a freshly built network of that
     architecture (so the presets apply). Otherwise it becomes arch "custom":
-    presets found by a probe pass (or none), no normalisation (mean 0,
-    std 1: auditkit cannot know what the module expects, so it gets the
-    [0, 1] images unchanged) and no upsampling.
+    presets found by a probe pass (or none), the assumed normalisation mean 0,
+    std 1 (the [0, 1] images unchanged; :func:`load_checkpoint` replaces it
+    with the module's own record, e.g. a timm ``pretrained_cfg``, or the
+    caller's ``normalize``) and no upsampling.
     """
     if overrides["arch"] is not None:
         return _model_from_state_dict(path, None, net.state_dict(), overrides)
@@ -507,9 +701,11 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
             "in_channels", f"and num_classes must be given: {path} holds a {type(net).__name__} whose sizes cannot be inferred"
         ) from None
     try:  # the presets a probe pass finds (none for a network without convolutional stages)
-        from .presets import discover_presets
+        from .presets import discover_presets_at, probe_sizes
+        from .zoo import unwrap_compiled
 
-        found = discover_presets(net, int(in_channels))
+        found = discover_presets_at(unwrap_compiled(net, inner=True), int(in_channels),
+                                    probe_sizes(overrides["input_size"]))[0]
         tap_layers, gradcam = tuple(f"net.{n}" for n in found.tap_layers), f"net.{found.gradcam_layer}"
     except ModelError:
         tap_layers, gradcam = (), ""
@@ -523,6 +719,7 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
         class_names=tuple(str(i) for i in range(int(num_classes))),
         target_layers=tap_layers,
         gradcam_layer=gradcam,
+        normalization="assumed",
     )
     return AuditModel(net, meta, min_input_size=1)
 
@@ -536,6 +733,7 @@ def load_checkpoint(
     input_size: tuple[int, int] | None = None,
     trust_pickle: bool = False,
     map_location: str | torch.device = "cpu",
+    normalize: Any = None,
 ) -> AuditModel:
     """The :class:`AuditModel` stored at ``path``, on ``map_location``.
 
@@ -545,21 +743,34 @@ def load_checkpoint(
     224x224). Arguments given override the file's metadata. Pickled objects
     load only with ``trust_pickle=True`` (with a warning): an auditkit dict, a
     state_dict, an AuditModel (returned as is) or a plain ``nn.Module``
-    (see :func:`_wrap_module`). Weights are read on the CPU and the finished
+    (see :func:`_wrap_module`).
+
+    Input normalisation (auditkit/models/normalization.py): ``normalize`` (a
+    preset name such as "imagenet" or "none", "MEAN/STD", a ``(mean, std)``
+    pair) wins; else the file's record (auditkit metadata, a timm
+    ``pretrained_cfg`` or training args, a ``preprocessor_config.json``
+    beside the file); else 0.5/0.5 (0/1 for a pickled module) is assumed,
+    with a :class:`~auditkit.models.normalization.NormalizationWarning`.
+    ``meta.normalization`` says which. Weights are read on the CPU and the finished
     model is moved once. It comes back in eval mode (batch norm and dropout as
     at test time), the mode audits and explanations need.
     """
     path = Path(path)
-    fmt = _format_of(path)
     _check_readable_file(path)
+    fmt = _format_of(path)  # by content, not suffix
     overrides = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
     has_meta = True  # whether the file says what the model expects (auditkit metadata, a pickled AuditModel)
-    if fmt == "safetensors":
+    record = None  # the normalisation a file without auditkit metadata records (timm pretrained_cfg, ...)
+    if fmt == SAFETENSORS:
         meta, tensors = _read_safetensors(path, with_tensors=True)
         has_meta = meta is not None
         model = _model_from_state_dict(path, meta, tensors, overrides)
+    elif fmt == TORCHSCRIPT:
+        has_meta = False
+        model = _load_torchscript(path, trust_pickle, overrides)
     else:
         payload = _torch_load(path, trust_pickle)
+        record = recorded_normalization(payload)
         if isinstance(payload, AuditModel):
             model = payload
         elif isinstance(payload, nn.Module):
@@ -579,4 +790,19 @@ def load_checkpoint(
     if not has_meta:
         # No auditkit metadata in the file: the data will say the input size and the class names.
         model.adopt_from_data = ("class_names",) if input_size is not None else ("input_size", "class_names")
+    _settle_normalization(path, model, normalize, record if not has_meta else None, has_meta)
     return model.to(map_location).eval()
+
+
+def _settle_normalization(path: Path, model: AuditModel, normalize: Any, record, has_meta: bool) -> None:
+    """The model's final normalisation: ``normalize`` > the file's record > the assumption (warned)."""
+    chosen = parse_normalize(normalize, model.meta.in_channels)
+    if chosen is None and not has_meta:
+        chosen = record or preprocessor_normalization(path)
+    if chosen is not None:
+        set_normalization(model, chosen)
+    elif not model.meta.normalization:  # a pickled AuditModel from before the field: its meta is the record
+        model.meta = replace(model.meta, normalization="checkpoint")
+    if is_assumed(model):
+        reason = "saved by auditkit with an assumed normalisation" if has_meta else "the file records none"
+        warnings.warn(assumed_warning(model, path.name, reason), stacklevel=3)

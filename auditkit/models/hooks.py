@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .zoo import resolve_layers
+from .zoo import _is_compiled, resolve_layers
 
 
 class ModifiedInPlace(ModelError):
@@ -49,10 +49,17 @@ def capture_activations(
     the in-place operation then modifies instead; Grad-CAM retries that way.
 
     Names are resolved with :func:`resolve_layers` (unknown names raise
-    ModelError; "net." may be omitted on an AuditModel). A named layer that
+    ModelError; "net." may be omitted on an AuditModel, torch.compile's
+    "_orig_mod." anywhere). A torch.compile'd ``model`` raises ModelError: its
+    compiled code never calls hooks added later; pass its original module
+    (AuditModel unwraps compiled networks itself). A named layer that
     does not run during a forward raises ModelError at the end of that
     forward. The hooks are removed when the block exits, also on exceptions.
     """
+    if _is_compiled(model):  # its compiled code would never call the hooks: "did not run" would mislead
+        raise ModelError(f"{type(model).__name__} is torch.compile'd: hooks added after compiling do not run in its "
+                         "compiled code; capture from its original module (auditkit.models.zoo.unwrap_compiled(model), "
+                         "the same weights; layer names may keep or drop '_orig_mod.')")
     names = resolve_layers(model, layer_names)
     outputs: list[Any] = []
     versions: list[int | None] = []

@@ -6,8 +6,15 @@ dense blocks" (DenseNet-121), "after each of the MaxPool layers" (VGG-16) and bo
 two-layer CNN: the outputs of the network's stages, one per spatial resolution, spaced over its depth.
 The rule that finds them:
 
-1. The probe records every module's output during one forward pass of a 224x224 (or larger, the
-   network's minimum) input.
+1. The probe records every module's output during one forward pass of a 224x224 input (or the
+   network's minimum, when larger): at that size the stages of an ImageNet-style network have
+   distinct resolutions (at 32x32 the last ones shrink to 1x1 and merge), and the presets do not
+   depend on the data's size, so weights loaded without their size find the same layers. A network
+   that does not run at 224x224 (a LeNet whose ``Linear`` takes exactly 16*4*4 features, fixed
+   position embeddings) is probed at the size it runs at: its data's or checkpoint's input size
+   (brought up to its minimum), then its minimum and the common sizes :data:`FALLBACK_SIZES`
+   (:func:`probe_sizes`); when none fits, one ModelError names the sizes tried and the error at
+   the model's own size.
 2. The *stage container* is the module whose direct children's outputs span the most spatial
    resolutions (a ResNet itself, VGG's and DenseNet's ``features``, RegNet's ``trunk_output``).
 3. If some of its convolution-bearing children are blocks (containers: residual layers, dense blocks,
@@ -19,6 +26,10 @@ The rule that finds them:
    layers, the last convolution (or the activation right after it) at each resolution.
 4. The Grad-CAM layer is the last spatial feature map of the stages: the last convolution-bearing
    child of the stage container, or the activation right after it.
+5. Every layer proposed gives a spatial (N, C, H, W) map, and the network stays spatial after the
+   Grad-CAM layer: when layers that run later give token sequences (N, L, D) (a vision transformer
+   whose patch embedding is its only convolution), discovery refuses the network in one line
+   instead of proposing the patch embedding.
 
 Equal to the hand presets of the architectures the TAP paper and auditkit name (tested).
 """
@@ -34,6 +45,9 @@ from torch import nn
 from ..errors import ModelError
 
 PROBE_SIZE = 224
+#: Sizes tried after the model's own size and minimum when a network does not run at PROBE_SIZE:
+#: MNIST-style 28, CIFAR 32, and the sizes small medical and ImageNet-style models are trained at.
+FALLBACK_SIZES = (28, 32, 64, 96, 128, 256, 299, 384)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.PReLU)
 
@@ -53,9 +67,46 @@ def _is_block(module: nn.Module) -> bool:
     return not isinstance(module, nn.Conv2d) and len(module._modules) > 0 and _has_conv(module)
 
 
-def probe(net: nn.Module, in_channels: int, size: int = PROBE_SIZE) -> dict[str, tuple[int, int]]:
+class ProbeFailed(ModelError):
+    """The network's forward pass failed on a probe image of ``size`` (H, W)."""
+
+    def __init__(self, net: nn.Module, size: tuple[int, int], reason: str) -> None:
+        self.size, self.reason = size, reason
+        super().__init__(f"{type(net).__name__} failed on a {size[0]}x{size[1]} probe image ({reason})")
+
+
+def _hw(size) -> tuple[int, int]:
+    """(H, W) of a size given as one side or a pair."""
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
+def _run_probe(net: nn.Module, in_channels: int, size) -> None:
+    """One no-grad eval-mode forward pass of a zero image of ``size`` (the net's mode restored);
+    ProbeFailed in one line when the network fails on it."""
+    height, width = _hw(size)
+    was_training = net.training
+    parameter = next(iter(net.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, in_channels, height, width, device=device, dtype=dtype))
+    except ModelError:  # auditkit's own one line (an AuditModel's output check): as it is
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of the user's network: one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ProbeFailed(net, (height, width), first[:160]) from error
+    finally:
+        net.train(was_training)
+
+
+def probe(net: nn.Module, in_channels: int, size=PROBE_SIZE, tokens: dict | None = None) -> dict[str, tuple[int, int]]:
     """{module name: (H, W) of its output} for every module whose output is one 4-D tensor, in the
-    order the modules finished (the last call counts for a module called more than once)."""
+    order the modules finished (the last call counts for a module called more than once). ``size``:
+    one side or (H, W). ``tokens``, when given, receives {module name: (order, shape)} of the modules
+    whose output is a 3-D token sequence (N, L, D) with L > 1, ``order`` counting the 4-D outputs
+    finished before it."""
     shapes: dict[str, tuple[int, int]] = {}
     handles = []
 
@@ -64,28 +115,61 @@ def probe(net: nn.Module, in_channels: int, size: int = PROBE_SIZE) -> dict[str,
             if isinstance(output, torch.Tensor) and output.dim() == 4:
                 shapes.pop(name, None)  # re-inserted: order of the last completion
                 shapes[name] = (int(output.shape[2]), int(output.shape[3]))
+            elif tokens is not None and isinstance(output, torch.Tensor) and output.dim() == 3 and output.shape[1] > 1:
+                tokens[name] = (len(shapes), tuple(output.shape))
 
         return hook
 
     for name, module in net.named_modules():
         if name:
             handles.append(module.register_forward_hook(record(name)))
-    was_training = net.training
-    parameter = next(iter(net.parameters()), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     try:
-        net.eval()
-        with torch.no_grad():
-            net(torch.zeros(1, in_channels, size, size, device=device, dtype=dtype))
-    except Exception as error:  # noqa: BLE001 - any failure of the user's network: one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"{type(net).__name__} failed on a {size}x{size} probe image ({first[:160]})") from error
+        _run_probe(net, in_channels, size)
     finally:
-        net.train(was_training)
         for handle in handles:
             handle.remove()
     return shapes
+
+
+def probe_sizes(input_size=None, min_input_size: int = 1) -> list[tuple[int, int]]:
+    """The probe sizes (H, W) to try, in order: PROBE_SIZE (or ``min_input_size`` when larger; see
+    the module docstring), the size the network sees for ``input_size`` (the model upsamples a
+    shorter side below ``min_input_size`` to it, keeping the aspect ratio), ``min_input_size``, and
+    FALLBACK_SIZES; each once."""
+    minimum = max(1, int(min_input_size))
+    sizes = [_hw(max(PROBE_SIZE, minimum))]
+    if input_size is not None:
+        sizes.append(network_size(input_size, minimum))
+    sizes += [_hw(minimum)] + [_hw(side) for side in FALLBACK_SIZES if side >= minimum]
+    return list(dict.fromkeys(sizes))
+
+
+def network_size(input_size, min_input_size: int = 1) -> tuple[int, int]:
+    """The (H, W) a network sees for images of ``input_size``: a shorter side below
+    ``min_input_size`` is brought up to it, keeping the aspect ratio (AuditModel's upsampling rule)."""
+    height, width = _hw(input_size)
+    minimum, shorter = max(1, int(min_input_size)), min(height, width)
+    if shorter >= minimum:
+        return height, width
+    return -(-height * minimum // shorter), -(-width * minimum // shorter)  # integer ceil
+
+
+def discover_presets_at(net: nn.Module, in_channels: int, sizes,
+                        own_size=None) -> tuple["Presets", tuple[int, int]]:
+    """(presets, the probe size that worked): :func:`discover_presets` at the first of ``sizes`` the
+    network runs at (:func:`probe_sizes`). When it fails on all of them: one ModelError naming the
+    sizes tried and the error at ``own_size`` (the size the model should run at; default the first)."""
+    failures: list[ProbeFailed] = []
+    for size in sizes:
+        try:
+            return discover_presets(net, in_channels, size), _hw(size)
+        except ProbeFailed as failed:
+            failures.append(failed)
+    tried = ", ".join(f"{h}x{w}" for h, w in (f.size for f in failures))
+    shown = next((f for f in failures if own_size is not None and f.size == _hw(own_size)), failures[0])
+    raise ModelError(f"{type(net).__name__} runs at none of the probe sizes tried ({tried}); at "
+                     f"{shown.size[0]}x{shown.size[1]}: {shown.reason}. Give the model's input size (the data's, or "
+                     "input_size for weights without it)")
 
 
 def _children(net: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
@@ -93,10 +177,13 @@ def _children(net: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     return [(f"{prefix}.{name}" if prefix else name, child) for name, child in container.named_children()]
 
 
-def discover_presets(net: nn.Module, in_channels: int, size: int = PROBE_SIZE) -> Presets:
-    """TAP's target layers and the Grad-CAM layer of ``net`` (see the module docstring). Raises
-    ModelError for a network without spatial feature maps (a vision transformer, an MLP)."""
-    shapes = probe(net, in_channels, size)
+def discover_presets(net: nn.Module, in_channels: int, size=PROBE_SIZE) -> Presets:
+    """TAP's target layers and the Grad-CAM layer of ``net`` (see the module docstring) from a probe
+    at ``size`` (one side or (H, W)). Raises ModelError for a network without spatial feature maps
+    (an MLP) or whose feature maps turn into token sequences (a vision transformer), and
+    ProbeFailed (a ModelError) when the network fails on the probe image."""
+    tokens: dict[str, tuple[int, tuple[int, ...]]] = {}
+    shapes = probe(net, in_channels, size, tokens)
     order = {name: k for k, name in enumerate(shapes)}
     if not any(_has_conv(m) for name, m in net.named_modules() if name in shapes):
         raise ModelError(f"{type(net).__name__} has no convolutional feature maps: TAP and Grad-CAM need a CNN "
@@ -150,6 +237,12 @@ def discover_presets(net: nn.Module, in_channels: int, size: int = PROBE_SIZE) -
                        for members in by_resolution.values() if any(_has_conv(m) for _, m in members)]
     # 4. The Grad-CAM layer.
     gradcam = activation_after(convs[-1][0])
+    # 5. Spatial to the end: no layer after the Grad-CAM layer works on token sequences.
+    later = [(name, shape) for name, (finished, shape) in tokens.items() if finished > order[gradcam]]
+    if later:
+        raise ModelError(f"{type(net).__name__}: its last feature map '{gradcam}' is followed by layers on token "
+                         f"sequences ('{later[0][0]}' gives {later[0][1]}), as in a vision transformer; TAP and "
+                         "Grad-CAM need a CNN whose feature maps stay spatial (transformers are not supported yet)")
     return Presets(tuple(targets), gradcam)
 
 
@@ -157,18 +250,20 @@ def _pair(value) -> tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
 
 
-def receptive_fields(net: nn.Module, layers, in_channels: int, size: int) -> list[float]:
+def receptive_fields(net: nn.Module, layers, in_channels: int, size) -> list[float]:
     """The theoretical receptive field (input pixels, the larger of height and width) of a unit of
-    each of ``layers`` (module names in ``net``), for a ``size`` x ``size`` input.
+    each of ``layers`` (module names in ``net``), for a ``size`` x ``size`` input (or (H, W)). A
+    network that does not run at that size (a LeNet whose ``Linear`` needs its own size) is probed
+    at its ``meta.input_size`` when it has one (an AuditModel), brought up to its minimum.
 
     One probe forward pass records, in the order they run, every convolution and pooling layer
     (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d) with its input size; a layer's field is
     r = 1 + Σ d·(k − 1)·j over the ones that ran before its output, j = round(size / (that layer's
-    input size)) being the input pixels per step there (the product of the strides before it) (Araujo et al. 2019, "Computing receptive
-    fields of convolutional neural networks"). Exact for chains and residual networks (their
-    shortcut convolutions are 1x1); parallel branches (Inception) are all counted, an upper bound;
-    convolutions called as functions are not seen. Raises ModelError when the network fails on
-    the probe.
+    input size)) being the input pixels per step there (the product of the strides before it)
+    (Araujo et al. 2019, "Computing receptive fields of convolutional neural networks"). Exact for
+    chains and residual networks (their shortcut convolutions are 1x1); parallel branches
+    (Inception) are all counted, an upper bound; convolutions called as functions are not seen.
+    Raises ModelError when the network fails on the probe (at every size tried).
     """
     growth: list[tuple[float, float]] = []  # per spatial layer run: (height, width) growth of r
     finished: dict[str, int] = {}  # layer name -> number of spatial layers run before its output
@@ -184,7 +279,7 @@ def receptive_fields(net: nn.Module, layers, in_channels: int, size: int) -> lis
             dh, dw = _pair(getattr(module, "dilation", 1))
             # The step there, in input pixels: the product of the strides before it, read off the sizes
             # (rounded: an unpadded convolution makes 32 -> 14 for a stride of 2).
-            step_h, step_w = max(1, round(size / x.shape[2])), max(1, round(size / x.shape[3]))
+            step_h, step_w = max(1, round(ran[0] / x.shape[2])), max(1, round(ran[1] / x.shape[3]))
             growth.append((dh * (kh - 1) * step_h, dw * (kw - 1) * step_w))
 
         return hook
@@ -200,19 +295,23 @@ def receptive_fields(net: nn.Module, layers, in_channels: int, size: int) -> lis
             handles.append(module.register_forward_hook(spatial(module)))
         if name in wanted:
             handles.append(module.register_forward_hook(target(name)))
-    was_training = net.training
-    parameter = next(iter(net.parameters()), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    meta = getattr(net, "meta", None)
+    sizes = [_hw(size)]
+    if meta is not None and getattr(meta, "input_size", None):
+        sizes.append(network_size(meta.input_size, getattr(net, "min_input_size", 1)))
+    sizes = list(dict.fromkeys(sizes))
+    ran = sizes[0]  # the probe size the hooks read (the one running)
     try:
-        net.eval()
-        with torch.no_grad():
-            net(torch.zeros(1, in_channels, size, size, device=device, dtype=dtype))
-    except Exception as error:  # noqa: BLE001 - any failure of the user's network: one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"{type(net).__name__} failed on a {size}x{size} probe image ({first[:160]})") from error
+        for attempt, ran in enumerate(sizes):
+            growth.clear()
+            finished.clear()
+            try:
+                _run_probe(net, in_channels, ran)
+                break
+            except ProbeFailed:
+                if attempt == len(sizes) - 1:
+                    raise
     finally:
-        net.train(was_training)
         for handle in handles:
             handle.remove()
     missing = [name for name in layers if name not in finished]

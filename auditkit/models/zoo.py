@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import functools
 import numbers
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -26,13 +27,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ModelError
+from .outputs import check_spec, select_logits
 
 #: The arch name of a wrapped module auditkit cannot rebuild (a trusted pickle).
 CUSTOM_ARCH = "custom"
 
-#: Per-channel mean and std used when the caller gives none. Models here start
-#: from random weights and train on the user's data, so ImageNet statistics
-#: have no special claim; 0.5/0.5 maps [0, 1] pixels to [-1, 1].
+#: Per-channel mean and std used when the caller gives none and the file records none. Models
+#: built here start from random weights and `auditkit train` stores the training images' own
+#: statistics, so ImageNet's have no special claim; 0.5/0.5 maps [0, 1] pixels to [-1, 1]. For
+#: weights trained elsewhere it is an assumption: loading says so (auditkit/models/normalization.py).
 DEFAULT_MEAN = 0.5
 DEFAULT_STD = 0.5
 
@@ -286,6 +289,19 @@ def _has_attention(net: nn.Module) -> bool:
     return any("Attention" in type(m).__name__ or "Transformer" in type(m).__name__ for m in net.modules())
 
 
+# Module class names of transformers in code auditkit does not know (a user's factory): torchvision's
+# and timm's VisionTransformer, Hugging Face's ViTSelfAttention, Swin's WindowAttention, a plain
+# "Attention" block. CNN attention blocks (CBAM's ChannelAttention and SpatialAttention, attention
+# gates, squeeze-excitation) keep spatial maps and are not matched: those CNNs are supported.
+_TRANSFORMER_CLASS = re.compile(r"Transformer|(^|Self|MultiHead|Multihead|Window|ViT|Vit|Sdpa|Flash)Attention(V2)?$")
+
+
+def _is_transformer(net: nn.Module) -> bool:
+    """Whether ``net`` (the user's own code) holds transformer layers (see _TRANSFORMER_CLASS)."""
+    return any(isinstance(m, nn.MultiheadAttention) or _TRANSFORMER_CLASS.search(type(m).__name__)
+               for m in net.modules())
+
+
 def _build_torchvision_any(factory: str, in_channels: int, num_classes: int) -> nn.Module:
     from torchvision import models
 
@@ -346,12 +362,16 @@ def _user_spec(reference: str) -> ArchSpec:
         net = factory(**kwargs)
         if not isinstance(net, nn.Module):
             raise ModelError(f"'{reference}' returned a {type(net).__name__}, not a torch.nn.Module")
+        net = unwrap_compiled(net, inner=True)
+        if _is_transformer(net):  # the same line as a named transformer's, before anything runs it
+            _refuse_transformer(reference)
         if not any(key in kwargs for key in ("in_channels", "in_chans")) and in_channels != 3:
             _replace_input_conv(net, in_channels, "fan_out")
         return net
 
     return ArchSpec(name=reference, build=build, tap_layers=None, gradcam_layer=None, min_input_size=1,
-                    lrp_notes="found by tracing", description=f"user factory {reference} (presets found)", source="user")
+                    lrp_notes="found by tracing", description=f"user factory {reference} (presets found)",
+                    source="user")
 
 
 def get_arch(name: str) -> ArchSpec:
@@ -393,6 +413,13 @@ class ModelMeta:
     class_names: tuple[str, ...]
     target_layers: tuple[str, ...]
     gradcam_layer: str
+    # Where mean/std come from: "option", "checkpoint", "training data", "default" (a new model
+    # built without them) or "assumed" (weights loaded without a record), optionally followed by
+    # ": detail" (auditkit/models/normalization.py). "" for metadata older than the field.
+    normalization: str = ""
+    # Which part of the network's output is the logits when it is not one tensor: a key or field
+    # name, or an index (auditkit/models/outputs.py); None: the stated rule finds them.
+    output: str | int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples become lists)."""
@@ -420,7 +447,9 @@ class AuditModel(nn.Module):
 
     def __init__(self, net: nn.Module, meta: ModelMeta, *, min_input_size: int | None = None) -> None:
         super().__init__()
-        self.net = net
+        # A torch.compile'd network runs as its original module: capture hooks, double backward and
+        # LRP's tracing need the eager module, and the state_dict then has no "_orig_mod." prefix.
+        self.net = unwrap_compiled(net)
         self.meta = meta
         if min_input_size is None:
             spec = ARCHITECTURES.get(meta.arch)
@@ -430,7 +459,9 @@ class AuditModel(nn.Module):
         self.register_buffer("std", torch.tensor(meta.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (N, num_classes) for images in [0, 1] of shape (N, in_channels, H, W)."""
+        """Logits (N, num_classes) for images in [0, 1] of shape (N, in_channels, H, W). A network that
+        returns a dict, tuple, namedtuple or dataclass gives the logits ``meta.output`` names, or those
+        auditkit.models.outputs' rule finds (OutputError in one line when it finds none)."""
         channels = self.meta.in_channels
         if images.dim() != 4 or images.shape[1] != channels:
             raise ValueError(
@@ -438,7 +469,14 @@ class AuditModel(nn.Module):
                 f"got shape {tuple(images.shape)}"
             )
         normalised = (images - self.mean) / self.std
-        return self.net(self._upsample_to_min_size(normalised))
+        return self.logits(self.net(self._upsample_to_min_size(normalised)))
+
+    def logits(self, output: Any) -> torch.Tensor:
+        """The (N, num_classes) logits in the network's ``output``: ``meta.output`` or the rule of
+        auditkit/models/outputs.py (LRP, which runs the network itself, reads them here too)."""
+        if type(output) is torch.Tensor and self.meta.output is None:  # the common case: no adapter call
+            return output
+        return select_logits(output, self.meta.output, num_classes=self.meta.num_classes)
 
     def masks_for_network(self, masks: torch.Tensor) -> torch.Tensor:
         """Masks (N, 1, H, W) at the data's resolution, brought to the resolution the network sees (the
@@ -476,11 +514,39 @@ def _layer_names_message(name: str, modules: Sequence[str], model: nn.Module) ->
     return f"unknown layer '{name}' in {owner}; no similar names (top-level modules: {shown})"
 
 
+_COMPILED = "_orig_mod"  # the attribute under which torch.compile's OptimizedModule holds the original module
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, _COMPILED, None), nn.Module)
+
+
+def unwrap_compiled(module: nn.Module, *, inner: bool = False) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (OptimizedModule) holds, or ``module`` itself. With
+    ``inner``, compiled submodules inside it are replaced by their original modules too (in place).
+    Hooks, double backward and torch.fx need the eager module; the weights are the same objects."""
+    while _is_compiled(module):
+        module = getattr(module, _COMPILED)
+    if inner:
+        for parent in list(module.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and _is_compiled(child):
+                    parent._modules[name] = unwrap_compiled(child, inner=True)
+    return module
+
+
+def _without_compiled(name: str) -> str:
+    """``name`` without torch.compile's "_orig_mod" segments ("_orig_mod.layer4" -> "layer4")."""
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
+
+
 def resolve_layers(model: nn.Module, names: str | Sequence[str]) -> list[str]:
     """Full module names for ``names``, checked against ``model.named_modules()``.
 
     Inside an :class:`AuditModel` a name may omit the ``net.`` prefix
-    ("layer4" and "net.layer4" are the same layer). Unknown names raise
+    ("layer4" and "net.layer4" are the same layer), and torch.compile's
+    ``_orig_mod.`` segments may be given or left out ("_orig_mod.layer4",
+    "layer4"), whether or not the model is still compiled. Unknown names raise
     ModelError with the closest valid names; a layer given twice raises too
     (TAP would penalise it twice). A single string is one name.
     """
@@ -488,13 +554,22 @@ def resolve_layers(model: nn.Module, names: str | Sequence[str]) -> list[str]:
         names = [names]
     modules = dict(model.named_modules())
     has_net = isinstance(modules.get("net"), nn.Module)
+    # Names without "_orig_mod" segments -> the module's own name (the first, outermost, wins).
+    plain: dict[str, str] = {}
+    for full_name in modules:
+        plain.setdefault(_without_compiled(full_name), full_name)
     resolved: list[str] = []
     for name in names:
         name = str(name).strip()
+        bare = _without_compiled(name)
         if name and name in modules:
             full = name
         elif name and has_net and f"net.{name}" in modules:
             full = f"net.{name}"
+        elif bare and bare in plain:
+            full = plain[bare]
+        elif bare and has_net and f"net.{bare}" in plain:
+            full = plain[f"net.{bare}"]
         else:
             raise ModelError(_layer_names_message(name, [n for n in modules if n], model))
         if full in resolved:
@@ -523,17 +598,25 @@ def _check_positive_int(value: int, what: str) -> int:
     return int(value)
 
 
-_FOUND: dict[tuple[str, int], object] = {}  # (arch, in_channels) -> Presets: a probe per architecture
+# (arch, in_channels, the size the network sees) -> Presets: one probe per architecture and size. The
+# presets depend on the architecture (a name's build is the same network every time) and, for a
+# network that does not run at the standard probe size, on the size it runs at; nothing invalidates
+# an entry within a process. A user's factory is re-imported by name only in a new process.
+_FOUND: dict[tuple[str, int, tuple[int, int] | None], object] = {}
 
 
-def found_presets(arch: str, net: nn.Module, in_channels: int):
-    """The presets a probe forward pass finds for ``net`` (auditkit/models/presets.py), cached per
-    architecture name and channel count (they depend on the architecture only)."""
-    from .presets import discover_presets
+def found_presets(arch: str, net: nn.Module, in_channels: int, input_size: tuple[int, int] | None = None):
+    """The presets a probe forward pass finds for ``net`` (auditkit/models/presets.py): at the
+    standard size when the network runs there, else at the size it runs at for ``input_size`` (the
+    data's or the checkpoint's (H, W)), then its minimum and common sizes (presets.probe_sizes).
+    ModelError in one line naming the sizes tried when it runs at none."""
+    from .presets import discover_presets_at, network_size, probe_sizes
 
-    key = (arch, in_channels)
+    minimum = get_arch(arch).min_input_size
+    running = network_size(input_size, minimum) if input_size is not None else None
+    key = (arch, in_channels, running)
     if key not in _FOUND:
-        _FOUND[key] = discover_presets(net, in_channels, size=max(224, get_arch(arch).min_input_size))
+        _FOUND[key] = discover_presets_at(net, in_channels, probe_sizes(input_size, minimum), running)[0]
     return _FOUND[key]
 
 
@@ -548,22 +631,32 @@ def build_model(
     class_names: Sequence[str] | None = None,
     target_layers: Sequence[str] | None = None,
     gradcam_layer: str | None = None,
+    normalization: str | None = None,
+    output: str | int | None = None,
 ) -> AuditModel:
     """A randomly initialised :class:`AuditModel` of architecture ``arch``.
 
     ``input_size`` is the (height, width) of the data (it may be smaller than
     the architecture's minimum; the model upsamples). ``mean``/``std`` default
-    to 0.5 per channel (see :data:`DEFAULT_MEAN`), ``class_names`` to "0",
+    to 0.5 per channel (see :data:`DEFAULT_MEAN`); ``normalization`` records
+    their source in ``meta.normalization`` (default: "option" when mean or
+    std is given, else "default"). ``class_names`` default to "0",
     "1", ...; ``target_layers`` and ``gradcam_layer`` default to the
     architecture's presets and may be given with or without the "net."
-    prefix. Bad names or sizes raise ModelError.
+    prefix. ``output``: which part of the network's output is the logits when it
+    is not one tensor (a key/field name or an index; default: the rule of
+    auditkit/models/outputs.py), stored in ``meta.output``. Bad names or sizes
+    raise ModelError.
     """
     spec = get_arch(arch)
+    output = check_spec(output)
     num_classes = _check_positive_int(num_classes, "num_classes")
     in_channels = _check_positive_int(in_channels, "in_channels")
     if len(tuple(input_size)) != 2:
         raise ModelError(f"input_size must be (height, width), got {input_size!r}")
     height, width = (_check_positive_int(side, "input_size") for side in input_size)
+    if normalization is None:
+        normalization = "default" if mean is None and std is None else "option"
     mean = _per_channel(mean, DEFAULT_MEAN, in_channels, "mean")
     std = _per_channel(std, DEFAULT_STD, in_channels, "std")
     if min(std) <= 0:
@@ -572,13 +665,13 @@ def build_model(
     if len(names) != num_classes:
         raise ModelError(f"{len(names)} class name(s) given for {num_classes} classes")
 
-    net = spec.build(in_channels, num_classes)
+    net = unwrap_compiled(spec.build(in_channels, num_classes), inner=True)
     if spec.tap_layers is not None and spec.gradcam_layer is not None:
         tap_layers, gradcam = spec.tap_layers, spec.gradcam_layer
     elif target_layers is not None and gradcam_layer is not None:
         tap_layers, gradcam = (), ""  # both given: no probe needed
     else:
-        found = found_presets(spec.name, net, in_channels)
+        found = found_presets(spec.name, net, in_channels, (height, width))
         tap_layers, gradcam = found.tap_layers, found.gradcam_layer
     meta = ModelMeta(
         arch=spec.name,
@@ -590,6 +683,8 @@ def build_model(
         class_names=names,
         target_layers=tuple(f"net.{layer}" for layer in tap_layers),
         gradcam_layer=f"net.{gradcam}" if gradcam else "",
+        normalization=normalization,
+        output=output,
     )
     model = AuditModel(net, meta, min_input_size=spec.min_input_size)
     if target_layers is not None:

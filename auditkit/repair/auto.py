@@ -28,7 +28,7 @@ from ..audit.runner import AuditReport
 from ..distributed import Context
 from ..errors import ParameterError
 from .methods import METHODS, MethodSpec
-from .runner import RepairConfig, RepairResult, check_data, run_repair
+from .runner import RepairConfig, RepairResult, check_data, has_annotated_masks, run_repair
 
 AUTO_ORDER = ("tap", "rrr", "tea", "energy", "masktune")
 
@@ -158,8 +158,8 @@ def run_auto_repair(
     started = time.perf_counter()
     before_val = decision_audit(model, dataset, config, context)
     start = _numbers(before_val)
-    # Ground-truth masks beat a teacher's: the teacher then serves TEA only.
-    has_masks = dataset.select(split=config.train_split).has_masks
+    # Ground-truth masks beat a teacher's (the teacher then serves TEA only), unless they are all empty.
+    has_masks = has_annotated_masks(dataset.select(split=config.train_split))
     attempts: list[dict] = []
     kept: tuple[RepairResult, dict] | None = None
     best: tuple[RepairResult, dict] | None = None

@@ -27,9 +27,10 @@ from ..audit import AuditConfig, run_audit
 from ..audit.metrics import remove_region
 from ..data import AuditDataset, collate, to_uint8
 from ..data.dataset import Record
+from ..data.masks import is_annotated
 from ..device import resolve_device, resolve_precision
 from ..distributed import Context
-from ..errors import ParameterError
+from ..errors import DataError, ParameterError
 from .._progress import progress_bar
 from ..training import TrainConfig, choose_training_variant, fit
 from .methods import METHODS, MethodSpec
@@ -129,9 +130,40 @@ def check_data(dataset: AuditDataset, config: RepairConfig) -> AuditDataset:
             f"is needed: {spec.name} needs masks and the training data has none; annotate them with a "
             "teacher (teacher and annotation), or use a method that needs no masks (tea)",
         )
+    if spec.masks is not None and not annotated:
+        require_annotated_masks(train, spec.name)
     if config.lam == "auto" and config.val_split not in dataset.splits:
         raise ParameterError("lam", f"'auto' needs a validation split; the data has {', '.join(dataset.splits)}")
     return train
+
+
+def has_annotated_masks(data: AuditDataset) -> bool:
+    """Whether any mask of ``data`` marks at least one pixel. Stops at the first that does, so it
+    reads every mask only when none does (boxes need no reading)."""
+    for k, record in enumerate(data.records):
+        if record.mask is None:
+            continue
+        where = str(record.mask) if isinstance(record.mask, Path) else f"mask of sample {k} of {data.info.name}"
+        if is_annotated(record.mask, where):
+            return True
+    return False
+
+
+def require_annotated_masks(train: AuditDataset, method: str, *, teacher: bool = False) -> None:
+    """Raises DataError (one line) when the training data has masks but none marks a pixel: a mask
+    method's penalty would then be zero at every step, a plain fine-tune reported as a repair (e.g.
+    0/1 masks once read on a 0-255 scale, or a teacher threshold that annotates nothing). A data-entry
+    check, run once before training: it stops at the first annotated mask, so it reads every mask
+    only when all are empty (boxes need no reading)."""
+    with_masks = sum(r.mask is not None for r in train.records)
+    if with_masks == 0 or has_annotated_masks(train):
+        return  # (no masks at all: the caller's own check names that case)
+    if teacher:
+        raise DataError(f"{train.info.name}: the teacher annotated no pixel in any of the {with_masks} training "
+                        f"images, so {method}'s penalty would be zero; raise the annotation's tau or quantile")
+    raise DataError(f"{train.info.name}: all {with_masks} training masks are empty (no annotated pixel), so "
+                    f"{method}'s penalty would be zero; check how the masks were saved (docs/data.md, Masks) or "
+                    "annotate them with a teacher")
 
 
 def training_data(dataset: AuditDataset, config: RepairConfig, model, options, training: TrainConfig,
@@ -142,6 +174,7 @@ def training_data(dataset: AuditDataset, config: RepairConfig, model, options, t
     if spec.masks is not None and spec.teacher == "annotates" and config.teacher is not None and config.annotation:
         train, stats = annotate(config.teacher, train, config.annotation, cache_dir=config.cache_dir,
                                 teacher_fingerprint=config.teacher_name, show_progress=show_progress)
+        require_annotated_masks(train, spec.name, teacher=True)
     if spec.prepare_data is not None:
         train = spec.prepare_data(model, train, options, dataset.info.mask_meaning, training.batch_size,
                                   training.device, show_progress)

@@ -7,6 +7,7 @@ variant.
 from __future__ import annotations
 
 import time
+from typing import Any
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -16,6 +17,7 @@ from ..data import AuditDataset, stratified_split
 from ..distributed import Context
 from ..errors import DataError, ParameterError
 from ..models import AuditModel, build_model
+from ..models.normalization import check_assumed_normalization, is_assumed, parse_normalize
 from .engine import TrainConfig, fit
 
 from .objective import Objective
@@ -35,14 +37,21 @@ def choose_training_variant(dataset: AuditDataset, requested: str | None) -> str
     raise ParameterError("variant", f"must name the variant to train on: the training data has {', '.join(variants)}")
 
 
-def align_dataset_to_model(dataset: AuditDataset, model) -> AuditDataset:
+def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDataset | None = None) -> AuditDataset:
     """The dataset in the model's input format (channels, size), after checking its classes.
 
     ``model`` is an AuditModel (or its ``meta``). Images are converted by the dataset policy (grey <->
-    RGB, resize); class names must match the checkpoint's, in order, or predictions would be compared
-    with the wrong labels. A model loaded from weights without auditkit metadata (a framework's
-    checkpoint, a bare state_dict) takes its input size and, when the counts agree, its class names
-    from the data: the file does not know them.
+    RGB, resize); class names must match the checkpoint's, or predictions would be compared with the
+    wrong labels: the same names in another order, or some of them (classes missing from the data), are
+    re-indexed by name to the checkpoint's classes (with a UserWarning); other names raise DataError
+    naming both lists. A model loaded from weights
+    without auditkit metadata (a framework's checkpoint, a bare state_dict) takes its input size and,
+    when the counts agree, its class names from the data: the file does not know them.
+
+    A model whose input normalisation was assumed (nothing recorded or given) is checked on up to
+    256 images (64 on the CPU) of the train split of ``check_on`` (default ``dataset``; all of it when it has no
+    train split): a NormalizationWarning names the fix when another common normalisation scores
+    much better (auditkit.models.normalization.check_assumed_normalization).
     """
     meta = getattr(model, "meta", model)
     adopt = getattr(model, "adopt_from_data", ())
@@ -54,12 +63,41 @@ def align_dataset_to_model(dataset: AuditDataset, model) -> AuditDataset:
             changes["class_names"] = tuple(dataset.classes)
         meta = model.meta = replace(meta, **changes)
         model.adopt_from_data = ()
+    if tuple(dataset.classes) != tuple(meta.class_names) and set(dataset.classes) <= set(meta.class_names):
+        # The same classes in another order (e.g. folders 0..11: ImageFolder's text order against a
+        # checkpoint saved in numeric order), or some of them (a split where classes are missing, an .npz
+        # whose integer labels name only the classes present): labels follow the model's indices, by
+        # name, never by position.
+        import warnings
+
+        from ..data.readers import reindex_classes
+
+        more = ", ..." if dataset.num_classes > 6 else ""
+        if len(dataset.classes) == len(meta.class_names):
+            message = (f"the dataset orders its classes {', '.join(dataset.classes[:6])}{more}; re-indexed by name "
+                       f"to the checkpoint's order {', '.join(meta.class_names[:6])}{more}")
+        else:
+            absent = [c for c in meta.class_names if c not in dataset.classes]
+            message = (f"the dataset has {len(dataset.classes)} of the checkpoint's {len(meta.class_names)} classes "
+                       f"(none of {', '.join(absent[:6])}{', ...' if len(absent) > 6 else ''}); its labels are "
+                       "re-indexed by name to the checkpoint's classes")
+        warnings.warn(message, UserWarning, stacklevel=2)
+        dataset = reindex_classes(dataset, meta.class_names, "the checkpoint's class names")
     if tuple(dataset.classes) != tuple(meta.class_names):
         ours, theirs = ", ".join(dataset.classes[:6]), ", ".join(meta.class_names[:6])
         raise DataError(
             f"the dataset's classes ({ours}{', ...' if dataset.num_classes > 6 else ''}) do not match the "
             f"checkpoint's ({theirs}{', ...' if len(meta.class_names) > 6 else ''})"
         )
+    if isinstance(model, AuditModel) and is_assumed(model):
+        reference = dataset if check_on is None else check_on
+        if tuple(reference.classes) != tuple(meta.class_names):
+            reference = dataset  # check_on in another class order: its labels would not be the model's
+        what = "the data"
+        if "train" in reference.splits:
+            reference, what = reference.select(split="train"), "the train split"
+        reference = reference.with_format(channels=meta.in_channels, image_size=tuple(meta.input_size))
+        check_assumed_normalization(model, reference, what=what)
     return dataset.with_format(channels=meta.in_channels, image_size=tuple(meta.input_size))
 
 
@@ -73,9 +111,6 @@ class TrainedModel:
     training: dict
 
 
-NORMALIZATIONS = ("dataset", "none")
-
-
 def train_model(
     dataset: AuditDataset,
     arch: str,
@@ -84,7 +119,7 @@ def train_model(
     split: str = "train",
     variant: str | None = None,
     fraction: float = 1.0,
-    normalize: str = "dataset",
+    normalize: Any = "dataset",
     layers: list[str] | None = None,
     val_split: str | None = "val",
     context: Context | None = None,
@@ -92,22 +127,27 @@ def train_model(
     on_start=None,
     on_epoch=None,
     data_name: str | None = None,
+    output: str | int | None = None,
 ) -> TrainedModel:
     """A randomly initialised ``arch`` trained with cross-entropy on ``variant`` of ``split`` of ``dataset``.
 
     ``variant``: default contaminated, else the only one. ``fraction``: a stratified, seeded
     fraction of the split (small clean splits for teachers). ``normalize``: "dataset" stores the
-    training images' per-channel mean and std in the model, "none" stores 0 and 1. ``layers``: TAP
+    training images' per-channel mean and std in the model, "none" stores 0 and 1, or any choice
+    auditkit.models.normalization.parse_normalize reads ("imagenet", "MEAN/STD", a (mean, std)
+    pair); the checkpoint records it. ``layers``: TAP
     target layers (default: the architecture's preset). ``val_split``: accuracy on it after every
     epoch (None to skip). The seed (``config.seed``) fixes the initial weights, the fraction and
     the data order. ``on_start(model, train_set, variant)`` is called once everything is checked,
-    before the first step. Raises ParameterError/DataError/ModelError for bad values."""
+    before the first step. ``output``: which part of the network's output is the logits (a key or
+    index; auditkit/models/outputs.py), stored in the model. Raises ParameterError/DataError/ModelError
+    for bad values."""
     config = config or TrainConfig()
     config.validate()
     if not 0 < fraction <= 1:
         raise ParameterError("fraction", f"must lie in (0, 1]; got {fraction}")
-    if normalize not in NORMALIZATIONS:
-        raise ParameterError("normalize", f"must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
+    is_dataset = isinstance(normalize, str) and normalize.strip().lower() == "dataset"
+    given = None if is_dataset else parse_normalize(normalize, dataset.channels)  # ParameterError if unreadable
     train_all = dataset.select(split=split)
     chosen_variant = choose_training_variant(train_all, variant)
     train_set = train_all.select(variant=chosen_variant)
@@ -118,14 +158,14 @@ def train_model(
     val_set = None
     if val_split is not None and val_split in dataset.splits:
         val_set = dataset.select(split=val_split, variant=chosen_variant)
-    if normalize == "dataset":
-        mean, std = train_set.channel_stats()
+    if given is None:
+        (mean, std), source = train_set.channel_stats(), "training data"
     else:
-        mean, std = (0.0,) * dataset.channels, (1.0,) * dataset.channels
+        mean, std, source = given.mean, given.std, given.label
     torch.manual_seed(config.seed)  # the same seed gives the same initial weights
     model = build_model(arch, num_classes=dataset.num_classes, in_channels=dataset.channels,
                         input_size=dataset.image_size, class_names=dataset.classes, target_layers=layers,
-                        mean=mean, std=std)
+                        mean=mean, std=std, normalization=source, output=output)
     if on_start is not None:
         on_start(model, train_set, chosen_variant)
     start = time.perf_counter()

@@ -351,7 +351,11 @@ std::vector<at::Tensor> downscale_mask_cuda(
   // Max pooling is exact in float for every mask dtype but float64.
   const auto work_dtype = m.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // One dilated mask per distinct kernel size (one in all for Eq. 7's single k).
-  for (const auto& [kernel_size, layers] : group_by_kernel_size(kernel_sizes, pairs.size())) {
+  for (const auto& group : group_by_kernel_size(kernel_sizes, pairs.size())) {
+    // Plain locals, not a structured binding: the dispatch lambdas below capture them, capturing a
+    // structured binding is C++20, and torch 2.11 (the GPU machine's) builds extensions as C++17.
+    const int64_t kernel_size = group.first;
+    const std::vector<size_t>& layers = group.second;
     const int64_t Hd = dilated_size(H, kernel_size), Wd = dilated_size(W, kernel_size);
     at::Tensor dilated = at::empty({N, Hd, Wd}, m.options().dtype(work_dtype));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "downscale_mask_cuda", [&] {
