@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -41,6 +39,7 @@ from pathlib import Path
 import torch
 
 from auditkit import ops
+from auditkit._io import atomic_write_text
 from auditkit.device import autocast
 from auditkit.explain import attribute
 from auditkit.models import build_model
@@ -328,24 +327,12 @@ SECTIONS = tuple(SECTION_FUNCTIONS)
 RESULT_FILES = ("gpu-bench.json", "gpu-bench.md")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """``path`` holds either its old or its new text at every moment, never a half-written one
-    (a temporary file beside it, then a rename), so a process killed mid-write leaves a readable file."""
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f"{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict, out: Path) -> None:
     """gpu-bench.json and .md in ``out`` as the report stands (complete or not)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / RESULT_FILES[0], json.dumps(report, indent=2, default=str))
-    write_atomically(out / RESULT_FILES[1], markdown(report))
+    # Atomic (a temporary file, then a rename): a run killed mid-write leaves the old text or the new, never half.
+    atomic_write_text(out / RESULT_FILES[0], json.dumps(report, indent=2, default=str), overwrite=True)
+    atomic_write_text(out / RESULT_FILES[1], markdown(report), overwrite=True)
 
 
 def run(device: str, smoke: bool, budget_s: float, only: tuple[str, ...] = SECTIONS, out: Path | None = None,

@@ -68,7 +68,8 @@ def test_bad_input_exits_2_with_one_line(digits_checkpoint, tmp_path):
     assert "no such file" in fails(tmp_path / "nope.safetensors", "--data", "builtin:decoy-digits")
     assert "unknown method 'shap'" in fails(digits_checkpoint, "--data", "builtin:decoy-digits", "--methods", "shap")
     assert "--task must be one of" in fails(digits_checkpoint, "--data", "builtin:decoy-digits", "--task", "regression")
-    assert "do not match the checkpoint's" in fails(digits_checkpoint, "--data", tmp_path / "two.npz", "--split", "all") if _two_classes(tmp_path) else True
+    # Two numbered classes inferred from labels 0/1 against ten: refused (they cannot say which two they are).
+    assert "are 2 of the checkpoint's 10" in fails(digits_checkpoint, "--data", tmp_path / "two.npz", "--split", "all") if _two_classes(tmp_path) else True
     assert "no split" in fails(digits_checkpoint, "--data", "builtin:decoy-digits", "--split", "holdout")
 
 

@@ -134,7 +134,10 @@ def test_evaluate_refuses_data_with_other_classes(trained, tmp_path):
 
     out, _ = trained
     np.savez(tmp_path / "two.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 0, 1]))
-    assert "do not match the checkpoint's" in error_line(run("evaluate", out, "--data", tmp_path / "two.npz", "--split", "all"))
+    assert "are 2 of the checkpoint's 10" in error_line(run("evaluate", out, "--data", tmp_path / "two.npz", "--split", "all"))
+    np.savez(tmp_path / "cats.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 0, 1]),
+             classes=np.array(["cat", "dog"]))
+    assert "do not match the checkpoint's" in error_line(run("evaluate", out, "--data", tmp_path / "cats.npz", "--split", "all"))
 
 
 def test_unsafe_and_corrupt_checkpoints(trained, tmp_path):

@@ -420,6 +420,16 @@ def test_a_user_factory_returning_a_vit_is_refused_in_one_line(factory, tiny_dig
     assert "is a vision transformer" in message and "not supported yet" in message
 
 
+def test_a_pickled_vit_is_refused_in_the_same_one_line(tmp_path):
+    import adapters29
+
+    torch.save(adapters29.vit(), tmp_path / "vit.pt")
+    with pytest.warns(UserWarning, match="unpickling"), pytest.raises(ModelError, match="is a vision transformer"):
+        load_checkpoint(tmp_path / "vit.pt", trust_pickle=True, normalize="none")
+    message = one_line_error(run("inspect", tmp_path / "vit.pt", "--trust-pickle"))
+    assert "vit.pt (VisionTransformer)' is a vision transformer" in message and "not supported yet" in message
+
+
 def test_a_cnn_with_attention_blocks_is_not_taken_for_a_transformer():
     model = build_model("adapters29:with_cbam", 10, 1, (8, 8))
     assert model.meta.gradcam_layer == "net.conv2" and model.meta.target_layers == ("net.conv1", "net.conv2")

@@ -62,7 +62,8 @@ def test_a_shortcut_model_audited_with_0_1_masks_is_reliant(decoy_mnist_models, 
         data = write_png_dataset(tmp_path / "data", images, labels, masks)
     else:
         data = tmp_path / "data.npz"
-        np.savez(data, images=images, labels=labels, masks=masks)
+        # The first 300 test images hold classes 0-2 only: the archive names all ten, as a user's would.
+        np.savez(data, images=images, labels=labels, masks=masks, classes=np.array([str(c) for c in range(10)]))
     checkpoint, accuracy = decoy_mnist_models["shortcut"]
     assert accuracy["permuted"] < accuracy["contaminated"] - 0.1  # the fixture's model does rely on the patch
     result, report = audit(checkpoint, data, tmp_path)
@@ -75,10 +76,55 @@ def test_a_shortcut_model_audited_with_0_1_masks_is_reliant(decoy_mnist_models, 
 def test_all_empty_masks_are_never_evidence_of_no_shortcut(decoy_mnist_models, patch_test_images, tmp_path):
     images, labels, masks = patch_test_images
     data = tmp_path / "data.npz"
-    np.savez(data, images=images, labels=labels, masks=np.zeros_like(masks))
+    np.savez(data, images=images, labels=labels, masks=np.zeros_like(masks), classes=np.array([str(c) for c in range(10)]))
     checkpoint, _ = decoy_mnist_models["shortcut"]
     result, report = audit(checkpoint, data, tmp_path)
     assert result.exit_code != 0, result.output  # the gate cannot pass what it did not test
     if report is not None:
         assert report["verdict"]["label"] != "not reliant"
         assert "empty" in json.dumps(report["verdict"]).lower()
+
+
+def test_a_split_holding_some_of_the_classes_is_reindexed_by_name():
+    """Classes missing from a split: data that names three of a 10-class checkpoint's classes ("0", "2",
+    "7", declared) is read as the model's classes 0, 2 and 7, never as indices 0, 1, 2. Numbers inferred
+    from integer labels cannot say which classes they are: refused in one line naming the fix."""
+    from auditkit.data.dataset import AuditDataset, DatasetInfo, Record
+    from auditkit.data.readers import ORDER_DECLARED, ORDER_INDEX
+    from auditkit.errors import DataError
+    from auditkit.models import build_model
+    from auditkit.training import align_dataset_to_model
+
+    records = [Record(np.zeros((8, 8), np.uint8), label) for label in (0, 1, 2, 1)]
+    declared = DatasetInfo(name="part", source="", classes=("0", "2", "7"),
+                           class_order=ORDER_DECLARED.format("dataset.json"))
+    model = build_model("tap-cnn", 10, 1, (8, 8))
+    with pytest.warns(UserWarning, match="3 of the checkpoint's 10 classes"):
+        aligned = align_dataset_to_model(AuditDataset(records, declared), model)
+    assert aligned.classes == tuple(str(k) for k in range(10))
+    assert [r.label for r in aligned.records] == [0, 2, 7, 2]
+    named = build_model("tap-cnn", 3, 1, (8, 8), class_names=["cat", "dog", "owl"])
+    with pytest.warns(UserWarning, match="2 of the checkpoint's 3 classes"):
+        aligned = align_dataset_to_model(AuditDataset(records[:2], DatasetInfo("n", "", ("cat", "owl"))), named)
+    assert [r.label for r in aligned.records] == [0, 2]
+    inferred = DatasetInfo(name="part", source="", classes=("0", "1", "2"), class_order=ORDER_INDEX)
+    with pytest.raises(DataError, match=r"are 3 of the checkpoint's 10 .* declare them all"):
+        align_dataset_to_model(AuditDataset(records, inferred), model)
+    other = AuditDataset(records[:1], DatasetInfo(name="other", source="", classes=("cat",)))
+    with pytest.raises(DataError, match="do not match"):
+        align_dataset_to_model(other, model)
+
+
+def test_a_teacher_with_the_classes_in_another_order_is_refused():
+    """TEA compares teacher and student outputs class by class: a teacher ordered differently would
+    teach the wrong class without a word."""
+    from auditkit.errors import ParameterError
+    from auditkit.models import build_model
+    from auditkit.repair.teacher import same_classes_as_student
+
+    student = build_model("tap-cnn", 3, 1, (8, 8), class_names=["a", "b", "c"])
+    same_classes_as_student(build_model("tap-cnn", 3, 1, (8, 8), class_names=["a", "b", "c"]), student)
+    with pytest.raises(ParameterError, match="in another order"):
+        same_classes_as_student(build_model("tap-cnn", 3, 1, (8, 8), class_names=["b", "a", "c"]), student)
+    with pytest.raises(ParameterError, match="other classes"):
+        same_classes_as_student(build_model("tap-cnn", 4, 1, (8, 8), class_names=["a", "b", "c", "d"]), student)

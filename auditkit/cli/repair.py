@@ -144,6 +144,7 @@ def repair(
     from ..models import resolve_layers, save_checkpoint
     from ..repair import METHODS, AutoConfig, RepairConfig, repair_decision, run_auto_repair, run_repair
     from ..repair.runner import check_data
+    from ..repair.teacher import same_classes_as_student
     from ..training import TrainConfig, align_dataset_to_model
 
     device = resolve_device(device)
@@ -173,7 +174,8 @@ def repair(
         dataset = align_dataset_to_model(open_dataset(data, classes=classes), model)
         teacher_model = load(teacher, None, trust_pickle).to(device) if teacher else None
         if teacher_model is not None:
-            align_dataset_to_model(dataset, teacher_model)  # the teacher must know the same classes
+            same_classes_as_student(teacher_model, model)
+            align_dataset_to_model(dataset, teacher_model)  # bare weights adopt the data's classes; sizes checked
         given = {k: v for k, v in {"epochs": epochs, "grad_clip": grad_clip, "schedule": schedule}.items() if v is not None}
 
         def training_for(spec) -> TrainConfig:

@@ -73,6 +73,15 @@ def proposed_box(distribution: np.ndarray, region: np.ndarray, *, level: float =
     return int(rows.min()), int(cols.min()), int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
 
 
+def _window_means(distribution: np.ndarray, height: int, width: int) -> np.ndarray | None:
+    """Mean of ``distribution`` (H, W) in every height x width window, indexed by the window's top-left
+    corner; None when the window does not fit."""
+    rows, cols = distribution.shape
+    if height > rows or width > cols:
+        return None
+    return F.avg_pool2d(torch.from_numpy(distribution)[None, None], (height, width), stride=1)[0, 0].numpy()
+
+
 def control_box(distribution: np.ndarray, box: Box, *, margin: int = 1, avoid: np.ndarray | None = None) -> Box | None:
     """A box of the same size as ``box`` that does not touch it (``margin`` pixels apart) nor, where
     possible, ``avoid`` (H, W bool: the cluster's region, so the control does not land on another
@@ -81,10 +90,9 @@ def control_box(distribution: np.ndarray, box: Box, *, margin: int = 1, avoid: n
     same area, so that removing an object part (which any model needs) does not pass for a shortcut.
     None when no such place exists."""
     top, left, height, width = box
-    rows, cols = distribution.shape
-    if height > rows or width > cols:
+    sums = _window_means(distribution, height, width)
+    if sums is None:
         return None
-    sums = F.avg_pool2d(torch.from_numpy(distribution)[None, None], (height, width), stride=1)[0, 0].numpy()
     # Positions whose box would overlap the candidate grown by the margin are not allowed.
     r = np.arange(sums.shape[0])[:, None]
     c = np.arange(sums.shape[1])[None, :]
@@ -120,10 +128,9 @@ def overlapping_control_box(distribution: np.ndarray, box: Box, *,
     the difference; only what the candidate holds beyond the control counts. A shortcut lying in the
     shared part is missed, never invented (docs/discover.md, "Large regions")."""
     top, left, height, width = box
-    rows, cols = distribution.shape
-    if height > rows or width > cols:
+    sums = _window_means(distribution, height, width)
+    if sums is None:
         return None
-    sums = F.avg_pool2d(torch.from_numpy(distribution)[None, None], (height, width), stride=1)[0, 0].numpy()
     r = np.arange(sums.shape[0])[:, None]
     c = np.arange(sums.shape[1])[None, :]
     shared_rows = np.clip(np.minimum(r + height, top + height) - np.maximum(r, top), 0, None)

@@ -52,10 +52,13 @@ from .zoo import (
     CUSTOM_ARCH,
     AuditModel,
     ModelMeta,
+    _is_transformer,
+    _refuse_transformer,
     build_model,
     classifier_name,
     first_conv_name,
     get_arch,
+    unwrap_compiled,
 )
 
 FORMAT_VERSION = 1
@@ -690,6 +693,8 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
     """
     if overrides["arch"] is not None:
         return _model_from_state_dict(path, None, net.state_dict(), overrides)
+    if _is_transformer(unwrap_compiled(net)):  # the same one line as a named transformer or a factory's
+        _refuse_transformer(f"{path} ({type(net).__name__})")
     in_channels, num_classes = overrides["in_channels"], overrides["num_classes"]
     try:
         if in_channels is None:
@@ -702,7 +707,6 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
         ) from None
     try:  # the presets a probe pass finds (none for a network without convolutional stages)
         from .presets import discover_presets_at, probe_sizes
-        from .zoo import unwrap_compiled
 
         found = discover_presets_at(unwrap_compiled(net, inner=True), int(in_channels),
                                     probe_sizes(overrides["input_size"]))[0]

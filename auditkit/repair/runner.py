@@ -34,7 +34,7 @@ from ..errors import DataError, ParameterError
 from .._progress import progress_bar
 from ..training import TrainConfig, choose_training_variant, fit
 from .methods import METHODS, MethodSpec
-from .teacher import AnnotationConfig, annotate
+from .teacher import AnnotationConfig, annotate, same_classes_as_student
 
 SCHEMA = "auditkit.repair/1"
 
@@ -302,6 +302,8 @@ def run_repair(
     spec = config.spec
     options = spec.make_options(config.options)
     check_data(dataset, config)
+    if config.teacher is not None:
+        same_classes_as_student(config.teacher, model)
     context = context or Context()
     training = config.training_config()
     device = resolve_device(training.device)

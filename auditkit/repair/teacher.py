@@ -47,6 +47,24 @@ class AnnotationConfig:
             raise ParameterError("tau" if self.tau is not None else "quantile", f"must lie in [0, 1]; got {value}")
 
 
+def same_classes_as_student(teacher, student) -> None:
+    """Refuses a teacher whose classes are not the student's, in the student's order.
+
+    TEA compares the two models' outputs class by class (the teacher's top classes are explained by
+    both, and the distillation term matches logits index by index), so a teacher that names the same
+    classes in another order, or other classes, would teach the wrong class silently. A teacher whose
+    file records no class names (bare weights) adopts the data's and is checked when aligned.
+    Raises ParameterError("teacher")."""
+    if "class_names" in getattr(teacher, "adopt_from_data", ()):
+        return
+    ours, theirs = tuple(student.meta.class_names), tuple(teacher.meta.class_names)
+    if ours != theirs:
+        how = "in another order" if sorted(ours) == sorted(theirs) else "other classes"
+        more = lambda names: ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")  # noqa: E731
+        raise ParameterError("teacher", f"has {how} ({more(theirs)}) than the model ({more(ours)}): TEA compares "
+                                        "their outputs class by class; retrain or reorder the teacher's head")
+
+
 def saliency_masks(teacher, images: torch.Tensor, config: AnnotationConfig) -> torch.Tensor:
     """(N, 1, H, W) float masks: 1 where the teacher's normalised saliency is low (Eq. 13-14)."""
     maps = attribute(teacher, images, "pred", config.method)[:, 0].abs()

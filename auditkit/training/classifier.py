@@ -42,9 +42,10 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
 
     ``model`` is an AuditModel (or its ``meta``). Images are converted by the dataset policy (grey <->
     RGB, resize); class names must match the checkpoint's, or predictions would be compared with the
-    wrong labels: the same names in another order, or some of them (classes missing from the data), are
-    re-indexed by name to the checkpoint's classes (with a UserWarning); other names raise DataError
-    naming both lists. A model loaded from weights
+    wrong labels: the same names in another order, or some of them (classes missing from the data) when
+    the data names its classes (declared, or not bare numbers), are re-indexed by name to the
+    checkpoint's classes (with a UserWarning); other names, and numbered classes inferred from the
+    labels that are fewer than the checkpoint's, raise DataError naming both lists. A model loaded from weights
     without auditkit metadata (a framework's checkpoint, a bare state_dict) takes its input size and,
     when the counts agree, its class names from the data: the file does not know them.
 
@@ -63,6 +64,15 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
             changes["class_names"] = tuple(dataset.classes)
         meta = model.meta = replace(meta, **changes)
         model.adopt_from_data = ()
+    subset = set(dataset.classes) < set(meta.class_names)
+    if subset and not _named_classes(dataset):
+        ours, theirs = ", ".join(dataset.classes[:6]), ", ".join(meta.class_names[:6])
+        raise DataError(
+            f"the dataset's classes ({ours}{', ...' if dataset.num_classes > 6 else ''}) are {dataset.num_classes} of the "
+            f"checkpoint's {len(meta.class_names)} ({theirs}{', ...' if len(meta.class_names) > 6 else ''}); numbered "
+            "classes inferred from the labels cannot tell a split that lacks some classes from data of another task: if "
+            "the data holds only some of the model's classes, declare them all (--classes or dataset.json's classes)"
+        )
     if tuple(dataset.classes) != tuple(meta.class_names) and set(dataset.classes) <= set(meta.class_names):
         # The same classes in another order (e.g. folders 0..11: ImageFolder's text order against a
         # checkpoint saved in numeric order), or some of them (a split where classes are missing, an .npz
@@ -99,6 +109,16 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
         reference = reference.with_format(channels=meta.in_channels, image_size=tuple(meta.input_size))
         check_assumed_normalization(model, reference, what=what)
     return dataset.with_format(channels=meta.in_channels, image_size=tuple(meta.input_size))
+
+
+def _named_classes(dataset: AuditDataset) -> bool:
+    """Whether the dataset's class names mean something by themselves: declared (dataset.json, the
+    classes option, a built-in dataset) or not all integers. Numbers inferred from integer labels only
+    count the classes present, so they cannot say which of a model's classes they are."""
+    from ..data.readers import ORDER_DECLARED
+
+    declared = dataset.info.class_order.startswith(ORDER_DECLARED.split("{")[0])
+    return declared or not all(name.lstrip("-").isdigit() for name in dataset.classes)
 
 
 @dataclass
