@@ -66,12 +66,13 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
         model.adopt_from_data = ()
     subset = set(dataset.classes) < set(meta.class_names)
     if subset and not _named_classes(dataset):
-        ours, theirs = ", ".join(dataset.classes[:6]), ", ".join(meta.class_names[:6])
+        ours = ", ".join(dataset.classes[:6]) + (", ..." if dataset.num_classes > 6 else "")
+        theirs = ", ".join(meta.class_names[:6]) + (", ..." if len(meta.class_names) > 6 else "")
         raise DataError(
-            f"the dataset's classes ({ours}{', ...' if dataset.num_classes > 6 else ''}) are {dataset.num_classes} of the "
-            f"checkpoint's {len(meta.class_names)} ({theirs}{', ...' if len(meta.class_names) > 6 else ''}); numbered "
-            "classes inferred from the labels cannot tell a split that lacks some classes from data of another task: if "
-            "the data holds only some of the model's classes, declare them all (--classes or dataset.json's classes)"
+            f"the dataset's classes ({ours}) are {dataset.num_classes} of the checkpoint's {len(meta.class_names)} "
+            f"({theirs}); numbered classes inferred from the labels cannot tell a split that lacks some classes "
+            "from data of another task: if the data holds only some of the model's classes, declare them all "
+            "(--classes or dataset.json's classes)"
         )
     if tuple(dataset.classes) != tuple(meta.class_names) and set(dataset.classes) <= set(meta.class_names):
         # The same classes in another order (e.g. folders 0..11: ImageFolder's text order against a
