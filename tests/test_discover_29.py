@@ -219,7 +219,10 @@ def test_cli_states_the_limit_then_finds_the_ruler_when_it_is_lifted(model, bars
     common = [str(checkpoint), "--data", str(tmp_path / "images"), "--quiet", "--probe-samples", "80"]
     limited = runner.invoke(app, ["discover", *common, "--out", str(tmp_path / "limited"), "--max-area", "0.1",
                                   "--fail-on-shortcut"])
-    assert limited.exit_code == 0, limited.output
+    # A gate cannot pass what it did not test: exit 3, and the last line names the limit and its flag.
+    assert limited.exit_code == 3, limited.output
+    assert limited.output.strip().splitlines()[-1].startswith("error: --fail-on-shortcut: ")
+    assert "--max-area" in limited.output.strip().splitlines()[-1]
     output = " ".join(limited.output.split())
     assert "NO SHORTCUT AMONG THE TESTED CANDIDATES" in output and "NO SHORTCUT FOUND" not in output
     assert "were not tested because" in output and "--max-area" in output

@@ -228,6 +228,15 @@ def test_the_rule_finds_the_logits_in_every_container():
     assert select_logits({"head": {"logits": logits}}, lambda out: out["head"]) is logits
 
 
+def test_a_name_or_index_on_a_model_that_returns_one_tensor_is_refused():
+    # output[0] on a tensor is the first sample's logits, not an output: found in review, a silent (10,) result.
+    logits = torch.randn(4, 10)
+    for spec in (0, "logits"):
+        with pytest.raises(OutputError, match=r"the model returns one tensor of shape \(4, 10\); leave it unset"):
+            select_logits(logits, spec, num_classes=10)
+    assert select_logits(logits, lambda out: out * 2, num_classes=10).shape == (4, 10)
+
+
 def test_an_output_the_rule_cannot_read_is_one_error_naming_the_fields_and_the_option():
     two = {"head_a": torch.randn(2, 4), "head_b": torch.randn(2, 4)}
     with pytest.raises(OutputError, match=r"`output` must name the logits: the model returns a dict with head_a "

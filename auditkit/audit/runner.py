@@ -28,6 +28,7 @@ from .._progress import progress_bar
 from ..data import AuditDataset, collate, to_uint8
 from ..data.contaminations import make_contamination
 from ..data.dataset import Record
+from ..data.masks import annotated
 from ..device import autocast, device_for, resolve_precision
 from ..distributed import Context, gather
 from ..errors import AuditkitError, ParameterError
@@ -186,7 +187,7 @@ def _measure_batch(model, dataset, indices, variant, config, layers, is_referenc
     ]
     # The pixels the region tests use are those above 0.5 (remove_region, localisation's S); a mask
     # with none marks nothing: recorded as empty, and left out of every mask-based measurement.
-    areas = (batch.masks[:, 0] > 0.5).float().mean(dim=(1, 2))
+    areas = annotated(batch.masks[:, 0]).float().mean(dim=(1, 2))
     for j in torch.nonzero(batch.has_mask).flatten().tolist():
         records[j]["mask_area"] = float(areas[j])
         records[j]["mask_empty"] = bool(areas[j] == 0)

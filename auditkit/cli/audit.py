@@ -154,7 +154,12 @@ def _discover_instead(model, dataset, data, checkpoint, report_dir, json_path, f
             html_path = atomic_write_text(report_dir / "report.html", render_discovery_html(report.data), overwrite=True)
             typer.echo(f"report: {report_dir / 'report.json'} and {html_path}")
         write_json(json_path, report.data)
-    return report.exit_code(fail_on_shortcut)
+    code = report.exit_code(fail_on_shortcut)
+    if code == 3 and context.is_main:
+        from ..discover.summary import untested_line
+
+        typer.echo(f"error: --fail-on-shortcut: {untested_line(report.data)}", err=True)
+    return code
 
 
 def register(app: typer.Typer) -> None:

@@ -32,7 +32,7 @@ def discover(
     variant: Annotated[str | None, typer.Option(help="Variant to analyse when the data has several (default: contaminated, else original, else the first).")] = None,
     json_path: JsonOption = None,
     classes: ClassesOption = None,
-    fail_on_shortcut: Annotated[bool, typer.Option("--fail-on-shortcut", help="Exit 1 when a shortcut is found (0 when none).")] = False,
+    fail_on_shortcut: Annotated[bool, typer.Option("--fail-on-shortcut", help="Exit 1 when a shortcut is found, 3 when none was found but candidates went untested (a limit), 0 when none.")] = False,
     probe_drop: Annotated[float, typer.Option(help="Accuracy drop under a colour or low-pass probe that counts as a global shortcut.")] = 0.10,
     max_area: Annotated[float, typer.Option(
         help="Largest share of the image a candidate region may cover (0.5: above it no control region of its size "
@@ -108,7 +108,12 @@ def discover(
             write_json(json_path, report.data)
     finally:
         distributed.finish(context)
-    raise typer.Exit(report.exit_code(fail_on_shortcut))
+    code = report.exit_code(fail_on_shortcut)
+    if code == 3 and context.is_main:
+        from ..discover.summary import untested_line
+
+        typer.echo(f"error: --fail-on-shortcut: {untested_line(report.data)}", err=True)
+    raise typer.Exit(code)
 
 
 def analysed_variant(dataset, variant: str | None):

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import DataError
 from .contaminations import contaminate_dataset, make_contamination
-from .dataset import AuditDataset, DatasetInfo, Record
+from .dataset import ORDER_DECLARED, AuditDataset, DatasetInfo, Record
 from .images import to_uint8
 from .sources import SOURCES, load_source, stratified_split
 
@@ -140,7 +140,7 @@ def make_dataset(
     generator = {**contamination.params(), "seed": seed} if contamination else {"seed": seed}
     source_name = source if isinstance(source, str) else (source.info.source or source.info.name)
     info = DatasetInfo(name=name or f"{kind or 'clean'}:{source_name}", source=description, classes=classes,
-                       generator=generator)
+                       generator=generator, class_order=ORDER_DECLARED.format("the generator"))
     return AuditDataset(records, info)
 
 

@@ -32,6 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import DataError
 from .masks import Box, read_mask
 
+# How a dataset's classes got their order (DatasetInfo.class_order, shown by `auditkit data show`).
+ORDER_DECLARED = "as declared ({})"
+ORDER_TEXT = "folder names in text order, as torchvision's ImageFolder"
+ORDER_SORTED = "sorted labels (numerically when all are integers)"
+ORDER_INDEX = "integer labels are the class indices"
+
 # Variants in the order reports list them.
 VARIANT_ORDER = ("contaminated", "permuted", "inverted", "clean", "original")
 

@@ -15,10 +15,12 @@ also in docs/data.md):
    b. ``top`` = S (e.g. 255): value / S, so 0/255 and 0/65535 masks give exactly 0/1 and a soft
       mask saved on the 0-255 scale stays soft; but when every other non-zero value is a small id
       (at most 64), e.g. {0, 1, 255}, it is a label map with S as "void": non-zero = annotated;
-   c. 1 < ``top`` < S with at most 64 distinct non-zero values: a label map, e.g. {0, 3, 7}:
-      every non-zero value = annotated (the mask marks *where*, not *which*);
-   d. 1 < ``top`` < S with more distinct values: a soft mask that never reaches full scale,
+   c. 1 < ``top`` <= 64 (small ids) with at most 64 distinct non-zero values: a label map, e.g.
+      {0, 3, 7}: every non-zero value = annotated (the mask marks *where*, not *which*);
+   d. 1 < ``top`` < S with more than 64 distinct values: a soft mask that never reaches full scale,
       value / S;
+   d'. 64 < ``top`` < S with at most 64 distinct values (e.g. {0, 20, 100}): ambiguous (a label map
+      would mark every non-zero pixel, a soft reading almost none): refused, naming both readings;
    e. ``top`` > 65535 (32-/64-bit integers): a label map, as in c.
 4. lossy files (JPEG, lossy WebP) hold binary masks with compression noise near edges: annotated
    where the value is at least half the scale (128 of 255). A lossy mask whose values stay below
@@ -84,14 +86,26 @@ def decode_source(source, where: str, size: tuple[int, int] | None = None) -> Ma
     return decode_mask(np.asarray(source), where)
 
 
+# A pixel is annotated when its mask value is above this: the pixels the audit's region tests edit
+# (remove_region, swaps, localisation), and the one rule for an "empty" mask in the audit, the mask
+# methods' guard and discovery's proposed masks, so a mask a repair trains on is one the proof can test.
+ANNOTATED_ABOVE = 0.5
+
+
+def annotated(mask):
+    """The annotated pixels of ``mask`` (a numpy array or torch tensor of values in [0, 1]): a bool
+    array/tensor of the same shape, ``mask > ANNOTATED_ABOVE``."""
+    return mask > ANNOTATED_ABOVE
+
+
 def is_annotated(source, where: str) -> bool:
-    """Whether a mask marks at least one pixel (boxes: at least one box). Reads files, so call it
-    once per mask where data enters, not per training step."""
+    """Whether a mask marks at least one pixel (``annotated``; boxes: at least one box). Reads files,
+    so call it once per mask where data enters, not per training step."""
     if source is None:
         return False
     if isinstance(source, tuple):
         return len(source) > 0
-    return bool(read_mask(source, where).max() > 0)
+    return bool(annotated(read_mask(source, where)).any())
 
 
 def boxes_to_mask(boxes: tuple[Box, ...], height: int, width: int, where: str) -> np.ndarray:
@@ -215,9 +229,20 @@ def _decode_integer(pixels: np.ndarray, where: str, *, lossy: bool, coloured: bo
             # whose labels a soft reading would turn into ~0.004.
             return MaskReading((pixels > 0).astype(np.float32), "label map")
         return MaskReading((pixels.astype(np.float32) / scale).astype(np.float32), f"soft/{scale}")
-    if top > 65535 or _distinct_nonzero(pixels, top) <= LABEL_MAP_MAX_VALUES:
+    if top > 65535:
         return MaskReading((pixels > 0).astype(np.float32), "label map")
-    return MaskReading((pixels.astype(np.float32) / scale).astype(np.float32), f"soft/{scale}")
+    levels = _distinct_nonzero(pixels, top)
+    if levels > LABEL_MAP_MAX_VALUES:
+        return MaskReading((pixels.astype(np.float32) / scale).astype(np.float32), f"soft/{scale}")
+    if top <= LABEL_MAP_MAX_VALUES:
+        return MaskReading((pixels > 0).astype(np.float32), "label map")
+    # Few levels, peaking between the ids and full scale (e.g. {0, 20, 100}): a label map would mark every
+    # non-zero pixel, a soft reading almost none. Guessing either way can flip a verdict: refuse, naming both.
+    raise DataError(
+        f"{where}: an integer mask with {levels} non-zero level(s) up to {top} of {scale} is ambiguous: a label "
+        f"map (every non-zero pixel annotated) or a soft mask (value / {scale})? Save it as 0/1, 0/{scale}, or "
+        "float in [0, 1]"
+    )
 
 
 def _distinct_nonzero(pixels: np.ndarray, top: int) -> int:

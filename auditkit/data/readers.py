@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .dataset import AuditDataset, Box, DatasetInfo, Record
+from .dataset import ORDER_DECLARED, ORDER_INDEX, ORDER_SORTED, ORDER_TEXT, AuditDataset, Box, DatasetInfo, Record
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp")
 MASK_FOLDER = "masks"
@@ -40,11 +40,6 @@ MASK_FOLDER = "masks"
 
 # ---- labels ----------------------------------------------------------------------------
 
-# How a dataset's classes got their order (DatasetInfo.class_order, shown by `auditkit data show`).
-ORDER_DECLARED = "as declared ({})"
-ORDER_TEXT = "folder names in text order, as torchvision's ImageFolder"
-ORDER_SORTED = "sorted labels (numerically when all are integers)"
-ORDER_INDEX = "integer labels are the class indices"
 
 
 def _is_integer(name: str) -> bool:
@@ -397,9 +392,10 @@ def read_npz(path: Path, classes=None, meta_folder: Path | None = None) -> Audit
         top = int(labels.max()) + 1 if labels.size else 0
         if stored is not None and top > len(stored):
             raise DataError(f"{path}: label {top - 1} is not an index of the {len(stored)} classes in the archive")
+        named = ORDER_DECLARED.format(f"{path} (array 'classes')") if stored is not None else ORDER_INDEX
         stored = stored or [str(k) for k in range(top)]
         names = [stored[int(v)] for v in labels]
-        class_order = class_order or ORDER_INDEX
+        class_order = class_order or named
     else:
         names = [str(v) for v in labels]
         class_order = class_order or (ORDER_DECLARED.format(f"{path} (array 'classes')") if stored else ORDER_SORTED)

@@ -35,6 +35,7 @@ from .._version import __version__
 from ..audit import metrics as M
 from ..audit.tiles import encode_map, encode_picture
 from ..data import AuditDataset, DatasetInfo, Record, collate
+from ..data.masks import annotated
 from ..device import autocast, device_for, resolve_precision
 from ..distributed import Context, gather
 from ..errors import AuditkitError, DataError, ParameterError
@@ -119,8 +120,19 @@ class DiscoveryReport:
     def found(self) -> bool:
         return self.data["verdict"]["label"] == SHORTCUT_FOUND
 
+    @property
+    def complete(self) -> bool:
+        """Whether every candidate was tested (no limit kept one from its causal test)."""
+        return bool(self.data["verdict"].get("complete", True))
+
     def exit_code(self, fail_on_shortcut: bool) -> int:
-        return 1 if fail_on_shortcut and self.found else 0
+        """0; with ``fail_on_shortcut``: 1 when a shortcut is found, 3 when none was found but some
+        candidates were never tested (a gate must not pass what it did not test; the audit's rule)."""
+        if not fail_on_shortcut:
+            return 0
+        if self.found:
+            return 1
+        return 0 if self.complete else 3
 
 
 def _analysis_size(size: tuple[int, int], side: int) -> tuple[int, int]:
@@ -440,7 +452,7 @@ def _recommendation(localised: list[dict], global_signals: list[str], data_spec:
 def real_masks(masks: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], int]:
     """The proposed masks that mark something (a pixel above 0.5), and how many were empty: an empty
     proposed mask would make every later mask test of that image vacuous, so it is never a mask."""
-    kept = {k: m for k, m in masks.items() if np.asarray(m).max(initial=0.0) > 0.5}
+    kept = {k: m for k, m in masks.items() if annotated(np.asarray(m)).any()}
     return kept, len(masks) - len(kept)
 
 

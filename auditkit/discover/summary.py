@@ -36,6 +36,12 @@ def limit_lines(doc: dict) -> list[str]:
     return lines
 
 
+def untested_line(doc: dict) -> str:
+    """One line for a gate that found nothing but could not test everything: the verdict's summary,
+    which names the limits and the flags that lift them."""
+    return " ".join(doc["verdict"]["summary"].split())
+
+
 def print_discovery(doc: dict, console: Console | None = None) -> None:
     console = console or Console()
     verdict, recommendation = doc["verdict"], doc["recommendation"]

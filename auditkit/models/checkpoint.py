@@ -336,21 +336,9 @@ def _read_safetensors(path: Path, with_tensors: bool) -> tuple[dict[str, Any] | 
     return _check_meta(path, meta), tensors
 
 
-def _looks_like_torch_file(path: Path) -> bool:
-    """Whether the file starts like torch.save's zip archive or a pickle stream (protocol 2-5).
-
-    Every torch.save output does; checking first keeps garbage from reaching
-    the unpickler, whose errors on it are cryptic.
-    """
-    with path.open("rb") as file:
-        head = file.read(4)
-    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-
-
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    """The object in a torch.save file, read with ``weights_only=True`` unless the caller trusts pickles."""
-    if not _looks_like_torch_file(path):
-        raise _unreadable(path, "not a PyTorch checkpoint")
+    """The object in a torch.save file (``_sniff`` found a torch zip or a pickle: garbage never reaches
+    the unpickler), read with ``weights_only=True`` unless the caller trusts pickles."""
     try:
         with warnings.catch_warnings():
             # torch's notice about a plain pickle's protocol: noise beside the one line auditkit gives

@@ -144,6 +144,11 @@ def _apply(output: Any, spec: str | int | Callable) -> Any:
     """What ``spec`` picks from ``output``."""
     if callable(spec):
         return spec(output)
+    if isinstance(output, torch.Tensor):
+        # Indexing a tensor would pick a sample of the batch, not an output: a name or an index only
+        # applies to a model that returns a container.
+        raise OutputError(f"= {spec!r} picks from a container, but the model returns one tensor of shape "
+                          f"{tuple(output.shape)}; leave it unset")
     named = _fields(output)
     try:
         if isinstance(spec, str) and named is not None and not isinstance(output, Mapping):

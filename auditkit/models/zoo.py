@@ -285,20 +285,22 @@ def _refuse_transformer(name: str) -> None:
                      "its LRP rules); transformers are not supported yet")
 
 
-def _has_attention(net: nn.Module) -> bool:
-    return any("Attention" in type(m).__name__ or "Transformer" in type(m).__name__ for m in net.modules())
-
-
-# Module class names of transformers in code auditkit does not know (a user's factory): torchvision's
-# and timm's VisionTransformer, Hugging Face's ViTSelfAttention, Swin's WindowAttention, a plain
-# "Attention" block. CNN attention blocks (CBAM's ChannelAttention and SpatialAttention, attention
-# gates, squeeze-excitation) keep spatial maps and are not matched: those CNNs are supported.
-_TRANSFORMER_CLASS = re.compile(r"Transformer|(^|Self|MultiHead|Multihead|Window|ViT|Vit|Sdpa|Flash)Attention(V2)?$")
+# Module class names of transformers: torchvision's and timm's VisionTransformer, Hugging Face's
+# ViTSelfAttention, Swin's WindowAttention, EVA's EvaAttention, MaxViT's PartitionAttentionCl, a plain
+# "Attention" block: any class name with "Transformer" or "Attention" in it, except the CNN attention
+# blocks that keep spatial maps (CBAM's ChannelAttention and SpatialAttention, attention gates): those
+# CNNs are supported. timm's CNN attention layers are named "...Attn" (SplitAttn, CbamModule, EcaModule)
+# and are not matched; transformers named only "...Attn" (CaiT, Twins) are refused by preset discovery,
+# which never takes a layer followed by token sequences (presets.py).
+_TRANSFORMER_CLASS = re.compile(r"Transformer|Attention")
+_CNN_ATTENTION_CLASS = re.compile(r"(Channel|Spatial)Attention|AttentionGate|GateAttention")
 
 
 def _is_transformer(net: nn.Module) -> bool:
-    """Whether ``net`` (the user's own code) holds transformer layers (see _TRANSFORMER_CLASS)."""
-    return any(isinstance(m, nn.MultiheadAttention) or _TRANSFORMER_CLASS.search(type(m).__name__)
+    """Whether ``net`` holds transformer layers (see _TRANSFORMER_CLASS): named timm architectures,
+    users' factories and pickled modules are judged by this one rule."""
+    return any(isinstance(m, nn.MultiheadAttention)
+               or (_TRANSFORMER_CLASS.search(type(m).__name__) and not _CNN_ATTENTION_CLASS.search(type(m).__name__))
                for m in net.modules())
 
 
@@ -324,7 +326,7 @@ def _timm_spec(model_name: str) -> ArchSpec:
     def build(in_channels: int, num_classes: int) -> nn.Module:
         # pretrained=False always: auditkit never downloads weights (bring them in a checkpoint file).
         net = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
-        if _has_attention(net):
+        if _is_transformer(net):
             _refuse_transformer(f"timm:{model_name}")
         return net
 

@@ -161,7 +161,7 @@ def require_annotated_masks(train: AuditDataset, method: str, *, teacher: bool =
     if teacher:
         raise DataError(f"{train.info.name}: the teacher annotated no pixel in any of the {with_masks} training "
                         f"images, so {method}'s penalty would be zero; raise the annotation's tau or quantile")
-    raise DataError(f"{train.info.name}: all {with_masks} training masks are empty (no annotated pixel), so "
+    raise DataError(f"{train.info.name}: all {with_masks} training masks are empty (no pixel above 0.5), so "
                     f"{method}'s penalty would be zero; check how the masks were saved (docs/data.md, Masks) or "
                     "annotate them with a teacher")
 
