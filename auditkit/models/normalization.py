@@ -382,8 +382,6 @@ def check_normalization(model: Any, dataset: Any, *, samples: int | None = None,
     candidate). The model is left as it was (the candidates are applied to the inputs, not to the
     model); cost: one forward pass over the sample, one more per candidate when near chance.
     """
-    from ..data import collate
-
     device = _device_of(model)
     if samples is None:
         samples = CHECK_SAMPLES["cpu" if device.type == "cpu" else "accelerator"]
@@ -396,8 +394,10 @@ def check_normalization(model: Any, dataset: Any, *, samples: int | None = None,
         # Read once, kept on the CPU (a few hundred images), moved per batch for each pass.
         batches = []
         for start in range(0, len(indices), batch_size):
-            batch = collate([dataset[k] for k in indices[start:start + batch_size]])
-            batches.append((batch.images, batch.labels))
+            # (samples with .image (C, H, W) and .label, stacked here: models/ does not import data/)
+            samples_ = [dataset[k] for k in indices[start:start + batch_size]]
+            batches.append((torch.stack([s.image for s in samples_]),
+                            torch.tensor([s.label for s in samples_], dtype=torch.long)))
         labels = torch.cat([labels for _, labels in batches])
         chance = float(torch.bincount(labels).max()) / len(labels)
         margin = (1 - chance) / 3
