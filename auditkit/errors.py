@@ -9,6 +9,13 @@ raising ValueError/TypeError.
 from __future__ import annotations
 
 
+def short_list(names, limit: int = 6) -> str:
+    """The first ``limit`` names, comma-separated, with ", ..." when there are more: how a message
+    shows a list of classes or keys in one line."""
+    names = [str(n) for n in names]
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
 class AuditkitError(Exception):
     """Bad input: a missing or corrupt file, an unknown name, inconsistent data."""
 

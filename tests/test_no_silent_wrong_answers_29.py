@@ -141,3 +141,24 @@ def test_a_teacher_with_the_classes_in_another_order_is_refused():
         same_classes_as_student(build_model("tap-cnn", 3, 1, (8, 8), class_names=["b", "a", "c"]), student)
     with pytest.raises(ParameterError, match="other classes"):
         same_classes_as_student(build_model("tap-cnn", 4, 1, (8, 8), class_names=["a", "b", "c", "d"]), student)
+
+
+def test_a_model_that_predicts_one_class_is_never_cleared():
+    """A constant model reads no signal: every behavioural test "clears" it, which proves nothing about
+    this signal. Right value: inconclusive with that reason, never "not reliant" (exit 3 under the gate)."""
+    import torch
+
+    from auditkit.audit import AuditConfig, run_audit
+    from auditkit.data import open_dataset
+    from auditkit.models import build_model
+    from auditkit.training import align_dataset_to_model
+
+    data = open_dataset("builtin:decoy-digits", split="test")
+    model = build_model("tap-cnn", 10, 1, tuple(data.image_size), class_names=list(data.classes)).eval()
+    with torch.no_grad():
+        model.net.fc.weight.zero_()
+        model.net.fc.bias.copy_(torch.arange(10, dtype=torch.float32))  # always class '9'
+    report = run_audit(model, align_dataset_to_model(data, model), AuditConfig(methods=(), bootstrap=200))
+    assert report.verdict == "inconclusive"
+    assert report.data["verdict"]["summary"].startswith("The model predicts '9' for every contaminated image")
+    assert report.exit_code(True) == 3

@@ -91,8 +91,12 @@ class AuditReport:
 
     @property
     def tested(self) -> bool:
-        """Whether any behavioural test ran (False: e.g. every mask empty and no variant to compare)."""
-        return any(e["finding"] != "not run" for e in self.data["verdict"]["evidence"])
+        """Whether any behavioural test ran and could tell (False: e.g. every mask empty and no variant
+        to compare, or a model that predicts one class for every image, which no test can clear)."""
+        verdict = self.data["verdict"]
+        if verdict.get("constant_prediction") is not None:
+            return False
+        return any(e["finding"] != "not run" for e in verdict["evidence"])
 
     def exit_code(self, fail_on_shortcut: bool) -> int:
         """0; with ``fail_on_shortcut``: 1 for a reliant verdict, 3 when no behavioural test could
@@ -438,7 +442,12 @@ def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, l
             "chance": float(np.mean([r["coverage"][position] for r in share_rows])),
         })
 
-    verdict, summary = decide(evidence)
+    # A model that gives one class for every image reads no signal at all (a collapsed repair, say): tests
+    # that find no reliance then prove nothing, so they cannot clear it (verdict.decide).
+    predicted = {r["prediction"] for r in reference_rows}
+    constant = classes[predicted.pop()] if len(predicted) == 1 and len({r["label"] for r in reference_rows}) > 1 \
+        else None
+    verdict, summary = decide(evidence, constant_prediction=constant, reference=reference)
     supporting = []
     if no_masks and masked:  # masks given but all empty: say why localisation is missing
         supporting.append(f"localisation and activation share not computed: {no_masks}")
@@ -476,7 +485,8 @@ def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, l
         "localisation": localisation,
         "activation_share": shares,
         "verdict": {"label": verdict, "summary": summary, "evidence": [e.as_dict() for e in evidence],
-                    "supporting": supporting, "thresholds": config.thresholds.as_dict()},
+                    "supporting": supporting, "thresholds": config.thresholds.as_dict(),
+                    "constant_prediction": constant},
     }
     return report, examples
 

@@ -89,13 +89,21 @@ def deciding(evidence: list[Evidence]) -> list[Evidence]:
     return direct or evidence
 
 
-def decide(evidence: list[Evidence]) -> tuple[str, str]:
-    """(verdict, one-sentence summary) from behavioural evidence (see ``deciding``)."""
+def decide(evidence: list[Evidence], *, constant_prediction: str | None = None,
+           reference: str = "contaminated") -> tuple[str, str]:
+    """(verdict, one-sentence summary) from behavioural evidence (see ``deciding``).
+
+    ``constant_prediction``: the class the model gives every ``reference`` image (whose labels hold
+    several classes), when it does. Such a model reads no signal, so tests that find no reliance prove
+    nothing about this one: the verdict is then inconclusive, never "not reliant"."""
     run = [e for e in deciding(evidence) if e.finding != "not run"]
     showing = [e for e in run if e.finding == "shows reliance"]
     if showing:
         return RELIANT, "The model relies on the annotated signal: " + "; ".join(e.explanation for e in showing) + "."
     if run and all(e.finding == "clears" for e in run):
+        if constant_prediction is not None:
+            return INCONCLUSIVE, (f"The model predicts {constant_prediction!r} for every {reference} image: it reads "
+                                  "no signal at all (a collapsed model), so tests that find no reliance prove nothing.")
         return NOT_RELIANT, "No reliance found: " + "; ".join(e.explanation for e in run) + "."
     if not run:
         # Name the real reasons: each test that could not run says why (empty masks, one class, ...).

@@ -126,7 +126,8 @@ def audit(
         distributed.finish(context)
     code = report.exit_code(fail_on_shortcut)
     if code == 3 and context.is_main:
-        typer.echo(f"error: --fail-on-shortcut: nothing was tested: {report.data['verdict']['summary']}", err=True)
+        what = "no test can tell" if report.data["verdict"].get("constant_prediction") else "nothing was tested"
+        typer.echo(f"error: --fail-on-shortcut: {what}: {report.data['verdict']['summary']}", err=True)
     raise typer.Exit(code)
 
 

@@ -326,6 +326,9 @@ def _still_reliant_line(document: dict, method: str, name: str) -> str:
         return (f"the repair lost {decision['accuracy_drop']:.3f} {guarded['accuracy']} validation accuracy "
                 f"(more than --max-accuracy-drop, guarded because {guarded['why']}; {name}; validation accuracy "
                 f"{accuracy}): {hint}")
+    if decision["verdict"] == "inconclusive":
+        return (f"the repair cannot be shown to work: the validation audit is inconclusive (e.g. a collapsed model "
+                f"that predicts one class; {name}; validation accuracy {accuracy}): {hint}")
     return f"the repaired model still relies on the signal ({name}; validation accuracy {accuracy}): {hint}"
 
 

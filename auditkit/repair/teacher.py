@@ -25,7 +25,7 @@ from .._progress import progress_bar
 from ..data import AuditDataset, collate, to_uint8
 from ..data.dataset import Record
 from ..device import autocast, model_device, resolve_precision
-from ..errors import AuditkitError, ParameterError
+from ..errors import AuditkitError, ParameterError, short_list
 from ..explain import METHODS, attribute
 
 
@@ -60,9 +60,8 @@ def same_classes_as_student(teacher, student) -> None:
     ours, theirs = tuple(student.meta.class_names), tuple(teacher.meta.class_names)
     if ours != theirs:
         how = "in another order" if sorted(ours) == sorted(theirs) else "other classes"
-        more = lambda names: ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")  # noqa: E731
-        raise ParameterError("teacher", f"has {how} ({more(theirs)}) than the model ({more(ours)}): TEA compares "
-                                        "their outputs class by class; retrain or reorder the teacher's head")
+        raise ParameterError("teacher", f"has {how} ({short_list(theirs)}) than the model ({short_list(ours)}): TEA "
+                                        "compares their outputs class by class; retrain or reorder the teacher's head")
 
 
 def saliency_masks(teacher, images: torch.Tensor, config: AnnotationConfig) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from ..data import AuditDataset, stratified_split
 from ..distributed import Context
-from ..errors import DataError, ParameterError
+from ..errors import DataError, ParameterError, short_list
 from ..models import AuditModel, build_model
 from ..models.normalization import check_assumed_normalization, is_assumed, parse_normalize
 from .engine import TrainConfig, fit
@@ -66,13 +66,11 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
         model.adopt_from_data = ()
     subset = set(dataset.classes) < set(meta.class_names)
     if subset and not _named_classes(dataset):
-        ours = ", ".join(dataset.classes[:6]) + (", ..." if dataset.num_classes > 6 else "")
-        theirs = ", ".join(meta.class_names[:6]) + (", ..." if len(meta.class_names) > 6 else "")
         raise DataError(
-            f"the dataset's classes ({ours}) are {dataset.num_classes} of the checkpoint's {len(meta.class_names)} "
-            f"({theirs}); numbered classes inferred from the labels cannot tell a split that lacks some classes "
-            "from data of another task: if the data holds only some of the model's classes, declare them all "
-            "(--classes or dataset.json's classes)"
+            f"the dataset's classes ({short_list(dataset.classes)}) are {dataset.num_classes} of the checkpoint's "
+            f"{len(meta.class_names)} ({short_list(meta.class_names)}); numbered classes inferred from the labels "
+            "cannot tell a split that lacks some classes from data of another task: if the data holds only some of "
+            "the model's classes, declare them all (--classes or dataset.json's classes)"
         )
     if tuple(dataset.classes) != tuple(meta.class_names) and set(dataset.classes) <= set(meta.class_names):
         # The same classes in another order (e.g. folders 0..11: ImageFolder's text order against a
@@ -83,23 +81,19 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
 
         from ..data.readers import reindex_classes
 
-        more = ", ..." if dataset.num_classes > 6 else ""
         if len(dataset.classes) == len(meta.class_names):
-            message = (f"the dataset orders its classes {', '.join(dataset.classes[:6])}{more}; re-indexed by name "
-                       f"to the checkpoint's order {', '.join(meta.class_names[:6])}{more}")
+            message = (f"the dataset orders its classes {short_list(dataset.classes)}; re-indexed by name "
+                       f"to the checkpoint's order {short_list(meta.class_names)}")
         else:
             absent = [c for c in meta.class_names if c not in dataset.classes]
             message = (f"the dataset has {len(dataset.classes)} of the checkpoint's {len(meta.class_names)} classes "
-                       f"(none of {', '.join(absent[:6])}{', ...' if len(absent) > 6 else ''}); its labels are "
+                       f"(none of {short_list(absent)}); its labels are "
                        "re-indexed by name to the checkpoint's classes")
         warnings.warn(message, UserWarning, stacklevel=2)
         dataset = reindex_classes(dataset, meta.class_names, "the checkpoint's class names")
     if tuple(dataset.classes) != tuple(meta.class_names):
-        ours, theirs = ", ".join(dataset.classes[:6]), ", ".join(meta.class_names[:6])
-        raise DataError(
-            f"the dataset's classes ({ours}{', ...' if dataset.num_classes > 6 else ''}) do not match the "
-            f"checkpoint's ({theirs}{', ...' if len(meta.class_names) > 6 else ''})"
-        )
+        raise DataError(f"the dataset's classes ({short_list(dataset.classes)}) do not match the "
+                        f"checkpoint's ({short_list(meta.class_names)})")
     if isinstance(model, AuditModel) and is_assumed(model):
         reference = dataset if check_on is None else check_on
         if tuple(reference.classes) != tuple(meta.class_names):
