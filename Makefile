@@ -2,7 +2,7 @@
 #   make demo   set everything up (venv, pinned torch, the build) and run the main job
 #   make test   set everything up and run the tests (what CI runs)
 #
-# Other targets: setup, build, cmake-check, bench, gpu-check, gpu-wheels, clean.
+# Other targets: setup, build, lint, cmake-check, bench, gpu-check, gpu-wheels, clean.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +12,7 @@ export TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;9.0+PTX
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 
-.PHONY: setup build browser test unit-test cmake-check demo bench gpu-check gpu-wheels clean
+.PHONY: setup build browser test unit-test lint cmake-check demo bench gpu-check gpu-wheels clean
 
 $(VENV)/.deps-installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,16 @@ build: $(VENV)/.deps-installed
 unit-test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-test: unit-test cmake-check
+test: lint unit-test cmake-check
+
+$(VENV)/.lint-installed: requirements-lint.txt $(VENV)/.deps-installed
+	$(PY) -m pip install --quiet -r requirements-lint.txt
+	touch $@
+
+# Python by ruff (pyproject.toml [tool.ruff]), csrc/ by clang-format (.clang-format); both pinned.
+lint: $(VENV)/.lint-installed
+	$(VENV)/bin/ruff check --no-cache .
+	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
 # Proves CMakeLists.txt configures and builds the same csrc/ sources against
 # libtorch and that its C++ test passes (CPU kernels; setup.py compiles CUDA).

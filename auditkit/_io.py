@@ -32,7 +32,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwri
     """
     target = Path(path)
     if target.exists() and not overwrite:
-        raise OutputExistsError("overwrite", f"is off and {target} already exists: choose another path, or allow replacing it")
+        raise OutputExistsError(
+            "overwrite", f"is off and {target} already exists: choose another path, or allow replacing it"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

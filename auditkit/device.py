@@ -8,7 +8,7 @@ Every computing command defaults to ``device="auto"`` (a GPU when there is one, 
 Precision is PyTorch's automatic mixed precision (``torch.autocast``): matrix products and
 convolutions run in the low dtype, parameters and reductions stay float32. float16 training uses
 a gradient scaler (``grad_scaler``); bfloat16 needs none. LRP's ratio is always computed in
-float32 (auditkit/explain/lrp.py): the low dtype reaches the heatmap only through the forward
+float32 (auditkit/explain/lrp/entry.py): the low dtype reaches the heatmap only through the forward
 pass's activations (docs/explain.md gives the measured tolerance).
 """
 
@@ -39,23 +39,17 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """'auto' (a GPU when there is one, else CPU), 'cpu', 'cuda' or 'cuda:N' as a torch.device.
 
     Under torchrun, 'auto' and 'cuda' mean this rank's GPU, cuda:LOCAL_RANK.
-    Raises AuditkitError for an unknown name or a GPU that is not there."""
+    Raises AuditkitError for an unknown name or a GPU that is not there.
+
+    A run resolves its device once, at its entry (a command, or the library call the user made),
+    and passes the torch.device down; given a torch.device, this only checks that it is there."""
     if isinstance(name, torch.device):
-        name = str(name)
-    name = name.strip().lower()
-    if name == "auto":
-        # AUDITKIT_DEVICE pins what 'auto' means (the test suite pins it to cpu, so that its
-        # numbers do not depend on the machine); unset, a GPU when there is one.
-        name = os.environ.get(DEVICE_VARIABLE, "auto").strip().lower() or "auto"
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise AuditkitError(f"device: {error} (use auto, cpu, cuda or cuda:N)") from error
+        device = name
+    else:
+        device = _parse(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise AuditkitError(f"device {name!r} was asked for but no CUDA GPU is visible; use 'cpu' or 'auto'")
+            raise AuditkitError(f"device {str(device)!r} was asked for but no CUDA GPU is visible; use 'cpu' or 'auto'")
         rank = _local_rank()
         if device.index is None and rank is not None:
             device = torch.device("cuda", rank)
@@ -64,8 +58,22 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
                 f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible"
             )
     elif device.type != "cpu":
-        raise AuditkitError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+        raise AuditkitError(f"device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def _parse(name: str) -> torch.device:
+    name = name.strip().lower()
+    if name == "auto":
+        # AUDITKIT_DEVICE pins what 'auto' means (the test suite pins it to cpu, so that its
+        # numbers do not depend on the machine); unset, a GPU when there is one.
+        name = os.environ.get(DEVICE_VARIABLE, "auto").strip().lower() or "auto"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise AuditkitError(f"device: {error} (use auto, cpu, cuda or cuda:N)") from error
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -75,14 +83,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def device_for(model: torch.nn.Module, asked: str, work: str) -> torch.device:
+def device_for(model: torch.nn.Module, asked: str | torch.device, work: str) -> torch.device:
     """Where ``work`` (e.g. "the audit") on ``model`` runs: the model's device for "auto", else
     ``asked``, which must be the model's (library calls never move the user's model). Raises
     AuditkitError naming both devices otherwise."""
     here = model_device(model)
     device = here if asked == "auto" else resolve_device(asked)
     if device != here:
-        raise AuditkitError(f"the model is on {here} but {work} was asked to run on {device}; move the model there first")
+        raise AuditkitError(f"the model is on {here} but {work} was asked to run on {device}; "
+                            "move the model there first")
     return device
 
 

@@ -34,13 +34,12 @@ def init_from_environment(device: str | torch.device = "cpu") -> Context:
 
     ``device`` is this rank's device as auditkit.device.resolve_device gives it (under torchrun,
     'auto' and 'cuda' already mean cuda:LOCAL_RANK)."""
-    device = str(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Context()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.device(device).type == "cuda" and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)

@@ -9,9 +9,9 @@ table (mean ± std over seeds) with the published numbers beside ours.
 - ``table12``: TAP Table 12 / Fig. 8, TAP with teacher annotations: teachers trained on 10 % and
   1 % clean splits and an untrained teacher ("random"), τ ∈ {0.01, 0.05, 0.1}; annotation precision
   and recall against the ground-truth patches.
-- ``colored``: seed 004's coloured-MNIST study: a shortcut CNN (easy > 90 %, hard < 20 %), the same
-  CNN trained on all clean data (the reference), its repair with TEA (teacher: the same CNN on a 10 %
-  clean split; with and without distillation) and with TAP (background masks).
+- ``colored``: the coloured-MNIST study of Bharadwaj 2026, "The Lazy Artist": a shortcut CNN (easy > 90 %,
+  hard < 20 %), the same CNN trained on all clean data (the reference), its repair with TEA (teacher:
+  the same CNN on a 10 % clean split; with and without distillation) and with TAP (background masks).
 - ``kinds``: which method fixes which shortcut (docs/repair.md): every contamination kind (decoy
   patch, text tag, stripe, coloured background, marker) x every method (TAP with fixed, receptive and
   cumulative dilation, RRR, Energy, MaskTune, TEA with a 10 % clean teacher, and ``--method auto``)
@@ -60,12 +60,13 @@ PUBLISHED = {
             ("random", 0.1): ((0.980, 0.001), (0.955, 0.008), (0.953, 0.010)),
         }.items()
     },
-    "colored": {  # seed 004: the shortcut goal (easy > 0.9, hard < 0.2) and TEA's 72.91 % on both sets
+    "colored": {  # Bharadwaj 2026: the shortcut goal (easy > 0.9, hard < 0.2) and TEA's 72.91 % on both sets
         "TEA": {"contaminated": (0.7291, None), "permuted": (0.7291, None)},
     },
 }
 VARIANTS = {"table9": ("contaminated", "permuted", "clean"), "table12": ("contaminated", "permuted", "clean"),
-            "colored": ("contaminated", "permuted", "inverted", "clean"), "kinds": ("contaminated", "permuted", "clean")}
+            "colored": ("contaminated", "permuted", "inverted", "clean"),
+            "kinds": ("contaminated", "permuted", "clean")}
 DATA = {"table9": "builtin:decoy-mnist", "table12": "builtin:decoy-mnist", "colored": "builtin:colored-mnist",
         "kinds": "builtin:*-mnist"}
 
@@ -109,7 +110,8 @@ def markdown(reproduction: Reproduction) -> str:
         cells = []
         for variant in variants:
             paper = published.get(case, {}).get(variant)
-            paper_text = "–" if paper is None else (f"{paper[0]:.3f}" + ("" if paper[1] is None else f" ± {paper[1]:.3f}"))
+            paper_text = ("–" if paper is None
+                          else (f"{paper[0]:.3f}" + ("" if paper[1] is None else f" ± {paper[1]:.3f}")))
             cells += [_mean_std(row.get(variant, [])), paper_text]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     if reproduction.extra:
@@ -130,7 +132,7 @@ def markdown(reproduction: Reproduction) -> str:
 class Compute:
     """Where and in which precision a reproduction runs (auditkit.device; "auto" by default)."""
 
-    device: str = "auto"
+    device: str | torch.device = "auto"  # a name, or the torch.device the command resolved once
     precision: str = "auto"
 
 
@@ -168,13 +170,19 @@ def table9(seeds: list[int], step: Callable[[str], None], compute: Compute = Com
     out = Reproduction("table9", seeds)
     for seed in seeds:
         base = trained(data, "tap-cnn", "clean", seed, compute=compute)
-        out.add("Base", evaluate(base, test, precision=compute.precision)); step(f"seed {seed}: Base")
+        out.add("Base", evaluate(base, test, precision=compute.precision))
+        step(f"seed {seed}: Base")
         shortcut = trained(data, "tap-cnn", "contaminated", seed, compute=compute)
-        out.add("No XS", evaluate(shortcut, test, precision=compute.precision)); step(f"seed {seed}: No XS")
+        out.add("No XS", evaluate(shortcut, test, precision=compute.precision))
+        step(f"seed {seed}: No XS")
         for case, method in (("RRR", "rrr"), ("TAP", "tap")):
-            out.add(case, evaluate(repair_model(_copy(shortcut), data, method, seed, compute=compute), test, precision=compute.precision)); step(f"seed {seed}: {case}")
+            out.add(case, evaluate(repair_model(_copy(shortcut), data, method, seed, compute=compute), test,
+                                   precision=compute.precision))
+            step(f"seed {seed}: {case}")
         teacher = trained(data, "tap-cnn", "clean", seed, fraction=0.1, epochs=60, shift=2, compute=compute)
-        out.add("TEA (10% teacher)", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, compute=compute), test, precision=compute.precision))
+        out.add("TEA (10% teacher)",
+                evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, compute=compute), test,
+                         precision=compute.precision))
         step(f"seed {seed}: TEA")
     return out
 
@@ -194,10 +202,12 @@ def table12(seeds: list[int], step: Callable[[str], None], compute: Compute = Co
         }
         for tau in (0.01, 0.05, 0.1):
             for name, teacher in teachers.items():
-                annotated, stats = annotate(teacher, train, AnnotationConfig(tau=tau, precision=compute.precision), show_progress=False)
+                annotated, stats = annotate(teacher, train, AnnotationConfig(tau=tau, precision=compute.precision),
+                                            show_progress=False)
                 repaired_data = AuditDataset(annotated.records + data.select(split="val").records + test.records,
                                              data.info, channels=data.channels, image_size=data.image_size)
-                model = repair_model(_copy(shortcut), repaired_data, "tap", seed, lam=METHODS["tap"].teacher_mask_lambda, compute=compute)
+                model = repair_model(_copy(shortcut), repaired_data, "tap", seed,
+                                     lam=METHODS["tap"].teacher_mask_lambda, compute=compute)
                 out.add(f"{name} τ={tau}", evaluate(model, test, precision=compute.precision),
                         {"annotation recall": stats["recall"], "annotation precision": stats["precision"],
                          "mask area": stats["mean_mask_area"]})
@@ -205,7 +215,8 @@ def table12(seeds: list[int], step: Callable[[str], None], compute: Compute = Co
     return out
 
 
-COLORED_TEACHER = {"epochs": 300, "shift": 2, "rotate": 15.0, "scale": 0.15, "channel_shuffle": True}  # `auditkit train` options
+# `auditkit train` options
+COLORED_TEACHER = {"epochs": 300, "shift": 2, "rotate": 15.0, "scale": 0.15, "channel_shuffle": True}
 
 
 def colored(seeds: list[int], step: Callable[[str], None], compute: Compute = Compute()) -> Reproduction:
@@ -213,20 +224,30 @@ def colored(seeds: list[int], step: Callable[[str], None], compute: Compute = Co
     test = data.select(split="test")
     out = Reproduction("colored", seeds)
     for seed in seeds:
-        # The "lazy" shortcut CNN of seed 004: a few SGD epochs on the biased (easy) set.
+        # The "lazy" shortcut CNN of Bharadwaj 2026 ("The Lazy Artist"): a few SGD epochs on the biased
+        # (easy) set.
         shortcut = trained(data, "shortcut-cnn", "contaminated", seed, normalize=False, epochs=3,
                                optimizer="sgd", lr=0.01, compute=compute)
-        out.add("shortcut CNN", evaluate(shortcut, test, precision=compute.precision)); step(f"seed {seed}: shortcut")
+        out.add("shortcut CNN", evaluate(shortcut, test, precision=compute.precision))
+        step(f"seed {seed}: shortcut")
         reference = trained(data, "shortcut-cnn", "permuted", seed, normalize=False, compute=compute)  # all 3,500
-        out.add("trained on all clean data", evaluate(reference, test, precision=compute.precision)); step(f"seed {seed}: clean reference")
+        out.add("trained on all clean data", evaluate(reference, test, precision=compute.precision))
+        step(f"seed {seed}: clean reference")
         # 350 clean images: augmentation (shifts, turns, zooms, channel orders) and long training (docs/methods/tea.md).
-        teacher = trained(data, "shortcut-cnn", "permuted", seed, normalize=False, fraction=0.1, **COLORED_TEACHER, compute=compute)
-        out.add("teacher (10% clean)", evaluate(teacher, test, precision=compute.precision)); step(f"seed {seed}: teacher")
-        out.add("TEA", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, compute=compute), test, precision=compute.precision))
+        teacher = trained(data, "shortcut-cnn", "permuted", seed, normalize=False, fraction=0.1, **COLORED_TEACHER,
+                          compute=compute)
+        out.add("teacher (10% clean)", evaluate(teacher, test, precision=compute.precision))
+        step(f"seed {seed}: teacher")
+        out.add("TEA", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, compute=compute),
+                                test, precision=compute.precision))
         step(f"seed {seed}: TEA")
-        heatmaps_alone = repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, options={"distill_weight": 0.0}, compute=compute)
-        out.add("TEA, heatmaps alone", evaluate(heatmaps_alone, test, precision=compute.precision)); step(f"seed {seed}: TEA, heatmaps alone")
-        out.add("TAP (background masks)", evaluate(repair_model(_copy(shortcut), data, "tap", seed, compute=compute), test, precision=compute.precision))
+        heatmaps_alone = repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher,
+                                      options={"distill_weight": 0.0}, compute=compute)
+        out.add("TEA, heatmaps alone", evaluate(heatmaps_alone, test, precision=compute.precision))
+        step(f"seed {seed}: TEA, heatmaps alone")
+        out.add("TAP (background masks)",
+                evaluate(repair_model(_copy(shortcut), data, "tap", seed, compute=compute), test,
+                         precision=compute.precision))
         step(f"seed {seed}: TAP")
     return out
 
@@ -293,9 +314,10 @@ def kinds(seeds: list[int], step: Callable[[str], None], compute: Compute = Comp
                 started = time.perf_counter()
                 if method == "auto":
                     training = TrainConfig(seed=seed, device=compute.device, precision=compute.precision)
-                    model = run_auto_repair(_copy(shortcut), data, RepairConfig(audit=None, teacher=teacher), AutoConfig(),
-                                            training_for=lambda spec: replace(training, **{"data_order": "permutation", **spec.training}),
-                                            show_progress=False).model
+                    model = run_auto_repair(
+                        _copy(shortcut), data, RepairConfig(audit=None, teacher=teacher), AutoConfig(),
+                        training_for=lambda spec: replace(training, **{"data_order": "permutation", **spec.training}),
+                        show_progress=False).model
                 else:
                     model = repair_model(_copy(shortcut), data, method, seed, options=options, compute=compute,
                                          teacher=teacher if method == "tea" else None)
@@ -343,5 +365,5 @@ def reproduce(name: str, seeds: list[int], show_progress: bool = True, compute: 
         return function(seeds, lambda what: bar.advance(1), compute, **options)
 
 
-__all__ = ["KINDS", "KIND_ARCHS", "KIND_CASES", "PUBLISHED", "REPRODUCTIONS", "Compute", "Reproduction", "kinds_markdown",
-           "markdown", "reproduce"]
+__all__ = ["KINDS", "KIND_ARCHS", "KIND_CASES", "PUBLISHED", "REPRODUCTIONS", "Compute", "Reproduction",
+           "kinds_markdown", "markdown", "reproduce"]

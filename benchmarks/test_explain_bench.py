@@ -25,10 +25,12 @@ Allocator noise at 256x28^2: each call allocates ~190 MB in 25.7 MB tensors, and
 serves them from memory it kept or from freshly mapped pages (page faults) depends on the process's
 history, not on the code: the same code measures 0.98-1.24 across processes (median ~1.05). To
 measure the computation alone, keep freed memory in the process for both sides:
-    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 python -m pytest benchmarks/test_explain_bench.py ...
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
+        python -m pytest benchmarks/test_explain_bench.py ...
 (0.96x there, three runs of three; benchmarks/RESULTS.md).
 
 Run: make bench   (or: python -m pytest benchmarks/test_explain_bench.py -q)
+LRP's fast and general paths, and an older commit's LRP, paired: python -m benchmarks.lrp_paths --help
 """
 
 from __future__ import annotations
@@ -177,7 +179,9 @@ IMPLEMENTATIONS = {
     "zennit_lrp": zennit_lrp,
     "captum_lrp": captum_lrp,
     f"input_gradient_k{K}": lambda net, x, t: input_gradient(net, x, t, k=K),
-    f"auditkit_lrp_k{K}": lambda net, x, t: attribute(net, x, torch.stack([(t + j) % 10 for j in range(K)], 1), "lrp_epsilon", epsilon=EPSILON),
+    f"auditkit_lrp_k{K}": lambda net, x, t: attribute(
+        net, x, torch.stack([(t + j) % 10 for j in range(K)], 1), "lrp_epsilon", epsilon=EPSILON
+    ),
     "forward_backward_to_layer": forward_backward_to_layer,
     "auditkit_gradcam": ours_gradcam,
     "pytorch_grad_cam": pytorch_grad_cam,

@@ -83,8 +83,8 @@ def setup(config: str, device: str):
         labels = torch.randint(0, 10, (batch,), device=device)
         masks = torch.zeros(batch, 1, size, size, device=device)
         masks[..., : size // 7, : size // 7] = 1.0
-        data = Batch(images, labels, masks, torch.ones(batch, dtype=torch.bool, device=device), ["contaminated"] * batch,
-                     [""] * batch, torch.arange(batch))
+        data = Batch(images, labels, masks, torch.ones(batch, dtype=torch.bool, device=device),
+                     ["contaminated"] * batch, [""] * batch, torch.arange(batch))
         cached = TeaObjective(teacher=teacher, epsilon=0.01)
         cached.prepare(_OneBatch(data), device)
         objectives = {
@@ -163,7 +163,9 @@ def report(terminal, results):
             for value, goal, what in ((ratio, time_goal, "time"), (memory_ratio, memory_goal, "memory")):
                 if value is not None and goal is not None:
                     verdicts.append(f"{what} goal {'met' if value <= goal else 'MISSED'} (<= {goal})")
-            terminal.write_line(f"  {method}: time {_ratio(ratio)}, peak memory {_ratio(memory_ratio)}  " + "; ".join(verdicts))
+            terminal.write_line(
+                f"  {method}: time {_ratio(ratio)}, peak memory {_ratio(memory_ratio)}  " + "; ".join(verdicts)
+            )
 
 
 REPORTS.append(report)

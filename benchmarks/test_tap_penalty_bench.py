@@ -181,11 +181,13 @@ def report(terminal, results):
         # The floor: the activation gradient plus D(M) (N*h*w per layer size, 1/C of an activation).
         floor = (r.get("activation_bytes") or 0) + (r.get("weights_bytes") or 0)
         memory_vs_floor = _ratio(r.get("fused_peak_bytes"), floor)
+        compiled_memory = ("n/a on CPU (allocates outside the dispatcher)" if cpu
+                           else _fmt(_ratio(r.get("compiled_peak_bytes"), r.get("fused_peak_bytes")), "x fused"))
         terminal.write_line(
             f"  peak memory: fused/eager {_fmt(memory_vs_eager)}; fused/activation-gradient "
             f"{_fmt(memory_vs_grad)}, fused/(gradient + D(M)) {_fmt(memory_vs_floor)}"
             f"{_goal(memory_vs_floor, 1.0, higher_is_better=False)}; "
-            f"compiled {'n/a on CPU (allocates outside the dispatcher)' if cpu else _fmt(_ratio(r.get('compiled_peak_bytes'), r.get('fused_peak_bytes')), 'x fused')}"
+            f"compiled {compiled_memory}"
         )
         reduction = _ratio(r.get("fused_reduction_forward_GBps"), r.get("torch_sum_forward_GBps"))
         whole = _ratio(r.get("fused_forward_GBps"), r.get("torch_sum_forward_GBps"))

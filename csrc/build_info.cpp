@@ -13,7 +13,7 @@
 namespace auditkit {
 int64_t cuda_runtime_version_compiled(); // ops/cuda/cuda_info.cu
 std::string cuda_arch_list_compiled(); // ops/cuda/cuda_info.cu
-}
+} // namespace auditkit
 #endif
 
 namespace auditkit {
@@ -28,8 +28,7 @@ std::string build_info() {
 #else
   info += ";cuda=none";
 #endif
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    !defined(AUDITKIT_NO_TARGET_CLONES)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(AUDITKIT_NO_TARGET_CLONES)
   info += ";cpu_simd=multiversioned(x86-64-v4,x86-64-v3,baseline)";
 #else
   info += ";cpu_simd=baseline";

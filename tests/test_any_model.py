@@ -51,7 +51,8 @@ def save_as(model, layout: str, folder: Path) -> tuple[Path, list[str]]:
                     "state_dict": {f"model.{k}": v for k, v in weights.items()},
                     "hyper_parameters": {"lr": 1e-3, "arch": model.meta.arch},
                     "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-3, "params": [0]}]}],
-                    "lr_schedulers": [], "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 4}}}}}, path)
+                    "lr_schedulers": [], "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 4}}}}},
+                    path)
     elif layout == "model_state_dict":
         path = folder / "model.pth"
         torch.save({"model_state_dict": weights, "optimizer_state_dict": {"state": {}, "param_groups": []},

@@ -47,7 +47,8 @@ def test_report_follows_the_schema_and_exit_codes_follow_the_verdict(digits_chec
 
 
 def test_report_contents(digits_checkpoint):
-    _, report = audit_json(digits_checkpoint, "--data", "builtin:decoy-digits", "--methods", "lrp_epsilon,gradcam", *FAST)
+    _, report = audit_json(digits_checkpoint, "--data", "builtin:decoy-digits", "--methods", "lrp_epsilon,gradcam",
+                           *FAST)
     assert set(report["task"]["per_variant"]) == {"contaminated", "permuted", "clean"}
     assert report["degradation"]["permuted"]["paired"] is True
     assert {"swap", "removal"} <= set(report["counterfactual"])
@@ -69,7 +70,8 @@ def test_bad_input_exits_2_with_one_line(digits_checkpoint, tmp_path):
     assert "unknown method 'shap'" in fails(digits_checkpoint, "--data", "builtin:decoy-digits", "--methods", "shap")
     assert "--task must be one of" in fails(digits_checkpoint, "--data", "builtin:decoy-digits", "--task", "regression")
     # Two numbered classes inferred from labels 0/1 against ten: refused (they cannot say which two they are).
-    assert "are 2 of the checkpoint's 10" in fails(digits_checkpoint, "--data", tmp_path / "two.npz", "--split", "all") if _two_classes(tmp_path) else True
+    assert "are 2 of the checkpoint's 10" in fails(digits_checkpoint, "--data", tmp_path / "two.npz", "--split",
+                                                   "all") if _two_classes(tmp_path) else True
     assert "no split" in fails(digits_checkpoint, "--data", "builtin:decoy-digits", "--split", "holdout")
 
 
@@ -83,7 +85,8 @@ def _two_classes(folder):
 def test_python_api_restores_the_mode_and_recontaminates_on_the_fly(digits_checkpoint):
     model = load_checkpoint(digits_checkpoint).train()
     dataset = open_dataset("builtin:decoy-digits", split="test", variant=["contaminated", "clean"])
-    report = run_audit(model, align_dataset_to_model(dataset, model.meta), AuditConfig(methods=("gradient",), bootstrap=100))
+    report = run_audit(model, align_dataset_to_model(dataset, model.meta),
+                       AuditConfig(methods=("gradient",), bootstrap=100))
     assert model.training  # restored
     assert "permuted" in report.data["task"]["per_variant"]  # made from the clean images and the generator
     assert report.data["data"]["variants"]["permuted"] == report.data["data"]["variants"]["clean"]
@@ -125,7 +128,8 @@ def test_html_report_loads_in_headless_chromium_and_shows_its_images(digits_chec
 def _chromium_dom(page, tmp_path):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0"]
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--enable-logging=stderr",
+             "--v=0"]
     shown = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr[-2000:]
     console_errors = [line for line in shown.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
@@ -142,7 +146,8 @@ def test_report_renders_a_before_after_page_from_two_json_files_alone(digits_che
     before = runner.invoke(app, ["audit", str(digits_checkpoint), *data, "--json", str(tmp_path / "b.json")])
     assert before.exit_code == 0, before.output
     repaired = tmp_path / "repaired.safetensors"
-    result = runner.invoke(app, ["repair", str(digits_checkpoint), "--data", "builtin:decoy-digits", "--out", str(repaired),
+    result = runner.invoke(app,
+                           ["repair", str(digits_checkpoint), "--data", "builtin:decoy-digits", "--out", str(repaired),
                                  "--epochs", "1", "--audit-split", "none", "--quiet"])
     assert result.exit_code == 0, result.output
     after = runner.invoke(app, ["audit", str(repaired), *data, "--json", str(tmp_path / "a.json")])
@@ -173,7 +178,8 @@ def test_report_renders_a_before_after_page_from_two_json_files_alone(digits_che
 def test_report_refuses_what_is_not_a_report(tmp_path):
     (tmp_path / "x.json").write_text('{"schema": "something/else"}')
     (tmp_path / "y.json").write_text("not json")
-    for name, message in (("x.json", "not an auditkit report"), ("y.json", "not a JSON file"), ("z.json", "no such file")):
+    for name, message in (("x.json", "not an auditkit report"), ("y.json", "not a JSON file"),
+                          ("z.json", "no such file")):
         result = runner.invoke(app, ["report", str(tmp_path / name), "--out", str(tmp_path / "p.html")])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "p.html").exists()

@@ -169,7 +169,8 @@ def test_a_full_disk_is_one_line_and_the_old_file_survives(tmp_path, tap_model, 
     path = save_checkpoint(tap_model, tmp_path / "m.pt")
     before = path.read_bytes()
     _fill_the_disk(monkeypatch, error, free=4096)
-    with pytest.raises(AuditkitError, match=r"could not write .*m\.pt: no space left on its disk \(0 MiB free\)") as info:
+    with pytest.raises(AuditkitError,
+                       match=r"could not write .*m\.pt: no space left on its disk \(0 MiB free\)") as info:
         save_checkpoint(tap_model, path, overwrite=True)
     assert_one_line(info)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
@@ -190,7 +191,8 @@ def test_the_cli_says_a_full_disk_in_one_line(tmp_path, monkeypatch):
 
     from auditkit.cli import app
 
-    _fill_the_disk(monkeypatch, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"), free=0)
+    _fill_the_disk(monkeypatch, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+                   free=0)
     out = tmp_path / "m.pt"
     result = CliRunner().invoke(app, ["train", "--data", "builtin:decoy-digits", "--arch", "tap-cnn", "--epochs", "1",
                                       "--out", str(out), "--quiet"])
@@ -242,7 +244,8 @@ def test_bare_torchvision_state_dict_loads_with_arch(tmp_path, torchvision_resne
 def test_bare_state_dict_without_arch_asks_for_it(tmp_path, torchvision_resnet18):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision_resnet18.state_dict(), path)
-    with pytest.raises(ParameterError, match=r"`arch` must be given: .* holds weights without auditkit metadata") as info:
+    with pytest.raises(ParameterError,
+                       match=r"`arch` must be given: .* holds weights without auditkit metadata") as info:
         load_checkpoint(path)
     assert_one_line(info)
 
@@ -284,7 +287,8 @@ def test_pickled_module_is_refused_then_loads_when_trusted(tmp_path, torchvision
         custom = load_checkpoint(path, trust_pickle=True)
     assert (custom.meta.arch, custom.meta.num_classes, custom.meta.in_channels) == ("custom", 5, 3)
     # Presets found by a probe pass (issue 16), no normalisation.
-    assert custom.meta.target_layers == tuple(f"net.layer{i}" for i in range(1, 5)) and custom.meta.mean == (0.0, 0.0, 0.0)
+    assert custom.meta.target_layers == tuple(f"net.layer{i}" for i in range(1, 5))
+    assert custom.meta.mean == (0.0, 0.0, 0.0)
     images = torch.rand(2, 3, 32, 32)
     assert torch.equal(outputs(custom.eval(), images), outputs(torchvision_resnet18, images))
 

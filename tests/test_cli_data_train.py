@@ -38,7 +38,8 @@ def error_line(result) -> str:
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data") / "decoy-digits"
-    result = run("data", "make", "decoy-patch", folder, "--source", "sklearn-digits", "--json", folder.parent / "s.json")
+    result = run("data", "make", "decoy-patch", folder, "--source", "sklearn-digits", "--json",
+                 folder.parent / "s.json")
     assert result.exit_code == 0, result.output
     return folder
 
@@ -61,9 +62,11 @@ def test_data_make_writes_every_variant(digits_folder):
 
 
 def test_data_make_refuses_to_overwrite_and_checks_parameters(digits_folder, tmp_path):
-    assert "already exists" in error_line(run("data", "make", "decoy-patch", digits_folder, "--source", "sklearn-digits"))
+    assert "already exists" in error_line(run("data", "make", "decoy-patch", digits_folder, "--source",
+                                              "sklearn-digits"))
     assert "unknown" in error_line(run("data", "make", "glitter", tmp_path / "x"))
-    assert "step" in error_line(run("data", "make", "decoy-patch", tmp_path / "y", "--source", "sklearn-digits", "-p", "step=100"))
+    assert "step" in error_line(run("data", "make", "decoy-patch", tmp_path / "y", "--source", "sklearn-digits", "-p",
+                                    "step=100"))
     assert "KEY=VALUE" in error_line(run("data", "make", "stripe", tmp_path / "z", "-p", "width"))
     assert not (tmp_path / "y").exists()
 
@@ -76,7 +79,8 @@ def test_an_operating_system_error_is_one_line_and_leaves_nothing(tmp_path, monk
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(np, "savez_compressed", full)
-    line = error_line(run("data", "make", "decoy-patch", tmp_path / "d", "--source", "sklearn-digits", "--format", "npz"))
+    line = error_line(run("data", "make", "decoy-patch", tmp_path / "d", "--source", "sklearn-digits", "--format",
+                          "npz"))
     assert line.endswith("dataset.npz: No space left on device"), line
     assert list(tmp_path.iterdir()) == []
 
@@ -85,7 +89,8 @@ def test_data_show_and_list():
     result = run("data", "show", "builtin:decoy-digits", "--json", "-")
     assert result.exit_code == 0 and json.loads(result.output)["classes"][0] == "0"
     listing = run("data", "list")
-    assert listing.exit_code == 0 and "builtin:colored-mnist" in listing.output and "coloured-background" in listing.output
+    assert listing.exit_code == 0
+    assert "builtin:colored-mnist" in listing.output and "coloured-background" in listing.output
     assert "no such file" in error_line(run("data", "show", "/nonexistent/dataset"))
 
 
@@ -104,17 +109,22 @@ def test_train_bad_input_is_one_line_with_exit_2(trained, digits_folder, tmp_pat
     args = ("--data", digits_folder, "--epochs", "1", "--quiet")
     assert "already exists" in error_line(run("train", *args, "--arch", "tap-cnn", "--out", out))
     assert "did you mean" in error_line(run("train", *args, "--arch", "resnet", "--out", tmp_path / "a.safetensors"))
-    assert "no such file" in error_line(run("train", "--data", tmp_path / "nope", "--arch", "tap-cnn", "--out", tmp_path / "b.pt"))
-    assert "layer" in error_line(run("train", *args, "--arch", "tap-cnn", "--layers", "net.conv9", "--out", tmp_path / "c.pt"))
+    assert "no such file" in error_line(run("train", "--data", tmp_path / "nope", "--arch", "tap-cnn", "--out",
+                                            tmp_path / "b.pt"))
+    assert "layer" in error_line(run("train", *args, "--arch", "tap-cnn", "--layers", "net.conv9", "--out",
+                                     tmp_path / "c.pt"))
     assert "--lr" in error_line(run("train", *args, "--arch", "tap-cnn", "--lr", "-1", "--out", tmp_path / "d.pt"))
-    assert "no variant" in error_line(run("train", *args, "--arch", "tap-cnn", "--variant", "x", "--out", tmp_path / "e.pt"))
-    assert "cuda" in error_line(run("train", *args, "--arch", "tap-cnn", "--device", "cuda", "--out", tmp_path / "f.pt")) or torch.cuda.is_available()
+    assert "no variant" in error_line(run("train", *args, "--arch", "tap-cnn", "--variant", "x", "--out",
+                                          tmp_path / "e.pt"))
+    assert "cuda" in error_line(run("train", *args, "--arch", "tap-cnn", "--device", "cuda", "--out",
+                                    tmp_path / "f.pt")) or torch.cuda.is_available()
     assert not any(tmp_path.iterdir())
 
 
 def test_layer_override_is_stored(digits_folder, tmp_path):
     out = tmp_path / "m.pt"
-    result = run("train", "--data", digits_folder, "--arch", "tap-cnn", "--layers", "conv1", "--epochs", "1", "--quiet", "--out", out)
+    result = run("train", "--data", digits_folder, "--arch", "tap-cnn", "--layers", "conv1", "--epochs", "1", "--quiet",
+                 "--out", out)
     assert result.exit_code == 0, result.output
     assert load_checkpoint(out).meta.target_layers == ("net.conv1",)
 
@@ -134,10 +144,12 @@ def test_evaluate_refuses_data_with_other_classes(trained, tmp_path):
 
     out, _ = trained
     np.savez(tmp_path / "two.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 0, 1]))
-    assert "are 2 of the checkpoint's 10" in error_line(run("evaluate", out, "--data", tmp_path / "two.npz", "--split", "all"))
+    assert "are 2 of the checkpoint's 10" in error_line(run("evaluate", out, "--data", tmp_path / "two.npz", "--split",
+                                                            "all"))
     np.savez(tmp_path / "cats.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 0, 1]),
              classes=np.array(["cat", "dog"]))
-    assert "do not match the checkpoint's" in error_line(run("evaluate", out, "--data", tmp_path / "cats.npz", "--split", "all"))
+    assert "do not match the checkpoint's" in error_line(run("evaluate", out, "--data", tmp_path / "cats.npz",
+                                                             "--split", "all"))
 
 
 def test_unsafe_and_corrupt_checkpoints(trained, tmp_path):
@@ -168,7 +180,8 @@ def test_python_api_round_trip(tmp_path):
     path = save_checkpoint(model, tmp_path / "m.safetensors", extra={"note": "api"})
     again = load_checkpoint(path).eval()
     test = dataset.select(split="test")
-    assert {k: v.accuracy for k, v in evaluate(model, test).items()} == {k: v.accuracy for k, v in evaluate(again, test).items()}
+    assert ({k: v.accuracy for k, v in evaluate(model, test).items()}
+            == {k: v.accuracy for k, v in evaluate(again, test).items()})
 
 
 @pytest.mark.slow
@@ -244,5 +257,6 @@ def test_random_channel_shuffle_permutes_each_images_channels_on_its_own():
     assert len(orders) > 1  # images draw their own orders
     assert torch.equal(shuffled, random_channel_shuffle(images, torch.Generator().manual_seed(0)))  # seeded
     config = TrainConfig(channel_shuffle=True)
-    assert torch.equal(augment_batch(images, config, torch.Generator().manual_seed(0)), shuffled)  # shift 0: nothing else
+    # shift 0: nothing else
+    assert torch.equal(augment_batch(images, config, torch.Generator().manual_seed(0)), shuffled)
     assert augment_batch(images, TrainConfig(), torch.Generator().manual_seed(0)) is images  # no augmentation asked

@@ -53,9 +53,11 @@ def test_explain_bad_input(checkpoint, tmp_path):
         return error_line(runner.invoke(app, ["explain", str(checkpoint), *map(str, args)]))
 
     assert "one of the two" in fails("--out", tmp_path / "a")
-    assert "--method must be one of" in fails("--data", "builtin:decoy-digits", "--method", "shap", "--out", tmp_path / "b")
+    assert "--method must be one of" in fails("--data", "builtin:decoy-digits", "--method", "shap", "--out",
+                                              tmp_path / "b")
     assert "no such image file" in fails(tmp_path / "missing.png", "--out", tmp_path / "c")
-    assert "neither pred, label nor one of the classes" in fails("--data", "builtin:decoy-digits", "--target", "cat", "--out", tmp_path / "d")
+    assert "neither pred, label nor one of the classes" in fails("--data", "builtin:decoy-digits", "--target", "cat",
+                                                                 "--out", tmp_path / "d")
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "keep.txt").write_text("mine")
     assert "not empty" in fails("--data", "builtin:decoy-digits", "--out", tmp_path / "e")

@@ -42,7 +42,8 @@ def digit_like(n: int, height: int = 28, width: int = 28, channels: int = 1, see
         cy = rng.uniform(0.3, 0.7, size=(n, 1, 1)) * height
         cx = rng.uniform(0.3, 0.7, size=(n, 1, 1)) * width
         sigma = rng.uniform(0.05, 0.12, size=(n, 1, 1)) * min(height, width)
-        images += rng.uniform(0.5, 0.95, size=(n, 1, 1)) * np.exp(-((rows - cy) ** 2 + (cols - cx) ** 2) / (2 * sigma**2))
+        images += (rng.uniform(0.5, 0.95, size=(n, 1, 1))
+                   * np.exp(-((rows - cy) ** 2 + (cols - cx) ** 2) / (2 * sigma**2)))
     images = np.clip(images, 0.0, 0.97)
     images[images < 0.05] = 0.0  # a dark background, as in MNIST
     stacked = np.stack([images * (1.0 - 0.1 * c) for c in range(channels)], axis=1)
@@ -153,7 +154,8 @@ def test_contaminate_dataset_is_independent_of_chunk_size(kind, chunk_size):
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_empty_batch_gives_empty_outputs(kind):
     contamination = make_contamination(kind)
-    out, mask = contaminate_dataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.int64), contamination, "contaminated", 0, 10)
+    out, mask = contaminate_dataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.int64), contamination,
+                                    "contaminated", 0, 10)
     assert out.shape == (0, contamination.out_channels(1), 28, 28) and mask.shape == (0, 1, 28, 28)
 
 
@@ -573,6 +575,7 @@ def test_coloured_mask_threshold_is_strict():
     images = torch.zeros(1, 1, 8, 8)
     images[0, 0, 0, :3] = torch.tensor([0.25, 0.5, 0.75])
     _, background = apply(ColouredBackground(stroke_threshold=0.5), images, torch.tensor([0]), "contaminated", 2)
-    _, strokes = apply(ColouredBackground(stroke_threshold=0.5, foreground=True), images, torch.tensor([0]), "contaminated", 2)
+    _, strokes = apply(ColouredBackground(stroke_threshold=0.5, foreground=True), images, torch.tensor([0]),
+                       "contaminated", 2)
     assert background[0, 0, 0, :3].tolist() == [1, 0, 0] and strokes[0, 0, 0, :3].tolist() == [0, 1, 1]
     assert torch.equal(background + strokes, torch.ones_like(background))

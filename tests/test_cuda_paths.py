@@ -189,7 +189,8 @@ def test_grid_stride_passes_and_64bit_index_paths(device, dtype, layout, max_blo
         assert_penalty_matches(activation, mask, 3)
         d = ops.downscale_masks(mask, [(13, 11), (4, 3)], 5)
         for got, size in zip(d, [(13, 11), (4, 3)]):
-            torch.testing.assert_close(got, downscale_mask_reference(mask, size, 5, torch.float32), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(got, downscale_mask_reference(mask, size, 5, torch.float32), rtol=1e-6,
+                                       atol=1e-7)
         base = with_layout(torch.randn_like(activation.float()).to(dtype), layout)
         grad = torch.randn(5, device=device)
         weights = torch.rand(5, 13, 11, device=device)
@@ -289,7 +290,8 @@ def test_half_precision_lrp_ratio_and_signed_zero(device, dtype):
     grad = torch.randn_like(relevance)
     overwritten = grad.clone()
     got_output = torch.ops.auditkit.lrp_epsilon_ratio_backward_(overwritten, relevance, z, 0.01)
-    want_relevance, want_output = lrp_epsilon_ratio_backward_reference(grad.double(), relevance.double(), z.double(), 0.01)
+    want_relevance, want_output = lrp_epsilon_ratio_backward_reference(grad.double(), relevance.double(), z.double(),
+                                                                       0.01)
     assert ((overwritten.double() - want_relevance).norm() / want_relevance.norm()).item() < tolerance
     assert ((got_output.double() - want_output).norm() / want_output.norm()).item() < 4 * tolerance
 

@@ -171,5 +171,6 @@ def test_device_for_runs_where_the_model_is_and_never_moves_it(monkeypatch):
     assert device_for(model, "auto", "the audit") == torch.device("cpu")
     assert device_for(model, "cpu", "the audit") == torch.device("cpu")
     monkeypatch.setattr(device_module, "model_device", lambda m: torch.device("cuda", 0))  # a model on a GPU
-    with pytest.raises(AuditkitError, match=r"the model is on cuda:0 but discovery was asked to run on cpu; move the model there first"):
+    with pytest.raises(AuditkitError, match=r"the model is on cuda:0 but discovery was asked to run on cpu; "
+                                            r"move the model there first"):
         device_for(model, "cpu", "discovery")

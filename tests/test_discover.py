@@ -343,4 +343,5 @@ def test_discovery_finds_the_global_colour_shortcut_of_coloured_mnist_and_recomm
     assert doc["verdict"]["label"] == "shortcut found" and not doc["verdict"]["localised"], doc["verdict"]
     assert doc["recommendation"]["method"] == "tea" and "--method tea" in doc["recommendation"]["command"]
     assert not report.masks  # nothing local to mask
-    assert set(doc["timings"]) == {"relevance_pass", "clustering", "causal_tests", "probes", "report"}
+    assert set(doc["timings"]) == {"relevance_pass", "clustering", "causal_tests", "probes", "propagation", "report"}
+    assert doc["propagation"] is None  # nothing local was confirmed, so nothing is propagated

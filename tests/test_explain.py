@@ -16,6 +16,10 @@ from auditkit.explain.lrp import propagate, run_forward, trace
 from auditkit.errors import ParameterError
 from auditkit.models import ARCHITECTURES, build_model
 
+from ._lrp_paths import lrp_path  # noqa: F401  (LRP tests run on both paths: usefixtures("lrp_path"))
+
+both_lrp_paths = pytest.mark.usefixtures("lrp_path")
+
 
 def stabilise(z, eps):
     return z + eps * torch.where(z >= 0, 1.0, -1.0).double()
@@ -70,7 +74,8 @@ def randomise_batch_norm(net):
 AFFINE_LAYERS = {
     "conv": lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1),
     "grouped dilated conv": lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2),
-    "conv + batch norm (merged)": lambda: randomise_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))),
+    "conv + batch norm (merged)": lambda: randomise_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                                                                             nn.BatchNorm2d(4))),
     "batch norm alone": lambda: randomise_batch_norm(nn.Sequential(nn.BatchNorm2d(3))),
     "average pool": lambda: nn.AvgPool2d(2),
     "adaptive average pool": lambda: nn.AdaptiveAvgPool2d((3, 2)),
@@ -79,6 +84,7 @@ AFFINE_LAYERS = {
 }
 
 
+@both_lrp_paths
 @pytest.mark.parametrize("name", list(AFFINE_LAYERS))
 def test_epsilon_rule_equals_its_matrix_form(name):
     net = seeded(AFFINE_LAYERS[name]())
@@ -96,6 +102,7 @@ def test_epsilon_rule_equals_its_matrix_form(name):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@both_lrp_paths
 def test_max_pool_gives_relevance_to_the_winner():
     net = nn.MaxPool2d(3, stride=2, padding=1)  # overlapping windows, as in ResNet
     a = torch.randn(2, 3, 7, 7, dtype=torch.float64)
@@ -104,6 +111,7 @@ def test_max_pool_gives_relevance_to_the_winner():
     torch.testing.assert_close(rule_output(net, a, relevance, 1e-6), expected)
 
 
+@both_lrp_paths
 def test_activations_and_reshapes_pass_relevance_through():
     net = nn.Sequential(nn.ReLU(), nn.Dropout(0.5), nn.Flatten())
     a = torch.randn(2, 3, 4, 4, dtype=torch.float64)
@@ -132,6 +140,7 @@ class BiasFreeNet(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
+@both_lrp_paths
 def test_lrp_zero_equals_input_times_gradient_on_a_bias_free_relu_net():
     net = seeded(BiasFreeNet())
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
@@ -141,6 +150,7 @@ def test_lrp_zero_equals_input_times_gradient_on_a_bias_free_relu_net():
     torch.testing.assert_close(lrp, ixg, rtol=1e-6, atol=1e-9)
 
 
+@both_lrp_paths
 def test_relevance_is_conserved_when_biases_are_zero():
     net = seeded(BiasFreeNet())
     x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
@@ -150,6 +160,7 @@ def test_relevance_is_conserved_when_biases_are_zero():
     torch.testing.assert_close(heatmaps.sum(dim=(2, 3)), logits, rtol=1e-6, atol=1e-9)
 
 
+@both_lrp_paths
 @pytest.mark.parametrize("arch", ["vgg16", "resnet18", "densenet121"])
 def test_conservation_on_zoo_networks_with_biases_zeroed(arch):
     torch.manual_seed(0)
@@ -167,6 +178,7 @@ def test_conservation_on_zoo_networks_with_biases_zeroed(arch):
     torch.testing.assert_close(heatmaps.sum(dim=(2, 3)), logits, rtol=1e-5, atol=1e-10)
 
 
+@both_lrp_paths
 def test_targets_batched_in_one_pass_equal_separate_calls():
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=6, in_channels=3, input_size=(32, 32)).eval()
@@ -179,8 +191,10 @@ def test_targets_batched_in_one_pass_equal_separate_calls():
             torch.testing.assert_close(together[:, k : k + 1], alone, rtol=1e-4, atol=1e-7)
 
 
+@both_lrp_paths
 def test_heatmap_is_differentiable_for_tea_gradcheck():
-    net = seeded(nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3 * 9, 4)))
+    net = seeded(nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                               nn.Linear(3 * 9, 4)))
     x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
     names = ["0.weight", "4.weight"]
 
@@ -212,6 +226,7 @@ class ReluBlocks(nn.Module):
         return self.fc2(self.act4(self.fc1(x)))
 
 
+@both_lrp_paths
 def test_a_layer_feeding_a_relu_keeps_relu_of_its_output_with_the_same_heatmaps_and_gradients():
     """run_forward keeps relu(z) in place of z for a layer whose only user is a ReLU (memory); the
     LRP-epsilon heatmaps and their weight gradients must equal those computed from z itself."""
@@ -240,6 +255,7 @@ def test_a_layer_feeding_a_relu_keeps_relu_of_its_output_with_the_same_heatmaps_
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+@both_lrp_paths
 def test_tea_style_loss_trains_every_layer_of_a_resnet():
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=3, in_channels=1, input_size=(32, 32))
@@ -274,7 +290,8 @@ def test_integrated_gradients_is_complete():
     net = seeded(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softplus(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)))
     x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
     maps = attribute(net, x, torch.tensor([0, 2]), "integrated_gradients", steps=256)
-    difference = net(x).gather(1, torch.tensor([[0], [2]])) - net(torch.zeros_like(x)).gather(1, torch.tensor([[0], [2]]))
+    difference = (net(x).gather(1, torch.tensor([[0], [2]]))
+                  - net(torch.zeros_like(x)).gather(1, torch.tensor([[0], [2]])))
     torch.testing.assert_close(maps.sum(dim=(2, 3)), difference, rtol=1e-4, atol=1e-6)
 
 
@@ -321,6 +338,7 @@ def test_the_model_is_never_changed(method):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if "weight" in k)
 
 
+@both_lrp_paths
 def test_unsupported_layers_are_named():
     class Odd(nn.Module):
         def __init__(self):
@@ -349,6 +367,7 @@ def test_target_forms():
         attribute(model, x, 0, "shap")
 
 
+@both_lrp_paths
 @pytest.mark.parametrize("replace", ["weights", "stride", "activation"])
 def test_a_module_replaced_after_an_explanation_is_explained_as_it_is_now(replace):
     # The trace, its compiled forward and its relevance pass are cached per network; a module the
@@ -369,6 +388,7 @@ def test_a_module_replaced_after_an_explanation_is_explained_as_it_is_now(replac
     assert not torch.allclose(after, before)
 
 
+@both_lrp_paths
 def test_a_hooked_layer_runs_with_its_hooks():
     # The compiled forward runs builtin layers as their ops; a forward hook registered on one (here
     # one that changes the layer's output) must run as it does in model(x): the logits LRP explains

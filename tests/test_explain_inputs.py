@@ -29,7 +29,8 @@ def four_class_model():
 def test_a_target_outside_the_classes_is_one_clear_error_for_every_method(method, target):
     # The bug: LRP silently explained the last class for -1; the other methods raised raw index errors.
     model = four_class_model()
-    with pytest.raises(ParameterError, match=rf"`target` must be class indices in \[0, 4\) for this 4-class model; got {target}"):
+    with pytest.raises(ParameterError,
+                       match=rf"`target` must be class indices in \[0, 4\) for this 4-class model; got {target}"):
         attribute(model, torch.rand(2, 3, 16, 16), target, method)
 
 
@@ -45,7 +46,8 @@ def test_a_batch_with_the_wrong_channel_count_is_refused_by_every_method(method)
 @pytest.mark.parametrize("bad, message", [
     (torch.rand(3, 16, 16), r"`images` must have shape \(N, C, H, W\)"),
     (torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8), "`images` must be floating"),
-    (torch.rand(2, 3, 16, 16, dtype=torch.float64), "`images` have dtype torch.float64 but the model's parameters are torch.float32"),
+    (torch.rand(2, 3, 16, 16, dtype=torch.float64),
+     "`images` have dtype torch.float64 but the model's parameters are torch.float32"),
     ([[0.0]], "`images` must be a torch.Tensor"),
 ])
 def test_malformed_images_are_refused_alike(method, bad, message):

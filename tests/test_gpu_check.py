@@ -20,7 +20,8 @@ gpu_check = runpy.run_path(str(ROOT / "tools" / "gpu_check.py"), run_name="gpu_c
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run for real")
 def test_without_a_gpu_the_check_says_so_in_one_line_and_exits_0():
     env = {**os.environ, "GPU_CHECK_PYTHON": sys.executable}
-    done = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-check: skipped the GPU part: ")
@@ -41,7 +42,8 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4">
 <testcase classname="tests.test_a" name="test_ok"/>
 <testcase classname="tests.test_a" name="test_bad"><failure message="assert 1 == 2">trace</failure></testcase>
-<testcase classname="tests.test_b" name="test_broken"><error message="RuntimeError: no kernel image">trace</error></testcase>
+<testcase classname="tests.test_b"
+ name="test_broken"><error message="RuntimeError: no kernel image">trace</error></testcase>
 <testcase classname="tests.test_b" name="test_two_gpus"><skipped message="needs two CUDA GPUs"/></testcase>
 </testsuite></testsuites>
 """
@@ -51,7 +53,8 @@ def test_results_count_failures_and_say_failed(tmp_path):
     path = tmp_path / "junit.xml"
     path.write_text(JUNIT)
     summary = gpu_check["summarise_junit"](path)
-    assert (summary["tests"], summary["passed"], summary["failed"], summary["errors"], summary["skipped"]) == (4, 1, 1, 1, 1)
+    counts = (summary["tests"], summary["passed"], summary["failed"], summary["errors"], summary["skipped"])
+    assert counts == (4, 1, 1, 1, 1)
     assert summary["failures"][1] == {"test": "tests.test_b::test_broken", "message": "RuntimeError: no kernel image"}
     check = gpu_check["Check"](tmp_path / "out")
     check.report["gpu"] = {"name": "NVIDIA H200", "capability": "9.0", "count": 1, "torch": "2.11.0", "python": "3.12"}

@@ -62,7 +62,8 @@ def test_conv2d_step_matches_reference_on_random_geometries(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@given(n=st.integers(0, 4), k=st.integers(1, 3), fan_in=st.integers(1, 9), fan_out=st.integers(1, 9), seed=st.integers(0, 10**6))
+@given(n=st.integers(0, 4), k=st.integers(1, 3), fan_in=st.integers(1, 9), fan_out=st.integers(1, 9),
+       seed=st.integers(0, 10**6))
 def test_linear_step_and_ratio_match_reference(device, n, k, fan_in, fan_out, seed):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n, fan_in, generator=g, dtype=torch.float64).to(device)
@@ -137,17 +138,22 @@ def test_opcheck(device):
     relevance = torch.randn(4, *z.shape[1:], generator=g).to(device)
     for requires_grad in (False, True):
         tensors = [t.clone().requires_grad_(requires_grad) for t in (a, z, relevance, weight)]
-        torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_conv2d.default, (*tensors, [2, 2], [1, 1], [1, 1], 2, 0.01))
+        torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_conv2d.default,
+                              (*tensors, [2, 2], [1, 1], [1, 1], 2, 0.01))
         torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio.default, (tensors[2], tensors[1], 0.01))
-    torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio_backward.default, (relevance.clone(), relevance, z, 0.01))
-    torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio_backward_.default, (relevance.clone(), relevance, z, 0.01))
+    torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio_backward.default,
+                          (relevance.clone(), relevance, z, 0.01))
+    torch.library.opcheck(torch.ops.auditkit.lrp_epsilon_ratio_backward_.default,
+                          (relevance.clone(), relevance, z, 0.01))
     with pytest.raises(ValueError, match="must be contiguous"):  # it is overwritten position by position
-        torch.ops.auditkit.lrp_epsilon_ratio_backward_(relevance.clone().transpose(2, 3), relevance.transpose(2, 3), z.transpose(2, 3), 0.01)
+        torch.ops.auditkit.lrp_epsilon_ratio_backward_(relevance.clone().transpose(2, 3), relevance.transpose(2, 3),
+                                                       z.transpose(2, 3), 0.01)
     x = torch.randn(3, 5, generator=g).to(device)
     w = torch.randn(4, 5, generator=g).to(device)
     torch.library.opcheck(
         torch.ops.auditkit.lrp_epsilon_linear.default,
-        (x.requires_grad_(), (x @ w.t()).detach().requires_grad_(), torch.randn(6, 4).to(device).requires_grad_(), w.requires_grad_(), 0.1),
+        (x.requires_grad_(), (x @ w.t()).detach().requires_grad_(), torch.randn(6, 4).to(device).requires_grad_(),
+         w.requires_grad_(), 0.1),
     )
 
 

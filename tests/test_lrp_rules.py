@@ -1,6 +1,6 @@
 """LRP-epsilon's rule table: each rule against its matrix form in float64, conservation on
 bias-free networks, modern CNN layers end to end, zennit where zennit covers the network, and the
-way a user adds a rule (issue 15)."""
+way a user adds a rule (issue 15). Every test runs on both LRP paths (tests/_lrp_paths.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from auditkit.explain import UnsupportedLayerError, attribute, identity_rule, register_rule
-from auditkit.explain.lrp import lrp_epsilon_and_logits
-from auditkit.explain.lrp_rules import Step, rule_for
+from auditkit.explain.lrp import Step, general_path, lrp_epsilon_and_logits, rule_for, switch, unregister_rule
+
+from ._lrp_paths import lrp_path  # noqa: F401  (the fixture below runs every test on both LRP paths)
+
+pytestmark = pytest.mark.usefixtures("lrp_path")
 
 EPS = 0.05
 
@@ -180,9 +183,7 @@ def test_a_layer_without_a_rule_names_itself_and_how_to_register_one():
     try:
         assert attribute(net, x, 0, "lrp_epsilon").shape == (1, 1, 5, 5)
     finally:
-        from auditkit.explain import lrp_rules
-
-        del lrp_rules._MODULE_RULES[nn.Softmax2d]
+        unregister_rule(nn.Softmax2d)
 
 
 def test_a_registered_rule_is_used_for_subclasses_too():
@@ -211,9 +212,7 @@ def test_a_registered_rule_is_used_for_subclasses_too():
     try:
         attribute(net, torch.rand(2, 1, 5, 5), 0, "lrp_epsilon")
     finally:
-        from auditkit.explain import lrp_rules
-
-        del lrp_rules._MODULE_RULES[MyNorm]
+        unregister_rule(MyNorm)
     assert calls == ["norm"]
 
 
@@ -255,7 +254,8 @@ def test_k_targets_give_the_maps_of_k_single_target_calls(shape):
     torch.manual_seed(0)
     model = build_model("tap-cnn", 10, shape[1], tuple(shape[2:])).double().eval()
     x = torch.rand(shape, dtype=torch.float64)
-    targets = torch.stack([torch.arange(shape[0]) % 10, (torch.arange(shape[0]) + 3) % 10, torch.full((shape[0],), 7)], 1)
+    targets = torch.stack([torch.arange(shape[0]) % 10, (torch.arange(shape[0]) + 3) % 10, torch.full((shape[0],), 7)],
+                          1)
     maps, logits = lrp_epsilon_and_logits(model, x, targets, epsilon=0.01)
     assert maps.shape == (shape[0], 3, *shape[2:])
     for j in range(3):
@@ -265,27 +265,26 @@ def test_k_targets_give_the_maps_of_k_single_target_calls(shape):
 
 
 @pytest.mark.parametrize("arch, channels, side", [("tap-cnn", 1, 28), ("resnet18", 3, 32), ("vgg11_bn", 3, 32)])
-def test_the_directly_called_steps_equal_their_rules(arch, channels, side, monkeypatch):
-    # The relevance plan calls the builtin convolution, linear, max-pool, flatten and same-size
-    # average-pool rules directly; through their Steps (the rule table) the maps must be the same.
-    import auditkit.explain.lrp as lrp_module
+def test_the_general_path_gives_the_fast_paths_maps(arch, channels, side, request):
+    # The fast path calls the builtin convolution, linear, max-pool, flatten, adaptive-pool and
+    # identity rules' maths directly and runs a generated forward; the general path interprets every
+    # node and sends it through its rule's Step. The maps must be the same.
+    from auditkit.explain.lrp import SHORTCUTS, plan_for, trace
     from auditkit.models import build_model
 
     torch.manual_seed(0)
     model = build_model(arch, 10, channels, (side, side)).double().eval()
     x = torch.rand(2, channels, side, side, dtype=torch.float64)
     targets = torch.tensor([[1, 4], [7, 2]])
-    direct, _ = lrp_epsilon_and_logits(model, x, targets, epsilon=0.01)
-    kinds = {kind for _node, kind, _data in lrp_module._plan_for(lrp_module.trace(model.net))}
-    assert lrp_module._CONV in kinds and lrp_module._LINEAR in kinds
-    original = lrp_module._plan_for
-    direct_kinds = {lrp_module._CONV, lrp_module._LINEAR, lrp_module._MAX_POOL, lrp_module._FLATTEN, lrp_module._SAME_POOL}
-
-    def through_rules(traced):
-        plan = [(node, lrp_module._RULE if kind in direct_kinds else kind, data) for node, kind, data in original(traced)]
-        traced._releases = lrp_module._last_reads(plan)  # a Step reads more of the forward's values
-        return plan
-
-    monkeypatch.setattr(lrp_module, "_plan_for", through_rules)
-    by_rules, _ = lrp_epsilon_and_logits(model, x, targets, epsilon=0.01)
-    torch.testing.assert_close(direct, by_rules, rtol=1e-12, atol=1e-14)
+    runs = dict(switch.runs)
+    with general_path():
+        general, general_logits = lrp_epsilon_and_logits(model, x, targets, epsilon=0.01)
+    assert switch.runs["forward"] > runs["forward"] and switch.runs["relevance"] > runs["relevance"]
+    if request.getfixturevalue("lrp_path") == "fast":
+        fast, fast_logits = lrp_epsilon_and_logits(model, x, targets, epsilon=0.01)
+        traced = trace(model.net)
+        used = {run for _node, run, _data, _releases in plan_for(traced, traced.bind(), general=False)}
+        assert len(used & {shortcut.run for shortcut in SHORTCUTS.values()}) >= 3  # the shortcuts ran
+        assert switch.runs["fast_forward"] > runs["fast_forward"]
+        torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(fast_logits, general_logits, rtol=0, atol=0)

@@ -13,7 +13,6 @@ import textwrap
 
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from auditkit.cli import app

@@ -76,7 +76,8 @@ def test_a_shortcut_model_audited_with_0_1_masks_is_reliant(decoy_mnist_models, 
 def test_all_empty_masks_are_never_evidence_of_no_shortcut(decoy_mnist_models, patch_test_images, tmp_path):
     images, labels, masks = patch_test_images
     data = tmp_path / "data.npz"
-    np.savez(data, images=images, labels=labels, masks=np.zeros_like(masks), classes=np.array([str(c) for c in range(10)]))
+    np.savez(data, images=images, labels=labels, masks=np.zeros_like(masks),
+             classes=np.array([str(c) for c in range(10)]))
     checkpoint, _ = decoy_mnist_models["shortcut"]
     result, report = audit(checkpoint, data, tmp_path)
     assert result.exit_code == 3, result.output  # the gate cannot pass what it did not test

@@ -21,6 +21,7 @@ from auditkit.training import Interrupted, Objective, TrainConfig, TrainingStopp
 
 from .conftest import train_digits_model
 from .test_cli_data_train import error_line
+from .test_report_schemas import validate_repair_document
 
 runner = CliRunner()
 
@@ -86,8 +87,10 @@ def test_nan_loss_stops_with_the_last_good_state(digits, digits_models, tmp_path
     train = small_training_set(digits)
     state = tmp_path / "run.state.pt"
     model = load_checkpoint(digits_models["shortcut"])
-    with pytest.raises(TrainingStopped, match=r"loss became nan at epoch 2, step 3; the last good state \(end of epoch 1\)"):
-        fit(model, train, ExplodingObjective(), TrainConfig(epochs=3, batch_size=32), state_path=state, show_progress=False)
+    with pytest.raises(TrainingStopped,
+                       match=r"loss became nan at epoch 2, step 3; the last good state \(end of epoch 1\)"):
+        fit(model, train, ExplodingObjective(), TrainConfig(epochs=3, batch_size=32), state_path=state,
+            show_progress=False)
     saved = torch.load(state, weights_only=True)
     assert saved["epoch"] == 1 and saved["step"] == 0  # the end of the last complete epoch
 
@@ -102,7 +105,9 @@ def test_repair_cli_writes_the_checkpoint_and_the_proof(digits_models, tmp_path)
                     "--quiet", "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "r.json").read_text())
-    assert document["schema"] == "auditkit.repair/1" and document["before"]["verdict"] in ("reliant", "inconclusive", "not reliant")
+    assert document["schema"] == "auditkit.repair/1"
+    validate_repair_document(document)
+    assert document["before"]["verdict"] in ("reliant", "inconclusive", "not reliant")
     assert document["after_audit"]["schema"] == "auditkit.audit/1"
     for suffix in (".audit.json", ".audit.html", ".state.pt"):
         assert (tmp_path / f"fixed.safetensors{suffix}").is_file()
@@ -117,7 +122,8 @@ def test_repair_cli_writes_the_checkpoint_and_the_proof(digits_models, tmp_path)
 def test_every_method_runs_from_the_cli(method, digits_models, tmp_path):
     out = tmp_path / f"{method}.safetensors"
     teacher = ["--teacher", digits_models["teacher"]] if method == "tea" else []
-    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--method", method, *teacher, "--out", out,
+    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--method", method, *teacher, "--out",
+                    out,
                     "--epochs", "1", "--audit-split", "none", "--quiet", "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "r.json").read_text())
@@ -141,12 +147,17 @@ def test_repair_bad_input(digits_models, tmp_path):
     assert "already exists" in fails(shortcut, "--data", "builtin:decoy-digits", "--out", existing)
     assert existing.read_bytes() == b"mine"
     assert "needs masks" in fails(shortcut, "--data", "builtin:digits", "--out", tmp_path / "a.pt")
-    assert "needs a teacher" in fails(shortcut, "--data", "builtin:decoy-digits", "--method", "tea", "--out", tmp_path / "b.pt")
-    assert "--lambda must be a number or auto" in fails(shortcut, "--data", "builtin:decoy-digits", "--lambda", "big", "--out", tmp_path / "c.pt")
+    assert "needs a teacher" in fails(shortcut, "--data", "builtin:decoy-digits", "--method", "tea", "--out",
+                                      tmp_path / "b.pt")
+    assert "--lambda must be a number or auto" in fails(shortcut, "--data", "builtin:decoy-digits", "--lambda", "big",
+                                                        "--out", tmp_path / "c.pt")
     assert "no saved state" in fails(shortcut, "--data", "builtin:decoy-digits", "--resume", "--out", tmp_path / "d.pt")
-    assert "--schedule must be one of" in fails(shortcut, "--data", "builtin:decoy-digits", "--schedule", "step", "--out", tmp_path / "f.pt")
-    assert "--grad-clip must be" in fails(shortcut, "--data", "builtin:decoy-digits", "--grad-clip", "-1", "--out", tmp_path / "g.pt")
-    assert "--method must be one of" in fails(shortcut, "--data", "builtin:decoy-digits", "--method", "magic", "--out", tmp_path / "e.pt")
+    assert "--schedule must be one of" in fails(shortcut, "--data", "builtin:decoy-digits", "--schedule", "step",
+                                                "--out", tmp_path / "f.pt")
+    assert "--grad-clip must be" in fails(shortcut, "--data", "builtin:decoy-digits", "--grad-clip", "-1", "--out",
+                                          tmp_path / "g.pt")
+    assert "--method must be one of" in fails(shortcut, "--data", "builtin:decoy-digits", "--method", "magic", "--out",
+                                              tmp_path / "e.pt")
     tea = (shortcut, "--data", "builtin:decoy-digits", "--method", "tea", "--teacher", digits_models["teacher"])
     assert "--tea-classes must be at least 1" in fails(*tea, "--tea-classes", "0", "--out", tmp_path / "h.pt")
     assert "--distill-weight must be" in fails(*tea, "--distill-weight", "-1", "--out", tmp_path / "i.pt")
@@ -154,10 +165,12 @@ def test_repair_bad_input(digits_models, tmp_path):
 
 
 def test_lambda_auto_sweeps_and_reports(digits_models, tmp_path):
-    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "s.pt", "--lambda", "auto",
-                    "--epochs", "1", "--audit-split", "none", "--quiet", "--json", tmp_path / "s.json")
+    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "s.pt",
+                    "--lambda", "auto", "--epochs", "1", "--audit-split", "none", "--quiet", "--json",
+                    tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "s.json").read_text())
+    validate_repair_document(document)
     first = [row for row in document["sweep"] if row["round"] == 1]
     # Every lambda with every dilation schedule (TAP sweeps the dilation too), one short run each;
     # the best third run once more, and the best of those is kept.
@@ -171,8 +184,9 @@ def test_lambda_auto_sweeps_and_reports(digits_models, tmp_path):
 
 
 def test_lambda_auto_keeps_an_option_the_user_set(digits_models, tmp_path):
-    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "s.pt", "--lambda", "auto",
-                    "--dilation", "cumulative", "--epochs", "1", "--audit-split", "none", "--quiet", "--json", tmp_path / "s.json")
+    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "s.pt",
+                    "--lambda", "auto", "--dilation", "cumulative", "--epochs", "1", "--audit-split", "none",
+                    "--quiet", "--json", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "s.json").read_text())
     first = [row for row in document["sweep"] if row["round"] == 1]
@@ -182,7 +196,8 @@ def test_lambda_auto_keeps_an_option_the_user_set(digits_models, tmp_path):
 
 def test_teacher_masks_are_cached_and_scored_against_ground_truth(digits_models, tmp_path):
     out = tmp_path / "masks"
-    result = runner.invoke(app, ["annotate", "--teacher", str(digits_models["teacher"]), "--data", "builtin:decoy-digits",
+    result = runner.invoke(app,
+                           ["annotate", "--teacher", str(digits_models["teacher"]), "--data", "builtin:decoy-digits",
                                  "--tau", "0.2", "--out", str(out), "--json", str(tmp_path / "a.json")])
     assert result.exit_code == 0, result.output
     stats = json.loads((tmp_path / "a.json").read_text())
@@ -191,7 +206,8 @@ def test_teacher_masks_are_cached_and_scored_against_ground_truth(digits_models,
     assert annotated.has_masks and len(annotated) == len(open_dataset("builtin:decoy-digits", split="train"))
     cache = tmp_path / "cache"
     for _ in range(2):  # the second run reads the cached masks
-        result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "t.pt", "--force",
+        result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "t.pt",
+                        "--force",
                         "--teacher", digits_models["teacher"], "--tau", "0.2", "--epochs", "1", "--audit-split", "none",
                         "--cache-dir", cache, "--quiet", "--json", tmp_path / "t.json")
         assert result.exit_code == 0, result.output
@@ -235,8 +251,10 @@ def test_tap_default_lambda_is_lower_with_teacher_masks():
     from auditkit.repair import AnnotationConfig, default_lambda
 
     assert default_lambda(RepairConfig(method="tap")) == METHODS["tap"].default_lambda == 0.1
-    assert default_lambda(RepairConfig(method="tap", annotation=AnnotationConfig(tau=0.1))) == METHODS["tap"].teacher_mask_lambda == 0.01
-    assert default_lambda(RepairConfig(method="rrr", annotation=AnnotationConfig(tau=0.1))) == METHODS["rrr"].default_lambda
+    with_teacher_masks = RepairConfig(method="tap", annotation=AnnotationConfig(tau=0.1))
+    assert default_lambda(with_teacher_masks) == METHODS["tap"].teacher_mask_lambda == 0.01
+    assert default_lambda(RepairConfig(method="rrr",
+                                       annotation=AnnotationConfig(tau=0.1))) == METHODS["rrr"].default_lambda
 
 
 def test_a_new_method_is_one_spec_and_run_repair_reads_nothing_else(digits, digits_models, monkeypatch, tmp_path):
@@ -285,7 +303,8 @@ def test_every_registered_method_documents_itself():
     assert list(METHODS) == ["tap", "rrr", "energy", "tea", "masktune"]
     for spec in METHODS.values():
         assert (root / spec.doc).is_file(), spec.doc
-        assert spec.summary and spec.masks in (None, "spurious", "object") and spec.teacher in ("none", "annotates", "required")
+        assert spec.summary and spec.masks in (None, "spurious", "object")
+        assert spec.teacher in ("none", "annotates", "required")
         spec.make_options({})  # the defaults are valid
 
 

@@ -23,7 +23,8 @@ from auditkit.repair import energy_in_mask
 
 def batch_of(images, labels, masks):
     n = images.shape[0]
-    return Batch(images, labels, masks, torch.ones(n, dtype=torch.bool), ["contaminated"] * n, [""] * n, torch.arange(n))
+    return Batch(images, labels, masks, torch.ones(n, dtype=torch.bool), ["contaminated"] * n, [""] * n,
+                 torch.arange(n))
 
 
 class Linear(nn.Module):
@@ -91,7 +92,8 @@ def test_tap_objective_is_eq_8():
     masks = torch.zeros(2, 1, 8, 8)
     masks[:, :, :2, :2] = 1
     objective = TapObjective(layers=("a", "b"), kernel_size=1)
-    loss = objective.loss(None, batch_of(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), masks), None, activations)
+    loss = objective.loss(None, batch_of(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), masks), None,
+                          activations)
     expected = 0.0
     for a in activations:
         d = torch.nn.functional.adaptive_avg_pool2d(masks, a.shape[-2:])  # k = 1: no widening
@@ -165,7 +167,8 @@ def test_tea_with_two_classes_is_the_mean_heat_loss_of_the_teachers_top_two():
     from auditkit.repair import multiresolution_heat_loss
 
     teacher, student, images, batch = tea_pair(seed=2, classes=5, n=6)
-    _, loss = TeaObjective(teacher=teacher, epsilon=0.01, classes=2, distill_weight=0.0).forward_and_loss(student, batch)
+    objective = TeaObjective(teacher=teacher, epsilon=0.01, classes=2, distill_weight=0.0)
+    _, loss = objective.forward_and_loss(student, batch)
     order = teacher(images).argsort(dim=1, descending=True)
     expected = 0.0
     for rank in range(2):  # one heat loss per rank of the teacher's classes, then their mean
@@ -201,7 +204,8 @@ def test_tea_distillation_adds_the_weighted_kl_to_the_teachers_probabilities():
 
     teacher, student, images, batch = tea_pair(seed=3, classes=4, n=5)
     logits, heat_only = TeaObjective(teacher=teacher, distill_weight=0.0).forward_and_loss(student, batch)
-    _, with_distillation = TeaObjective(teacher=teacher, distill_weight=0.5, temperature=2.0).forward_and_loss(student, batch)
+    distilling = TeaObjective(teacher=teacher, distill_weight=0.5, temperature=2.0)
+    _, with_distillation = distilling.forward_and_loss(student, batch)
     expected = heat_only + 0.5 * distillation_loss(logits, teacher(images), 2.0)
     torch.testing.assert_close(with_distillation, expected, rtol=1e-5, atol=1e-6)
     assert (with_distillation - heat_only).item() > 1e-4  # untrained nets disagree: the term is not zero

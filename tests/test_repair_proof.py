@@ -23,6 +23,7 @@ from auditkit.training import TrainConfig, evaluate, train_model
 
 from .conftest import train_digits_model
 from .test_cli_data_train import error_line
+from .test_report_schemas import validate_repair_document
 
 
 def last_line(result) -> str:
@@ -67,7 +68,8 @@ def test_dilation_schedules_give_the_documented_kernel_sizes():
     # auto (the default): receptive where the receptive fields fit in the image, else fixed (the
     # cumulative scheme destroyed ResNet-18 on the stripe data: docs/repair.md).
     assert kernel_sizes("auto", 3, (28, 28), cnn_sizes, fields) == [3, 7]
-    assert kernel_sizes("auto", 3, (64, 64), at_64, [435.0, 211.0, 99.0, 43.0]) == kernel_sizes("fixed", 3, (64, 64), at_64) == [3, 3, 3, 3]
+    auto = kernel_sizes("auto", 3, (64, 64), at_64, [435.0, 211.0, 99.0, 43.0])
+    assert auto == kernel_sizes("fixed", 3, (64, 64), at_64) == [3, 3, 3, 3]
 
 
 def test_tap_objective_uses_the_schedule(tmp_path):
@@ -156,7 +158,8 @@ def test_thin_marker_survives_a_fixed_dilation_and_not_a_receptive_one(marker_sh
 
 @pytest.fixture(scope="module")
 def digits_shortcut(tmp_path_factory):
-    return save_checkpoint(train_digits_model("contaminated", epochs=2), tmp_path_factory.mktemp("proof") / "s.safetensors")
+    return save_checkpoint(train_digits_model("contaminated", epochs=2),
+                           tmp_path_factory.mktemp("proof") / "s.safetensors")
 
 
 def test_fail_on_shortcut_exits_1_with_one_line_and_keeps_the_outputs(digits_shortcut, tmp_path):
@@ -167,8 +170,10 @@ def test_fail_on_shortcut_exits_1_with_one_line_and_keeps_the_outputs(digits_sho
                                  "--out", str(out), "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 1, result.output
     line = last_line(result)
-    assert line.startswith("error: ") and "still relies on the signal" in line and "--lambda auto" in line and "permuted" in line
+    assert line.startswith("error: ") and "still relies on the signal" in line
+    assert "--lambda auto" in line and "permuted" in line
     document = json.loads((tmp_path / "r.json").read_text())
+    validate_repair_document(document)
     assert document["decision"]["verdict"] == "reliant" and document["decision"]["split"] == "val"
     assert out.is_file()  # the repaired model and its proof are written all the same
     # Without the flag the same repair exits 0.
@@ -183,6 +188,7 @@ def test_method_auto_lists_every_attempt_and_keeps_the_first_that_works(digits_s
                                  "--epochs", "2", "--quiet", "--out", str(out), "--json", str(tmp_path / "a.json")])
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "a.json").read_text())
+    validate_repair_document(document)
     attempts = document["attempts"]
     ran = [a for a in attempts if "skipped" not in a]
     # In order of cost; TEA is skipped without a teacher.
@@ -211,12 +217,15 @@ def test_auto_with_nothing_working_says_so_and_exits_1(digits_shortcut, tmp_path
     # A learning rate of 1e-9 lets no method change the model: every attempt stays reliant.
     result = runner.invoke(app, ["repair", str(digits_shortcut), "--data", "builtin:decoy-digits", "--method", "auto",
                                  "--lr", "1e-9", "--epochs", "1", "--fail-on-shortcut", "--audit-split", "none",
-                                 "--quiet", "--out", str(tmp_path / "n.safetensors"), "--json", str(tmp_path / "n.json")])
+                                 "--quiet", "--out", str(tmp_path / "n.safetensors"), "--json",
+                                 str(tmp_path / "n.json")])
     assert result.exit_code == 1, result.output
     line = last_line(result)
-    assert line.startswith("error: no method left the model not reliant") and "tap: reliant" in line and "rrr: reliant" in line
+    assert line.startswith("error: no method left the model not reliant")
+    assert "tap: reliant" in line and "rrr: reliant" in line
     document = json.loads((tmp_path / "n.json").read_text())
     assert document["auto"]["succeeded"] is False
+    validate_repair_document(document)
     assert [a["method"] for a in document["attempts"]] == ["tap", "rrr", "tea", "energy", "masktune"]
     assert "teacher" in document["attempts"][2]["skipped"]  # TEA needs one; none was given
     assert not any(a.get("succeeded") for a in document["attempts"])
@@ -227,7 +236,8 @@ def test_auto_refuses_an_unknown_method_in_its_order(digits_shortcut):
     from auditkit.repair import AutoConfig, run_auto_repair
 
     with pytest.raises(Exception, match="`order` names an unknown method 'magic'"):
-        run_auto_repair(load_checkpoint(digits_shortcut), open_dataset("builtin:decoy-digits"), RepairConfig(audit=None),
+        run_auto_repair(load_checkpoint(digits_shortcut), open_dataset("builtin:decoy-digits"),
+                        RepairConfig(audit=None),
                         AutoConfig(order=("magic",)), show_progress=False)
 
 

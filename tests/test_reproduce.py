@@ -29,7 +29,8 @@ def test_markdown_gives_mean_and_std_over_seeds_beside_the_published_numbers():
 
 def test_extra_numbers_get_their_own_table():
     result = Reproduction("table12", [0])
-    result.add("random τ=0.1", {"contaminated": SimpleNamespace(accuracy=0.5)}, {"annotation recall": 0.25, "mask area": None})
+    result.add("random τ=0.1", {"contaminated": SimpleNamespace(accuracy=0.5)},
+               {"annotation recall": 0.25, "mask area": None})
     table = markdown(result)
     assert "| case | annotation recall |" in table and "| random τ=0.1 | 0.250 ± 0.000 |" in table
 

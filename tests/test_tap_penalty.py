@@ -146,7 +146,8 @@ def test_opcheck(device):
             torch.ops.auditkit.downscale_mask.default, (mask, [kernel_size], sizes), {"dtype": torch.float64}
         )
         # One kernel size per layer (a dilation that grows with depth).
-        torch.library.opcheck(torch.ops.auditkit.downscale_mask.default, (mask, [kernel_size, 2 * kernel_size + 1], sizes))
+        torch.library.opcheck(torch.ops.auditkit.downscale_mask.default,
+                              (mask, [kernel_size, 2 * kernel_size + 1], sizes))
         weights = ops.downscale_mask(mask, activation.shape[-2:], kernel_size)
         torch.library.opcheck(torch.ops.auditkit.weighted_relu_sum.default, (activation, weights))
         grad = torch.randn(activation.shape[0], device=device)

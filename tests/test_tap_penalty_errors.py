@@ -16,10 +16,14 @@ BAD_CALLS = [
     ("5-D mask", torch.randn(*GOOD_ACTIVATION), torch.ones(2, 1, 1, 8, 8), 3, ValueError, "`mask` must have shape"),
     ("2-channel mask", torch.randn(*GOOD_ACTIVATION), torch.ones(2, 2, 8, 8), 3, ValueError, "`mask` must have shape"),
     ("batch mismatch", torch.randn(*GOOD_ACTIVATION), torch.ones(3, 1, 8, 8), 3, ValueError, "batch size 3"),
-    ("integer activation", torch.ones(*GOOD_ACTIVATION, dtype=torch.int64), torch.ones(*GOOD_MASK), 3, TypeError, "`activation` must be float"),
-    ("bool mask", torch.randn(*GOOD_ACTIVATION), torch.ones(*GOOD_MASK, dtype=torch.bool), 3, TypeError, "`mask` must be a floating"),
-    ("uint8 mask", torch.randn(*GOOD_ACTIVATION), torch.ones(*GOOD_MASK, dtype=torch.uint8), 3, TypeError, "mask.float()"),
-    ("mask smaller than activation", torch.randn(*GOOD_ACTIVATION), torch.ones(2, 1, 3, 8), 3, ValueError, "smaller than the activation map"),
+    ("integer activation", torch.ones(*GOOD_ACTIVATION, dtype=torch.int64), torch.ones(*GOOD_MASK), 3, TypeError,
+     "`activation` must be float"),
+    ("bool mask", torch.randn(*GOOD_ACTIVATION), torch.ones(*GOOD_MASK, dtype=torch.bool), 3, TypeError,
+     "`mask` must be a floating"),
+    ("uint8 mask", torch.randn(*GOOD_ACTIVATION), torch.ones(*GOOD_MASK, dtype=torch.uint8), 3, TypeError,
+     "mask.float()"),
+    ("mask smaller than activation", torch.randn(*GOOD_ACTIVATION), torch.ones(2, 1, 3, 8), 3, ValueError,
+     "smaller than the activation map"),
     ("zero kernel", torch.randn(*GOOD_ACTIVATION), torch.ones(*GOOD_MASK), 0, ValueError, "`kernel_size` must be"),
     ("empty spatial size", torch.randn(2, 3, 0, 4), torch.ones(*GOOD_MASK), 3, ValueError, "spatial size"),
 ]
@@ -32,7 +36,8 @@ def test_public_function_rejects(case):
         ops.tap_penalty(activation, mask, kernel_size)
 
 
-MASK_ONLY = {"5-D mask", "2-channel mask", "bool mask", "uint8 mask", "mask smaller than activation", "zero kernel", "empty spatial size"}
+MASK_ONLY = {"5-D mask", "2-channel mask", "bool mask", "uint8 mask", "mask smaller than activation", "zero kernel",
+             "empty spatial size"}
 
 
 @pytest.mark.parametrize("case", [c for c in BAD_CALLS if c[0] in MASK_ONLY], ids=lambda c: c[0])

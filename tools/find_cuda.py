@@ -33,7 +33,8 @@ def find_cuda_home() -> str | None:
         if folder:
             if looks_like_cuda_toolkit(folder):
                 return folder
-            print(f"[auditkit build] ignoring {variable}={folder}: no bin/nvcc and include/cuda_runtime.h there", file=sys.stderr)
+            print(f"[auditkit build] ignoring {variable}={folder}: no bin/nvcc and include/cuda_runtime.h there",
+                  file=sys.stderr)
     candidates = ["/usr/local/cuda"]
     candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     candidates += ["/opt/cuda"]

@@ -306,7 +306,8 @@ def markdown(report: dict) -> str:
     if doctor:
         cuda = (doctor.get("kernels") or {}).get("cuda", {})
         lines += ["", f"Kernels on CUDA: {cuda.get('backend')} ({cuda.get('why')}); self-test: "
-                  + ", ".join(f"{t['device']} {'ok' if t['ok'] else 'MISMATCH'}" for t in doctor.get("self_test") or [])]
+                  + ", ".join(f"{t['device']} {'ok' if t['ok'] else 'MISMATCH'}"
+                              for t in doctor.get("self_test") or [])]
     tests = report.get("tests")
     if tests and "tests" in tests:
         lines += ["", f"CUDA tests: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.meaning import SPURIOUS, WORDS
 from ..explain.render import captioned, grid, outline, png_data_uri, upscale
 from .metrics import HOW_CHOSEN
 from .tiles import decode_map, decode_picture
@@ -37,6 +38,12 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}
 COLOURS = {"before": "#c0392b", "after": "#27ae60", "": "#2c3e50"}
 _LOADED_SCRIPT = ("<script>addEventListener('load',()=>{const i=[...document.images];"
                   "document.body.dataset.imagesLoaded=i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length;});</script>")
+
+
+def masks_mark(report: dict) -> str:
+    """What the audited masks mark, as people read it: "the artefact" or "the object" (reports that
+    predate ``data.mask_meaning`` audited artefact masks)."""
+    return WORDS.get(report["data"].get("mask_meaning", SPURIOUS), WORDS[SPURIOUS])
 
 
 def _fmt(value, digits=3) -> str:
@@ -86,7 +93,8 @@ def metric_plot(reports: dict[str, dict]) -> str:
     entries = [e for r in reports.values() for e in r["task"]["per_variant"].values()]
     # Accuracy and F-score live in [0, 1]; an error (MAE) gets an axis up to its largest interval end.
     top = 1.0 if next(iter(reports.values()))["task"]["higher_is_better"] else max(
-        [1e-9, *(e["value"] for e in entries if e["value"] is not None), *(e["ci"][1] for e in entries if e["ci"][1] is not None)])
+        [1e-9, *(e["value"] for e in entries if e["value"] is not None),
+         *(e["ci"][1] for e in entries if e["ci"][1] is not None)])
     left, row, width, plot = 110, 26, 460, 320
     height = 30 + row * len(variants) * max(1, len(reports)) + 30
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -97,7 +105,8 @@ def metric_plot(reports: dict[str, dict]) -> str:
                      f'<text x="{x:.1f}" y="{height - 10}" font-size="11" text-anchor="middle">{tick:.2f}</text>')
     y = 30
     for variant in variants:
-        parts.append(f'<text x="4" y="{y + 4 + row * (len(reports) - 1) / 2:.1f}" font-size="12">{html.escape(variant)}</text>')
+        parts.append(f'<text x="4" y="{y + 4 + row * (len(reports) - 1) / 2:.1f}" font-size="12">'
+                     f"{html.escape(variant)}</text>")
         for name, report in reports.items():
             entry = report["task"]["per_variant"].get(variant)
             if entry and entry["value"] is not None:
@@ -126,14 +135,16 @@ def _share_chart(shares: list[dict]) -> str:
                      f'<text x="4" y="{y + 4}" font-size="11">{tick:.1f}</text>')
     for k, entry in enumerate(shares):
         x = left + k * (bar * 2 + gap)
-        for offset, value, colour in ((0, entry["share"]["value"] or 0.0, "#c0392b"), (bar, entry["chance"], "#95a5a6")):
+        bars = ((0, entry["share"]["value"] or 0.0, "#c0392b"), (bar, entry["chance"], "#95a5a6"))
+        for offset, value, colour in bars:
             h = height * max(0.0, min(1.0, value))
             parts.append(f'<rect x="{x + offset}" y="{10 + height - h}" width="{bar - 2}" height="{h}" fill="{colour}">'
                          f"<title>{value:.3f}</title></rect>")
         label = html.escape(entry["layer"].removeprefix("net."))
         parts.append(f'<text x="{x}" y="{height + 28}" font-size="11">{label}</text>')
     parts.append(f'<text x="{left}" y="{height + 50}" font-size="11" fill="#c0392b">share inside the mask</text>'
-                 f'<text x="{left + 150}" y="{height + 50}" font-size="11" fill="#7f8c8d">chance (mask area after D)</text>')
+                 f'<text x="{left + 150}" y="{height + 50}" font-size="11" fill="#7f8c8d">'
+                 "chance (mask area after D)</text>")
     return "".join(parts) + "</svg>"
 
 
@@ -224,13 +235,16 @@ def render_html(report: dict) -> str:
     classes = report["checkpoint"]["classes"]
     metric = html.escape(metric_name(report))
     out = _head(f"auditkit audit: {verdict['label']}")
-    out += [f"<h1>Shortcut audit of {html.escape(str(report['checkpoint']['path'] or report['checkpoint']['arch']))}</h1>",
+    audited = report["checkpoint"]["path"] or report["checkpoint"]["arch"]
+    out += [f"<h1>Shortcut audit of {html.escape(str(audited))}</h1>",
             f"<p class=muted>{html.escape(report['checkpoint']['arch'])} on {html.escape(report['data']['spec'])} "
-            f"({report['data']['samples']} samples, {report['data']['with_masks']} with masks), auditkit "
+            f"({report['data']['samples']} samples, {report['data']['with_masks']} with masks of "
+            f"{masks_mark(report)}), auditkit "
             f"{report['auditkit_version']}, {report['created']}, {report['seconds']} s, "
             f"{report['config']['processes']} process(es)</p>",
             _verdict_box(report),
-            "<h2>Evidence</h2><table><tr><th class=l>test</th><th>value [interval]</th><th>threshold</th><th class=l>finding</th></tr>"]
+            "<h2>Evidence</h2><table><tr><th class=l>test</th><th>value [interval]</th><th>threshold</th>"
+            "<th class=l>finding</th></tr>"]
     for e in verdict["evidence"]:
         finding = f"not run: {e.get('reason') or 'no data'}" if e["finding"] == "not run" else e["finding"]
         value = "–" if e["value"] is None else _interval(e)
@@ -243,7 +257,8 @@ def render_html(report: dict) -> str:
     out.append(f"<h2>Task performance ({metric})</h2>" + _positive_note(report) + metric_plot({"": report}))
     out.append(f"<table><tr><th class=l>variant</th><th>{metric} [interval]</th><th>samples</th></tr>")
     for variant, entry in report["task"]["per_variant"].items():
-        out.append(f"<tr><td class=l>{html.escape(variant)}</td><td>{_interval(entry)}</td><td>{entry['samples']}</td></tr>")
+        out.append(f"<tr><td class=l>{html.escape(variant)}</td><td>{_interval(entry)}</td>"
+                   f"<td>{entry['samples']}</td></tr>")
     out.append("</table>")
     for other, entry in report["degradation"].items():
         out.append(f"<p>Degradation contaminated → {html.escape(other)}: {_interval(entry)}"
@@ -264,7 +279,7 @@ def render_html(report: dict) -> str:
     for variant, entry in report["task"]["per_variant"].items():
         if entry.get("confusion"):
             out.append(f"<h3>{html.escape(variant)}</h3>{_confusion(entry['confusion'], classes)}")
-    out.append("<h2>Where it looks: attribution inside the mask</h2>")
+    out.append(f"<h2>Where it looks: attribution inside the mask ({masks_mark(report)})</h2>")
     for method, variants in report["localisation"].items():
         out.append(f"<h3>{html.escape(method)}</h3><table><tr><th class=l>variant</th><th>energy in mask</th>"
                    "<th>chance</th><th>top-25% recall</th><th>top-25% precision</th><th>IoU</th></tr>")
@@ -273,7 +288,8 @@ def render_html(report: dict) -> str:
                        f"<td>{_fmt(entry['chance']['energy_in_mask'])}</td><td>{_interval(entry['top_quartile_recall'])}</td>"
                        f"<td>{_interval(entry['top_quartile_precision'])}</td><td>{_interval(entry['iou'])}</td></tr>")
         out.append("</table>")
-    out.append("<h2>Activation inside the mask, per targeted layer</h2>" + _share_chart(report["activation_share"]))
+    out.append(f"<h2>Activation inside the mask ({masks_mark(report)}), per targeted layer</h2>"
+               + _share_chart(report["activation_share"]))
     out.append("<h2>Heatmaps</h2><p class=muted>Each example: the image, then one heatmap per method "
                "(red: evidence for the predicted class; blue: against); green: the mask's outline.</p>")
     out += example_figures(report)
@@ -302,13 +318,15 @@ def render_comparison_html(before: dict, after: dict, title: str = "Repair") -> 
 
     out = _head(f"auditkit {title}")
     out += [f"<h1>{html.escape(title)}: before and after</h1>",
-            f"<p class=muted>{html.escape(a['data']['spec'])}, {a['data']['samples']} samples; auditkit {a['auditkit_version']}</p>",
+            f"<p class=muted>{html.escape(a['data']['spec'])}, {a['data']['samples']} samples; "
+            f"auditkit {a['auditkit_version']}</p>",
             _verdict_box(b, "Before"), _verdict_box(a, "After"),
             f"<h2>Task performance ({html.escape(metric)})</h2>" + _positive_note(a)
             + metric_plot({"before": b, "after": a}),
             "<h2>Changes</h2><table><tr><th class=l>measure</th><th>before</th><th>after</th><th>change</th></tr>"]
     for variant in a["task"]["per_variant"]:
-        out.append(row(f"{metric}, {variant}", value(b["task"]["per_variant"].get(variant)), value(a["task"]["per_variant"][variant])))
+        out.append(row(f"{metric}, {variant}", value(b["task"]["per_variant"].get(variant)),
+                       value(a["task"]["per_variant"][variant])))
     for other in a["degradation"]:
         out.append(row(f"degradation to {other}", value(b["degradation"].get(other)), value(a["degradation"][other])))
     for name, path in (("swap flip rate", ("swap", "flip_rate")), ("removal drop", ("removal", "drop"))):
@@ -320,7 +338,8 @@ def render_comparison_html(before: dict, after: dict, title: str = "Repair") -> 
     for method, variants in a["localisation"].items():
         if reference in variants:
             x = b["localisation"].get(method, {}).get(reference, {}).get("energy_in_mask")
-            out.append(row(f"{method}: energy in mask ({reference})", value(x), value(variants[reference]["energy_in_mask"])))
+            out.append(row(f"{method}: energy in mask ({reference})", value(x),
+                           value(variants[reference]["energy_in_mask"])))
     for x, y in zip(b["activation_share"], a["activation_share"]):
         out.append(row(f"activation inside mask, {y['layer']}", value(x["share"]), value(y["share"])))
     out.append("</table>")

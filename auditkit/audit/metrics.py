@@ -12,7 +12,8 @@ with a bootstrap confidence interval;
 when two variants hold the same base images in the same order (generated data) the bootstrap
 resamples them jointly (paired), otherwise independently.
 
-Localisation of one map A against one mask M (TAP App. D; model guidance, seed 003 Eq. 2):
+Localisation of one map A against one mask M (TAP App. D; model guidance, Rao et al. 2023,
+arXiv:2303.11932, Eq. 2):
 - energy in mask (energy pointing game on the spurious region): sum(M A+) / sum(A+);
 - top-quartile recall |S ∩ T| / |S| and precision |S ∩ T| / |T|, T = the 25 % of pixels with the
   largest |A|, S = the mask (M > 0.5);

@@ -10,6 +10,11 @@ A mask with no pixel above 0.5 at the model's input size is *empty*: it marks no
 takes no part in the mask-based measurements (removal, swap, localisation, activation share) — it is
 counted and excluded, never measured as "no effect". The swap runs after a first pass, once it is
 known which masks are empty, so a donor's region is never an empty one.
+
+What the masks mark (``dataset.info.mask_meaning``, auditkit/data/meaning.py) decides what is measured:
+masks of the artefact get every test; masks of the object get localisation and activation share as
+the share inside the object, and no swap or removal, which need the artefact's region (removing or
+swapping everything but the object changes far more than a shortcut, so its effect would prove none).
 """
 
 from __future__ import annotations
@@ -29,13 +34,16 @@ from ..data import AuditDataset, collate, to_uint8
 from ..data.contaminations import make_contamination
 from ..data.dataset import Record
 from ..data.masks import annotated
+from ..data.meaning import OBJECT, SPURIOUS, meaning_of
 from ..device import autocast, device_for, resolve_precision
 from ..distributed import Context, gather
 from ..errors import AuditkitError, ParameterError
 from ..explain import METHODS, attribute
+from ..explain.defaults import EPSILON_AUDIT
 from ..models import run_capturing
 from ..ops import downscale_masks, weighted_relu_sum
 from . import metrics as M
+from .records import ActivationShare, CheckpointSection, DataSection, RunSection, SampleRecord, SwapResult
 from .tiles import example_tiles
 from .verdict import RELIANT, Evidence, Thresholds, decide, judge, not_run
 
@@ -43,6 +51,13 @@ SCHEMA = "auditkit.audit/1"
 LOCALISATION_KEYS = ("energy_in_mask", "top_quartile_recall", "top_quartile_precision", "iou")
 # Energy in the mask is a share of the positive attribution: undefined for maps with none.
 NO_POSITIVE = "no map has positive attribution to share out"
+# Why swap and removal do not run on object masks: one line naming the option that says what masks mark.
+OBJECT_MASKS = ("the masks mark the object (mask_meaning 'object'), and swap and removal need the artefact's "
+                "region; if the masks mark the artefact, set mask_meaning (--masks-mark) to artefact")
+
+
+def _marks_artefact(dataset: AuditDataset) -> bool:
+    return meaning_of(dataset) == SPURIOUS
 
 
 @dataclass
@@ -51,13 +66,14 @@ class AuditConfig:
     task: str = "auto"
     thresholds: Thresholds = field(default_factory=Thresholds)
     batch_size: int = 128
-    device: str = "auto"  # where the model is ("auto"), or cpu | cuda | cuda:N: the model must be there
+    # where the model is ("auto"), or cpu | cuda | cuda:N or a torch.device: the model must be there
+    device: str | torch.device = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast of the model's forward passes
     seed: int = 0
     bootstrap: int = 1000
     confidence: float = 0.95
     counterfactuals: bool = True
-    epsilon: float = 0.01  # LRP-epsilon stabiliser for the audit's maps
+    epsilon: float = EPSILON_AUDIT  # LRP-epsilon stabiliser for the audit's maps (explain/defaults.py)
     layers: tuple[str, ...] | None = None  # activation-share layers (default: the model's TAP targets)
     examples: int = 8  # per variant: this many correct and this many wrong predictions in the HTML
     # Binary task: the class whose F-score is the metric, a name or an index; None = the minority class
@@ -156,10 +172,11 @@ def swap_partners(masked: list[int], labels: list[int], seed: int) -> dict[int, 
 # ---- measuring --------------------------------------------------------------------------------------
 
 
-def _activation_shares(model, layers, images, masks):
-    """Per layer: share of the channel-summed ReLU activation inside D(M), and D's mean (chance)."""
+def _activation_shares(model, layers, images, masks, calls=None):
+    """Per layer: share of the channel-summed ReLU activation inside D(M), and D's mean (chance).
+    ``calls``: kept across batches, so a layer named "block#2" is the same call in every batch."""
     with torch.no_grad():
-        _, captured, _ = run_capturing(model, layers, lambda: model(images))
+        _, captured, _ = run_capturing(model, layers, lambda: model(images), calls=calls)
         activations = [a for a in captured]
     if hasattr(model, "masks_for_network"):
         masks = model.masks_for_network(masks)  # at the resolution the network sees
@@ -177,24 +194,19 @@ def _removal_seed(config: AuditConfig, index: int) -> int:
     return config.seed * 1_000_003 + int(index)
 
 
-def _measure_batch(model, dataset, indices, variant, config, layers, is_reference):
+def _measure_batch(model, dataset, indices, variant, config, layers, is_reference, calls=None):
     device = config.device
     batch = collate([dataset[i] for i in indices]).to(device)
     with torch.no_grad():
         predictions = model(batch.images).argmax(1)
-    records = [
-        {"index": int(i), "variant": variant, "label": int(batch.labels[j]), "prediction": int(predictions[j]),
-         "has_mask": bool(batch.has_mask[j]), "mask_area": None, "mask_empty": None, "localisation": {},
-         "share": None, "coverage": None, "removed_prediction": None, "swap_prediction": None,
-         "partner_label": None}
-        for j, i in enumerate(indices)
-    ]
+    records = [SampleRecord(int(i), variant, int(batch.labels[j]), int(predictions[j]), bool(batch.has_mask[j]))
+               for j, i in enumerate(indices)]
     # The pixels the region tests use are those above 0.5 (remove_region, localisation's S); a mask
     # with none marks nothing: recorded as empty, and left out of every mask-based measurement.
     areas = annotated(batch.masks[:, 0]).float().mean(dim=(1, 2))
     for j in torch.nonzero(batch.has_mask).flatten().tolist():
-        records[j]["mask_area"] = float(areas[j])
-        records[j]["mask_empty"] = bool(areas[j] == 0)
+        records[j].mask_area = float(areas[j])
+        records[j].mask_empty = bool(areas[j] == 0)
     masked = torch.nonzero(batch.has_mask & (areas > 0)).flatten()
     if len(masked) == 0:
         return records
@@ -204,27 +216,27 @@ def _measure_batch(model, dataset, indices, variant, config, layers, is_referenc
         options = {"epsilon": config.epsilon} if method == "lrp_epsilon" else {}
         maps = attribute(model, images, targets, method, **options)[:, 0]
         per_method[method] = M.localisation(maps, masks[:, 0])
-    shares, coverages = _activation_shares(model, layers, images, masks) if layers else (None, None)
+    shares, coverages = _activation_shares(model, layers, images, masks, calls) if layers else (None, None)
     removed_pred = None
-    if is_reference and config.counterfactuals:
+    if is_reference and config.counterfactuals and _marks_artefact(dataset):
         seeds = [_removal_seed(config, indices[int(j)]) for j in masked]
         removed = torch.stack([M.remove_region(images[k], masks[k], seeds[k]) for k in range(len(masked))])
         with torch.no_grad():
             removed_pred = model(removed).argmax(1).tolist()
     for k, j in enumerate(masked.tolist()):
         record = records[j]
-        record["localisation"] = {
+        record.localisation = {
             method: {key: float(values[key][k]) for key in LOCALISATION_KEYS} for method, values in per_method.items()
         }
         if shares is not None:
-            record["share"] = shares[k].tolist()
-            record["coverage"] = coverages[k].tolist()
+            record.share = shares[k].tolist()
+            record.coverage = coverages[k].tolist()
         if removed_pred is not None:
-            record["removed_prediction"] = removed_pred[k]
+            record.removed_prediction = removed_pred[k]
     return records
 
 
-def _measure_swaps(model, dataset, indices, partners, config) -> list[dict]:
+def _measure_swaps(model, dataset, indices, partners, config) -> list[SwapResult]:
     """The swap counterfactual of the samples ``indices`` (each with a partner): the masked region
     filled as by the removal test (same seed), then the partner's masked region pasted in."""
     device = config.device
@@ -237,11 +249,11 @@ def _measure_swaps(model, dataset, indices, partners, config) -> list[dict]:
     ])
     with torch.no_grad():
         predictions = model(swapped).argmax(1).tolist()
-    return [{"index": int(i), "swap_prediction": int(p), "partner_label": int(d.label)}
-            for i, p, d in zip(indices, predictions, donors)]
+    return [SwapResult(int(i), int(p), int(d.label)) for i, p, d in zip(indices, predictions, donors)]
 
 
-def measure(model, dataset: AuditDataset, config: AuditConfig, context: Context, show_progress: bool) -> list[dict]:
+def measure(model, dataset: AuditDataset, config: AuditConfig, context: Context,
+            show_progress: bool) -> list[SampleRecord]:
     """Per-sample records for every sample of every variant (gathered from all ranks)."""
     reference = reference_variant(dataset)
     by_variant: dict[str, list[int]] = defaultdict(list)
@@ -255,36 +267,39 @@ def measure(model, dataset: AuditDataset, config: AuditConfig, context: Context,
     ]
     mine = batches[context.rank :: context.world_size]
     layers = list(config.layers) if config.layers is not None else list(getattr(model.meta, "target_layers", ()))
-    records = []
+    records, calls = [], {}  # calls: how often each layer's module ran (the same in every batch)
     with progress_bar("auditing", total=sum(len(i) for _, i in mine), enabled=show_progress and context.is_main) as bar:
         for variant, indices in mine:
             with autocast(config.device, config.precision):
-                records += _measure_batch(model, dataset, indices, variant, config, layers, variant == reference)
+                records += _measure_batch(model, dataset, indices, variant, config, layers, variant == reference,
+                                          calls)
             bar.advance(len(indices))
     records = gather(context, records)
-    records.sort(key=lambda r: r["index"])
-    if config.counterfactuals:
+    records.sort(key=lambda r: r.index)
+    if config.counterfactuals and _marks_artefact(dataset):
         # Second pass, now that every rank knows which masks are empty: partners are drawn from
         # the reference samples with a non-empty mask only, the same on every rank.
-        usable = [r for r in records if r["variant"] == reference and r["mask_empty"] is False]
-        partners = swap_partners([r["index"] for r in usable], [r["label"] for r in usable], config.seed)
-        todo = [r["index"] for r in usable if r["index"] in partners]
+        usable = [r for r in records if r.variant == reference and r.mask_empty is False]
+        partners = swap_partners([r.index for r in usable], [r.label for r in usable], config.seed)
+        todo = [r.index for r in usable if r.index in partners]
         swap_batches = [todo[start : start + config.batch_size] for start in range(0, len(todo), config.batch_size)]
         swaps = []
         for indices in swap_batches[context.rank :: context.world_size]:
             with autocast(config.device, config.precision):
                 swaps += _measure_swaps(model, dataset, indices, partners, config)
-        by_index = {s["index"]: s for s in gather(context, swaps)}
+        by_index = {s.index: s for s in gather(context, swaps)}
         for record in records:
-            record.update(by_index.get(record["index"], {}))
+            swap = by_index.get(record.index)
+            if swap is not None:
+                record.swap_prediction, record.partner_label = swap.swap_prediction, swap.partner_label
     return records
 
 
 # ---- aggregating --------------------------------------------------------------------------------
 
 
-def _aligned(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x["label"] == y["label"] for x, y in zip(a, b))
+def _aligned(a: list[SampleRecord], b: list[SampleRecord]) -> bool:
+    return len(a) == len(b) and all(x.label == y.label for x, y in zip(a, b))
 
 
 @dataclass(frozen=True)
@@ -318,32 +333,32 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None  # null in JSON; the estimate beside it says why
 
 
-def _mask_reason(rows: list[dict], variant: str) -> str | None:
+def _mask_reason(rows: list[SampleRecord], variant: str) -> str | None:
     """Why the mask tests have nothing to measure on ``rows`` (the reference variant), or None."""
-    with_mask = [r for r in rows if r["has_mask"]]
+    with_mask = [r for r in rows if r.has_mask]
     if not with_mask:
         return f"none of the {len(rows)} {variant} images has a mask"
-    if all(r["mask_empty"] for r in with_mask):
+    if all(r.mask_empty for r in with_mask):
         return (f"the masks of the {len(with_mask)} {variant} images are all empty "
                 "(no pixel above 0.5 at the model's input size)")
     return None
 
 
-def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, layers: list[str],
+def aggregate(records: list[SampleRecord], dataset: AuditDataset, config: AuditConfig, layers: list[str],
               spec: TaskSpec | None = None) -> tuple[dict, dict]:
     spec = spec or task_spec(config, dataset)
     task, positive, classes = spec.type, spec.positive, dataset.classes
     scored = positive if positive is not None else 1  # the class an F-score scores (unused by other tasks)
     metric = spec.label(classes)
     reference = reference_variant(dataset)
-    by_variant: dict[str, list[dict]] = defaultdict(list)
+    by_variant: dict[str, list[SampleRecord]] = defaultdict(list)
     for record in records:
-        by_variant[record["variant"]].append(record)
+        by_variant[record.variant].append(record)
     stats = dict(resamples=config.bootstrap, confidence=config.confidence, positive=scored)
     mean_stats = dict(resamples=config.bootstrap, confidence=config.confidence)
 
     def labels_predictions(rows):
-        return np.array([r["label"] for r in rows], int), np.array([r["prediction"] for r in rows], int)
+        return np.array([r.label for r in rows], int), np.array([r.prediction for r in rows], int)
 
     def undefined(labels, variant):
         reason = M.undefined_reason(task, labels, scored, classes)
@@ -374,8 +389,8 @@ def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, l
 
     counterfactual = {}
     reference_rows = by_variant[reference]
-    masked = [r for r in reference_rows if r["has_mask"]]
-    empty = sum(bool(r["mask_empty"]) for r in masked)
+    masked = [r for r in reference_rows if r.has_mask]
+    empty = sum(bool(r.mask_empty) for r in masked)
     no_masks = _mask_reason(reference_rows, reference)
     # Images whose own mask is empty are not evidence: excluded, and the count said.
     excluded = f" ({empty} of {len(masked)} images with an empty mask excluded)" if empty and not no_masks else ""
@@ -385,27 +400,28 @@ def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, l
         for test, threshold, what in (("swap_flip_rate", config.thresholds.swap_flip_rate, swap_what),
                                       ("removal_drop", config.thresholds.removal_drop, removal_what)):
             evidence.append(not_run(test, threshold, what, "the counterfactual tests were switched off"))
-    elif no_masks:
-        evidence.append(not_run("swap_flip_rate", config.thresholds.swap_flip_rate, swap_what, no_masks))
-        evidence.append(not_run("removal_drop", config.thresholds.removal_drop, removal_what, no_masks))
+    elif no_masks or not _marks_artefact(dataset):
+        why = no_masks or OBJECT_MASKS
+        evidence.append(not_run("swap_flip_rate", config.thresholds.swap_flip_rate, swap_what, why))
+        evidence.append(not_run("removal_drop", config.thresholds.removal_drop, removal_what, why))
     else:
-        swapped = [r for r in reference_rows if r["swap_prediction"] is not None]
-        removed = [r for r in reference_rows if r["removed_prediction"] is not None]
+        swapped = [r for r in reference_rows if r.swap_prediction is not None]
+        removed = [r for r in reference_rows if r.removed_prediction is not None]
         if swapped:
-            flips = [float(r["swap_prediction"] != r["prediction"]) for r in swapped]
-            follows = [float(r["swap_prediction"] == r["partner_label"]) for r in swapped]
+            flips = [float(r.swap_prediction != r.prediction) for r in swapped]
+            follows = [float(r.swap_prediction == r.partner_label) for r in swapped]
             flip = M.bootstrap_mean(flips, seed=config.seed + 201, **mean_stats)
             counterfactual["swap"] = {"flip_rate": flip.as_dict(), "excluded_empty_masks": empty,
                                       "follow_rate": M.bootstrap_mean(follows, seed=config.seed + 202,
                                                                       **mean_stats).as_dict()}
             evidence.append(judge("swap_flip_rate", flip, config.thresholds.swap_flip_rate, swap_what + excluded))
         else:
-            names = sorted({classes[r["label"]] for r in masked if not r["mask_empty"]})
+            names = sorted({classes[r.label] for r in masked if not r.mask_empty})
             evidence.append(not_run("swap_flip_rate", config.thresholds.swap_flip_rate, swap_what + excluded,
                                     f"every image with a non-empty mask is of one class ({names[0]!r}); "
                                     "a swap needs a masked image of another class"))
         labels, before = labels_predictions(removed)
-        after = np.array([r["removed_prediction"] for r in removed], int)
+        after = np.array([r.removed_prediction for r in removed], int)
         drop = M.bootstrap_degradation(task, (labels, before), (labels, after), paired=True, seed=config.seed + 203,
                                        **stats).because(undefined(labels, f"{reference} images with a mask"))
         counterfactual["removal"] = {
@@ -419,60 +435,61 @@ def aggregate(records: list[dict], dataset: AuditDataset, config: AuditConfig, l
     for method in config.methods:
         localisation[method] = {}
         for number, variant in enumerate(dataset.variants):
-            rows = [r for r in by_variant[variant] if r["localisation"]]
+            rows = [r for r in by_variant[variant] if r.localisation]
             if not rows:
                 continue
-            entry = {key: M.bootstrap_mean([r["localisation"][method][key] for r in rows],
+            entry = {key: M.bootstrap_mean([r.localisation[method][key] for r in rows],
                                            seed=config.seed + 300 + number, **mean_stats)
                      .because(NO_POSITIVE if key == "energy_in_mask" else None).as_dict()
                      for key in LOCALISATION_KEYS}
-            area = float(np.mean([r["mask_area"] for r in rows]))
+            area = float(np.mean([r.mask_area for r in rows]))
             entry["chance"] = {"energy_in_mask": area, "top_quartile_recall": 0.25, "top_quartile_precision": area}
             localisation[method][variant] = entry
 
     shares = []
-    share_rows = [r for r in reference_rows if r["share"] is not None]
+    share_rows = [r for r in reference_rows if r.share is not None]
     for position, name in enumerate(layers):
         if not share_rows:
             break
-        values = [r["share"][position] for r in share_rows]
-        shares.append({
-            "layer": name,
-            "share": M.bootstrap_mean(values, seed=config.seed + 400 + position, **mean_stats).as_dict(),
-            "chance": float(np.mean([r["coverage"][position] for r in share_rows])),
-        })
+        values = [r.share[position] for r in share_rows]
+        shares.append(ActivationShare(
+            layer=name,
+            share=M.bootstrap_mean(values, seed=config.seed + 400 + position, **mean_stats).as_dict(),
+            chance=float(np.mean([r.coverage[position] for r in share_rows])),
+        ).to_json())
 
     # A model that gives one class for every image reads no signal at all (a collapsed repair, say): tests
     # that find no reliance then prove nothing, so they cannot clear it (verdict.decide).
-    predicted = {r["prediction"] for r in reference_rows}
-    constant = classes[predicted.pop()] if len(predicted) == 1 and len({r["label"] for r in reference_rows}) > 1 \
+    predicted = {r.prediction for r in reference_rows}
+    constant = classes[predicted.pop()] if len(predicted) == 1 and len({r.label for r in reference_rows}) > 1 \
         else None
     verdict, summary = decide(evidence, constant_prediction=constant, reference=reference)
     supporting = []
+    region = "the object" if meaning_of(dataset) == OBJECT else "the mask"  # what a high share means differs
     if no_masks and masked:  # masks given but all empty: say why localisation is missing
         supporting.append(f"localisation and activation share not computed: {no_masks}")
     for method, variants in localisation.items():
         entry = variants.get(reference)
         if entry and entry["energy_in_mask"]["value"] is not None:
             supporting.append(
-                f"{method}: {entry['energy_in_mask']['value']:.2f} of the positive attribution lies in the mask "
+                f"{method}: {entry['energy_in_mask']['value']:.2f} of the positive attribution lies in {region} "
                 f"(chance {entry['chance']['energy_in_mask']:.2f})"
             )
     for share in shares:
         if share["share"]["value"] is not None:
-            supporting.append(f"{share['layer']}: {share['share']['value']:.2f} of the activation lies in the mask "
+            supporting.append(f"{share['layer']}: {share['share']['value']:.2f} of the activation lies in {region} "
                               f"(chance {share['chance']:.2f})")
 
     examples = {}
     for variant in dataset.variants:
         rows = by_variant[variant]
         examples[variant] = {
-            "correct": [r["index"] for r in rows if r["prediction"] == r["label"]][: config.examples],
-            "wrong": [r["index"] for r in rows if r["prediction"] != r["label"]][: config.examples],
+            "correct": [r.index for r in rows if r.prediction == r.label][: config.examples],
+            "wrong": [r.index for r in rows if r.prediction != r.label][: config.examples],
         }
     positive_entry = None
     if task == "binary":
-        reference_labels = [r["label"] for r in reference_rows]
+        reference_labels = [r.label for r in reference_rows]
         positive_entry = {"index": positive, "name": classes[positive], "chosen": spec.chosen,
                           "count": sum(label == positive for label in reference_labels),
                           "of": len(reference_labels), "variant": reference}
@@ -511,9 +528,10 @@ def run_audit(
     context = context or Context()
     config.validate(model)
     device = device_for(model, config.device, "the audit")
-    config = replace(config, device=str(device), precision=resolve_precision(config.precision, device))
+    config = replace(config, device=device, precision=resolve_precision(config.precision, device))
     if len(dataset) == 0:
         raise AuditkitError("the audit data has no samples (check the split asked for)")
+    meaning_of(dataset)  # a mask_meaning that names neither meaning fails here, in one line
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -532,18 +550,9 @@ def run_audit(
         "schema": SCHEMA,
         "auditkit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "checkpoint": {"path": checkpoint, "arch": meta.arch, "classes": list(meta.class_names),
-                       "input_size": list(meta.input_size), "in_channels": meta.in_channels,
-                       "normalization": {"mean": list(meta.mean), "std": list(meta.std), "source": meta.normalization}},
-        "data": {"spec": data_spec or dataset.info.name, "fingerprint": dataset.fingerprint(),
-                 "samples": len(dataset), "variants": {v: sum(r.variant == v for r in dataset.records) for v in dataset.variants},
-                 "with_masks": sum(r.mask is not None for r in dataset.records),
-                 "empty_masks": sum(bool(r["mask_empty"]) for r in records), "mask_meaning": dataset.info.mask_meaning},
-        "config": {"methods": list(config.methods), "task": config.task, "batch_size": config.batch_size,
-                   "device": config.device, "precision": config.precision, "seed": config.seed, "bootstrap": config.bootstrap,
-                   "confidence": config.confidence, "counterfactuals": config.counterfactuals,
-                   "epsilon": config.epsilon, "processes": context.world_size,
-                   "positive_class": config.positive_class},
+        "checkpoint": CheckpointSection.of(meta, checkpoint).to_json(),
+        "data": DataSection.of(dataset, records, data_spec).to_json(),
+        "config": RunSection.of(config, context.world_size).to_json(),
         **body,
         "examples": tiles,
         "seconds": round(time.perf_counter() - start, 2),

@@ -7,6 +7,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from .html import masks_mark
 from .metrics import HOW_CHOSEN
 
 COLOURS = {"reliant": "red", "not reliant": "green", "inconclusive": "yellow"}
@@ -32,7 +33,8 @@ def print_summary(report, console: Console | None = None) -> None:
         how = HOW_CHOSEN.get(positive["chosen"], positive["chosen"])
         console.print(escape(f"{metric}: the F-score of class {positive['name']!r} ({how}; {positive['count']} of "
                       f"{positive['of']} {positive['variant']} images)"))
-    table = Table(f"variant ({data['data']['spec']})", f"{metric} [{int(data['config']['confidence'] * 100)}% CI]", "samples")
+    table = Table(f"variant ({data['data']['spec']})", f"{metric} [{int(data['config']['confidence'] * 100)}% CI]",
+                  "samples")
     for variant, entry in data["task"]["per_variant"].items():
         table.add_row(variant, escape(_interval(entry)), str(entry["samples"]))
     console.print(table)
@@ -44,7 +46,8 @@ def print_summary(report, console: Console | None = None) -> None:
                          f"[{style}]{escape(finding)}[/{style}]")
     if verdict["evidence"]:
         console.print(evidence)
-    localisation = Table("method", "variant", "energy in mask [CI]", "chance", "top-25% recall", "IoU")
+    marks = masks_mark(data)  # a high share in the object is good, in the artefact a shortcut
+    localisation = Table("method", "variant", f"energy in mask ({marks}) [CI]", "chance", "top-25% recall", "IoU")
     for method, variants in data["localisation"].items():
         for variant, entry in variants.items():
             localisation.add_row(method, variant, _interval(entry["energy_in_mask"]),
@@ -53,7 +56,7 @@ def print_summary(report, console: Console | None = None) -> None:
     if any(data["localisation"].values()):  # a method with no masked variant has no rows
         console.print(localisation)
     if data["activation_share"]:
-        shares = Table("targeted layer", "activation inside the mask [CI]", "chance")
+        shares = Table("targeted layer", f"activation inside the mask ({marks}) [CI]", "chance")
         for entry in data["activation_share"]:
             shares.add_row(entry["layer"], _interval(entry["share"]), f"{entry['chance']:.3f}")
         console.print(shares)

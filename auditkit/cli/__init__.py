@@ -61,7 +61,8 @@ from . import report as _report  # noqa: E402
 from . import reproduce as _reproduce  # noqa: E402
 from . import train as _train  # noqa: E402
 
-for _module in (_demo, _audit, _discover, _repair, _report, _data, _train, _explain, _checkpoints, _models, _doctor, _reproduce):
+for _module in (_demo, _audit, _discover, _repair, _report, _data, _train, _explain, _checkpoints, _models, _doctor,
+                _reproduce):
     _module.register(app)
 
 

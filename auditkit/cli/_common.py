@@ -57,6 +57,22 @@ ClassesOption = Annotated[
         "order (folder trees: names sorted as text, like torchvision's ImageFolder).",
     ),
 ]
+# What the data's masks mark (auditkit/data/meaning.py); the library's parameter is mask_meaning.
+MasksMarkOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--masks-mark",
+        metavar="artefact|object",
+        help="What the data's masks (and boxes) mark: artefact (the shortcut; TAP, RRR, the audit's swap and "
+        "removal) or object (the evidence; Energy). Overrides dataset.json's mask_meaning; default: artefact.",
+    ),
+]
+
+# The LRP-epsilon defaults live in auditkit/explain/defaults.py (one per use); an option left unset
+# passes None and the library applies its own default, so the value is written once and --help
+# needs no torch import.
+EPSILON_HELP_EXPLAIN = "LRP-epsilon stabiliser (default: auditkit.explain.defaults.EPSILON_EXPLAIN, near LRP-0)."
+EPSILON_HELP_AUDIT = "LRP-epsilon stabiliser (default: auditkit.explain.defaults.EPSILON_AUDIT, for scored maps)."
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> None:
@@ -75,6 +91,7 @@ FLAGS = {
     "overwrite": "--force",
     "options": "--option",
     "data_order": "the data order",
+    "mask_meaning": "--masks-mark",
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,8 +33,7 @@ TrustPickleOption = Annotated[
 def load(path: Path, arch: Optional[str], trust_pickle: bool, input_size: Optional[str] = None,
          normalize: Optional[str] = None, output: Optional[str] = None):
     from ..errors import AuditkitError
-    from ..models import load_checkpoint
-    from ..models.outputs import use_output
+    from ..models.loading import ReadOptions, load_model
 
     size = None
     if input_size:
@@ -44,24 +42,16 @@ def load(path: Path, arch: Optional[str], trust_pickle: bool, input_size: Option
             size = (int(height), int(width or height))
         except ValueError as error:
             raise AuditkitError(f"--input-size expects HxW, e.g. 224x224; got {input_size!r}") from error
-    model = load_checkpoint(path, arch=arch, trust_pickle=trust_pickle, input_size=size, normalize=normalize)
-    return use_output(model, output).eval()  # --output: where the logits are in the network's output
+    # --output: where the logits are in the network's output
+    return load_model(path, ReadOptions(arch, trust_pickle, normalize, output, size))
 
 
-def model_data(data: str, model, *, split: Optional[str] = None, variant=None, classes=None):
+def model_data(data: str, model, *, split: Optional[str] = None, variant=None, classes=None, mask_meaning=None):
     """``data`` (its ``split`` and ``variant``; None: all) in the model's input format. A model whose
     normalisation was assumed is checked on the data's train split (align_dataset_to_model)."""
-    from ..data import open_dataset
-    from ..training import align_dataset_to_model
+    from ..training import model_data as open_for_model
 
-    full = open_dataset(data, classes=classes)
-    if split is not None and full.splits == [""]:
-        # The user's own data often has no split column: use all of it (and say so) rather than refuse
-        # the default split, which the user never chose.
-        warnings.warn(f"{data} has no splits (no split column or folders): using all {len(full)} images", stacklevel=2)
-        split = None
-    chosen = full.select(split=split, variant=variant) if split is not None or variant is not None else full
-    return align_dataset_to_model(chosen, model, check_on=full)
+    return open_for_model(data, model, split=split, variant=variant, classes=classes, mask_meaning=mask_meaning)
 
 
 @handles_errors
@@ -112,7 +102,8 @@ def inspect(
         f"  input: {meta.in_channels} channel(s), {meta.input_size[1]}x{meta.input_size[0]} px, "
         f"normalised with {describe(meta)}"
     )
-    console.print(f"  TAP targets: {', '.join(meta.target_layers) or 'none'}; Grad-CAM layer: {meta.gradcam_layer or 'none'}")
+    console.print(f"  TAP targets: {', '.join(meta.target_layers) or 'none'}; "
+                  f"Grad-CAM layer: {meta.gradcam_layer or 'none'}")
     if meta.output is not None:
         console.print(f"  logits: the network's output [{meta.output!r}]")
     training = report["extra"].get("training")
@@ -120,7 +111,8 @@ def inspect(
         accuracies = ", ".join(f"{k} {v:.3f}" for k, v in training.get("test_accuracy", {}).items())
         console.print(
             f"  trained on {training.get('data')} ({training.get('split')}/{training.get('variant')}), "
-            f"{len(training.get('history', []))} epochs in {training.get('seconds')} s; test accuracy: {accuracies or 'n/a'}"
+            f"{len(training.get('history', []))} epochs in {training.get('seconds')} s; "
+            f"test accuracy: {accuracies or 'n/a'}"
         )
     write_json(json_path, report)
 

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from ._common import ClassesOption, ForceOption, JsonOption, SeedOption, handles_errors, parse_params, write_json
+from ._common import (
+    ClassesOption,
+    ForceOption,
+    JsonOption,
+    MasksMarkOption,
+    SeedOption,
+    handles_errors,
+    parse_params,
+    write_json,
+)
 
 app = typer.Typer(
     help="Make contaminated datasets and inspect datasets.\n\nExample: auditkit data make decoy-patch out/decoy-mnist",
@@ -22,7 +31,8 @@ def make(
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (refused if it exists, unless --force).")],
     source: Annotated[
         str,
-        typer.Option("--source", help="Images to contaminate: mnist (5,000 real digits), sklearn-digits, or a dataset."),
+        typer.Option("--source",
+                     help="Images to contaminate: mnist (5,000 real digits), sklearn-digits, or a dataset."),
     ] = "mnist",
     param: Annotated[
         list[str], typer.Option("--param", "-p", help="Generator parameter KEY=VALUE (see `auditkit data list`).")
@@ -59,8 +69,9 @@ def show(
     spec: Annotated[str, typer.Argument(help="A dataset: folder, .csv of boxes, .npz or builtin:NAME.")],
     json_path: JsonOption = None,
     classes: ClassesOption = None,
+    masks_mark: MasksMarkOption = None,
 ) -> None:
-    """Describe a dataset: splits, variants, classes, masks.
+    """Describe a dataset: splits, variants, classes, masks and what they mark.
 
     Example: auditkit data show builtin:decoy-mnist
     """
@@ -68,7 +79,7 @@ def show(
 
     from ..data import open_dataset
 
-    summary = open_dataset(spec, classes=classes).summary()
+    summary = open_dataset(spec, classes=classes, mask_meaning=masks_mark).summary()
     if json_path is not None and str(json_path) == "-":
         write_json(json_path, summary)
         return
@@ -103,10 +114,12 @@ def list_builtins() -> None:
 def _print_summary(console, summary: dict) -> None:
     from rich.table import Table
 
+    from ..data.meaning import describe
+
     console.print(
         f"[bold]{summary['name']}[/bold]: {summary['samples']} samples, {len(summary['classes'])} classes, "
         f"{summary['channels']} channel(s), {summary['image_size'][1]}x{summary['image_size'][0]} px, "
-        f"{summary['with_masks']} with masks ({summary['mask_meaning']} regions)"
+        f"{summary['with_masks']} with masks of {describe(summary['mask_meaning'])}"
     )
     order = f"; {summary['class_order']}" if summary.get("class_order") else ""
     console.print(f"classes by index{order}: " + ", ".join(f"{k}={n}" for k, n in enumerate(summary["classes"])),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from ._common import (
+    EPSILON_HELP_AUDIT,
     ClassesOption,
+    MasksMarkOption,
     DeviceOption,
     ForceOption,
     JsonOption,
@@ -26,14 +28,24 @@ from .checkpoints import ArchOption, TrustPickleOption, load, model_data
 @handles_errors
 def discover(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors or .pt checkpoint.")],
-    data: Annotated[str, typer.Option("--data", help="Labelled images; no masks or variants needed (folder, csv, npz, builtin:NAME).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write: the data with the proposed masks (manifest.csv), discovery.json, discovery.html.")],
-    split: Annotated[str, typer.Option(help="Split to analyse ('all': every split, so the repair finds train and val masks).")] = "all",
-    variant: Annotated[str | None, typer.Option(help="Variant to analyse when the data has several (default: contaminated, else original, else the first).")] = None,
+    data: Annotated[str, typer.Option(
+        "--data", help="Labelled images; no masks or variants needed (folder, csv, npz, builtin:NAME).")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Folder to write: the data with the proposed masks (manifest.csv), discovery.json, "
+                      "discovery.html.")],
+    split: Annotated[str, typer.Option(
+        help="Split to analyse ('all': every split, so the repair finds train and val masks).")] = "all",
+    variant: Annotated[str | None, typer.Option(
+        help="Variant to analyse when the data has several (default: contaminated, else original, else the "
+             "first).")] = None,
     json_path: JsonOption = None,
     classes: ClassesOption = None,
-    fail_on_shortcut: Annotated[bool, typer.Option("--fail-on-shortcut", help="Exit 1 when a shortcut is found, 3 when none was found but candidates went untested (a limit), 0 when none.")] = False,
-    probe_drop: Annotated[float, typer.Option(help="Accuracy drop under a colour or low-pass probe that counts as a global shortcut.")] = 0.10,
+    masks_mark: MasksMarkOption = None,
+    fail_on_shortcut: Annotated[bool, typer.Option(
+        "--fail-on-shortcut", help="Exit 1 when a shortcut is found, 3 when none was found but candidates went "
+                                   "untested (a limit), 0 when none.")] = False,
+    probe_drop: Annotated[float, typer.Option(
+        help="Accuracy drop under a colour or low-pass probe that counts as a global shortcut.")] = 0.10,
     max_area: Annotated[float, typer.Option(
         help="Largest share of the image a candidate region may cover (0.5: above it no control region of its size "
              "fits beside it). Clusters above it are listed as not tested.")] = 0.5,
@@ -41,11 +53,13 @@ def discover(
         help="Smallest strategy cluster (images) causally tested; smaller ones are listed as not tested.")] = 10,
     max_clusters: Annotated[int, typer.Option(help="Most strategy clusters per class.")] = 8,
     max_tested: Annotated[int, typer.Option(
-        help="Images per candidate in the causal test (a seeded sample; all get masks).")] = 200,
-    effect_threshold: Annotated[float, typer.Option(help="Effect beyond the control region (share of images) that counts.")] = 0.10,
+        help="Images per candidate in the causal test (a seeded sample; the masks come from finding the "
+             "confirmed artefact on every image).")] = 200,
+    effect_threshold: Annotated[float, typer.Option(
+        help="Effect beyond the control region (share of images) that counts.")] = 0.10,
     probe_samples: Annotated[int, typer.Option(help="Images the global probes edit.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
-    epsilon: Annotated[float, typer.Option(help="LRP-epsilon stabiliser.")] = 0.01,
+    epsilon: Annotated[Optional[float], typer.Option(help=EPSILON_HELP_AUDIT)] = None,
     arch: ArchOption = None,
     normalize: NormalizeOption = None,
     output: OutputOption = None,
@@ -87,9 +101,11 @@ def discover(
     context = distributed.init_from_environment(device)
     try:
         model = load(checkpoint, arch, trust_pickle, normalize=normalize, output=output).to(device)
-        dataset = model_data(data, model, split=None if split == "all" else split, classes=classes)
+        dataset = model_data(data, model, split=None if split == "all" else split, classes=classes,
+                             mask_meaning=masks_mark)
         dataset = analysed_variant(dataset, variant)
-        config = DiscoveryConfig(epsilon=epsilon, batch_size=batch_size, device=str(device), precision=precision, seed=seed,
+        given = {"epsilon": epsilon} if epsilon is not None else {}  # unset: the library's default
+        config = DiscoveryConfig(**given, batch_size=batch_size, device=device, precision=precision, seed=seed,
                                  max_area=max_area, effect_threshold=effect_threshold, probe_samples=probe_samples,
                                  probe_drop=probe_drop, min_cluster=min_cluster, max_clusters=max_clusters,
                                  max_tested=max_tested)

@@ -11,7 +11,8 @@ from ._common import JsonOption, handles_errors, write_json
 
 @handles_errors
 def models(
-    name: Annotated[Optional[str], typer.Argument(help="One architecture: show its layers, found by a probe pass.")] = None,
+    name: Annotated[Optional[str], typer.Argument(
+        help="One architecture: show its layers, found by a probe pass.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Also list every torchvision classification CNN.")] = False,
     json_path: JsonOption = None,
 ) -> None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ._common import (
+    EPSILON_HELP_AUDIT,
     ClassesOption,
+    MasksMarkOption,
     DeviceOption,
     ForceOption,
     JsonOption,
@@ -32,35 +33,30 @@ TauOption = Annotated[
     Optional[float], typer.Option("--tau", help="Teacher masks: 1 where normalised saliency < tau (TAP Eq. 14).")
 ]
 QuantileOption = Annotated[
-    Optional[float], typer.Option("--quantile", help="Teacher masks: the fraction q of least salient pixels instead of --tau.")
+    Optional[float],
+    typer.Option("--quantile", help="Teacher masks: the fraction q of least salient pixels instead of --tau."),
 ]
 AnnotationMethodOption = Annotated[
     str, typer.Option("--annotation-method", help="Teacher saliency: gradient (default), lrp_epsilon, gradcam, ...")
 ]
 
 
-def _annotation(teacher, tau, quantile, method, batch_size, precision):
-    from ..repair import AnnotationConfig
-
-    if teacher is None:
-        if tau is not None or quantile is not None:
-            from ..errors import AuditkitError
-
-            raise AuditkitError("--tau / --quantile need --teacher")
-        return None
-    return AnnotationConfig(method=method, tau=tau if (tau is not None or quantile is not None) else 0.1,
-                            quantile=quantile if tau is None else None, batch_size=batch_size, precision=precision)
-
-
 @handles_errors
 def repair(
     checkpoint: Annotated[Path, typer.Argument(help="The checkpoint to repair (never modified).")],
-    data: Annotated[str, typer.Option("--data", help="Dataset with train/val/test splits (and masks for tap/rrr/energy).")],
+    data: Annotated[
+        str, typer.Option("--data", help="Dataset with train/val/test splits (and masks for tap/rrr/energy).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="The repaired checkpoint to write (.safetensors or .pt).")],
     method: Annotated[str, typer.Option(help="tap, tea, rrr, energy, masktune, or auto: try them in order of cost "
                                                "until one leaves the model not reliant on validation data.")] = "tap",
-    lam: Annotated[str, typer.Option("--lambda", help="Weight of the explanation loss: a number, or auto (sweep). Default: TAP 0.1 (0.01 with teacher masks), RRR, Energy, TEA 1.")] = "default",
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: TAP, RRR, Energy 3; TEA 30; MaskTune 1).")] = None,
+    lam: Annotated[
+        str, typer.Option("--lambda", help="Weight of the explanation loss: a number, or auto (sweep). Default: TAP "
+                                           "0.1 (0.01 with teacher masks), RRR, Energy, TEA 1.")
+    ] = "default",
+    epochs: Annotated[
+        Optional[int], typer.Option(help="Epochs (default: TAP, RRR, Energy 3; TEA 30; MaskTune 1).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
@@ -70,29 +66,37 @@ def repair(
     schedule: Annotated[
         Optional[str], typer.Option(help="constant or cosine learning rate (default: cosine for TEA, else constant).")
     ] = None,
-    layers: Annotated[Optional[str], typer.Option(help="TAP: comma-separated layers (default: the arch's preset).")] = None,
+    layers: Annotated[
+        Optional[str], typer.Option(help="TAP: comma-separated layers (default: the arch's preset).")
+    ] = None,
     kernel_size: Annotated[int, typer.Option(help="TAP: max-pool size κ of the mask downscaling (Eq. 7).")] = 3,
     dilation: Annotated[
         Optional[str],
         typer.Option(help="TAP: how the mask's dilation grows with depth: fixed (κ at every layer, Eq. 7), receptive "
                           "(each layer's receptive field), cumulative (the TAP authors' code) or auto (receptive when "
-                          "the receptive fields fit in the image, else fixed). Default: auto; swept with --lambda auto."),
+                          "the receptive fields fit in the image, else fixed). Default: auto; swept with "
+                          "--lambda auto."),
     ] = None,
     teacher: TeacherOption = None,
     tau: TauOption = None,
     quantile: QuantileOption = None,
     annotation_method: AnnotationMethodOption = "gradient",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache for teacher masks (default: beside --out).")] = None,
-    epsilon: Annotated[float, typer.Option(help="TEA: LRP-epsilon stabiliser.")] = 0.01,
-    tea_class: Annotated[str, typer.Option(help="TEA: explain the teacher's most likely classes or random logits.")] = "teacher",
-    tea_classes: Annotated[int, typer.Option(help="TEA: classes explained per image (the teacher's top K, or K random ones).")] = 1,
+    epsilon: Annotated[Optional[float], typer.Option(help="TEA: " + EPSILON_HELP_AUDIT)] = None,
+    tea_class: Annotated[
+        str, typer.Option(help="TEA: explain the teacher's most likely classes or random logits.")
+    ] = "teacher",
+    tea_classes: Annotated[
+        int, typer.Option(help="TEA: classes explained per image (the teacher's top K, or K random ones).")
+    ] = 1,
     task_weight: Annotated[float, typer.Option(help="TEA: weight of the task loss (0 = explanations alone).")] = 0.0,
     distill_weight: Annotated[
         float, typer.Option(help="TEA: weight of distilling the teacher's class probabilities (0 = heatmaps alone).")
     ] = 1.0,
     temperature: Annotated[float, typer.Option(help="TEA: distillation temperature.")] = 1.0,
     option: Annotated[
-        list[str], typer.Option("--option", "-o", help="A method option KEY=VALUE (e.g. -o sigmas=3 for masktune); repeatable.")
+        list[str],
+        typer.Option("--option", "-o", help="A method option KEY=VALUE (e.g. -o sigmas=3 for masktune); repeatable."),
     ] = [],
     variant: Annotated[Optional[str], typer.Option(help="Training variant (default: contaminated).")] = None,
     audit_split: Annotated[str, typer.Option(help="Split audited before and after ('none' to skip).")] = "test",
@@ -117,6 +121,7 @@ def repair(
     force: ForceOption = False,
     json_path: JsonOption = None,
     classes: ClassesOption = None,
+    masks_mark: MasksMarkOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune a checkpoint so it stops relying on the annotated signal, then audit before and after.
@@ -130,167 +135,114 @@ def repair(
 
     Example: auditkit repair shortcut.safetensors --data builtin:decoy-mnist --method tap --out repaired.safetensors
 
-    Example: auditkit repair shortcut.safetensors --data builtin:marker-mnist --method auto --fail-on-shortcut --out r.safetensors
+    Example: auditkit repair shortcut.pt --data builtin:marker-mnist --method auto --fail-on-shortcut --out repaired.pt
     """
     from rich.console import Console
-    from rich.table import Table
 
-    from .. import distributed
-    from .._io import atomic_write_text
-    from ..audit import AuditConfig, render_comparison_html
-    from ..data import open_dataset
-    from ..device import describe, resolve_device, resolve_precision
+    from ..models.loading import ReadOptions
+    from ..repair.checkpoint import CheckpointRepair, repair_checkpoint
+
+    request = CheckpointRepair(
+        checkpoint, data, out, method=method, lam=_lambda(lam, method, resume),
+        training={"epochs": epochs, "grad_clip": grad_clip, "schedule": schedule, "batch_size": batch_size,
+                  "lr": lr, "optimizer": optimizer},
+        options={"kernel_size": kernel_size, "dilation": dilation, "epsilon": epsilon, "explained_class": tea_class,
+                 "classes": tea_classes, "task_weight": task_weight, "distill_weight": distill_weight,
+                 "temperature": temperature},
+        method_options=parse_params(option), layers=tuple(layers.split(",")) if layers else None, teacher=teacher,
+        tau=tau, quantile=quantile, annotation_method=annotation_method, cache_dir=cache_dir, variant=variant,
+        audit_split=audit_split, audit_methods=tuple(m for m in audit_methods.split(",") if m),
+        judge=fail_on_shortcut, max_accuracy_drop=max_accuracy_drop, resume=resume, overwrite=force,
+        classes=classes, reading=ReadOptions(arch, trust_pickle, normalize, output), seed=seed, device=device,
+        precision=precision, mask_meaning=masks_mark)
+    console = Console()
+
+    def attempt(row) -> None:
+        console.print(f"  attempt {row['method']}: {row['verdict']} on validation data "
+                      f"({_accuracies(row['val_accuracy'])}; {_guarded_change(row)}) in {row['seconds']:.0f} s")
+
+    done = repair_checkpoint(request, show_progress=not quiet, on_attempt=attempt,
+                             on_start=repair_start(console, checkpoint, method, data, seed),
+                             on_epoch=repair_epoch(console, method))
+    if not done.is_main:
+        return
+    print_repair(console, done, out, json_path)
+    if method == "auto" and not done.still_reliant:
+        guarded = done.document["auto"]["guarded"]
+        console.print(f"auto: kept {done.document['auto']['chosen']}, the first method that left the model not "
+                      f"reliant on the validation data within {max_accuracy_drop:g} {guarded['accuracy']} accuracy "
+                      f"(guarded because {guarded['why']})")
+    if done.still_reliant and (fail_on_shortcut or method == "auto"):
+        line = _still_reliant_line(done.document, method, method)
+        if fail_on_shortcut:
+            fail(line, code=1)  # the repair ran; its result is the failure (exit 1, as audit's)
+        console.print(f"[yellow]{line}[/yellow]")
+
+
+def _lambda(lam: str, method: str, resume: bool):
+    """--lambda as the library takes it, and the flags that cannot go with --method auto, in the
+    command's own words."""
     from ..errors import AuditkitError
-    from ..models import resolve_layers, save_checkpoint
-    from ..repair import METHODS, AutoConfig, RepairConfig, repair_decision, run_auto_repair, run_repair
-    from ..repair.runner import check_data
-    from ..repair.teacher import same_classes_as_student
-    from ..training import TrainConfig, align_dataset_to_model
 
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    if out.resolve() == checkpoint.resolve():
-        raise AuditkitError("--out is the input checkpoint; auditkit never overwrites the model it repairs")
-    if out.exists() and not force and not resume:
-        raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")
-    state_path = out.with_name(out.name + ".state.pt")
-    if resume and not state_path.is_file():
-        raise AuditkitError(f"--resume: no saved state at {state_path}; run without --resume to start")
-    try:
-        lam_value = lam if lam in ("auto", "default") else float(lam)
-    except ValueError as error:
-        raise AuditkitError(f"--lambda must be a number or auto; got {lam!r}") from error
-    if method not in METHODS and method != "auto":
-        raise AuditkitError(f"--method must be one of {', '.join(METHODS)} or auto; got {method!r}")
     if method == "auto" and lam != "default":
         raise AuditkitError("--lambda cannot be given with --method auto: auto chooses each method's lambda")
     if method == "auto" and resume:
         raise AuditkitError("--resume does not apply to --method auto; run it again without --resume")
-    spec = METHODS["tap" if method == "auto" else method]
-    context = distributed.init_from_environment(device)
-    console = Console()
     try:
-        model = load(checkpoint, arch, trust_pickle, normalize=normalize, output=output).to(device)
-        dataset = align_dataset_to_model(open_dataset(data, classes=classes), model)
-        teacher_model = load(teacher, None, trust_pickle).to(device) if teacher else None
-        if teacher_model is not None:
-            same_classes_as_student(teacher_model, model)
-            align_dataset_to_model(dataset, teacher_model)  # bare weights adopt the data's classes; sizes checked
-        given = {k: v for k, v in {"epochs": epochs, "grad_clip": grad_clip, "schedule": schedule}.items() if v is not None}
+        return lam if lam in ("auto", "default") else float(lam)
+    except ValueError as error:
+        raise AuditkitError(f"--lambda must be a number or auto; got {lam!r}") from error
 
-        def training_for(spec) -> TrainConfig:
-            return TrainConfig(**{"data_order": "permutation", **spec.training, **given}, batch_size=batch_size, lr=lr,
-                               optimizer=optimizer, seed=seed, device=str(device), precision=precision)
 
-        # The method's own options: the flags that belong to it, and any --option KEY=VALUE.
-        flags = {"layers": tuple(resolve_layers(model, layers.split(","))) if layers else None,
-                 "kernel_size": kernel_size, "dilation": dilation, "epsilon": epsilon, "explained_class": tea_class, "classes": tea_classes,
-                 "task_weight": task_weight, "distill_weight": distill_weight, "temperature": temperature}
-        extra = parse_params(option)
+def repair_start(console, checkpoint, method: str, data: str, seed: int):
+    """The line that opens a repair (repair_checkpoint's on_start)."""
+    from ..device import describe
 
-        def options_for(spec) -> dict:
-            known = {f.name for f in dataclasses.fields(spec.options)}
-            chosen = {name: value for name, value in flags.items() if name in known and value is not None}
-            # --option KEY=VALUE: every key for the named method; with auto, the keys each method takes.
-            chosen.update({k: v for k, v in extra.items() if method != "auto" or k in known})
-            return chosen
+    def start(where, precision) -> None:
+        console.print(f"repairing [bold]{checkpoint}[/bold] with {method} on {data} "
+                      f"({describe(where, precision)}, seed {seed})")
 
-        options = options_for(spec)
-        training = training_for(spec)
-        config = RepairConfig(
-            method=spec.name,
-            training=training,
-            lam=lam_value,
-            options=options,
-            variant=variant,
-            teacher=teacher_model,
-            teacher_name=str(teacher or ""),
-            annotation=_annotation(teacher if spec.teacher == "annotates" or method == "auto" else None, tau, quantile,
-                                   annotation_method, batch_size, precision),
-            cache_dir=cache_dir or out.parent / ".auditkit-cache",
-            audit=None if audit_split == "none" else AuditConfig(
-                methods=tuple(m for m in audit_methods.split(",") if m), precision=precision, seed=seed),
-            audit_split=audit_split,
-        )
-        config.validate()
-        auto = AutoConfig(max_accuracy_drop=max_accuracy_drop)
-        if method == "auto":
-            auto.validate()
-        else:
-            check_data(dataset, config)  # fail in one line before any work is shown
-        if context.is_main:
-            console.print(f"repairing [bold]{checkpoint}[/bold] with {method} on {data} "
-                          f"({describe(device, precision)}, seed {seed})")
+    return start
 
-        def report(record) -> None:
-            if context.is_main:
-                console.print(f"  epoch {record.epoch}: task loss {record.task_loss:.4f}, {method} loss "
-                              f"{record.explanation_loss:.4g}, train accuracy {record.accuracy:.3f} ({record.seconds:.1f} s)")
 
-        def attempt(row) -> None:
-            if context.is_main:
-                console.print(f"  attempt {row['method']}: {row['verdict']} on validation data "
-                              f"({_accuracies(row['val_accuracy'])}; {_guarded_change(row)}) in {row['seconds']:.0f} s")
+def repair_epoch(console, method: str):
+    """One line per epoch of a repair (repair_checkpoint's on_epoch)."""
 
-        if method == "auto":
-            result = run_auto_repair(model, dataset, config, auto, training_for=training_for, options_for=options_for,
-                                     context=context, show_progress=not quiet, on_attempt=attempt)
-            decision = result.document["attempts"][-1] if result.document["auto"]["succeeded"] else None
-            still_reliant = not result.document["auto"]["succeeded"]
-        else:
-            result = run_repair(model, dataset, config, state_path=state_path, resume=resume, context=context,
-                                show_progress=not quiet, on_epoch=report)
-            decision = None
-            still_reliant = False
-            if fail_on_shortcut:
-                result.document["decision"] = repair_decision(model, result.model, dataset, config, max_accuracy_drop,
-                                                              context)
-                still_reliant = not result.document["decision"]["succeeded"]
-        if context.is_main:
-            provenance = {"input": str(checkpoint), "data": data, "teacher": str(teacher) if teacher else None}
-            summary = {"method": method, **provenance, "data_fingerprint": dataset.fingerprint(), **result.summary()}
-            path = save_checkpoint(result.model.cpu(), out, extra={"repair": summary}, overwrite=True)
-            if result.sweep:
-                swept = [k for k in result.sweep[0] if k not in ("lambda", "round", "val_loss", "val_accuracy")]
-                table = Table("round", "lambda", *swept, "val accuracy", "val loss")
-                for row in result.sweep:
-                    table.add_row(str(row["round"]), f"{row['lambda']:g}", *(str(row[k]) for k in swept),
-                                  f"{row['val_accuracy']:.3f}", f"{row['val_loss']:.4f}")
-                console.print(table)
-                chosen = "".join(f", {k} = {result.document['options'][k]}" for k in swept)
-                console.print(f"chose lambda = {result.lam:g}{chosen} (highest accuracy on permuted/counterfactual "
-                              "validation data, then lowest loss)")
-            if result.annotation:
-                a = result.annotation
-                console.print(f"teacher masks cover {a['mean_mask_area']:.1%} of the pixels; against ground truth: "
-                              f"recall {a['recall'] if a['recall'] is None else round(a['recall'], 3)}, "
-                              f"precision {a['precision'] if a['precision'] is None else round(a['precision'], 3)}")
-            document = {**result.document, "checkpoint": str(path), **provenance}
-            write_json(out.with_name(out.name + ".audit.json"), document)
-            if result.before is not None and result.after is not None:
-                page = render_comparison_html(result.before.data, result.after.data, title=f"Repair with {method}")
-                atomic_write_text(out.with_name(out.name + ".audit.html"), page, overwrite=True)
-                table = Table("", "verdict", *result.after.data["task"]["per_variant"].keys())
-                for label, audit in (("before", result.before), ("after", result.after)):
-                    table.add_row(label, audit.verdict, *("–" if v["value"] is None else f"{v['value']:.3f}"
-                                                           for v in audit.data["task"]["per_variant"].values()))
-                console.print(table)
-            console.print(f"repaired checkpoint: [bold]{path}[/bold]; proof: {out.name}.audit.json / .audit.html")
-            write_json(json_path, document)
-            if method == "auto":
-                chosen = result.document["auto"]["chosen"]
-                if decision is not None:
-                    guarded = result.document["auto"]["guarded"]
-                    console.print(f"auto: kept {chosen}, the first method that left the model not reliant on the "
-                                  f"validation data within {max_accuracy_drop:g} {guarded['accuracy']} accuracy "
-                                  f"(guarded because {guarded['why']})")
-        if still_reliant and (fail_on_shortcut or method == "auto") and context.is_main:
-            line = _still_reliant_line(result.document, method, spec.name)
-            if fail_on_shortcut:
-                fail(line, code=1)  # the repair ran; its result is the failure (exit 1, as audit's)
-            console.print(f"[yellow]{line}[/yellow]")
-    finally:
-        distributed.finish(context)
+    def report(record) -> None:
+        console.print(f"  epoch {record.epoch}: task loss {record.task_loss:.4f}, {method} loss "
+                      f"{record.explanation_loss:.4g}, train accuracy {record.accuracy:.3f} ({record.seconds:.1f} s)")
+
+    return report
+
+
+def print_repair(console, done, out: Path, json_path) -> None:
+    """The sweep, the teacher masks' quality, the before/after audits, where the files are; --json."""
+    from rich.table import Table
+
+    result = done.result
+    if result.sweep:
+        swept = [k for k in result.sweep[0] if k not in ("lambda", "round", "val_loss", "val_accuracy")]
+        table = Table("round", "lambda", *swept, "val accuracy", "val loss")
+        for row in result.sweep:
+            table.add_row(str(row["round"]), f"{row['lambda']:g}", *(str(row[k]) for k in swept),
+                          f"{row['val_accuracy']:.3f}", f"{row['val_loss']:.4f}")
+        console.print(table)
+        chosen = "".join(f", {k} = {result.document['options'][k]}" for k in swept)
+        console.print(f"chose lambda = {result.lam:g}{chosen} (highest accuracy on permuted/counterfactual "
+                      "validation data, then lowest loss)")
+    if result.annotation:
+        a = result.annotation
+        console.print(f"teacher masks cover {a['mean_mask_area']:.1%} of the pixels; against ground truth: "
+                      f"recall {a['recall'] if a['recall'] is None else round(a['recall'], 3)}, "
+                      f"precision {a['precision'] if a['precision'] is None else round(a['precision'], 3)}")
+    if result.before is not None and result.after is not None:
+        table = Table("", "verdict", *result.after.data["task"]["per_variant"].keys())
+        for label, audit in (("before", result.before), ("after", result.after)):
+            table.add_row(label, audit.verdict, *("–" if v["value"] is None else f"{v['value']:.3f}"
+                                                   for v in audit.data["task"]["per_variant"].values()))
+        console.print(table)
+    console.print(f"repaired checkpoint: [bold]{done.path}[/bold]; proof: {out.name}.audit.json / .audit.html")
+    write_json(json_path, done.document)
 
 
 def _accuracies(accuracy: dict) -> str:
@@ -363,10 +315,11 @@ def annotate(
     from ..data import open_dataset, write_dataset
     from ..repair import annotate as annotate_dataset
     from ..device import resolve_device, resolve_precision
+    from ..repair.checkpoint import annotation_config
     from ..training import align_dataset_to_model
 
     target = resolve_device(device)
-    config = _annotation(teacher, tau, quantile, method, batch_size, resolve_precision(precision, target))
+    config = annotation_config(True, tau, quantile, method, batch_size, resolve_precision(precision, target))
     model = load(teacher, None, trust_pickle).to(target)
     dataset = align_dataset_to_model(
         open_dataset(data, split=None if split == "all" else split, variant=variant, classes=classes), model)

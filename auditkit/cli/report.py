@@ -37,10 +37,12 @@ def _audits(path: Path) -> tuple[list[dict], str | None]:
 @handles_errors
 def report(
     first: Annotated[Path, typer.Argument(help="An audit report (report.json) or a repair's OUT.audit.json.")],
-    second: Annotated[Optional[Path], typer.Argument(help="A second audit report: shown as 'after' beside the first.")] = None,
+    second: Annotated[Optional[Path], typer.Argument(
+        help="A second audit report: shown as 'after' beside the first.")] = None,
     out: Annotated[Path, typer.Option("--out", help="The HTML page to write.")] = Path("report.html"),
     title: Annotated[
-        Optional[str], typer.Option(help="Title of a before/after page (default: the repair's method, or 'Comparison').")
+        Optional[str],
+        typer.Option(help="Title of a before/after page (default: the repair's method, or 'Comparison')."),
     ] = None,
     force: ForceOption = False,
 ) -> None:

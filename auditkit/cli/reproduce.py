@@ -16,10 +16,14 @@ def reproduce(
     seeds: Annotated[int, typer.Option(help="Number of seeds (0, 1, ...); the tables use 5 (kinds: 3).")] = 5,
     first_seed: Annotated[int, typer.Option(help="The first seed: runs seeds FIRST ... FIRST+SEEDS-1 (to spread "
                                                  "seeds over processes or machines).")] = 0,
-    arch: Annotated[str, typer.Option(help="kinds: tap-cnn (every kind, 28x28) or resnet18 (marker and stripe, 64x64).")] = "tap-cnn",
-    only: Annotated[Optional[str], typer.Option(help="kinds: comma-separated kinds to run (default: all of the arch's).")] = None,
-    cases: Annotated[Optional[str], typer.Option(help="kinds: comma-separated methods to run, as the table names them.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for NAME.md (the table) and NAME.json (per-seed numbers).")] = Path("reproductions"),
+    arch: Annotated[str, typer.Option(
+        help="kinds: tap-cnn (every kind, 28x28) or resnet18 (marker and stripe, 64x64).")] = "tap-cnn",
+    only: Annotated[Optional[str], typer.Option(
+        help="kinds: comma-separated kinds to run (default: all of the arch's).")] = None,
+    cases: Annotated[Optional[str], typer.Option(
+        help="kinds: comma-separated methods to run, as the table names them.")] = None,
+    out: Annotated[Path, typer.Option(
+        "--out", help="Folder for NAME.md (the table) and NAME.json (per-seed numbers).")] = Path("reproductions"),
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     json_path: JsonOption = None,
@@ -29,8 +33,10 @@ def reproduce(
 
     table9: TAP Table 9 (decoy MNIST, ground-truth masks: Base, No XS, RRR, TAP, TEA; ~3 min per seed on 2 cores).
     table12: TAP Table 12 / Fig. 8 (TAP with teacher masks, 10 % / 1 % / untrained teachers, three τ; ~3 min per seed).
-    colored: seed 004's coloured MNIST (shortcut CNN, then TEA and TAP; ~2.5 min per seed).
-    kinds: which method fixes which shortcut: 5 kinds x 8 methods on the two-layer CNN (--arch resnet18: 2 kinds at 64x64).
+    colored: the coloured MNIST of Bharadwaj 2026, "The Lazy Artist" (shortcut CNN, then TEA and TAP; ~2.5 min
+    per seed).
+    kinds: which method fixes which shortcut: 5 kinds x 8 methods on the two-layer CNN
+    (--arch resnet18: 2 kinds at 64x64).
     TAP Table 1 (speed and memory) is `make bench` (benchmarks/test_repair_bench.py).
 
     Example: auditkit reproduce table9 --seeds 5 --out reproductions
@@ -61,7 +67,7 @@ def reproduce(
                    "cases": tuple(cases.split(",")) if cases else None}
         stem = f"kinds-{arch}"
     target = resolve_device(device)
-    compute = Compute(str(target), resolve_precision(precision, target))
+    compute = Compute(target, resolve_precision(precision, target))
     result = run(name, list(range(first_seed, first_seed + seeds)), show_progress=not quiet, compute=compute, **options)
     table = kinds_markdown(result, arch) if name == "kinds" else markdown(result)
     out.mkdir(parents=True, exist_ok=True)

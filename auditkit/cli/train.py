@@ -41,13 +41,16 @@ def train(
         bool, typer.Option("--channel-shuffle", help="Augment: put each image's colour channels in a random order.")
     ] = False,
     split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
-    val_split: Annotated[str, typer.Option(help="Split for the per-epoch validation accuracy ('none' to skip).")] = "val",
+    val_split: Annotated[
+        str, typer.Option(help="Split for the per-epoch validation accuracy ('none' to skip).")
+    ] = "val",
     test_split: Annotated[str, typer.Option(help="Split evaluated per variant at the end ('none' to skip).")] = "test",
     variant: Annotated[
         Optional[str], typer.Option(help="Variant to train on (default: contaminated if present, else the only one).")
     ] = None,
     fraction: Annotated[
-        float, typer.Option(help="Train on a stratified, seeded fraction of the split (e.g. 0.1 for a teacher's small clean split).")
+        float, typer.Option(help="Train on a stratified, seeded fraction of the split (e.g. 0.1 for a teacher's "
+                                 "small clean split).")
     ] = 1.0,
     layers: Annotated[
         Optional[str], typer.Option(help="Comma-separated module names TAP should target (default: the arch's preset).")
@@ -71,32 +74,41 @@ def train(
     --fraction 0.1 --epochs 300 --shift 2 --rotate 15 --scale 0.15 --channel-shuffle --out teacher.safetensors
     """
     from rich.console import Console
-    from rich.table import Table
 
-    from ..data import open_dataset
-    from ..device import describe, resolve_device, resolve_precision
-    from ..errors import AuditkitError
-    from ..models import save_checkpoint
-    from ..models.outputs import parse_spec
-    from ..training import TrainConfig, evaluate, train_model
+    from ..training import TrainConfig
+    from ..training.checkpoint import CheckpointTraining, train_checkpoint
 
     console = Console()
-    target = resolve_device(device)
     config = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, shift=shift, rotate=rotate, scale=scale,
-                         channel_shuffle=channel_shuffle, seed=seed, device=str(target),
-                         precision=resolve_precision(precision, target))
-    config.validate()
-    if out.exists() and not force:
-        raise AuditkitError(f"{out} already exists; choose another --out or pass --force to replace it")
-    dataset = open_dataset(data, classes=classes)
+                         channel_shuffle=channel_shuffle, seed=seed, device=device, precision=precision)
+    request = CheckpointTraining(data, arch, out, config, split=split,
+                                 val_split=None if val_split == "none" else val_split,
+                                 test_split=None if test_split == "none" else test_split, variant=variant,
+                                 fraction=fraction, layers=tuple(layers.split(",")) if layers else None,
+                                 normalize=normalize, output=output, overwrite=force, classes=classes)
+    done = train_checkpoint(request, show_progress=not quiet, on_start=training_start(console, arch, data, split),
+                            on_epoch=training_epoch(console))
+    print_trained(console, done, test_split)
+    write_json(json_path, {"checkpoint": str(done.path), "arch": arch, "training": done.training,
+                           "test": {name: vars(result) for name, result in done.results.items()}})
 
-    def start(model, train_set, chosen_variant) -> None:
+
+def training_start(console, arch: str, data: str, split: str):
+    """The line that opens a training run (train_checkpoint's on_start)."""
+    from ..device import describe
+
+    def start(model, train_set, chosen_variant, config) -> None:
         console.print(
-            f"training [bold]{arch}[/bold] on {len(train_set)} {chosen_variant} images of {data} ({split} split), "
-            f"{epochs} epochs, {config.optimizer} lr={lr:g}, batch {batch_size}, seed {seed}, "
-            f"{describe(target, config.precision)}"
+            f"training [bold]{arch}[/bold] on {len(train_set)} {chosen_variant} images of {data} "
+            f"({split} split), {config.epochs} epochs, {config.optimizer} lr={config.lr:g}, "
+            f"batch {config.batch_size}, seed {config.seed}, {describe(config.device, config.precision)}"
         )
 
+    return start
+
+
+def training_epoch(console):
+    """One line per epoch of training (train_checkpoint's on_epoch)."""
     def report(record) -> None:
         val = f", val accuracy {record.val_accuracy:.3f}" if record.val_accuracy is not None else ""
         console.print(
@@ -104,30 +116,19 @@ def train(
             f"({record.seconds:.1f} s)"
         )
 
-    trained = train_model(dataset, arch, config, split=split, variant=variant, fraction=fraction, normalize=normalize,
-                          layers=layers.split(",") if layers else None, val_split=None if val_split == "none" else val_split,
-                          show_progress=not quiet, on_start=start, on_epoch=report, data_name=data,
-                          output=parse_spec(output))
-    training = trained.training
-    results = {}
+    return report
+
+
+def print_trained(console, done, test_split: str) -> None:
+    """The test split's accuracy per variant, and where the checkpoint went."""
+    from rich.table import Table
+
     if test_split != "none":
-        results = evaluate(trained.model, dataset.select(split=test_split), precision=config.precision)
         table = Table(f"{test_split} variant", "samples", "accuracy")
-        for result in results.values():
+        for result in done.results.values():
             table.add_row(result.variant, str(result.samples), f"{result.accuracy:.3f}")
         console.print(table)
-    training["test_accuracy"] = {name: result.accuracy for name, result in results.items()}
-    path = save_checkpoint(trained.model.cpu(), out, extra={"training": training}, overwrite=force)
-    console.print(f"checkpoint written to [bold]{path}[/bold] ({training['seconds']:.1f} s of training)")
-    write_json(
-        json_path,
-        {
-            "checkpoint": str(path),
-            "arch": arch,
-            "training": training,
-            "test": {name: vars(result) for name, result in results.items()},
-        },
-    )
+    console.print(f"checkpoint written to [bold]{done.path}[/bold] ({done.training['seconds']:.1f} s of training)")
 
 
 def register(app: typer.Typer) -> None:

@@ -130,11 +130,13 @@ def make_dataset(
         for variant_number, variant in enumerate(contamination.variants):
             # Each (split, variant) draws from its own stream: adding a variant changes no other.
             variant_seed = int(np.random.SeedSequence([seed, split_number, variant_number]).generate_state(1)[0])
-            out, masks = contaminate_dataset(split_images, split_labels, contamination, variant, variant_seed, num_classes)
+            out, masks = contaminate_dataset(split_images, split_labels, contamination, variant, variant_seed,
+                                             num_classes)
             pixels = to_uint8(out)
             mask_pixels = None if variant == "clean" else to_uint8(masks)
             records += [
-                Record(pixels[k], int(split_labels[k]), None if mask_pixels is None else mask_pixels[k], variant, "", split)
+                Record(pixels[k], int(split_labels[k]), None if mask_pixels is None else mask_pixels[k], variant, "",
+                       split)
                 for k in range(len(pixels))
             ]
     generator = {**contamination.params(), "seed": seed} if contamination else {"seed": seed}

@@ -181,7 +181,8 @@ class DatasetInfo:
     name: str
     source: str
     classes: tuple[str, ...]
-    mask_meaning: str = "spurious"  # what mask = 1 marks: "spurious" (TAP, RRR) or "object" (Energy)
+    # What mask = 1 marks: "spurious" (the artefact) or "object"; defined in auditkit/data/meaning.py.
+    mask_meaning: str = "spurious"
     generator: dict = field(default_factory=dict)  # the contamination that made it, if any
     class_order: str = ""  # the rule that ordered ``classes`` (auditkit/data/readers.py), for reports
 

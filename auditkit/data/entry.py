@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import DataError
 from .builtin import builtin_dataset
 from .dataset import AuditDataset
+from .meaning import mask_meaning as parse_meaning
 from .readers import (
     apply_folder_meta,
     read_box_csv,
@@ -37,6 +38,9 @@ def open_dataset(
     folder trees follow torchvision's ImageFolder (folder names sorted as text) and tables sort
     their labels (numerically when all are integers); see docs/data.md. Raises DataError for labels
     the given classes lack.
+
+    ``mask_meaning`` (artefact, object; the CLI's --masks-mark) says what the masks mark, over a
+    ``dataset.json``'s and the default (the artefact, for every layout: auditkit/data/meaning.py).
     """
     text = str(spec)
     if text.startswith("builtin:"):
@@ -65,7 +69,7 @@ def open_dataset(
                 "a .csv of bounding boxes, a .npz, or builtin:NAME"
             )
     if mask_meaning is not None:
-        dataset.info.mask_meaning = mask_meaning
+        dataset.info.mask_meaning = parse_meaning(mask_meaning)
     if split is not None or variant is not None:
         dataset = dataset.select(split=split, variant=variant)
     return dataset

@@ -10,7 +10,8 @@ Accepted ``spec`` values (see docs/data.md):
   mirrored mask tree ``DIR/masks/<split>/<class>/<same stem>.<any image suffix>``;
 - a ``.csv`` of bounding boxes ``path,label,x0,y0,x1,y1`` (optionally ``split``, ``variant``,
   ``group``; several rows per image for several boxes; empty coordinates for none), turned into
-  masks (model-guidance style; set ``mask_meaning`` with the ``boxes`` option);
+  masks that mark the artefact unless a ``dataset.json`` beside it says ``"mask_meaning": "object"``
+  (model-guidance boxes around objects);
 - a ``.npz`` with ``images`` (N,H,W), (N,H,W,C) or (N,C,H,W), ``labels`` (N,), and optionally
   ``masks``, ``variants``, ``groups``, ``splits``, ``classes``.
 
@@ -33,6 +34,8 @@ import numpy as np
 
 from ..errors import DataError
 from .dataset import ORDER_DECLARED, ORDER_INDEX, ORDER_SORTED, ORDER_TEXT, AuditDataset, Box, DatasetInfo, Record
+from .meaning import DEFAULT as DEFAULT_MEANING
+from .meaning import mask_meaning
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp")
 MASK_FOLDER = "masks"
@@ -208,11 +211,19 @@ def _folder_meta(folder: Path) -> dict:
     return meta
 
 
+def _meaning(meta: dict, folder: Path, default: str = DEFAULT_MEANING) -> str:
+    """What the masks mark: dataset.json's ``mask_meaning`` (any name users write: artefact, object,
+    ...), else ``default`` (auditkit/data/meaning.py)."""
+    if "mask_meaning" not in meta:
+        return default
+    return mask_meaning(meta["mask_meaning"], str(folder / "dataset.json"))
+
+
 def apply_folder_meta(dataset: AuditDataset, folder: Path) -> None:
     meta = _folder_meta(folder)
     dataset.info.name = meta.get("name", folder.name)
     dataset.info.source = str(folder)
-    dataset.info.mask_meaning = meta.get("mask_meaning", dataset.info.mask_meaning)
+    dataset.info.mask_meaning = _meaning(meta, folder, dataset.info.mask_meaning)
     dataset.info.generator = meta.get("generator", {})
 
 
@@ -242,7 +253,7 @@ def read_manifest_folder(folder: Path, classes=None) -> AuditDataset:
         name=meta.get("name", folder.name),
         source=str(folder),
         classes=classes,
-        mask_meaning=meta.get("mask_meaning", "spurious"),
+        mask_meaning=_meaning(meta, folder),
         generator=meta.get("generator", {}),
         class_order=order or ORDER_SORTED,
     )
@@ -290,13 +301,14 @@ def read_image_folder(root: Path, classes=None) -> AuditDataset:
     classes, index = _class_list([c.name for _, c in layout], declared, str(root), numeric=False, folders=True)
     records = []
     for split, class_folder in layout:
-        mask_folder = root / MASK_FOLDER / split / class_folder.name if split else root / MASK_FOLDER / class_folder.name
+        mask_folder = root / MASK_FOLDER / split if split else root / MASK_FOLDER
+        mask_folder = mask_folder / class_folder.name
         for image in _images_in(class_folder):
             records.append(Record(image, index[class_folder.name], _find_mask(mask_folder, image.stem), split=split))
     if not records:
         raise DataError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
     info = DatasetInfo(name=meta.get("name", root.name), source=str(root), classes=classes,
-                       mask_meaning=meta.get("mask_meaning", "spurious"), generator=meta.get("generator", {}),
+                       mask_meaning=_meaning(meta, root), generator=meta.get("generator", {}),
                        class_order=order or ORDER_TEXT)
     return AuditDataset(records, info)
 
@@ -321,7 +333,8 @@ def read_box_csv(path: Path, classes=None) -> AuditDataset:
                 boxes[key].append(tuple(int(float(c)) for c in coordinates))
             except ValueError as error:
                 raise DataError(f"{path}:{line}: box coordinates must be numbers; got {coordinates}") from error
-    declared, class_order = _declared(classes, _folder_meta(path.parent), path.parent / "dataset.json")
+    meta = _folder_meta(path.parent)
+    declared, class_order = _declared(classes, meta, path.parent / "dataset.json")
     classes, index = _class_list([key[1] for key in order], declared, str(path))
     records = [
         Record(
@@ -334,7 +347,9 @@ def read_box_csv(path: Path, classes=None) -> AuditDataset:
         )
         for key in order
     ]
-    info = DatasetInfo(name=path.stem, source=str(path), classes=classes, mask_meaning="object",
+    # Boxes mark the artefact by default, as every layout's masks do (docs/data.md): a dataset.json
+    # beside the CSV with "mask_meaning": "object" (or --masks-mark object) reads object boxes.
+    info = DatasetInfo(name=path.stem, source=str(path), classes=classes, mask_meaning=_meaning(meta, path.parent),
                        class_order=class_order or ORDER_SORTED)
     return AuditDataset(records, info)
 
@@ -385,7 +400,8 @@ def read_npz(path: Path, classes=None, meta_folder: Path | None = None) -> Audit
         columns = {k: [str(v) for v in archive[k]] if k in archive else None for k in ("variants", "groups", "splits")}
         stored = declared_classes(archive["classes"], f"{path} (array 'classes')") if "classes" in archive else None
     folder = meta_folder if meta_folder is not None else path.parent
-    override, class_order = _declared(classes, _folder_meta(folder), folder / "dataset.json")
+    meta = _folder_meta(folder)
+    override, class_order = _declared(classes, meta, folder / "dataset.json")
     if np.issubdtype(labels.dtype, np.integer):
         if labels.size and labels.min() < 0:
             raise DataError(f"{path}: labels must be >= 0")
@@ -411,5 +427,6 @@ def read_npz(path: Path, classes=None, meta_folder: Path | None = None) -> Audit
         )
         for k in range(n)
     ]
-    info = DatasetInfo(name=path.stem, source=str(path), classes=classes, class_order=class_order)
+    info = DatasetInfo(name=path.stem, source=str(path), classes=classes, class_order=class_order,
+                       mask_meaning=_meaning(meta, folder))
     return AuditDataset(records, info)

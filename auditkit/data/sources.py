@@ -45,7 +45,8 @@ def load_source(name: str) -> tuple[np.ndarray, np.ndarray]:
     return SOURCES[name]()
 
 
-def stratified_split(labels: np.ndarray, seed: int = 0, fractions: dict[str, float] = SPLIT_FRACTIONS) -> dict[str, np.ndarray]:
+def stratified_split(labels: np.ndarray, seed: int = 0,
+                     fractions: dict[str, float] = SPLIT_FRACTIONS) -> dict[str, np.ndarray]:
     """Indices per split: each class is shuffled with ``seed`` and cut by ``fractions``."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in fractions}

@@ -65,7 +65,8 @@ def _write_npz(dataset: AuditDataset, folder: Path, progress: Callable[[int], No
         samples.append(dataset[k])
         progress(1)
     images = np.stack([to_uint8(s.image) for s in samples])
-    masks = np.stack([to_uint8(s.mask) if s.mask is not None else np.zeros(images.shape[1:3], np.uint8) for s in samples])
+    masks = np.stack([to_uint8(s.mask) if s.mask is not None else np.zeros(images.shape[1:3], np.uint8)
+                      for s in samples])
     np.savez_compressed(
         folder / "dataset.npz",
         images=images,
@@ -91,7 +92,8 @@ def write_dataset(
         raise DataError(f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
     target = Path(out_dir).expanduser()
     if target.exists() and not overwrite:
-        raise OutputExistsError("overwrite", f"is off and {target} already exists: choose another folder, or allow replacing it")
+        raise OutputExistsError("overwrite", f"is off and {target} already exists: choose another folder, "
+                                             "or allow replacing it")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

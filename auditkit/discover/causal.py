@@ -48,8 +48,8 @@ def dispersion(images: torch.Tensor, boxes: list[Box], side: int = 8) -> float:
     units (0..1). An artefact repeats itself (a tag, a patch, a marker: near 0); object parts vary with
     the object. The control boxes' dispersion is the yardstick (Reveal-to-Revise, Pahde et al. 2023,
     finds artefacts as consistent concepts; this is the pixel-space form of that consistency)."""
-    crops = [F.interpolate(image[None, :, t : t + h, l : l + w].float(), size=(side, side), mode="bilinear",
-                           align_corners=False)[0].flatten() for image, (t, l, h, w) in zip(images, boxes)]
+    crops = [F.interpolate(image[None, :, t : t + h, left : left + w].float(), size=(side, side), mode="bilinear",
+                           align_corners=False)[0].flatten() for image, (t, left, h, w) in zip(images, boxes)]
     if not crops:
         return float("nan")
     stacked = torch.stack(crops)

@@ -60,13 +60,23 @@ def render_discovery_section(doc: dict, *, clusters: str = "candidates") -> list
     out = [f"<div class='verdict {css}'><b>Discovery: {html.escape(verdict['label'])}.</b> "
            f"{html.escape(verdict['summary'])}</div>",
            f"<p class=muted>Tested: {html.escape(verdict['tested'])}.</p>",
-           f"<h2>Recommendation: {html.escape(recommendation['method'])}</h2><p>{html.escape(recommendation['reason'])}</p>"]
+           f"<h2>Recommendation: {html.escape(recommendation['method'])}</h2>"
+           f"<p>{html.escape(recommendation['reason'])}</p>"]
     if recommendation.get("command"):
         out.append(f"<pre>{html.escape(recommendation['command'])}</pre>")
     masks = doc.get("masks", {})
     if "without_mask" in masks:
         out.append(f"<p class=muted>Proposed masks: {masks['images']} images; {masks['without_mask']} have no proposed "
                    "region and get no mask (never an empty one).</p>")
+    propagation = doc.get("propagation")  # absent in reports written before issue 28
+    if propagation and propagation["images"]:  # found nowhere: the verdict's summary says 0
+        score = propagation["score"]
+        out.append(f"<p>The confirmed artefact was found on {propagation['images']} of {doc['data']['samples']} "
+                   f"images ({propagation['beyond_clusters']} outside the clusters that confirmed it) by normalised "
+                   f"cross-correlation with its template, each match &ge; {propagation['threshold']:g} (median "
+                   f"{score['median']:.3f}, lowest {score['min']:.3f}); "
+                   f"{propagation['members_without_match']} members of those clusters hold no match and get no "
+                   "mask.</p>")
     out.append("<h2>Global probes (no mask needed)</h2><table><tr><th class=l>probe</th><th class=l>edit</th>"
                "<th>accuracy [interval]</th><th>drop [interval]</th><th>changed</th><th class=l>finding</th></tr>")
     for probe in doc["probes"]:
@@ -81,7 +91,8 @@ def render_discovery_section(doc: dict, *, clusters: str = "candidates") -> list
     out += _limits_section(doc)
     shown = [c for c in doc["clusters"] if clusters == "all" or c["candidate"]]
     shown.sort(key=lambda c: (not c["shortcut"], c["class"], c["cluster"]))
-    out.append(f"<h2>Strategy clusters (SpRAy): {len(doc['clusters'])} in all, {sum(c['candidate'] for c in doc['clusters'])} "
+    out.append(f"<h2>Strategy clusters (SpRAy): {len(doc['clusters'])} in all, "
+               f"{sum(c['candidate'] for c in doc['clusters'])} "
                "candidate regions tested</h2><p class=muted>Per cluster: its mean relevance, then exemplars (image | "
                "LRP-ε relevance), green: the proposed mask. A candidate is a shortcut when removing or transplanting "
                "its region matters beyond a control region of the same area and its content repeats across images.</p>")
@@ -139,7 +150,8 @@ def _limits_section(doc: dict) -> list[str]:
 def render_discovery_html(doc: dict) -> str:
     """The whole page of one discovery (its JSON document, auditkit.discover/1)."""
     out = _head(f"auditkit discover: {doc['verdict']['label']}")
-    out += [f"<h1>Shortcut discovery for {html.escape(str(doc['checkpoint']['path'] or doc['checkpoint']['arch']))}</h1>",
+    out += [f"<h1>Shortcut discovery for "
+            f"{html.escape(str(doc['checkpoint']['path'] or doc['checkpoint']['arch']))}</h1>",
             f"<p class=muted>{html.escape(doc['checkpoint']['arch'])} on {html.escape(doc['data']['spec'])} "
             f"({doc['data']['samples']} images, accuracy {_fmt(doc['accuracy'])}), auditkit {doc['auditkit_version']}, "
             f"{doc['created']}, {doc['seconds']} s</p>"]

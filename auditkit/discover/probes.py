@@ -8,7 +8,7 @@ changed predictions, with bootstrap intervals (paired with the unedited images).
 - shape-destroying edits (patch shuffling, high-pass): a model that reads the object falls towards
   chance; a model that keeps its accuracy reads something that survives them (colour, texture, a
   global statistic) — the sign of a global shortcut (SpRAy's "Clever Hans" strategies that need no
-  region; the coloured-MNIST shortcut of seed 004).
+  region; the coloured-MNIST shortcut of Bharadwaj 2026, "The Lazy Artist").
 
 Pixel values are in [0, 1], images (N, C, H, W); edits keep that range.
 """
@@ -149,7 +149,8 @@ def run_probes(predict_under, labels: np.ndarray, predictions: np.ndarray, num_c
             "probe": probe.name, "description": probe.description, "applicable": True,
             "preserves_shape": probe.preserves_shape, "accuracy": accuracy.as_dict(), "drop": drop.as_dict(),
             "changed": changed.as_dict(), "rule": rule,
-            "finding": f"points at {probe.signal}" if positive else "no sign" if probe.preserves_shape is not None else "–",
+            "finding": (f"points at {probe.signal}" if positive
+                        else "no sign" if probe.preserves_shape is not None else "–"),
             "points_at": probe.signal if positive else None,
         })
     return rows

@@ -100,7 +100,8 @@ def control_box(distribution: np.ndarray, box: Box, *, margin: int = 1, avoid: n
                 & (c + width > left - margin) & (c < left + width + margin))
     sums = np.where(overlaps, -np.inf, sums)
     if avoid is not None and avoid.any():
-        hits = F.avg_pool2d(torch.from_numpy(avoid.astype(np.float64))[None, None], (height, width), stride=1)[0, 0].numpy()
+        hits = F.avg_pool2d(torch.from_numpy(avoid.astype(np.float64))[None, None], (height, width),
+                            stride=1)[0, 0].numpy()
         if np.isfinite(np.where(hits > 0, -np.inf, sums)).any():
             sums = np.where(hits > 0, -np.inf, sums)
     if not np.isfinite(sums).any():

@@ -68,10 +68,19 @@ def print_discovery(doc: dict, console: Console | None = None) -> None:
     for p in doc["probes"]:
         if p["applicable"]:
             style = "red" if p["points_at"] else "white"
-            probes.add_row(p["probe"], _interval(p["accuracy"]), _interval(p["drop"]), f"[{style}]{p['finding']}[/{style}]")
+            probes.add_row(p["probe"], _interval(p["accuracy"]), _interval(p["drop"]),
+                           f"[{style}]{p['finding']}[/{style}]")
         else:
             probes.add_row(p["probe"], "–", "–", p["finding"])
     console.print(probes)
+    propagation = doc.get("propagation")  # reports written before issue 28 have none
+    if propagation and propagation["images"]:  # found nowhere: the verdict's summary says 0
+        score = propagation["score"]
+        console.print(f"[bold]artefact on {propagation['images']} of {doc['data']['samples']} images[/bold] (masked; "
+                      f"{propagation['beyond_clusters']} outside the clusters that confirmed it): NCC match >= "
+                      f"{propagation['threshold']:g}, median {score['median']:.3f}, lowest {score['min']:.3f}"
+                      + (f"; {propagation['members_without_match']} members of those clusters hold no match and get "
+                         "no mask" if propagation["members_without_match"] else ""), soft_wrap=True, highlight=False)
     lines = limit_lines(doc)
     if lines:
         console.print("[bold]limits applied:[/bold]")

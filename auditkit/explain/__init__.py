@@ -21,12 +21,14 @@ from torch import nn
 
 from ..errors import ParameterError
 from .gradients import gradcam, gradient, input_x_gradient, integrated_gradients
-from .lrp import DEFAULT_EPSILON, UnsupportedLayerError, lrp_epsilon
-from .lrp_rules import (
+from .lrp import (
+    DEFAULT_EPSILON,
     Step,
+    UnsupportedLayerError,
     gate_rule,
     identity_rule,
     linear_map_rule,
+    lrp_epsilon,
     permute_rule,
     register_rule,
     reshape_rule,
@@ -89,7 +91,8 @@ def attribute(
 
     Under ``torch.autocast`` (auditkit.device.autocast) the model's passes run in the low dtype
     and maps come back in float32 (LRP's relevance pass runs in float32 throughout); measured
-    against float32 maps, bfloat16 keeps a per-map cosine similarity of at least 0.95, 0.98 on average (docs/explain.md).
+    against float32 maps, bfloat16 keeps a per-map cosine similarity of at least 0.95, 0.98 on average
+    (docs/explain.md).
     """
     if method not in METHODS:
         raise ParameterError("method", f"must be one of {', '.join(METHODS)}; got {method!r}")

@@ -8,9 +8,9 @@ propagation: an overview"). Two uses need different values:
   Near LRP-0, so the map stays close to gradient × input and conserves relevance; ε only guards
   against division by an exact zero.
 - ``EPSILON_AUDIT`` (0.01): maps that are scored or trained on (the audit's relevance share,
-  discovery's clustering, TEA's heat loss; Bassi et al. 2024, "Improving deep neural network
-  generalization and robustness to background bias via layer-wise relevance propagation
-  optimization", Nat. Commun. 15, 291, train on LRP-ε maps with a small positive ε). A larger ε
+  discovery's clustering, TEA's heat loss; Bassi, Ali, Cavalli, Decherchi 2024, "Training with
+  Explanations Alone: A New Paradigm to Prevent Shortcut Learning", arXiv:2407.09788, train on
+  LRP-ε maps with a small positive ε). A larger ε
   absorbs weak, noisy contributions, so scores and the training loss do not swing on near-zero
   pre-activations.
 """

@@ -93,7 +93,8 @@ def integrated_gradients(
 
 
 def _resolve_layer(model: nn.Module, layer: str | None) -> str:
-    from ..models import AuditModel, resolve_layers
+    from ..models import AuditModel
+    from ..models.hooks import resolve_layer_calls
     from .validate import SelectLogits
 
     if isinstance(model, SelectLogits):  # names are the user's model's
@@ -103,7 +104,7 @@ def _resolve_layer(model: nn.Module, layer: str | None) -> str:
         if isinstance(model, AuditModel) and model.meta.gradcam_layer:
             return model.meta.gradcam_layer
         raise ModelError("Grad-CAM needs a layer: pass layer='module.name' (an auditkit model carries a preset)")
-    return resolve_layers(model, [layer])[0]
+    return resolve_layer_calls(model, [layer])[0]  # "block#2": one call of a module run several times
 
 
 @explanation_method

@@ -70,7 +70,8 @@ def captioned(picture: np.ndarray, caption: str) -> np.ndarray:
     """``picture`` with a white strip and a caption underneath."""
     height = 18
     strip = np.full((height, picture.shape[1], 3), 255, np.uint8)
-    cv2.putText(strip, caption[: max(1, picture.shape[1] // 7)], (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(strip, caption[: max(1, picture.shape[1] // 7)], (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
+                cv2.LINE_AA)
     return np.concatenate([picture, strip], axis=0)
 
 

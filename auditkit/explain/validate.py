@@ -79,7 +79,8 @@ def check_images(model: nn.Module, x: Any, survey: tuple | None = None) -> None:
         raise ParameterError("images", f"must be at least 1x1 pixels; got {x.shape[2]}x{x.shape[3]}")
     if reference is not None:
         if reference.device != x.device:
-            raise ParameterError("images", f"are on {x.device} but the model is on {reference.device}; move one of them")
+            raise ParameterError("images", f"are on {x.device} but the model is on {reference.device}; "
+                                 "move one of them")
         if reference.dtype == torch.float64 and x.dtype != torch.float64 or \
                 reference.dtype != torch.float64 and x.dtype == torch.float64:
             raise ParameterError("images", f"have dtype {x.dtype} but the model's parameters are {reference.dtype}; "
@@ -113,7 +114,8 @@ def check_targets(targets: torch.Tensor, n: int, classes: int) -> None:
     low, high = int(low), int(high)
     if low < 0 or high >= classes:
         bad = low if low < 0 else high
-        raise ParameterError("target", f"must be class indices in [0, {classes}) for this {classes}-class model; got {bad}")
+        raise ParameterError("target", f"must be class indices in [0, {classes}) for this {classes}-class model; "
+                             f"got {bad}")
 
 
 class SelectLogits(nn.Module):

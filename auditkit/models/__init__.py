@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 from .checkpoint import FORMAT_VERSION, load_checkpoint, read_checkpoint_meta, save_checkpoint
+# resolve_layers: module names plus the call of a module run several times ("block#2", hooks.py)
 from .hooks import ModifiedInPlace, capture_activations, run_capturing
+from .hooks import resolve_layer_calls as resolve_layers
 from .normalization import Normalization, NormalizationWarning, check_normalization
 from .zoo import (
     ARCHITECTURES,
@@ -22,7 +24,6 @@ from .zoo import (
     ModelMeta,
     build_model,
     get_arch,
-    resolve_layers,
 )
 
 __all__ = [

@@ -1,8 +1,15 @@
-"""Capturing the outputs of named layers during a forward pass.
+"""Capturing the outputs of named layers during a forward pass: the one mechanism TAP's penalty,
+Grad-CAM and the audit's activation share read layers through.
 
-TAP (TAP paper, Eq. 8) penalises the activations of chosen layers and
-backpropagates through them, and Grad-CAM needs the activation of one layer;
-both read them through :func:`capture_activations`.
+TAP (TAP paper, Eq. 8) penalises the activations of chosen layers and backpropagates through them,
+Grad-CAM needs the activation of one layer, and the audit measures where a layer's activation lies;
+all three read them through :func:`run_capturing` / :func:`capture_activations`.
+
+A layer is a module name, optionally with the call it means: a module the forward pass calls
+several times (a block applied in a loop, a shared ReLU, weight-tied layers) gives one output per
+call, so ``"block#2"`` names its second call (counted from 1, in the order the calls finish). A bare
+name stands for a module's only call: when it runs more than once the capture refuses in one line
+naming the module, how often it ran and the names of its calls, instead of returning one of them.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .zoo import _is_compiled, resolve_layers
+from .layer_names import _is_compiled, resolve_layers  # not .zoo: zoo imports presets, which imports this file
+
+CALL_MARK = "#"  # "block#2": the second call of module "block"
 
 
 class ModifiedInPlace(ModelError):
@@ -30,9 +39,80 @@ class ModifiedInPlace(ModelError):
         )
 
 
+def split_call(name: str) -> tuple[str, int | None]:
+    """``("block", 2)`` for ``"block#2"``, ``("block", None)`` for a bare ``"block"``; ModelError in
+    one line for a call that is not a whole number from 1."""
+    module, mark, call = str(name).strip().rpartition(CALL_MARK)
+    if not mark:
+        return call, None
+    if not call.isdigit() or int(call) < 1:
+        raise ModelError(f"layer '{name}': after '{CALL_MARK}' comes the number of the call, counted from 1 "
+                         f"(e.g. '{module}{CALL_MARK}1' for its first call)")
+    return module, int(call)
+
+
+def call_name(module: str, call: int | None) -> str:
+    """The layer name of ``module``'s ``call`` (the bare module name for None)."""
+    return module if call is None else f"{module}{CALL_MARK}{call}"
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """{second name of a shared module: its first name}: a module registered under two names (weight
+    tying) is listed once by named_modules(), under the first."""
+    first = {id(module): name for name, module in model.named_modules()}
+    return {name: first[id(module)] for name, module in model.named_modules(remove_duplicate=False)
+            if name and first[id(module)] != name}
+
+
+def resolve_layer_calls(model: nn.Module, names: str | Sequence[str]) -> list[str]:
+    """Full layer names for ``names`` (exported as ``auditkit.models.resolve_layers``): module names
+    resolved by :func:`.layer_names.resolve_layers` ("net." optional, "_orig_mod." anywhere, unknown
+    names answered with the closest), a second name of a shared module as its first, and a call
+    ("#2") kept. A layer given twice raises ModelError (a bare name and its "#1" are the same layer
+    when the module runs once)."""
+    if isinstance(names, str):
+        names = [names]
+    aliases = _aliases(model)
+    resolved: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    for name in names:
+        name = str(name).strip()
+        module, call = split_call(name)
+        for candidate in (module, f"net.{module}"):
+            if candidate in aliases:
+                module = aliases[candidate]
+                break
+        full = resolve_layers(model, [module])[0]
+        if (full, call or 1) in seen:
+            raise ModelError(f"layer '{call_name(full, call)}' is listed twice")
+        seen.add((full, call or 1))
+        resolved.append(call_name(full, call))
+    return resolved
+
+
+def calls_problem(layer: str, ran: int, earlier: int | None = None) -> str | None:
+    """Why ``layer`` (a name from :func:`resolve_layer_calls`) has no single output in a forward pass
+    that ran its module ``ran`` times (``earlier``: the count of an earlier forward), or None."""
+    module, call = split_call(layer)
+    if ran == 0:
+        return f"layer '{module}' did not run during the forward pass; choose a layer the model uses"
+    calls = f"'{call_name(module, 1)}' (the first) to '{call_name(module, ran)}' (the last)"
+    if call is None and ran > 1:
+        return (f"layer '{module}' ran {ran} times in one forward pass, so its output is ambiguous; "
+                f"name one call: {calls}")
+    if call is not None and call > ran:
+        return (f"layer '{layer}' names call {call}, but '{module}' ran {ran} time(s) in the forward pass; "
+                f"name one of {calls}")
+    if earlier is not None and earlier != ran:
+        return (f"layer '{module}' ran {ran} times in this forward pass but {earlier} in an earlier one, so "
+                f"'{layer}' does not name the same call in each; capture a module that runs a fixed number of times")
+    return None
+
+
 @contextmanager
 def capture_activations(
-    model: nn.Module, layer_names: str | Sequence[str], *, copy: Sequence[int] = ()
+    model: nn.Module, layer_names: str | Sequence[str], *, copy: Sequence[int] = (),
+    calls: dict[str, int] | None = None,
 ) -> Iterator[list[Any]]:
     """Yields a list that holds, after each forward pass of ``model``, the outputs of ``layer_names`` in that order.
 
@@ -41,6 +121,13 @@ def capture_activations(
     modules' output tensors, still attached to the autograd graph (nothing is
     detached), so a penalty on them backpropagates into the model.
 
+    A name is a module's only call or, with "#k", its k-th call (module
+    docstring). At the end of each forward a bare name whose module ran more
+    than once, a call beyond the ones that ran, and a module that ran a
+    different number of times than in an earlier forward (of this block, or
+    recorded in ``calls``, {module: times}, which a caller keeps across
+    blocks) raise ModelError in one line naming the module and its calls.
+
     An entry is exactly what its layer returned: if the network later modifies
     that output in place (a ReLU(inplace=True) right after the captured
     module), the forward raises :class:`ModifiedInPlace` naming the layer,
@@ -48,7 +135,7 @@ def capture_activations(
     captured from a copy the network continues with (one extra tensor), which
     the in-place operation then modifies instead; Grad-CAM retries that way.
 
-    Names are resolved with :func:`resolve_layers` (unknown names raise
+    Names are resolved with :func:`resolve_layer_calls` (unknown names raise
     ModelError; "net." may be omitted on an AuditModel, torch.compile's
     "_orig_mod." anywhere). A torch.compile'd ``model`` raises ModelError: its
     compiled code never calls hooks added later; pass its original module
@@ -60,40 +147,56 @@ def capture_activations(
         raise ModelError(f"{type(model).__name__} is torch.compile'd: hooks added after compiling do not run in its "
                          "compiled code; capture from its original module (auditkit.models.zoo.unwrap_compiled(model), "
                          "the same weights; layer names may keep or drop '_orig_mod.')")
-    names = resolve_layers(model, layer_names)
+    names = resolve_layer_calls(model, layer_names)
+    wanted: dict[str, list[tuple[int | None, int]]] = {}  # module -> [(call, slot)]
+    for slot, name in enumerate(names):
+        module, call = split_call(name)
+        wanted.setdefault(module, []).append((call, slot))
     outputs: list[Any] = []
     versions: list[int | None] = []
+    ran: dict[str, int] = {}
+    earlier = calls if calls is not None else {}
     copied = set(copy)
 
     def reset(_module: nn.Module, _args: Any) -> None:
         outputs[:] = [None] * len(names)
         versions[:] = [None] * len(names)
+        ran.clear()
 
-    def store(slot: int):
+    def store(module_name: str):
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
             if len(outputs) != len(names):  # a submodule run on its own, outside model.forward
                 reset(model, ())
-            outputs[slot] = output
-            if isinstance(output, torch.Tensor):
-                versions[slot] = output._version
-                if slot in copied:
-                    return output.clone()  # the network goes on with the copy
+            ran[module_name] = count = ran.get(module_name, 0) + 1
+            copy_output = False
+            for call, slot in wanted[module_name]:
+                # A bare name keeps the latest call; the end of the forward refuses it if there were several.
+                if call is None or call == count:
+                    outputs[slot] = output
+                    versions[slot] = output._version if isinstance(output, torch.Tensor) else None
+                    copy_output = copy_output or slot in copied
+            if copy_output and isinstance(output, torch.Tensor):
+                return output.clone()  # the network goes on with the copy
             return None
 
         return hook
 
     def check_all_ran(_module: nn.Module, _args: Any, _output: Any) -> None:
-        missing = [name for name, output in zip(names, outputs) if output is None]
-        if missing:
-            raise ModelError(f"layer '{missing[0]}' did not run during the forward pass; choose a layer the model uses")
+        for module_name, slots in wanted.items():
+            times = ran.get(module_name, 0)
+            for call, _slot in slots:
+                problem = calls_problem(call_name(module_name, call), times, earlier.get(module_name))
+                if problem:
+                    raise ModelError(problem)
+            earlier[module_name] = times
         for slot, (output, version) in enumerate(zip(outputs, versions)):
             if version is not None and output._version != version:
                 raise ModifiedInPlace(names[slot], slot)
 
     handles = [model.register_forward_pre_hook(reset)]
     try:
-        for slot, name in enumerate(names):
-            handles.append(model.get_submodule(name).register_forward_hook(store(slot)))
+        for module_name in wanted:
+            handles.append(model.get_submodule(module_name).register_forward_hook(store(module_name)))
         handles.append(model.register_forward_hook(check_all_ran))
         yield outputs
     finally:
@@ -101,15 +204,18 @@ def capture_activations(
             handle.remove()
 
 
-def run_capturing(model: nn.Module, layer_names: str | Sequence[str], forward, copy: Sequence[int] = ()):
+def run_capturing(model: nn.Module, layer_names: str | Sequence[str], forward, copy: Sequence[int] = (),
+                  calls: dict[str, int] | None = None):
     """``(forward(), [the layers' outputs], copy)``: runs ``forward`` (a forward pass of ``model``)
     capturing each named layer's output exactly as the layer gave it. When the network modifies one
     in place later, the pass is run again with that output captured from a copy (the slots are
-    returned, so a training loop passes them in from then on and never runs a pass twice again)."""
+    returned, so a training loop passes them in from then on and never runs a pass twice again).
+    ``calls``: a dict a training loop keeps across steps, so a module that runs a different number of
+    times in a later step is refused (see :func:`capture_activations`)."""
     copy = tuple(copy)
     while True:
         try:
-            with capture_activations(model, layer_names, copy=copy) as outputs:
+            with capture_activations(model, layer_names, copy=copy, calls=calls) as outputs:
                 result = forward()
             return result, list(outputs), copy
         except ModifiedInPlace as modified:

@@ -31,6 +31,10 @@ The rule that finds them:
    whose patch embedding is its only convolution), discovery refuses the network in one line
    instead of proposing the patch embedding.
 
+A module the probe's forward runs several times (a block applied in a loop, a ReLU shared by
+several convolutions) gives one output per call; each is a layer of its own, named "name#k" (the k-th
+call, auditkit/models/hooks.py), so a preset never stands for one call of many without saying which.
+
 Equal to the hand presets of the architectures the TAP paper and auditkit name (tested).
 """
 
@@ -43,6 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .hooks import call_name, calls_problem, split_call
 
 PROBE_SIZE = 224
 #: Sizes tried after the model's own size and minimum when a network does not run at PROBE_SIZE:
@@ -102,21 +107,22 @@ def _run_probe(net: nn.Module, in_channels: int, size) -> None:
 
 
 def probe(net: nn.Module, in_channels: int, size=PROBE_SIZE, tokens: dict | None = None) -> dict[str, tuple[int, int]]:
-    """{module name: (H, W) of its output} for every module whose output is one 4-D tensor, in the
-    order the modules finished (the last call counts for a module called more than once). ``size``:
-    one side or (H, W). ``tokens``, when given, receives {module name: (order, shape)} of the modules
-    whose output is a 3-D token sequence (N, L, D) with L > 1, ``order`` counting the 4-D outputs
-    finished before it."""
-    shapes: dict[str, tuple[int, int]] = {}
+    """{layer name: (H, W) of its output} for every module call whose output is one 4-D tensor, in
+    the order the calls finished: the module's name, or "name#k" for each call of a module that ran
+    several times. ``size``: one side or (H, W). ``tokens``, when given, receives {module name:
+    (order, shape)} of the modules whose output is a 3-D token sequence (N, L, D) with L > 1,
+    ``order`` counting the 4-D outputs finished before it."""
+    finished: list[tuple[str, int, tuple[int, int]]] = []  # (module, its call, (H, W)) per 4-D output
+    calls: dict[str, int] = {}
     handles = []
 
     def record(name: str):
         def hook(_module, _args, output):
+            calls[name] = calls.get(name, 0) + 1  # every call counts, as the capture counts them
             if isinstance(output, torch.Tensor) and output.dim() == 4:
-                shapes.pop(name, None)  # re-inserted: order of the last completion
-                shapes[name] = (int(output.shape[2]), int(output.shape[3]))
+                finished.append((name, calls[name], (int(output.shape[2]), int(output.shape[3]))))
             elif tokens is not None and isinstance(output, torch.Tensor) and output.dim() == 3 and output.shape[1] > 1:
-                tokens[name] = (len(shapes), tuple(output.shape))
+                tokens[name] = (len(finished), tuple(output.shape))
 
         return hook
 
@@ -128,7 +134,7 @@ def probe(net: nn.Module, in_channels: int, size=PROBE_SIZE, tokens: dict | None
     finally:
         for handle in handles:
             handle.remove()
-    return shapes
+    return {call_name(name, call if calls[name] > 1 else None): shape for name, call, shape in finished}
 
 
 def probe_sizes(input_size=None, min_input_size: int = 1) -> list[tuple[int, int]]:
@@ -185,19 +191,22 @@ def discover_presets(net: nn.Module, in_channels: int, size=PROBE_SIZE) -> Prese
     tokens: dict[str, tuple[int, tuple[int, ...]]] = {}
     shapes = probe(net, in_channels, size, tokens)
     order = {name: k for k, name in enumerate(shapes)}
-    if not any(_has_conv(m) for name, m in net.named_modules() if name in shapes):
+    layers: dict[str, list[str]] = defaultdict(list)  # module name -> its layers: itself, or one per call
+    for layer in shapes:
+        layers[split_call(layer)[0]].append(layer)
+    if not any(_has_conv(m) for name, m in net.named_modules() if name in layers):
         raise ModelError(f"{type(net).__name__} has no convolutional feature maps: TAP and Grad-CAM need a CNN "
                          "(vision transformers are not supported yet)")
     # 2. The stage container: the module whose children's outputs span the most resolutions.
     best, best_span = "", -1
     for name, module in [("", net), *net.named_modules()]:
-        if name and name not in shapes and not module._modules:
+        if name and name not in layers and not module._modules:
             continue
-        children = [c for c, _ in _children(net, name) if c in shapes]
+        children = [c for child, _ in _children(net, name) for c in layers.get(child, ())]
         span = len({shapes[c] for c in children})
         if span > best_span:
             best, best_span = name, span
-    children = [(c, m) for c, m in _children(net, best) if c in shapes]
+    children = [(c, m) for child, m in _children(net, best) for c in layers.get(child, ())]
     children.sort(key=lambda item: order[item[0]])
     convs = [(c, m) for c, m in children if _has_conv(m)]
     if not convs:
@@ -267,7 +276,11 @@ def receptive_fields(net: nn.Module, layers, in_channels: int, size) -> list[flo
     """
     growth: list[tuple[float, float]] = []  # per spatial layer run: (height, width) growth of r
     finished: dict[str, int] = {}  # layer name -> number of spatial layers run before its output
-    wanted = set(layers)
+    wanted: dict[str, list[tuple[str, int | None]]] = defaultdict(list)  # module -> [(layer, its call)]
+    for layer in layers:
+        module, call = split_call(layer)
+        wanted[module].append((layer, call))
+    times: dict[str, int] = {}  # module -> how often it ran
     handles = []
 
     def spatial(module):
@@ -286,14 +299,17 @@ def receptive_fields(net: nn.Module, layers, in_channels: int, size) -> list[flo
 
     def target(name: str):
         def hook(_module, _args, _output):
-            finished[name] = len(growth)
+            times[name] = times.get(name, 0) + 1
+            for layer, call in wanted[name]:
+                if call in (None, times[name]):  # a bare name that ran several times is refused below
+                    finished[layer] = len(growth)
 
         return hook
 
     for name, module in net.named_modules():
         if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             handles.append(module.register_forward_hook(spatial(module)))
-        if name in wanted:
+        if name in wanted:  # full module names; "#k" names one call
             handles.append(module.register_forward_hook(target(name)))
     meta = getattr(net, "meta", None)
     sizes = [_hw(size)]
@@ -305,6 +321,7 @@ def receptive_fields(net: nn.Module, layers, in_channels: int, size) -> list[flo
         for attempt, ran in enumerate(sizes):
             growth.clear()
             finished.clear()
+            times.clear()
             try:
                 _run_probe(net, in_channels, ran)
                 break
@@ -314,9 +331,10 @@ def receptive_fields(net: nn.Module, layers, in_channels: int, size) -> list[flo
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name in layers if name not in finished]
-    if missing:
-        raise ModelError(f"layer {missing[0]!r} did not run in a forward pass of {type(net).__name__}")
+    for layer in layers:  # the capture's rule: a bare name for a module that ran once, else "name#k"
+        problem = calls_problem(layer, times.get(split_call(layer)[0], 0))
+        if problem:
+            raise ModelError(problem)
     fields = []
     for name in layers:
         steps = growth[: finished[name]]

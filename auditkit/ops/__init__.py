@@ -1,4 +1,5 @@
-"""Public ops: the fused TAP penalty (TAP Eq. 7-8), the LRP-epsilon steps (seed 004 Eq. A1), and
+"""Public ops: the fused TAP penalty (TAP Eq. 7-8), the LRP-epsilon steps (Bassi et al. 2024,
+arXiv:2407.09788, Eq. A1), and
 their building blocks.
 
 Importing this module loads the compiled kernels, or registers the pure-PyTorch reference in their

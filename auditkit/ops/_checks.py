@@ -116,7 +116,9 @@ def check_weighted_relu_sum_backward_grad(grad: torch.Tensor, activation: torch.
     """Same rules as csrc's check_weighted_relu_sum_backward_args for `weights` and `grad`."""
     check_weighted_relu_sum_args(activation, weights)
     if grad.dim() != 1 or grad.shape[0] != activation.shape[0]:
-        raise ValueError(f"weighted_relu_sum_backward: `grad` must have shape ({activation.shape[0]},); got {_shape(grad)}")
+        raise ValueError(
+            f"weighted_relu_sum_backward: `grad` must have shape ({activation.shape[0]},); got {_shape(grad)}"
+        )
     if grad.dtype not in _FLOAT_DTYPES:
         raise TypeError("weighted_relu_sum_backward: `grad` must be floating")
     if grad.device != activation.device:
@@ -175,7 +177,9 @@ def check_ratio_backward_inplace_args(grad: torch.Tensor) -> None:
 def check_lrp_broadcast(relevance: torch.Tensor, output: torch.Tensor, op: str) -> int:
     """Same rules and messages as csrc's check_lrp_broadcast; returns K (explanations per sample)."""
     if relevance.dtype not in _FLOAT_DTYPES or relevance.dtype != output.dtype:
-        raise TypeError(f"{op}: `relevance` and `output` must share one floating dtype; got {relevance.dtype} and {output.dtype}")
+        raise TypeError(
+            f"{op}: `relevance` and `output` must share one floating dtype; got {relevance.dtype} and {output.dtype}"
+        )
     if relevance.device != output.device:
         raise ValueError(f"{op}: `relevance` is on {relevance.device} but `output` is on {output.device}")
     if output.dim() < 1 or relevance.dim() != output.dim() or relevance.shape[1:] != output.shape[1:]:

@@ -63,7 +63,7 @@ def tap_penalty_reference(activation: torch.Tensor, mask: torch.Tensor, kernel_s
     return weighted_relu_sum_reference(activation, weights)
 
 
-# ---- LRP-epsilon (seed 004 Eq. A1-A3) ---------------------------------------------------------
+# ---- LRP-epsilon (Bassi et al. 2024, arXiv:2407.09788, App. A Eq. A1-A3) ------------------------
 # Relevance may hold K explanations per sample: shape (K*N, ...) target-major, while the
 # forward's tensors keep batch N and are broadcast over K.
 

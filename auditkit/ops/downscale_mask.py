@@ -46,7 +46,8 @@ def _reference_kernel(mask, kernel_sizes, sizes, dtype=None):
     if mask.device.type == "cpu":
         check_mask_values(mask)  # the compiled CPU kernel checks this too, for free
     out_dtype = downscaled_dtype(mask, dtype)
-    return [downscale_mask_reference(mask, size, k, out_dtype) for size, k in zip(pairs, per_layer(kernel_sizes, len(pairs)))]
+    kernels = per_layer(kernel_sizes, len(pairs))
+    return [downscale_mask_reference(mask, size, k, out_dtype) for size, k in zip(pairs, kernels)]
 
 
 _library.define("downscale_mask", SCHEMA, _reference_kernel)

@@ -1,4 +1,5 @@
-"""The LRP-epsilon ratio s = R / (z + eps * sign(z)), sign(0) = +1 (seed 004 Eq. A1), and its backward.
+"""The LRP-epsilon ratio s = R / (z + eps * sign(z)), sign(0) = +1, and its backward (Bassi
+et al. 2024, "Training with Explanations Alone", arXiv:2407.09788, App. A Eq. A1).
 
 Every LRP-epsilon step divides the relevance R arriving at a layer by the layer's stabilised
 output z; ``auditkit::lrp_epsilon_ratio`` does it in one fused pass, with R holding K explanations
@@ -81,19 +82,26 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     relevance, z = ctx.saved_tensors
     grad_relevance, grad_output = torch.ops.auditkit.lrp_epsilon_ratio_backward(grad, relevance, z, ctx.epsilon)
-    return (grad_relevance if ctx.needs_input_grad[0] else None), (grad_output if ctx.needs_input_grad[1] else None), None
+    return (
+        grad_relevance if ctx.needs_input_grad[0] else None,
+        grad_output if ctx.needs_input_grad[1] else None,
+        None,
+    )
 
 
 torch.library.register_autograd("auditkit::lrp_epsilon_ratio", _backward, setup_context=_setup_context)
 torch.library.register_autograd(
     "auditkit::lrp_epsilon_ratio_backward",
-    _library.refuse("auditkit: LRP-epsilon is differentiable once (what TEA needs); its backward is not differentiable"),
+    _library.refuse(
+        "auditkit: LRP-epsilon is differentiable once (what TEA needs); its backward is not differentiable"
+    ),
     setup_context=_library.no_context,
 )
 
 
 def lrp_epsilon_ratio(relevance: torch.Tensor, output: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """s = R / (z + epsilon * sign(z)) with sign(0) = +1 (seed 004 Eq. A1), differentiable in R and z.
+    """s = R / (z + epsilon * sign(z)) with sign(0) = +1 (Bassi et al. 2024, arXiv:2407.09788, App. A Eq. A1),
+    differentiable in R and z.
 
     ``relevance`` R: (K*N, ...) for K explanations per sample, target-major; ``output`` z: (N, ...),
     the layer's output, broadcast over the K; both one floating dtype and device; ``epsilon`` >= 0

@@ -1,4 +1,5 @@
-"""One LRP-epsilon step through a convolution or a linear layer z = W a + b (seed 004 Eq. A1-A3):
+"""One LRP-epsilon step through a convolution or a linear layer z = W a + b (Bassi et al. 2024, "Training with
+Explanations Alone", arXiv:2407.09788, App. A Eq. A1-A3):
 
     s    = R / (z + eps * sign(z))      lrp_epsilon_ratio (fused kernel)
     c    = W^T s                        the layer's input gradient for output gradient s (cuDNN/oneDNN, GEMM)
@@ -29,7 +30,9 @@ CONV2D_SCHEMA = (
     "lrp_epsilon_conv2d(Tensor input, Tensor output, Tensor relevance, Tensor weight, int[2] stride, "
     "int[2] padding, int[2] dilation, int groups, float epsilon) -> Tensor"
 )
-LINEAR_SCHEMA = "lrp_epsilon_linear(Tensor input, Tensor output, Tensor relevance, Tensor weight, float epsilon) -> Tensor"
+LINEAR_SCHEMA = (
+    "lrp_epsilon_linear(Tensor input, Tensor output, Tensor relevance, Tensor weight, float epsilon) -> Tensor"
+)
 
 
 def _conv2d_reference_kernel(input, output, relevance, weight, stride, padding, dilation, groups, epsilon):
@@ -136,7 +139,8 @@ def lrp_epsilon_conv2d(
     groups: int,
     epsilon: float,
 ) -> torch.Tensor:
-    """R_in = a * W^T (R / (z + eps sign z)) through a 2-D convolution (seed 004 Eq. A1).
+    """R_in = a * W^T (R / (z + eps sign z)) through a 2-D convolution (Bassi et al. 2024, arXiv:2407.09788,
+    App. A Eq. A1).
 
     ``input`` a: (N, C_in, H, W), the layer's input; ``output`` z: (N, C_out, h, w), its output
     (bias included); ``relevance`` R: (K*N, C_out, h, w), target-major; ``weight``: (C_out, C_in /
@@ -150,7 +154,8 @@ def lrp_epsilon_conv2d(
 def lrp_epsilon_linear(
     input: torch.Tensor, output: torch.Tensor, relevance: torch.Tensor, weight: torch.Tensor, epsilon: float
 ) -> torch.Tensor:
-    """R_in = a * W^T (R / (z + eps sign z)) through a linear layer (seed 004 Eq. A1).
+    """R_in = a * W^T (R / (z + eps sign z)) through a linear layer (Bassi et al. 2024, arXiv:2407.09788,
+    App. A Eq. A1).
 
     ``input`` a: (N, in); ``output`` z: (N, out); ``relevance`` R: (K*N, out), target-major;
     ``weight``: (out, in). Returns R_in (K*N, in). Differentiable in a, z, R and W."""

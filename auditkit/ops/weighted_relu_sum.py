@@ -20,7 +20,9 @@ from ._checks import (
 from ._reference import accumulate_dtype, weighted_relu_sum_backward_reference, weighted_relu_sum_reference
 
 SCHEMA = "weighted_relu_sum(Tensor activation, Tensor weights) -> Tensor"
-BACKWARD_SCHEMA = "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights, Tensor? base=None) -> Tensor"
+BACKWARD_SCHEMA = (
+    "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights, Tensor? base=None) -> Tensor"
+)
 
 
 def empty_activation_grad(activation: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,9 @@ def _backward(ctx, grad_penalty):
 torch.library.register_autograd("auditkit::weighted_relu_sum", _backward, setup_context=_setup_context)
 torch.library.register_autograd(
     "auditkit::weighted_relu_sum_backward",
-    _library.refuse("auditkit: double backward through tap_penalty is not supported (TAP needs first-order gradients only)"),
+    _library.refuse(
+        "auditkit: double backward through tap_penalty is not supported (TAP needs first-order gradients only)"
+    ),
     setup_context=_library.no_context,
 )
 

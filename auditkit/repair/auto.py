@@ -14,7 +14,8 @@ mask-removed counterfactual, else contaminated; removing a shortcut must lower t
 accuracy the shortcut inflated, so guarding that one would fail the repairs that work best); the
 first success is kept. When none succeeds,
 the attempt with the highest worst-variant validation accuracy is kept and ``succeeded`` is False.
-The order (TAP, RRR, TEA, Energy, MaskTune) is the measured cost order of docs/repair.md's table.
+The order (TAP, RRR, TEA, Energy, MaskTune) is the measured cost order of docs/repair.md's table,
+held by each method's spec (``MethodSpec.auto_rank``; ``AUTO_ORDER`` reads it).
 """
 
 from __future__ import annotations
@@ -27,10 +28,8 @@ from ..audit import AuditConfig, run_audit
 from ..audit.runner import AuditReport
 from ..distributed import Context
 from ..errors import ParameterError
-from .methods import METHODS, MethodSpec
+from .methods import AUTO_ORDER, METHODS, MethodSpec
 from .runner import RepairConfig, RepairResult, check_data, has_annotated_masks, run_repair
-
-AUTO_ORDER = ("tap", "rrr", "tea", "energy", "masktune")
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,8 @@ def run_auto_repair(
                              + "; ".join(f"{a['method']} {a['skipped']}" for a in attempts))
     result, row = kept or best
     # The proof: the input and the kept model audited on the audit split (as any repair is).
-    audit_data = dataset.select(split=config.audit_split) if config.audit and config.audit_split in dataset.splits else None
+    audited = config.audit is not None and config.audit_split in dataset.splits
+    audit_data = dataset.select(split=config.audit_split) if audited else None
     if audit_data is not None:
         result.before = run_audit(model, audit_data, config.audit, context=context)
         result.after = run_audit(result.model, audit_data, config.audit, context=context)

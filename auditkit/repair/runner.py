@@ -28,6 +28,7 @@ from ..audit.metrics import remove_region
 from ..data import AuditDataset, collate, to_uint8
 from ..data.dataset import Record
 from ..data.masks import is_annotated
+from ..data.meaning import SPURIOUS, masks_marking
 from ..device import resolve_device, resolve_precision
 from ..distributed import Context
 from ..errors import DataError, ParameterError
@@ -131,6 +132,7 @@ def check_data(dataset: AuditDataset, config: RepairConfig) -> AuditDataset:
             "teacher (teacher and annotation), or use a method that needs no masks (tea)",
         )
     if spec.masks is not None and not annotated:
+        spec.check_masks(train.info.mask_meaning)  # masks of the wrong kind: one line, before any work
         require_annotated_masks(train, spec.name)
     if config.lam == "auto" and config.val_split not in dataset.splits:
         raise ParameterError("lam", f"'auto' needs a validation split; the data has {', '.join(dataset.splits)}")
@@ -175,8 +177,9 @@ def training_data(dataset: AuditDataset, config: RepairConfig, model, options, t
         train, stats = annotate(config.teacher, train, config.annotation, cache_dir=config.cache_dir,
                                 teacher_fingerprint=config.teacher_name, show_progress=show_progress)
         require_annotated_masks(train, spec.name, teacher=True)
+    train = spec.training_masks(train)  # what the method's masks must mark (auditkit/data/meaning.py)
     if spec.prepare_data is not None:
-        train = spec.prepare_data(model, train, options, dataset.info.mask_meaning, training.batch_size,
+        train = spec.prepare_data(model, train, options, train.info.mask_meaning, training.batch_size,
                                   training.device, show_progress)
     return train, stats
 
@@ -192,6 +195,9 @@ def validation_data(dataset: AuditDataset, config: RepairConfig, seed: int) -> A
     reference = val.select(variant=choose_training_variant(val, config.variant))
     if not reference.has_masks:
         return reference
+    # Object masks: everything but the object is filled, so no shortcut off the object can help. Only
+    # candidates are compared on it; the audit, which judges, does not remove so much (audit/runner.py).
+    reference = masks_marking(reference, SPURIOUS, "the counterfactual validation", convert=True)
     records = []
     for k in range(len(reference)):
         sample = reference[k]
@@ -202,7 +208,7 @@ def validation_data(dataset: AuditDataset, config: RepairConfig, seed: int) -> A
 
 
 @torch.no_grad()
-def validation_loss(model, val: AuditDataset, device: str, batch_size: int = 256) -> tuple[float, float]:
+def validation_loss(model, val: AuditDataset, device: torch.device, batch_size: int = 256) -> tuple[float, float]:
     """(mean cross-entropy, accuracy)."""
     model.eval()
     total, correct = 0.0, 0
@@ -257,7 +263,8 @@ def sweep_lambda(model, train, val, config: RepairConfig, options, training: Tra
     rows: list[dict] = []
     states: dict[int, dict] = {}
     latest: dict[int, dict] = {}  # candidate -> its latest row
-    with progress_bar("choosing lambda" + (" and " + ", ".join(spec.sweep_options) if len(candidates) > len(spec.sweep) else ""),
+    with progress_bar("choosing lambda"
+                      + (" and " + ", ".join(spec.sweep_options) if len(candidates) > len(spec.sweep) else ""),
                       total=len(candidates) + max(1, len(candidates) // 3), enabled=show_progress) as bar:
         alive = list(range(len(candidates)))
         for round_number, subset in enumerate(subsets):
@@ -306,15 +313,17 @@ def run_repair(
         same_classes_as_student(config.teacher, model)
     context = context or Context()
     training = config.training_config()
+    # A name from a direct caller is resolved here; a resolved torch.device (repair_checkpoint's) passes through.
     device = resolve_device(training.device)
-    training = replace(training, device=str(device), precision=resolve_precision(training.precision, device))
+    training = replace(training, device=device, precision=resolve_precision(training.precision, device))
     model = copy.deepcopy(model).to(device)
     teacher_was_training = config.teacher.training if config.teacher is not None else None
     started = time.perf_counter()
     try:
         if config.teacher is not None:
             config.teacher.eval()
-        audit_data = dataset.select(split=config.audit_split) if config.audit and config.audit_split in dataset.splits else None
+        audit_data = (dataset.select(split=config.audit_split)
+                      if config.audit and config.audit_split in dataset.splits else None)
         # The model is still the input checkpoint here (a resumed state is loaded inside fit).
         before = run_audit(model, audit_data, config.audit, context=context) if audit_data is not None else None
         train, annotation = training_data(dataset, config, model, options, training, show_progress and context.is_main)
@@ -338,8 +347,12 @@ def run_repair(
         "method": spec.name,
         "method_summary": spec.summary,
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(options).items()},
-        "training": {k: v for k, v in vars(training).items()},
+        "training": training.as_dict(),
         "data_fingerprint": dataset.fingerprint(),
+        # What the data's masks mark, and what the masks the method trained on marked (their complement,
+        # or a teacher's; None: no masks read): auditkit/data/meaning.py.
+        "mask_meaning": {"data": dataset.info.mask_meaning,
+                         "trained": train.info.mask_meaning if spec.masks else None},
         "teacher": config.teacher_name or None,
         "seconds": round(time.perf_counter() - started, 2),
         **result.summary(),

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .augment import augment_batch, random_channel_shuffle, random_rotate_scale, random_shift
-from .classifier import TrainedModel, align_dataset_to_model, choose_training_variant, train_model
+from .classifier import TrainedModel, align_dataset_to_model, choose_training_variant, model_data, train_model
 from .engine import (
     DATA_ORDERS,
     OPTIMIZERS,
@@ -41,6 +41,7 @@ __all__ = [
     "evaluate",
     "fit",
     "learning_rate",
+    "model_data",
     "random_channel_shuffle",
     "random_rotate_scale",
     "random_shift",

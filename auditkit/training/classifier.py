@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
             f"the dataset's classes ({short_list(dataset.classes)}) are {dataset.num_classes} of the checkpoint's "
             f"{len(meta.class_names)} ({short_list(meta.class_names)}); numbered classes inferred from the labels "
             "cannot tell a split that lacks some classes from data of another task: if the data holds only some of "
-            "the model's classes, declare them all (--classes or dataset.json's classes)"
+            "the model's classes, declare them all (load_dataset's classes, or dataset.json's)"
         )
     if tuple(dataset.classes) != tuple(meta.class_names) and set(dataset.classes) <= set(meta.class_names):
         # The same classes in another order (e.g. folders 0..11: ImageFolder's text order against a
@@ -197,8 +197,27 @@ def train_model(
         "variant": chosen_variant,
         "fraction": fraction,
         "samples": len(train_set),
-        "config": asdict(config),
+        "config": config.as_dict(),
         "history": history,
         "seconds": round(time.perf_counter() - start, 2),
     }
     return TrainedModel(model, history, training)
+
+
+def model_data(data: str, model, *, split: str | None = None, variant: str | None = None,
+               classes: str | None = None, mask_meaning: str | None = None) -> AuditDataset:
+    """The dataset ``data`` (its ``split`` and ``variant``; None: all) in the model's input format.
+    A model whose normalisation was assumed is checked on the data's train split
+    (:func:`align_dataset_to_model`)."""
+    import warnings
+
+    from ..data import open_dataset
+
+    full = open_dataset(data, classes=classes, mask_meaning=mask_meaning)
+    if split is not None and full.splits == [""]:
+        # The user's own data often has no split column: use all of it (and say so) rather than refuse
+        # the default split, which the user never chose.
+        warnings.warn(f"{data} has no splits (no split column or folders): using all {len(full)} images", stacklevel=2)
+        split = None
+    chosen = full.select(split=split, variant=variant) if split is not None or variant is not None else full
+    return align_dataset_to_model(chosen, model, check_on=full)

@@ -71,7 +71,8 @@ class TrainConfig:
     # used), "permutation" numpy's permutation seeded by (seed, epoch) (what repairs have always used).
     data_order: str = "loader"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (auditkit.device.resolve_device)
+    # auto | cpu | cuda | cuda:N, or the torch.device a run resolved once (auditkit.device.resolve_device)
+    device: str | torch.device = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; auditkit.device.resolve_precision)
 
     def validate(self) -> None:
@@ -94,6 +95,10 @@ class TrainConfig:
         if not 0 <= self.scale < 1:
             raise ParameterError("scale", f"must lie in [0, 1); got {self.scale}")
         resolve_precision(self.precision, resolve_device(self.device))
+
+    def as_dict(self) -> dict:
+        """The settings as plain values, for documents and saved states (the device by its name)."""
+        return {**asdict(self), "device": str(self.device)}
 
 
 @dataclass
@@ -154,7 +159,7 @@ def save_state(path: Path, model, optimizer, state: FitState, config: TrainConfi
         "epoch": state.epoch,
         "step": state.step,
         "history": [asdict(h) if not isinstance(h, dict) else h for h in state.history],
-        "config": asdict(config),
+        "config": config.as_dict(),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": _rng_state(augment),
@@ -284,7 +289,8 @@ def _fit(model, train_set, objective, config, device, *, val_set, state_path, re
                         loss, task, explanation, logits = training_loss(model, batch, objective)
                     value = loss.item()
                     if not math.isfinite(value):
-                        where = f"; the last good state (end of epoch {state.epoch}) is in {state_path}" if state_path else ""
+                        where = (f"; the last good state (end of epoch {state.epoch}) is in {state_path}"
+                                 if state_path else "")
                         raise TrainingStopped(
                             f"the loss became {value} at epoch {epoch + 1}, step {step + 1}{where}; "
                             "lower the learning rate or λ and try again"
@@ -301,7 +307,9 @@ def _fit(model, train_set, objective, config, device, *, val_set, state_path, re
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                     for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
+                        group["lr"] = learning_rate(
+                            config, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch
+                        )
                     scaler.step(optimizer)
                     scaler.update()
                     sums["task"] += task.item() * len(mine)

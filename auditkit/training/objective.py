@@ -28,11 +28,15 @@ class Objective:
 
     def forward_and_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         # Outputs a later in-place operation would overwrite are captured from a copy (found on the
-        # first step, remembered for the rest of the run).
+        # first step, remembered for the rest of the run), and each layer's module must run as often in
+        # every step, so that "block#2" means the same call throughout the run.
         copy = getattr(self, "_copied_layers", ())
-        logits, activations, copy = run_capturing(model, self.layers, lambda: model(batch.images), copy)
+        calls = self.__dict__.setdefault("_layer_calls", {})
+        logits, activations, copy = run_capturing(model, self.layers, lambda: model(batch.images), copy, calls)
         self._copied_layers = copy
         return logits, self.loss(model, batch, logits, activations)
 
-    def loss(self, model: nn.Module, batch: Batch, logits: torch.Tensor, activations: list[torch.Tensor]) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, batch: Batch, logits: torch.Tensor, activations: list[torch.Tensor]
+    ) -> torch.Tensor:
         return logits.new_zeros(())

@@ -39,22 +39,20 @@ bool is_supported_float(at::ScalarType t) {
 
 int64_t check_lrp_broadcast(const at::Tensor& relevance, const at::Tensor& output, const char* op) {
   TORCH_CHECK_TYPE(
-      is_supported_float(relevance.scalar_type()) && relevance.scalar_type() == output.scalar_type(),
-      op, ": `relevance` and `output` must share one floating dtype; got ",
-      relevance.scalar_type(), " and ", output.scalar_type());
+      is_supported_float(relevance.scalar_type()) && relevance.scalar_type() == output.scalar_type(), op,
+      ": `relevance` and `output` must share one floating dtype; got ", relevance.scalar_type(), " and ",
+      output.scalar_type());
   TORCH_CHECK_VALUE(
-      relevance.device() == output.device(),
-      op, ": `relevance` is on ", relevance.device(), " but `output` is on ", output.device());
+      relevance.device() == output.device(), op, ": `relevance` is on ", relevance.device(), " but `output` is on ",
+      output.device());
   TORCH_CHECK_VALUE(
-      output.dim() >= 1 && relevance.dim() == output.dim() &&
-          relevance.sizes().slice(1) == output.sizes().slice(1),
-      op, ": `relevance` must have the shape of `output` except for its batch; got ",
-      shape_str(relevance), " and ", shape_str(output));
+      output.dim() >= 1 && relevance.dim() == output.dim() && relevance.sizes().slice(1) == output.sizes().slice(1), op,
+      ": `relevance` must have the shape of `output` except for its batch; got ", shape_str(relevance), " and ",
+      shape_str(output));
   const int64_t n = output.size(0);
   TORCH_CHECK_VALUE(
-      (n == 0 && relevance.size(0) == 0) || (n > 0 && relevance.size(0) % n == 0),
-      op, ": the batch of `relevance` (", relevance.size(0),
-      ") must be a multiple of the batch of `output` (", n, "): K explanations per sample");
+      (n == 0 && relevance.size(0) == 0) || (n > 0 && relevance.size(0) % n == 0), op, ": the batch of `relevance` (",
+      relevance.size(0), ") must be a multiple of the batch of `output` (", n, "): K explanations per sample");
   return n == 0 ? 1 : relevance.size(0) / n;
 }
 
@@ -89,7 +87,10 @@ static at::Tensor empty_ratio_grad_output(const at::Tensor& output, int64_t k) {
 }
 
 std::tuple<at::Tensor, at::Tensor> lrp_ratio_backward_with(
-    RatioBackwardInto into, const at::Tensor& grad_in, const at::Tensor& relevance, const at::Tensor& output,
+    RatioBackwardInto into,
+    const at::Tensor& grad_in,
+    const at::Tensor& relevance,
+    const at::Tensor& output,
     double epsilon) {
   const int64_t k = check_lrp_ratio_backward_args(grad_in, relevance, output, epsilon);
   const c10::DeviceGuard guard(relevance.device());
@@ -101,8 +102,7 @@ std::tuple<at::Tensor, at::Tensor> lrp_ratio_backward_with(
 }
 
 at::Tensor lrp_ratio_backward_inplace_with(
-    RatioBackwardInto into, at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output,
-    double epsilon) {
+    RatioBackwardInto into, at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output, double epsilon) {
   const int64_t k = check_lrp_ratio_backward_inplace_args(grad, relevance, output, epsilon);
   const c10::DeviceGuard guard(relevance.device());
   at::Tensor grad_output = empty_ratio_grad_output(output, k);
@@ -118,14 +118,14 @@ static void check_step_args(
     const char* op) {
   check_lrp_broadcast(relevance, output, op);
   TORCH_CHECK_VALUE(
-      input.size(0) == output.size(0),
-      op, ": `input` and `output` must have the same batch; got ", shape_str(input), " and ", shape_str(output));
+      input.size(0) == output.size(0), op, ": `input` and `output` must have the same batch; got ", shape_str(input),
+      " and ", shape_str(output));
   TORCH_CHECK_TYPE(
-      input.scalar_type() == output.scalar_type() && weight.scalar_type() == output.scalar_type(),
-      op, ": `input`, `output`, `relevance` and `weight` must share one dtype");
+      input.scalar_type() == output.scalar_type() && weight.scalar_type() == output.scalar_type(), op,
+      ": `input`, `output`, `relevance` and `weight` must share one dtype");
   TORCH_CHECK_VALUE(
-      input.device() == output.device() && weight.device() == output.device(),
-      op, ": all tensors must be on one device");
+      input.device() == output.device() && weight.device() == output.device(), op,
+      ": all tensors must be on one device");
 }
 
 // (K*N, ...) relevance-like tensor times (N, ...) activation, in place.
@@ -158,8 +158,8 @@ at::Tensor lrp_epsilon_conv2d_composite(
   check_step_args(input, output, relevance, weight, "lrp_epsilon_conv2d");
   TORCH_CHECK_VALUE(
       input.dim() == 4 && output.dim() == 4 && weight.dim() == 4,
-      "lrp_epsilon_conv2d: `input`, `output` and `weight` must be 4-D; got ", shape_str(input), ", ",
-      shape_str(output), ", ", shape_str(weight));
+      "lrp_epsilon_conv2d: `input`, `output` and `weight` must be 4-D; got ", shape_str(input), ", ", shape_str(output),
+      ", ", shape_str(weight));
   TORCH_CHECK_VALUE(
       stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && groups >= 1,
       "lrp_epsilon_conv2d: stride, padding and dilation must have 2 entries and groups >= 1");
@@ -201,8 +201,8 @@ at::Tensor lrp_epsilon_linear_composite(
   TORCH_CHECK_VALUE(
       input.dim() == 2 && output.dim() == 2 && weight.dim() == 2 && weight.size(0) == output.size(1) &&
           weight.size(1) == input.size(1),
-      "lrp_epsilon_linear: expected input (N, in), output (N, out), weight (out, in); got ", shape_str(input),
-      ", ", shape_str(output), ", ", shape_str(weight));
+      "lrp_epsilon_linear: expected input (N, in), output (N, out), weight (out, in); got ", shape_str(input), ", ",
+      shape_str(output), ", ", shape_str(weight));
   const int64_t k = check_lrp_broadcast(relevance, output, "lrp_epsilon_linear");
   const at::Tensor s = call_ratio(relevance, output, epsilon);
   at::Tensor contribution = at::mm(s, weight); // (K*N, in)
@@ -214,17 +214,14 @@ TORCH_LIBRARY_FRAGMENT(auditkit, m) {
   // Its backward in one pass (TEA's double backward runs it once per layer):
   //   grad_relevance = grad / stab(z)                      (K*N, ...)
   //   grad_output    = -sum_K grad * relevance / stab(z)^2  (N, ...)
-  m.def(
-      "lrp_epsilon_ratio_backward(Tensor grad, Tensor relevance, Tensor output, float epsilon) -> (Tensor, Tensor)");
+  m.def("lrp_epsilon_ratio_backward(Tensor grad, Tensor relevance, Tensor output, float epsilon) -> (Tensor, Tensor)");
   // The same, writing grad_relevance over `grad` (contiguous) and returning grad_output: TEA's
   // double backward then never holds `grad` and grad_relevance at once (one output-sized tensor).
-  m.def(
-      "lrp_epsilon_ratio_backward_(Tensor(a!) grad, Tensor relevance, Tensor output, float epsilon) -> Tensor");
+  m.def("lrp_epsilon_ratio_backward_(Tensor(a!) grad, Tensor relevance, Tensor output, float epsilon) -> Tensor");
   m.def(
       "lrp_epsilon_conv2d(Tensor input, Tensor output, Tensor relevance, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, float epsilon) -> Tensor");
-  m.def(
-      "lrp_epsilon_linear(Tensor input, Tensor output, Tensor relevance, Tensor weight, float epsilon) -> Tensor");
+  m.def("lrp_epsilon_linear(Tensor input, Tensor output, Tensor relevance, Tensor weight, float epsilon) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(auditkit, CompositeExplicitAutograd, m) {

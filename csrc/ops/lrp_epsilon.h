@@ -24,17 +24,24 @@ int64_t check_lrp_ratio_backward_args(
 // One backend's ratio backward: writes d/dR into `grad_relevance` (which may be
 // `grad`, contiguous) and d/dz into `grad_output`, for K explanations per sample.
 using RatioBackwardInto = void (*)(
-    at::Tensor& grad_relevance, at::Tensor& grad_output, const at::Tensor& grad, const at::Tensor& relevance,
-    const at::Tensor& output, double epsilon, int64_t k);
+    at::Tensor& grad_relevance,
+    at::Tensor& grad_output,
+    const at::Tensor& grad,
+    const at::Tensor& relevance,
+    const at::Tensor& output,
+    double epsilon,
+    int64_t k);
 
 // lrp_epsilon_ratio_backward and lrp_epsilon_ratio_backward_ around a backend's `into`:
 // checks, device guard, allocation (shared by the CPU and CUDA registrations).
 std::tuple<at::Tensor, at::Tensor> lrp_ratio_backward_with(
-    RatioBackwardInto into, const at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output,
+    RatioBackwardInto into,
+    const at::Tensor& grad,
+    const at::Tensor& relevance,
+    const at::Tensor& output,
     double epsilon);
 at::Tensor lrp_ratio_backward_inplace_with(
-    RatioBackwardInto into, at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output,
-    double epsilon);
+    RatioBackwardInto into, at::Tensor& grad, const at::Tensor& relevance, const at::Tensor& output, double epsilon);
 
 // The epsilon stabiliser: z + eps * sign(z) with sign(0) = +1, so the result
 // is never smaller than eps in magnitude.

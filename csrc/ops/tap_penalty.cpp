@@ -38,8 +38,7 @@ at::ScalarType downscaled_dtype(const at::Tensor& mask, std::optional<at::Scalar
 }
 
 at::Tensor empty_activation_grad(const at::Tensor& activation) {
-  const bool channels_last = !activation.is_contiguous() &&
-      activation.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool channels_last = !activation.is_contiguous() && activation.is_contiguous(at::MemoryFormat::ChannelsLast);
   return at::empty(
       activation.sizes(),
       activation.options().memory_format(
@@ -70,22 +69,18 @@ std::vector<std::pair<int64_t, int64_t>> check_downscale_mask_args(
     std::optional<at::ScalarType> dtype) {
   TORCH_CHECK_VALUE(
       mask.dim() == 3 || (mask.dim() == 4 && mask.size(1) == 1),
-      "tap_penalty: `mask` must have shape (N, 1, H, W) or (N, H, W); got ",
-      shape_str(mask));
+      "tap_penalty: `mask` must have shape (N, 1, H, W) or (N, H, W); got ", shape_str(mask));
   TORCH_CHECK_TYPE(
       is_supported_float(mask.scalar_type()),
       "tap_penalty: `mask` must be a floating tensor with values in [0, 1] "
       "(float16, bfloat16, float32 or float64); got ",
-      mask.scalar_type(),
-      ". Convert it with mask.float().");
+      mask.scalar_type(), ". Convert it with mask.float().");
   TORCH_CHECK_VALUE(
-      !sizes.empty() && sizes.size() % 2 == 0,
-      "downscale_mask: `sizes` must list (height, width) pairs; got ",
-      sizes);
+      !sizes.empty() && sizes.size() % 2 == 0, "downscale_mask: `sizes` must list (height, width) pairs; got ", sizes);
   TORCH_CHECK_VALUE(
       kernel_sizes.size() == 1 || kernel_sizes.size() == sizes.size() / 2,
-      "downscale_mask: `kernel_sizes` must hold one kernel size for all layers or one per layer (",
-      sizes.size() / 2, "); got ", kernel_sizes);
+      "downscale_mask: `kernel_sizes` must hold one kernel size for all layers or one per layer (", sizes.size() / 2,
+      "); got ", kernel_sizes);
   for (const int64_t k : kernel_sizes) {
     TORCH_CHECK_VALUE(k >= 1, "tap_penalty: `kernel_size` must be an integer >= 1; got ", k);
   }
@@ -97,12 +92,10 @@ std::vector<std::pair<int64_t, int64_t>> check_downscale_mask_args(
   for (size_t k = 0; k < sizes.size(); k += 2) {
     const int64_t height = sizes[k], width = sizes[k + 1];
     TORCH_CHECK_VALUE(
-        height >= 1 && width >= 1,
-        "tap_penalty: the activation's spatial size must be at least 1x1; got ",
-        height, "x", width);
+        height >= 1 && width >= 1, "tap_penalty: the activation's spatial size must be at least 1x1; got ", height, "x",
+        width);
     TORCH_CHECK_VALUE(
-        m.size(1) >= height && m.size(2) >= width,
-        "tap_penalty: `mask` (", m.size(1), "x", m.size(2),
+        m.size(1) >= height && m.size(2) >= width, "tap_penalty: `mask` (", m.size(1), "x", m.size(2),
         ") is smaller than the activation map (", height, "x", width,
         "); masks are given at input resolution and must be at least as large "
         "as every targeted activation");
@@ -111,9 +104,8 @@ std::vector<std::pair<int64_t, int64_t>> check_downscale_mask_args(
   return pairs;
 }
 
-std::vector<std::pair<int64_t, std::vector<size_t>>> group_by_kernel_size(
-    c10::IntArrayRef kernel_sizes,
-    size_t num_pairs) {
+std::vector<std::pair<int64_t, std::vector<size_t>>>
+group_by_kernel_size(c10::IntArrayRef kernel_sizes, size_t num_pairs) {
   std::vector<std::pair<int64_t, std::vector<size_t>>> groups;
   for (size_t l = 0; l < num_pairs; ++l) {
     const int64_t k = kernel_sizes.size() == 1 ? kernel_sizes[0] : kernel_sizes[l];
@@ -129,26 +121,20 @@ std::vector<std::pair<int64_t, std::vector<size_t>>> group_by_kernel_size(
 
 void check_weighted_relu_sum_args(const at::Tensor& activation, const at::Tensor& weights) {
   TORCH_CHECK_VALUE(
-      activation.dim() == 4,
-      "tap_penalty: `activation` must have shape (N, C, h, w); got ",
-      shape_str(activation));
+      activation.dim() == 4, "tap_penalty: `activation` must have shape (N, C, h, w); got ", shape_str(activation));
   TORCH_CHECK_TYPE(
       is_supported_float(activation.scalar_type()),
-      "tap_penalty: `activation` must be float16, bfloat16, float32 or float64; got ",
-      activation.scalar_type());
+      "tap_penalty: `activation` must be float16, bfloat16, float32 or float64; got ", activation.scalar_type());
   TORCH_CHECK_VALUE(
-      weights.dim() == 3 && weights.size(0) == activation.size(0) &&
-          weights.size(1) == activation.size(2) && weights.size(2) == activation.size(3),
-      "weighted_relu_sum: `weights` must have shape (N, h, w) = (",
-      activation.size(0), ", ", activation.size(2), ", ", activation.size(3),
-      ") to match `activation`; got ", shape_str(weights));
+      weights.dim() == 3 && weights.size(0) == activation.size(0) && weights.size(1) == activation.size(2) &&
+          weights.size(2) == activation.size(3),
+      "weighted_relu_sum: `weights` must have shape (N, h, w) = (", activation.size(0), ", ", activation.size(2), ", ",
+      activation.size(3), ") to match `activation`; got ", shape_str(weights));
   TORCH_CHECK_TYPE(
-      is_supported_float(weights.scalar_type()),
-      "weighted_relu_sum: `weights` must be floating; got ",
+      is_supported_float(weights.scalar_type()), "weighted_relu_sum: `weights` must be floating; got ",
       weights.scalar_type());
   TORCH_CHECK_VALUE(
-      weights.device() == activation.device(),
-      "weighted_relu_sum: `weights` is on ", weights.device(),
+      weights.device() == activation.device(), "weighted_relu_sum: `weights` is on ", weights.device(),
       " but `activation` is on ", activation.device());
 }
 
@@ -159,38 +145,30 @@ void check_weighted_relu_sum_backward_args(
     const std::optional<at::Tensor>& base) {
   check_weighted_relu_sum_args(activation, weights);
   TORCH_CHECK_VALUE(
-      grad.dim() == 1 && grad.size(0) == activation.size(0),
-      "weighted_relu_sum_backward: `grad` must have shape (", activation.size(0),
-      ",); got ", shape_str(grad));
-  TORCH_CHECK_TYPE(
-      is_supported_float(grad.scalar_type()),
-      "weighted_relu_sum_backward: `grad` must be floating");
+      grad.dim() == 1 && grad.size(0) == activation.size(0), "weighted_relu_sum_backward: `grad` must have shape (",
+      activation.size(0), ",); got ", shape_str(grad));
+  TORCH_CHECK_TYPE(is_supported_float(grad.scalar_type()), "weighted_relu_sum_backward: `grad` must be floating");
   TORCH_CHECK_VALUE(
-      grad.device() == activation.device(),
-      "weighted_relu_sum_backward: all tensors must be on one device");
+      grad.device() == activation.device(), "weighted_relu_sum_backward: all tensors must be on one device");
   if (base.has_value() && base->defined()) {
     TORCH_CHECK_VALUE(
-        base->sizes() == activation.sizes(),
-        "weighted_relu_sum_backward: `base` must have the activation's shape ",
+        base->sizes() == activation.sizes(), "weighted_relu_sum_backward: `base` must have the activation's shape ",
         shape_str(activation), "; got ", shape_str(*base));
     TORCH_CHECK_TYPE(
         base->scalar_type() == activation.scalar_type(),
-        "weighted_relu_sum_backward: `base` must have the activation's dtype ",
-        activation.scalar_type(), "; got ", base->scalar_type());
+        "weighted_relu_sum_backward: `base` must have the activation's dtype ", activation.scalar_type(), "; got ",
+        base->scalar_type());
     TORCH_CHECK_VALUE(
-        base->device() == activation.device(),
-        "weighted_relu_sum_backward: all tensors must be on one device");
+        base->device() == activation.device(), "weighted_relu_sum_backward: all tensors must be on one device");
   }
 }
 
 TORCH_LIBRARY_FRAGMENT(auditkit, m) {
   // sizes = [h0, w0, h1, w1, ...]: one D(M) per targeted layer; kernel_sizes:
   // one max-pool size for all of them, or one per layer (one pass per distinct size).
-  m.def(
-      "downscale_mask(Tensor mask, int[] kernel_sizes, int[] sizes, ScalarType? dtype=None) -> Tensor[]");
+  m.def("downscale_mask(Tensor mask, int[] kernel_sizes, int[] sizes, ScalarType? dtype=None) -> Tensor[]");
   m.def("weighted_relu_sum(Tensor activation, Tensor weights) -> Tensor");
-  m.def(
-      "weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights, Tensor? base=None) -> Tensor");
+  m.def("weighted_relu_sum_backward(Tensor grad, Tensor activation, Tensor weights, Tensor? base=None) -> Tensor");
 }
 
 } // namespace auditkit

@@ -34,16 +34,12 @@ namespace auditkit {
 // Checks shapes, dtypes and devices (never tensor values); errors name the
 // offending argument. Returns the (height, width) pairs of `sizes`.
 std::vector<std::pair<int64_t, int64_t>> check_downscale_mask_args(
-    const at::Tensor& mask,
-    c10::IntArrayRef kernel_sizes,
-    c10::IntArrayRef sizes,
-    std::optional<at::ScalarType> dtype);
+    const at::Tensor& mask, c10::IntArrayRef kernel_sizes, c10::IntArrayRef sizes, std::optional<at::ScalarType> dtype);
 
 // The pairs' indices grouped by kernel size, in order of first appearance:
 // [(k, [pair indices])]. `kernel_sizes` holds one k for all pairs or one per pair.
-std::vector<std::pair<int64_t, std::vector<size_t>>> group_by_kernel_size(
-    c10::IntArrayRef kernel_sizes,
-    size_t num_pairs);
+std::vector<std::pair<int64_t, std::vector<size_t>>>
+group_by_kernel_size(c10::IntArrayRef kernel_sizes, size_t num_pairs);
 
 void check_weighted_relu_sum_args(const at::Tensor& activation, const at::Tensor& weights);
 

@@ -17,12 +17,15 @@ def _discover() -> dict[str, MethodSpec]:
         spec = getattr(importlib.import_module(f"{__name__}.{module.name}"), "SPEC", None)
         if isinstance(spec, MethodSpec):
             found[spec.name] = spec
-    # The order users see (cheapest first; docs/repair.md), then any others by name.
-    order = ["tap", "rrr", "energy", "tea", "masktune"]
-    return {name: found[name] for name in sorted(found, key=lambda n: (order.index(n) if n in order else len(order), n))}
+    # The order users see: each spec's rank (cheapest first; docs/repair.md), then by name.
+    return {name: found[name] for name in sorted(found, key=lambda n: (found[n].rank, n))}
 
 
 #: Every repair method, by name.
 METHODS: dict[str, MethodSpec] = _discover()
 
-__all__ = ["METHODS", "MethodSpec", "NoOptions"]
+#: The order ``method="auto"`` tries the methods in: each spec's ``auto_rank``, cheapest first.
+AUTO_ORDER: tuple[str, ...] = tuple(sorted((n for n, s in METHODS.items() if s.auto_rank is not None),
+                                           key=lambda n: (METHODS[n].auto_rank, n)))
+
+__all__ = ["AUTO_ORDER", "METHODS", "MethodSpec", "NoOptions"]

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 
-def forward_with_input_gradient(model: nn.Module, images: torch.Tensor, scores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_with_input_gradient(model: nn.Module, images: torch.Tensor,
+                                scores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(leaf images, logits, d scores(logits).sum() / d images), the graph kept for a second backward.
     One forward serves both the task loss (logits) and the input-gradient loss."""
     images = images.detach().requires_grad_(True)

@@ -1,4 +1,4 @@
-"""MaskTune (Taghanaki et al. 2022; seed 002): mask what the model relies on most, fine-tune on that.
+"""MaskTune (Taghanaki et al. 2022, NeurIPS, arXiv:2210.00055): mask what the model relies on most, fine-tune on that.
 
 For every training image the model's own saliency (Grad-CAM for the true class, upsampled) is
 computed once; the pixels above mean + k·std of the map (k = 2 by default, per image) are set to
@@ -49,13 +49,17 @@ class MaskTuneOptions:
 
 def prepare_data(model, train: AuditDataset, options: MaskTuneOptions, mask_meaning: str, batch_size: int, device,
                  show_progress: bool) -> AuditDataset:
+    # The data's masks are not read (MaskTune masks the model's own saliency), so what they mark,
+    # ``mask_meaning``, does not matter: both meanings train alike.
     return masktune_dataset(model, train, sigmas=options.sigmas, batch_size=batch_size, device=device,
                             show_progress=show_progress)
 
 
 SPEC = MethodSpec(
     name="masktune",
-    summary="mask what the model relies on most (its Grad-CAM), fine-tune on the masked images (seed 002)",
+    rank=4,
+    auto_rank=4,
+    summary="mask what the model relies on most (its Grad-CAM), fine-tune on the masked images (Taghanaki et al. 2022)",
     masks=None,
     teacher="none",
     default_lambda=0.0,

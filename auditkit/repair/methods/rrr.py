@@ -18,12 +18,15 @@ class RrrObjective(Objective):
     name = "rrr"
 
     def forward_and_loss(self, model, batch):
-        _, logits, grad = forward_with_input_gradient(model, batch.images, lambda out: F.log_softmax(out, dim=1).sum(dim=1))
+        _, logits, grad = forward_with_input_gradient(model, batch.images,
+                                                      lambda out: F.log_softmax(out, dim=1).sum(dim=1))
         return logits, ((batch.masks * grad.sum(dim=1, keepdim=True)) ** 2).sum(dim=(1, 2, 3)).mean()
 
 
 SPEC = MethodSpec(
     name="rrr",
+    rank=1,
+    auto_rank=1,
     summary="penalise the input gradient of the log-probabilities inside the mask (Ross et al. 2017)",
     masks="spurious",
     teacher="annotates",
@@ -32,5 +35,8 @@ SPEC = MethodSpec(
     # The double-backward losses need gradient clipping (unclipped steps blew up in measured runs).
     training={"epochs": 3, "grad_clip": 1.0, "schedule": "constant"},
     build=lambda model, options, teacher: RrrObjective(),
+    # Object masks: the gradient outside the object is penalised, pixel by pixel (no downscaling to
+    # dilate it): RRR* of model guidance (Rao et al. 2023, arXiv:2303.11932).
+    complement_sound="the input gradient outside the object (Rao et al. 2023's RRR*)",
     doc="docs/methods/rrr.md",
 )

@@ -86,6 +86,8 @@ def _network_resolution(model) -> int:
 
 SPEC = MethodSpec(
     name="tap",
+    rank=0,
+    auto_rank=0,
     summary="penalise positive activations inside the masked region at the targeted layers (TAP Eq. 7-8)",
     masks="spurious",
     teacher="annotates",
@@ -101,5 +103,9 @@ SPEC = MethodSpec(
     training={"epochs": 3, "grad_clip": 0.0, "schedule": "constant"},
     options=TapOptions,
     build=build,
+    # Object masks are refused: D(M) max-pools the mask (Eq. 7), so the complement of an object grows
+    # over the object at coarse layers and TAP would penalise the evidence it should keep.
+    complement_unsound="its max-pooled downscaling would spread the object's complement over the object "
+    "at coarse layers; rrr and energy take object masks",
     doc="docs/methods/tap.md",
 )

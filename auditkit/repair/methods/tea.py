@@ -1,4 +1,4 @@
-"""TEA, Training with Explanations Alone (Bassi et al.; seed 004): the multi-resolution heat loss
+"""TEA, Training with Explanations Alone (Bassi et al. 2024, arXiv:2407.09788): the multi-resolution heat loss
 between the student's and the teacher's LRP-ε heatmaps, (1/S) Σ_m d(AvgPool_2^m(Hs), AvgPool_2^m(Ht))
 with d(a, b) = ‖a − b‖₁ / sqrt(‖a‖₁ ‖b‖₁) per sample, for the teacher's top K classes (their mean).
 The heatmap is differentiable through the LRP kernels' autograd formulas. Optionally plus
@@ -17,13 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ParameterError
+from ...explain.defaults import EPSILON_AUDIT
 from ...explain.lrp import lrp_epsilon_and_logits
 from ...training import Objective
 from .base import MethodSpec
 
 
 def heat_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """d(Hs, Ht) = ||Hs - Ht||_1 / sqrt(||Hs||_1 ||Ht||_1) per sample (seed 004, Task 4 Part 11)."""
+    """d(Hs, Ht) = ||Hs - Ht||_1 / sqrt(||Hs||_1 ||Ht||_1) per sample (Bassi et al. 2024; as worked through in
+    Bharadwaj 2026, "The Lazy Artist", Task 4)."""
     s, t = student.flatten(1), teacher.flatten(1)
     scale = torch.sqrt(s.abs().sum(1) * t.abs().sum(1)).clamp_min(1e-12)
     return (s - t).abs().sum(1) / scale
@@ -56,7 +58,7 @@ TEACHER_CACHE_BYTES = 1 << 30  # cache the teacher's heatmaps when they fit in 1
 @dataclass
 class TeaObjective(Objective):
     teacher: nn.Module | None = None
-    epsilon: float = 0.01
+    epsilon: float = EPSILON_AUDIT
     scales: int = 4
     explained_class: str = "teacher"  # "teacher": the teacher's most likely classes; "random": random logits
     classes: int = 1  # classes explained per image (the loss is their mean)
@@ -119,7 +121,7 @@ class TeaObjective(Objective):
 
 @dataclass(frozen=True)
 class TeaOptions:
-    epsilon: float = 0.01  # LRP-epsilon stabiliser
+    epsilon: float = EPSILON_AUDIT  # LRP-epsilon stabiliser (explain/defaults.py)
     scales: int = 4  # resolutions of the heat loss
     explained_class: str = "teacher"  # "teacher": the teacher's top classes; "random": random logits
     classes: int = 1  # classes explained per image (the loss is their mean)
@@ -149,7 +151,10 @@ def build(model, options: TeaOptions, teacher) -> TeaObjective:
 
 SPEC = MethodSpec(
     name="tea",
-    summary="train the model to explain (and answer) like a teacher: LRP-epsilon heat loss plus distillation (seed 004)",
+    rank=3,
+    auto_rank=2,
+    summary="train the model to explain (and answer) like a teacher: LRP-epsilon heat loss plus distillation "
+            "(Bassi et al. 2024)",
     masks=None,
     teacher="required",
     default_lambda=1.0,

@@ -117,7 +117,8 @@ void ratio_backward_into(
             const int64_t len = std::min(kChunk, per_target - start);
             for (int64_t t = 0; t < k; ++t) {
               const int64_t offset = t * per_target + start;
-              ratio_backward_run<scalar_t>(gr + offset, gz + start, g + offset, r + offset, z + start, len, epsilon, t == 0);
+              ratio_backward_run<scalar_t>(
+                  gr + offset, gz + start, g + offset, r + offset, z + start, len, epsilon, t == 0);
             }
           }
         });

@@ -115,8 +115,8 @@ acc_t weighted_relu_sum_contiguous(const scalar_t* a, const acc_t* w, int64_t le
 // out[k] = base[k] + (a[k] > 0 ? w[k] : 0)   (w = g[n] * W[n] for this row;
 // base = nullptr reads as 0). `base` has out's strides and may alias it.
 template <typename scalar_t, typename acc_t>
-AUDITKIT_MULTIVERSION void relu_grad_row(
-    scalar_t* out, const scalar_t* base, const scalar_t* a, const acc_t* w, int64_t len) {
+AUDITKIT_MULTIVERSION void
+relu_grad_row(scalar_t* out, const scalar_t* base, const scalar_t* a, const acc_t* w, int64_t len) {
   if (base == nullptr) {
 #pragma omp simd
     for (int64_t k = 0; k < len; ++k) {
@@ -125,16 +125,16 @@ AUDITKIT_MULTIVERSION void relu_grad_row(
   } else {
 #pragma omp simd
     for (int64_t k = 0; k < len; ++k) {
-      out[k] = static_cast<scalar_t>(
-          static_cast<acc_t>(base[k]) + (static_cast<acc_t>(a[k]) > acc_t(0) ? w[k] : acc_t(0)));
+      out[k] =
+          static_cast<scalar_t>(static_cast<acc_t>(base[k]) + (static_cast<acc_t>(a[k]) > acc_t(0) ? w[k] : acc_t(0)));
     }
   }
 }
 
 // out[k] = base[k] + (a[k] > 0 ? weight : 0)
 template <typename scalar_t, typename acc_t>
-AUDITKIT_MULTIVERSION void relu_grad_constant(
-    scalar_t* out, const scalar_t* base, const scalar_t* a, acc_t weight, int64_t len) {
+AUDITKIT_MULTIVERSION void
+relu_grad_constant(scalar_t* out, const scalar_t* base, const scalar_t* a, acc_t weight, int64_t len) {
   if (base == nullptr) {
 #pragma omp simd
     for (int64_t k = 0; k < len; ++k) {
@@ -154,12 +154,8 @@ AUDITKIT_MULTIVERSION void relu_grad_constant(
 // dst[c] = max_{t < k} src[c + t * stride]: one max-pool direction over a
 // whole padded plane (stride 1: along rows; stride = row length: along columns).
 template <typename work_t>
-AUDITKIT_MULTIVERSION void window_max(
-    work_t* __restrict__ dst,
-    const work_t* __restrict__ src,
-    int64_t len,
-    int64_t k,
-    int64_t stride) {
+AUDITKIT_MULTIVERSION void
+window_max(work_t* __restrict__ dst, const work_t* __restrict__ src, int64_t len, int64_t k, int64_t stride) {
   if (k == 3) { // the default kernel size: one pass
     const work_t* s1 = src + stride;
     const work_t* s2 = src + 2 * stride;
@@ -188,10 +184,8 @@ AUDITKIT_MULTIVERSION void window_max(
 // target clone, while explicit vector-extension compares combined with & are
 // lowered for the baseline target and end up scalar.)
 template <typename mask_t, typename work_t>
-AUDITKIT_MULTIVERSION int64_t load_row_and_count_outside_unit(
-    work_t* __restrict__ dst,
-    const mask_t* __restrict__ src,
-    int64_t len) {
+AUDITKIT_MULTIVERSION int64_t
+load_row_and_count_outside_unit(work_t* __restrict__ dst, const mask_t* __restrict__ src, int64_t len) {
   work_t bad = 0; // exact: per-lane counts stay far below 2^24
 #pragma omp simd reduction(+ : bad)
   for (int64_t x = 0; x < len; ++x) {
@@ -205,12 +199,8 @@ AUDITKIT_MULTIVERSION int64_t load_row_and_count_outside_unit(
 // sums[c] += max_{t < k} src[c + t * stride]: the vertical max pool fused
 // with the row-window sum of the adaptive average.
 template <typename work_t>
-AUDITKIT_MULTIVERSION void add_window_max(
-    work_t* __restrict__ sums,
-    const work_t* __restrict__ src,
-    int64_t len,
-    int64_t k,
-    int64_t stride) {
+AUDITKIT_MULTIVERSION void
+add_window_max(work_t* __restrict__ sums, const work_t* __restrict__ src, int64_t len, int64_t k, int64_t stride) {
   if (k == 3) {
     const work_t* s1 = src + stride;
     const work_t* s2 = src + 2 * stride;
@@ -265,8 +255,8 @@ std::vector<size_t> plan_layer_windows(std::vector<LayerWindows>& sizes, int64_t
     LayerWindows& coarse = sizes[order[pos]];
     for (size_t prev = 0; prev < pos; ++prev) {
       const LayerWindows& fine = sizes[order[prev]];
-      const bool nests = Hd % fine.h == 0 && Wd % fine.w == 0 && fine.h % coarse.h == 0 &&
-          fine.w % coarse.w == 0 && fine.finer < 0;
+      const bool nests =
+          Hd % fine.h == 0 && Wd % fine.w == 0 && fine.h % coarse.h == 0 && fine.w % coarse.w == 0 && fine.finer < 0;
       if (nests) {
         coarse.finer = static_cast<int64_t>(order[prev]);
         break;
@@ -280,10 +270,10 @@ std::vector<size_t> plan_layer_windows(std::vector<LayerWindows>& sizes, int64_t
 template <typename work_t>
 struct DownscaleWorkspace {
   int64_t H = -1, W = -1, k = -1;
-  std::vector<work_t> gathered;  // one strided mask row
-  std::vector<work_t> row;       // one mask row with a -inf border of k/2
-  std::vector<work_t> horiz;     // horizontal max of every row, (H + 2 pad) x Wd, -inf border rows
-  std::vector<work_t> row_sums;  // sum over one row window: Wd
+  std::vector<work_t> gathered; // one strided mask row
+  std::vector<work_t> row; // one mask row with a -inf border of k/2
+  std::vector<work_t> horiz; // horizontal max of every row, (H + 2 pad) x Wd, -inf border rows
+  std::vector<work_t> row_sums; // sum over one row window: Wd
   std::vector<std::vector<double>> window_sums; // per size: h x w
 
   void prepare(int64_t H_, int64_t W_, int64_t k_) {
@@ -398,7 +388,8 @@ int64_t downscale_mask_one_kernel_cpu(
   const int64_t N = m.size(0), H = m.size(1), W = m.size(2);
   std::vector<LayerWindows> layer_sizes;
   for (const size_t l : layers) {
-    layer_sizes.emplace_back(pairs[l].first, pairs[l].second, dilated_size(H, kernel_size), dilated_size(W, kernel_size));
+    layer_sizes.emplace_back(
+        pairs[l].first, pairs[l].second, dilated_size(H, kernel_size), dilated_size(W, kernel_size));
   }
   const auto order = plan_layer_windows(layer_sizes, dilated_size(H, kernel_size), dilated_size(W, kernel_size));
   std::atomic<int64_t> bad_values{0};
@@ -450,9 +441,7 @@ std::vector<at::Tensor> downscale_mask_cpu(
   for (const auto& [kernel_size, layers] : group_by_kernel_size(kernel_sizes, pairs.size())) {
     const int64_t bad = downscale_mask_one_kernel_cpu(m, kernel_size, pairs, layers, outputs, out_dtype);
     TORCH_CHECK_VALUE(
-        bad == 0,
-        "tap_penalty: `mask` values must lie in [0, 1] (1 = spurious pixel); found ",
-        bad,
+        bad == 0, "tap_penalty: `mask` values must lie in [0, 1] (1 = spurious pixel); found ", bad,
         " outside that range or NaN");
   }
   return outputs;
@@ -478,13 +467,12 @@ constexpr int64_t kElementsPerUnit = 32768;
 
 template <typename scalar_t, typename acc_t>
 void weighted_relu_sum_cpu_kernel(const at::Tensor& activation, const acc_t* wts, acc_t* penalty) {
-  const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2),
-                w = activation.size(3);
+  const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2), w = activation.size(3);
   const int64_t hw = h * w;
   const Strides4 s = strides_of(activation);
   const scalar_t* a = activation.const_data_ptr<scalar_t>();
   enum class Mode { kChannelsInner, kChannelBlocks, kPlanes };
-  const Mode mode = (s.c == 1 && s.w != 1 && C > 1) ? Mode::kChannelsInner
+  const Mode mode = (s.c == 1 && s.w != 1 && C > 1)             ? Mode::kChannelsInner
       : (s.w == 1 && s.h == w && s.c == hw && hw < kSmallPlane) ? Mode::kChannelBlocks
                                                                 : Mode::kPlanes;
   const int64_t planes_per_tile = std::max<int64_t>(1, kTileElements / hw);
@@ -493,11 +481,9 @@ void weighted_relu_sum_cpu_kernel(const at::Tensor& activation, const acc_t* wts
   // thread count.
   const int64_t block = std::clamp<int64_t>((kElementsPerUnit + hw - 1) / hw, 1, C);
   const int64_t units_per_sample = mode == Mode::kChannelsInner ? h
-      : mode == Mode::kChannelBlocks                           ? (C + block - 1) / block
+      : mode == Mode::kChannelBlocks                            ? (C + block - 1) / block
                                                                 : C;
-  const int64_t unit_elems = mode == Mode::kChannelsInner ? w * C
-      : mode == Mode::kChannelBlocks                      ? block * hw
-                                                          : hw;
+  const int64_t unit_elems = mode == Mode::kChannelsInner ? w * C : mode == Mode::kChannelBlocks ? block * hw : hw;
   const int64_t units = N * units_per_sample;
   std::vector<acc_t> partial(static_cast<size_t>(units));
   const int64_t grain = std::max<int64_t>(1, kElementsPerUnit / std::max<int64_t>(1, unit_elems));
@@ -572,13 +558,8 @@ at::Tensor weighted_relu_sum_cpu(const at::Tensor& activation, const at::Tensor&
 
 template <typename scalar_t, typename acc_t>
 void weighted_relu_sum_backward_cpu_kernel(
-    const acc_t* g,
-    const at::Tensor& activation,
-    const acc_t* wts,
-    const scalar_t* base,
-    at::Tensor& grad_activation) {
-  const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2),
-                w = activation.size(3);
+    const acc_t* g, const at::Tensor& activation, const acc_t* wts, const scalar_t* base, at::Tensor& grad_activation) {
+  const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2), w = activation.size(3);
   const int64_t hw = h * w;
   const Strides4 s = strides_of(activation);
   const Strides4 o = strides_of(grad_activation);
@@ -598,8 +579,8 @@ void weighted_relu_sum_backward_cpu_kernel(
         for (const auto j : c10::irange(w)) {
           const int64_t at_out = n * o.n + i * o.h + j * o.w;
           relu_grad_constant<scalar_t, acc_t>(
-              out + at_out, base == nullptr ? nullptr : base + at_out, a + n * s.n + i * s.h + j * s.w,
-              g[n] * wrow[j], C);
+              out + at_out, base == nullptr ? nullptr : base + at_out, a + n * s.n + i * s.h + j * s.w, g[n] * wrow[j],
+              C);
         }
         continue;
       }
@@ -618,8 +599,8 @@ void weighted_relu_sum_backward_cpu_kernel(
       } else if (s.w == 1 && o.w == 1) {
         for (const auto i : c10::irange(h)) {
           relu_grad_row<scalar_t, acc_t>(
-              oplane + i * o.h, bplane == nullptr ? nullptr : bplane + i * o.h, plane + i * s.h,
-              scaled.data() + i * w, w);
+              oplane + i * o.h, bplane == nullptr ? nullptr : bplane + i * o.h, plane + i * s.h, scaled.data() + i * w,
+              w);
         }
       } else {
         for (const auto i : c10::irange(h)) {

@@ -38,8 +38,9 @@ CudaLaunchLimits limits;
 std::mutex limits_mutex;
 
 void set_test_limits(int64_t max_blocks, int64_t max_grid_y, bool force_64bit_index) {
-  TORCH_CHECK_VALUE(max_blocks >= 0 && max_grid_y >= 0 && max_grid_y <= 65535,
-                    "_cuda_set_test_limits: max_blocks >= 0 and 0 <= max_grid_y <= 65535");
+  TORCH_CHECK_VALUE(
+      max_blocks >= 0 && max_grid_y >= 0 && max_grid_y <= 65535,
+      "_cuda_set_test_limits: max_blocks >= 0 and 0 <= max_grid_y <= 65535");
   const std::lock_guard<std::mutex> lock(limits_mutex);
   limits.max_blocks = max_blocks;
   limits.max_grid_y = max_grid_y;

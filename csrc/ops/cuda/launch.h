@@ -12,9 +12,9 @@
 namespace auditkit {
 
 struct CudaLaunchLimits {
-  int64_t max_blocks = 0;  // > 0: at most this many blocks in x (forces grid-stride passes)
-  int64_t max_grid_y = 0;  // > 0: at most this many blocks in y (forces the y loop); else 65,535
-  bool force_64bit_index = false;  // take the int64 instantiations even when int32 would do
+  int64_t max_blocks = 0; // > 0: at most this many blocks in x (forces grid-stride passes)
+  int64_t max_grid_y = 0; // > 0: at most this many blocks in y (forces the y loop); else 65,535
+  bool force_64bit_index = false; // take the int64 instantiations even when int32 would do
 };
 
 // The current limits (process-wide; set only by tests).

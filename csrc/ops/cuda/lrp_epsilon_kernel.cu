@@ -56,8 +56,9 @@ at::Tensor lrp_epsilon_ratio_cuda(const at::Tensor& relevance_in, const at::Tens
   const int64_t targets = relevance.numel() / per_target;
   const int64_t blocks_y = limit_blocks_y(targets);
   // About 16 blocks per multiprocessor in all, split between positions and targets.
-  const int64_t blocks_x = limit_blocks_x(std::min<int64_t>(
-      (per_target + kThreads - 1) / kThreads, std::max<int64_t>(1, multiprocessor_count() * 16 / blocks_y)));
+  const int64_t blocks_x = limit_blocks_x(
+      std::min<int64_t>(
+          (per_target + kThreads - 1) / kThreads, std::max<int64_t>(1, multiprocessor_count() * 16 / blocks_y)));
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, relevance.scalar_type(), "lrp_epsilon_ratio_cuda", [&] {

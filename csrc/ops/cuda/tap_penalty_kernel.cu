@@ -128,12 +128,7 @@ __global__ void dilate_rows_kernel(
 
 template <typename work_t>
 __global__ void dilate_cols_kernel(
-    const work_t* __restrict__ rows,
-    int64_t N,
-    int64_t H,
-    int64_t Wd,
-    int64_t k,
-    work_t* __restrict__ dilated) {
+    const work_t* __restrict__ rows, int64_t N, int64_t H, int64_t Wd, int64_t k, work_t* __restrict__ dilated) {
   const int64_t pad = k / 2;
   const int64_t Hd = dilated_size(H, k);
   const int64_t total = N * Hd * Wd;
@@ -325,8 +320,7 @@ __global__ void __launch_bounds__(kThreads) relu_grad_kernel(
     locate<LAYOUT, index_t>(e - n * per_sample, C, hw, w, sC, sH, sW, offset, q);
     const acc_t v = static_cast<acc_t>(activation[n * sN + offset]);
     const acc_t added_to = base == nullptr ? acc_t(0) : static_cast<acc_t>(base[e]);
-    out[e] = static_cast<scalar_t>(
-        added_to + (v > acc_t(0) ? grad[n] * weights[n * hw + q] : acc_t(0)));
+    out[e] = static_cast<scalar_t>(added_to + (v > acc_t(0) ? grad[n] * weights[n * hw + q] : acc_t(0)));
   }
 }
 
@@ -394,37 +388,28 @@ std::vector<at::Tensor> downscale_mask_cuda(
 
 template <typename scalar_t, typename acc_t, int LAYOUT, typename index_t>
 void launch_weighted_sum_partial(
-    const at::Tensor& a,
-    const at::Tensor& weights,
-    at::Tensor& partial,
-    int blocks_per_sample) {
+    const at::Tensor& a, const at::Tensor& weights, at::Tensor& partial, int blocks_per_sample) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  weighted_sum_partial_kernel<scalar_t, acc_t, LAYOUT, index_t>
-      <<<partial.numel(), kThreads, 0, stream>>>(
-          a.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(),
-          partial.mutable_data_ptr<acc_t>(), static_cast<index_t>(a.size(1)),
-          static_cast<index_t>(a.size(2)), static_cast<index_t>(a.size(3)),
-          a.stride(0), static_cast<index_t>(a.stride(1)),
-          static_cast<index_t>(a.stride(2)), static_cast<index_t>(a.stride(3)),
-          blocks_per_sample);
+  weighted_sum_partial_kernel<scalar_t, acc_t, LAYOUT, index_t><<<partial.numel(), kThreads, 0, stream>>>(
+      a.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(),
+      static_cast<index_t>(a.size(1)), static_cast<index_t>(a.size(2)), static_cast<index_t>(a.size(3)), a.stride(0),
+      static_cast<index_t>(a.stride(1)), static_cast<index_t>(a.stride(2)), static_cast<index_t>(a.stride(3)),
+      blocks_per_sample);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
 void launch_weighted_sum_partial_any_layout(
-    const at::Tensor& a,
-    const at::Tensor& weights,
-    at::Tensor& partial,
-    int blocks_per_sample) {
+    const at::Tensor& a, const at::Tensor& weights, at::Tensor& partial, int blocks_per_sample) {
   switch (layout_of(a)) {
-    case kContiguous:
-      launch_weighted_sum_partial<scalar_t, acc_t, kContiguous, index_t>(a, weights, partial, blocks_per_sample);
-      break;
-    case kChannelsLast:
-      launch_weighted_sum_partial<scalar_t, acc_t, kChannelsLast, index_t>(a, weights, partial, blocks_per_sample);
-      break;
-    default:
-      launch_weighted_sum_partial<scalar_t, acc_t, kStrided, index_t>(a, weights, partial, blocks_per_sample);
+  case kContiguous:
+    launch_weighted_sum_partial<scalar_t, acc_t, kContiguous, index_t>(a, weights, partial, blocks_per_sample);
+    break;
+  case kChannelsLast:
+    launch_weighted_sum_partial<scalar_t, acc_t, kChannelsLast, index_t>(a, weights, partial, blocks_per_sample);
+    break;
+  default:
+    launch_weighted_sum_partial<scalar_t, acc_t, kStrided, index_t>(a, weights, partial, blocks_per_sample);
   }
 }
 
@@ -438,8 +423,7 @@ bool fits_int32(const at::Tensor& t) {
 at::Tensor weighted_relu_sum_cuda(const at::Tensor& activation, const at::Tensor& weights) {
   check_weighted_relu_sum_args(activation, weights);
   const c10::cuda::CUDAGuard guard(activation.device());
-  const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2),
-                w = activation.size(3);
+  const int64_t N = activation.size(0), C = activation.size(1), h = activation.size(2), w = activation.size(3);
   const auto acc_dtype = accumulate_dtype(activation.scalar_type());
   if (activation.numel() == 0) {
     return at::zeros({N}, activation.options().dtype(acc_dtype));
@@ -452,8 +436,7 @@ at::Tensor weighted_relu_sum_cuda(const at::Tensor& activation, const at::Tensor
   const int64_t by_work = (per_sample + kThreads * kUnroll * 2 - 1) / (kThreads * kUnroll * 2);
   const int64_t by_occupancy = std::max<int64_t>(1, (sms * 16 + N - 1) / N);
   const int64_t by_limit = std::max<int64_t>(1, limit_blocks_x(by_occupancy * N) / N);
-  const int blocks_per_sample =
-      static_cast<int>(std::max<int64_t>(1, std::min({by_work, by_occupancy, by_limit})));
+  const int blocks_per_sample = static_cast<int>(std::max<int64_t>(1, std::min({by_work, by_occupancy, by_limit})));
   at::Tensor partial = at::empty({N, blocks_per_sample}, activation.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, activation.scalar_type(), "weighted_relu_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -468,41 +451,30 @@ at::Tensor weighted_relu_sum_cuda(const at::Tensor& activation, const at::Tensor
 
 template <typename scalar_t, typename acc_t, int LAYOUT, typename index_t>
 void launch_relu_grad(
-    const at::Tensor& g,
-    const at::Tensor& a,
-    const at::Tensor& d,
-    const at::Tensor& base,
-    at::Tensor& out) {
+    const at::Tensor& g, const at::Tensor& a, const at::Tensor& d, const at::Tensor& base, at::Tensor& out) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = num_blocks_for(a.numel());
-  relu_grad_kernel<scalar_t, acc_t, LAYOUT, index_t>
-      <<<blocks, kThreads, 0, stream>>>(
-          g.const_data_ptr<acc_t>(), a.const_data_ptr<scalar_t>(),
-          d.const_data_ptr<acc_t>(), base.defined() ? base.const_data_ptr<scalar_t>() : nullptr,
-          out.mutable_data_ptr<scalar_t>(),
-          static_cast<index_t>(a.numel()), static_cast<index_t>(a.size(1)),
-          static_cast<index_t>(a.size(2)), static_cast<index_t>(a.size(3)),
-          static_cast<index_t>(a.stride(0)), static_cast<index_t>(a.stride(1)),
-          static_cast<index_t>(a.stride(2)), static_cast<index_t>(a.stride(3)));
+  relu_grad_kernel<scalar_t, acc_t, LAYOUT, index_t><<<blocks, kThreads, 0, stream>>>(
+      g.const_data_ptr<acc_t>(), a.const_data_ptr<scalar_t>(), d.const_data_ptr<acc_t>(),
+      base.defined() ? base.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+      static_cast<index_t>(a.numel()), static_cast<index_t>(a.size(1)), static_cast<index_t>(a.size(2)),
+      static_cast<index_t>(a.size(3)), static_cast<index_t>(a.stride(0)), static_cast<index_t>(a.stride(1)),
+      static_cast<index_t>(a.stride(2)), static_cast<index_t>(a.stride(3)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
 void launch_relu_grad_any_layout(
-    const at::Tensor& g,
-    const at::Tensor& a,
-    const at::Tensor& d,
-    const at::Tensor& base,
-    at::Tensor& out) {
+    const at::Tensor& g, const at::Tensor& a, const at::Tensor& d, const at::Tensor& base, at::Tensor& out) {
   switch (layout_of(a)) {
-    case kContiguous:
-      launch_relu_grad<scalar_t, acc_t, kContiguous, index_t>(g, a, d, base, out);
-      break;
-    case kChannelsLast:
-      launch_relu_grad<scalar_t, acc_t, kChannelsLast, index_t>(g, a, d, base, out);
-      break;
-    default:
-      launch_relu_grad<scalar_t, acc_t, kStrided, index_t>(g, a, d, base, out);
+  case kContiguous:
+    launch_relu_grad<scalar_t, acc_t, kContiguous, index_t>(g, a, d, base, out);
+    break;
+  case kChannelsLast:
+    launch_relu_grad<scalar_t, acc_t, kChannelsLast, index_t>(g, a, d, base, out);
+    break;
+  default:
+    launch_relu_grad<scalar_t, acc_t, kStrided, index_t>(g, a, d, base, out);
   }
 }
 
