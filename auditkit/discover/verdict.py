@@ -114,7 +114,8 @@ def _recommendation(localised: list, global_signals: list[str], data_spec: str, 
             f"a global shortcut ({', '.join(global_signals)}): no region to mask; TEA distils the "
             "explanations of a teacher trained on a small clean split (Bassi et al. 2024, "
             "arXiv:2407.09788)",
-            TEACHER_RECIPE.command(arch, "CLEAN_DATA", variant=None) + " && "  # the one recipe (issue 28), as auto trains it
+            # the one teacher recipe (issue 28), as auto trains it
+            TEACHER_RECIPE.command(arch, "CLEAN_DATA", variant=None) + " && "
             f"auditkit repair {ckpt} --data {data_spec} --method tea --teacher teacher.safetensors "
             f"--out {stem}-repaired.safetensors")
     if untested:

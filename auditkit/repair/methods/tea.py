@@ -44,7 +44,8 @@ def multiresolution_heat_loss(student: torch.Tensor, teacher: torch.Tensor, scal
     return total / usable
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
     """T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)), averaged over the batch (Hinton et al. 2015; the T²
     keeps the gradient's size independent of T)."""
     teacher_log_p = F.log_softmax(teacher_logits / temperature, dim=1)
@@ -62,7 +63,8 @@ class TeaObjective(Objective):
     scales: int = 4
     explained_class: str = "teacher"  # "teacher": the teacher's most likely classes; "random": random logits
     classes: int = 1  # classes explained per image (the loss is their mean)
-    task_weight: float = 0.0  # TEA trains on explanations alone by default (FINDINGS: task loss brings the shortcut back)
+    # TEA trains on explanations alone by default (FINDINGS: the task loss brings the shortcut back)
+    task_weight: float = 0.0
     distill_weight: float = 1.0  # weight of the distillation term (0: heatmaps alone; docs/methods/tea.md)
     temperature: float = 1.0  # distillation temperature T
     cache_bytes: int = TEACHER_CACHE_BYTES
