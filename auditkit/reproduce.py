@@ -14,7 +14,7 @@ table (mean ± std over seeds) with the published numbers beside ours.
   the same CNN on a 10 % clean split; with and without distillation) and with TAP (background masks).
 - ``kinds``: which method fixes which shortcut (docs/repair.md): every contamination kind (decoy
   patch, text tag, stripe, coloured background, marker) x every method (TAP with fixed, receptive and
-  cumulative dilation, RRR, Energy, MaskTune, TEA with a 10 % clean teacher, and ``--method auto``)
+  cumulative dilation, RRR, Energy, MaskTune, TEA with a teacher by TEACHER_RECIPE, and ``--method auto``)
   on the two-layer CNN, or two kinds on ResNet-18 at 64x64 (``arch="resnet18"``): test accuracy
   per variant, the validation verdict and the wall time of each repair.
 
@@ -36,6 +36,7 @@ from ._progress import progress_bar
 from .audit import AuditConfig
 from .data import AuditDataset, open_dataset
 from .repair import METHODS, AnnotationConfig, RepairConfig, annotate, run_repair
+from .repair.teacher import train_teacher
 from .training import TrainConfig, evaluate, train_model
 
 # Published numbers, for the tables: {case: {variant: (mean, std)}}.
@@ -215,10 +216,6 @@ def table12(seeds: list[int], step: Callable[[str], None], compute: Compute = Co
     return out
 
 
-# `auditkit train` options
-COLORED_TEACHER = {"epochs": 300, "shift": 2, "rotate": 15.0, "scale": 0.15, "channel_shuffle": True}
-
-
 def colored(seeds: list[int], step: Callable[[str], None], compute: Compute = Compute()) -> Reproduction:
     data = open_dataset(DATA["colored"])
     test = data.select(split="test")
@@ -233,9 +230,9 @@ def colored(seeds: list[int], step: Callable[[str], None], compute: Compute = Co
         reference = trained(data, "shortcut-cnn", "permuted", seed, normalize=False, compute=compute)  # all 3,500
         out.add("trained on all clean data", evaluate(reference, test, precision=compute.precision))
         step(f"seed {seed}: clean reference")
-        # 350 clean images: augmentation (shifts, turns, zooms, channel orders) and long training (docs/methods/tea.md).
-        teacher = trained(data, "shortcut-cnn", "permuted", seed, normalize=False, fraction=0.1, **COLORED_TEACHER,
-                          compute=compute)
+        # The one teacher recipe (repair/teacher.py): 350 permuted images, augmented, trained long.
+        teacher = train_teacher(data, "shortcut-cnn", seed, normalize="none", device=compute.device,
+                                precision=compute.precision)
         out.add("teacher (10% clean)", evaluate(teacher, test, precision=compute.precision))
         step(f"seed {seed}: teacher")
         out.add("TEA", evaluate(repair_model(_copy(shortcut), data, "tea", seed, teacher=teacher, compute=compute),
@@ -261,7 +258,7 @@ KINDS = {  # kind: built-in data (28x28 digits, the two-layer CNN)
     "coloured-background": "builtin:colored-mnist",
     "marker": "builtin:marker-mnist",
 }
-KIND_CASES = {  # case: (method, options); TEA's teacher: the same network on a 10 % clean split
+KIND_CASES = {  # case: (method, options); TEA's and auto's teacher: the same network by TEACHER_RECIPE
     "tap-fixed": ("tap", {"dilation": "fixed"}),
     "tap-receptive": ("tap", {"dilation": "receptive"}),
     "tap-cumulative": ("tap", {"dilation": "cumulative"}),
@@ -310,7 +307,7 @@ def kinds(seeds: list[int], step: Callable[[str], None], compute: Compute = Comp
             for case in [c for c in KIND_CASES if cases is None or c in cases]:
                 method, options = KIND_CASES[case]
                 if method in ("tea", "auto") and teacher is None:
-                    teacher = trained(data, arch, "clean", seed, fraction=0.1, epochs=60, shift=2, compute=compute)
+                    teacher = train_teacher(data, arch, seed, device=compute.device, precision=compute.precision)
                 started = time.perf_counter()
                 if method == "auto":
                     training = TrainConfig(seed=seed, device=compute.device, precision=compute.precision)

@@ -15,7 +15,9 @@ accuracy the shortcut inflated, so guarding that one would fail the repairs that
 first success is kept. When none succeeds,
 the attempt with the highest worst-variant validation accuracy is kept and ``succeeded`` is False.
 The order (TAP, RRR, TEA, Energy, MaskTune) is the measured cost order of docs/repair.md's table,
-held by each method's spec (``MethodSpec.auto_rank``; ``AUTO_ORDER`` reads it).
+held by each method's spec (``MethodSpec.auto_rank``; ``AUTO_ORDER`` reads it). TEA uses the given
+teacher, else one trained by the one recipe (repair/teacher.py ``TEACHER_RECIPE``) when the training
+split has a permuted or clean variant; with neither it is skipped with ``TEA_NEEDS``, one line.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from dataclasses import dataclass, replace
 from ..audit import AuditConfig, run_audit
 from ..audit.runner import AuditReport
 from ..distributed import Context
-from ..errors import ParameterError
+from ..errors import AuditkitError, ParameterError
 from .methods import AUTO_ORDER, METHODS, MethodSpec
 from .runner import RepairConfig, RepairResult, check_data, has_annotated_masks, run_repair
+from .teacher import TEA_NEEDS, TEACHER_RECIPE, teacher_variant, train_teacher
 
 
 @dataclass(frozen=True)
@@ -126,8 +129,8 @@ def _numbers(report: AuditReport) -> dict:
 
 def _unavailable(spec: MethodSpec, dataset, config: RepairConfig) -> str | None:
     """Why ``spec`` cannot run on this data with this config (None: it can)."""
-    if spec.teacher == "required" and config.teacher is None:
-        return "needs a teacher (--teacher)"
+    if spec.teacher == "required" and config.teacher is None and teacher_variant(dataset, config.train_split) is None:
+        return TEA_NEEDS  # neither given nor trainable: no permuted or clean variant to train one on
     try:
         check_data(dataset, replace(config, method=spec.name, lam="default"))
     except Exception as error:  # noqa: BLE001 - the one-line reason is the point
@@ -160,6 +163,7 @@ def run_auto_repair(
     # Ground-truth masks beat a teacher's (the teacher then serves TEA only), unless they are all empty.
     has_masks = has_annotated_masks(dataset.select(split=config.train_split))
     attempts: list[dict] = []
+    recipe_teacher = None  # trained once, by the one recipe, when a method needs a teacher and none was given
     kept: tuple[RepairResult, dict] | None = None
     best: tuple[RepairResult, dict] | None = None
     for name in auto.order:
@@ -168,15 +172,32 @@ def run_auto_repair(
         if reason is not None:
             attempts.append({"method": name, "skipped": reason})
             continue
+        training = training_for(spec) if training_for else None
+        teacher, teacher_row = config.teacher, {"source": "given"}
+        if spec.teacher == "required" and teacher is None:
+            # No --teacher, but a decorrelated variant (``_unavailable``): the one recipe trains it
+            # (repair/teacher.py; the teacher of the kinds table and of `reproduce colored`).
+            trained_at = time.perf_counter()
+            try:
+                recipe_teacher = recipe_teacher or _recipe_teacher(model, dataset, config, training, show_progress)
+            except AuditkitError as error:  # e.g. an architecture auditkit cannot build anew
+                attempts.append({"method": name, "skipped": f"{TEA_NEEDS} (training one here failed: "
+                                                            f"{str(error).splitlines()[0]})"})
+                continue
+            teacher = recipe_teacher
+            teacher_row = {"source": "trained", "variant": teacher_variant(dataset, config.train_split),
+                           "recipe": TEACHER_RECIPE.as_dict(), "seconds": round(time.perf_counter() - trained_at, 1)}
         attempt_config = replace(
             config, method=name, lam="auto" if spec.sweep_options else "default",
             options=options_for(spec) if options_for else {},
-            training=training_for(spec) if training_for else None, audit=None,
+            training=training, audit=None, teacher=teacher,
+            teacher_name=config.teacher_name if teacher is config.teacher else "trained by auto (TEACHER_RECIPE)",
             annotation=None if has_masks else config.annotation)
         tried = time.perf_counter()
         result = run_repair(model, dataset, attempt_config, context=context, show_progress=show_progress)
         numbers = _numbers(decision_audit(result.model, dataset, config, context))
-        row = {"method": name, "lambda": result.lam, "options": result.document["options"], **numbers,
+        row = {"method": name, "lambda": result.lam, "options": result.document["options"],
+               **({"teacher": teacher_row} if spec.teacher == "required" else {}), **numbers,
                **_judged(start, numbers, auto.max_accuracy_drop), "seconds": round(time.perf_counter() - tried, 1)}
         attempts.append(row)
         if on_attempt is not None:
@@ -208,6 +229,16 @@ def run_auto_repair(
         "after_audit": result.after.data if result.after is not None else None,
     })
     return result
+
+
+def _recipe_teacher(model, dataset, config: RepairConfig, training, show_progress: bool):
+    """The teacher of ``TEACHER_RECIPE``: the student's architecture on the train split's decorrelated
+    variant, on the student's device, seeded like the repair (so a rerun trains the same teacher)."""
+    from ..device import model_device
+
+    return train_teacher(dataset, model.meta.arch, training.seed if training is not None else 0,
+                         split=config.train_split, device=model_device(model),
+                         precision=training.precision if training is not None else "auto", show_progress=show_progress)
 
 
 def _worst(accuracy: dict) -> float:

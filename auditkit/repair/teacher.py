@@ -10,9 +10,10 @@ marks the fraction q of pixels with the lowest saliency in each image (robust to
 values cluster). When the data has ground-truth masks, annotation precision and recall against
 them are reported (TAP Fig. 8): recall = |gt ∩ M~| / |gt|, precision = |gt ∩ M~| / |M~|.
 
-The one teacher recipe (issue 28): ``TEACHER_RECIPE`` and :func:`train_teacher` train every teacher
-the project trains itself — the kinds table's, `auditkit reproduce colored`'s and the one
-``--method auto`` trains when the data has a decorrelated variant and no ``--teacher`` is given.
+The one teacher recipe (issue 28): ``TEACHER_RECIPE`` and :func:`train_teacher` train the kinds
+table's teacher, `auditkit reproduce colored`'s and the one ``--method auto`` trains when the data has
+a decorrelated variant and no ``--teacher`` is given (TAP Tables 9 and 12 keep the paper's own teachers:
+they reproduce it).
 """
 
 from __future__ import annotations
