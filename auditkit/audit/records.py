@@ -68,16 +68,17 @@ class CheckpointSection:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     normalization: str  # where mean and std came from (auditkit/models/normalization.py)
+    head: str = "softmax"  # softmax, or binary: one logit seen as two classes (auditkit/models/outputs.py)
 
     @classmethod
     def of(cls, meta, path: str | None) -> CheckpointSection:
         """From a model's ``meta`` (auditkit.models.ModelMeta) and the file it was read from."""
         return cls(path, meta.arch, tuple(meta.class_names), tuple(meta.input_size), meta.in_channels,
-                   tuple(meta.mean), tuple(meta.std), meta.normalization)
+                   tuple(meta.mean), tuple(meta.std), meta.normalization, getattr(meta, "head", "softmax"))
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "arch": self.arch, "classes": list(self.classes),
-                "input_size": list(self.input_size), "in_channels": self.in_channels,
+                "input_size": list(self.input_size), "in_channels": self.in_channels, "head": self.head,
                 "normalization": {"mean": list(self.mean), "std": list(self.std), "source": self.normalization}}
 
 

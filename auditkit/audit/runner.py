@@ -45,7 +45,7 @@ from ..ops import downscale_masks, weighted_relu_sum
 from . import metrics as M
 from .records import ActivationShare, CheckpointSection, DataSection, RunSection, SampleRecord, SwapResult
 from .tiles import example_tiles
-from .verdict import RELIANT, Evidence, Thresholds, decide, judge, not_run
+from .verdict import RELIANT, Evidence, Thresholds, at_chance, decide, judge, not_run
 
 SCHEMA = "auditkit.audit/1"
 LOCALISATION_KEYS = ("energy_in_mask", "top_quartile_recall", "top_quartile_precision", "iou")
@@ -110,7 +110,8 @@ class AuditReport:
         """Whether any behavioural test ran and could tell (False: e.g. every mask empty and no variant
         to compare, or a model that predicts one class for every image, which no test can clear)."""
         verdict = self.data["verdict"]
-        if verdict.get("constant_prediction") is not None:
+        if verdict.get("constant_prediction") is not None or (verdict.get("at_chance") is not None
+                                                               and verdict["label"] != RELIANT):
             return False
         return any(e["finding"] != "not run" for e in verdict["evidence"])
 
@@ -463,7 +464,12 @@ def aggregate(records: list[SampleRecord], dataset: AuditDataset, config: AuditC
     predicted = {r.prediction for r in reference_rows}
     constant = classes[predicted.pop()] if len(predicted) == 1 and len({r.label for r in reference_rows}) > 1 \
         else None
-    verdict, summary = decide(evidence, constant_prediction=constant, reference=reference)
+    # A model at chance on the reference images reads nothing the labels follow: it cannot be cleared either.
+    reference_labels, reference_predictions = labels_predictions(reference_rows)
+    chance = None if constant else at_chance(reference_labels, reference_predictions, reference=reference,
+                                             resamples=config.bootstrap, confidence=config.confidence,
+                                             seed=config.seed + 501)
+    verdict, summary = decide(evidence, constant_prediction=constant, reference=reference, chance=chance)
     supporting = []
     region = "the object" if meaning_of(dataset) == OBJECT else "the mask"  # what a high share means differs
     if no_masks and masked:  # masks given but all empty: say why localisation is missing
@@ -503,7 +509,7 @@ def aggregate(records: list[SampleRecord], dataset: AuditDataset, config: AuditC
         "activation_share": shares,
         "verdict": {"label": verdict, "summary": summary, "evidence": [e.as_dict() for e in evidence],
                     "supporting": supporting, "thresholds": config.thresholds.as_dict(),
-                    "constant_prediction": constant},
+                    "constant_prediction": constant, "at_chance": chance},
     }
     return report, examples
 

@@ -31,7 +31,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from .metrics import Estimate
+import numpy as np
+
+from .metrics import Estimate, _percentile_interval
 
 RELIANT, NOT_RELIANT, INCONCLUSIVE = "reliant", "not reliant", "inconclusive"
 
@@ -89,13 +91,50 @@ def deciding(evidence: list[Evidence]) -> list[Evidence]:
     return direct or evidence
 
 
+def at_chance(labels, predictions, *, reference: str = "contaminated", resamples: int = 1000,
+              confidence: float = 0.95, seed: int = 0) -> str | None:
+    """Why the model is at chance on the ``reference`` images (one sentence), or None: its balanced
+    accuracy (the mean recall over the classes present; chance 1/K whatever the class balance, so a
+    model that always answers the majority class is at chance too) has a bootstrap interval that
+    holds chance. Such a model reads nothing the labels follow (a random or collapsed network, a
+    one-logit model read with the wrong sign or threshold), so tests that find no reliance prove
+    nothing about it. None with fewer than two classes among the labels."""
+    labels, predictions = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
+    present = np.unique(labels)
+    if len(labels) == 0 or len(present) < 2:
+        return None
+
+    def balanced(rows_labels: np.ndarray, rows_predictions: np.ndarray) -> np.ndarray:
+        """Balanced accuracy of each row (a bootstrap draw); classes a draw lacks are left out."""
+        recalls = []
+        for c in present:
+            members = rows_labels == c
+            with np.errstate(invalid="ignore", divide="ignore"):
+                recalls.append((members & (rows_predictions == c)).sum(-1) / members.sum(-1))
+        return np.nanmean(np.stack(recalls), axis=0)
+
+    chance = 1.0 / len(present)
+    value = float(balanced(labels[None], predictions[None])[0])
+    draws = np.random.default_rng(seed).integers(0, len(labels), size=(resamples, len(labels)), dtype=np.int32)
+    step = max(1, 2_000_000 // len(labels))  # draws per chunk: memory bounded on large audits
+    values = np.concatenate([balanced(labels[draws[k:k + step]], predictions[draws[k:k + step]])
+                             for k in range(0, resamples, step)])
+    low, high = _percentile_interval(values, confidence)
+    if not low <= chance <= high:
+        return None
+    return (f"the model's balanced accuracy on the {len(labels)} {reference} images is {value:.3f} "
+            f"[{low:.3f}, {high:.3f}], which holds chance ({chance:.3f}): it reads nothing the labels follow, so "
+            "tests that find no reliance prove nothing")
+
+
 def decide(evidence: list[Evidence], *, constant_prediction: str | None = None,
-           reference: str = "contaminated") -> tuple[str, str]:
+           reference: str = "contaminated", chance: str | None = None) -> tuple[str, str]:
     """(verdict, one-sentence summary) from behavioural evidence (see ``deciding``).
 
     ``constant_prediction``: the class the model gives every ``reference`` image (whose labels hold
     several classes), when it does. Such a model reads no signal, so tests that find no reliance prove
-    nothing about this one: the verdict is then inconclusive, never "not reliant"."""
+    nothing about this one: the verdict is then inconclusive, never "not reliant". ``chance``: the
+    sentence of :func:`at_chance` when the model is at chance on the reference images: the same."""
     run = [e for e in deciding(evidence) if e.finding != "not run"]
     showing = [e for e in run if e.finding == "shows reliance"]
     if showing:
@@ -104,6 +143,8 @@ def decide(evidence: list[Evidence], *, constant_prediction: str | None = None,
         if constant_prediction is not None:
             return INCONCLUSIVE, (f"The model predicts {constant_prediction!r} for every {reference} image: it reads "
                                   "no signal at all (a collapsed model), so tests that find no reliance prove nothing.")
+        if chance is not None:
+            return INCONCLUSIVE, f"The model is at chance: {chance}."
         return NOT_RELIANT, "No reliance found: " + "; ".join(e.explanation for e in run) + "."
     if not run:
         # Name the real reasons: each test that could not run says why (empty masks, one class, ...).

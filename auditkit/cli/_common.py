@@ -38,6 +38,16 @@ OutputOption = Annotated[
         "container's only tensor, its field named logits, or a tuple's first (N, classes) tensor.",
     ),
 ]
+HeadOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--head",
+        metavar="softmax|binary",
+        help="What the model's output is: softmax (one logit per class) or binary (one logit z, sigmoid; class 1, "
+        "the second class, when z > 0). Default: what the checkpoint records, else binary for a network with one "
+        "output. multilabel is not supported yet.",
+    ),
+]
 NormalizeOption = Annotated[
     Optional[str],
     typer.Option(

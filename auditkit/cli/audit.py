@@ -12,6 +12,7 @@ from ._common import (
     ClassesOption,
     MasksMarkOption,
     DeviceOption,
+    HeadOption,
     JsonOption,
     NormalizeOption,
     OutputOption,
@@ -69,6 +70,7 @@ def audit(
     arch: ArchOption = None,
     normalize: NormalizeOption = None,
     output: OutputOption = None,
+    head: HeadOption = None,
     trust_pickle: TrustPickleOption = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
@@ -107,7 +109,7 @@ def audit(
 
     done = audit_checkpoint(
         CheckpointAudit(checkpoint, data, split=None if split == "all" else split, config=config,
-                        reading=ReadOptions(arch, trust_pickle, normalize, output), classes=classes,
+                        reading=ReadOptions(arch, trust_pickle, normalize, output, head=head), classes=classes,
                         mask_meaning=masks_mark, report_dir=report_dir, device=device, precision=precision),
         show_progress=not quiet, on_discovery=discovering)
     if done.is_main:
@@ -124,7 +126,8 @@ def audit(
             typer.echo(f"error: --fail-on-shortcut: {untested_line(done.data)}", err=True)
         else:
             verdict = done.data["verdict"]
-            what = "no test can tell" if verdict.get("constant_prediction") else "nothing was tested"
+            degenerate = verdict.get("constant_prediction") or verdict.get("at_chance")
+            what = "no test can tell" if degenerate else "nothing was tested"
             typer.echo(f"error: --fail-on-shortcut: {what}: {verdict['summary']}", err=True)
     raise typer.Exit(code)
 

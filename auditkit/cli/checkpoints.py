@@ -10,6 +10,7 @@ import typer
 from ._common import (
     ClassesOption,
     DeviceOption,
+    HeadOption,
     JsonOption,
     NormalizeOption,
     OutputOption,
@@ -31,7 +32,7 @@ TrustPickleOption = Annotated[
 
 
 def load(path: Path, arch: Optional[str], trust_pickle: bool, input_size: Optional[str] = None,
-         normalize: Optional[str] = None, output: Optional[str] = None):
+         normalize: Optional[str] = None, output: Optional[str] = None, head: Optional[str] = None):
     from ..errors import AuditkitError
     from ..models.loading import ReadOptions, load_model
 
@@ -43,7 +44,7 @@ def load(path: Path, arch: Optional[str], trust_pickle: bool, input_size: Option
         except ValueError as error:
             raise AuditkitError(f"--input-size expects HxW, e.g. 224x224; got {input_size!r}") from error
     # --output: where the logits are in the network's output
-    return load_model(path, ReadOptions(arch, trust_pickle, normalize, output, size))
+    return load_model(path, ReadOptions(arch, trust_pickle, normalize, output, size, head))
 
 
 def model_data(data: str, model, *, split: Optional[str] = None, variant=None, classes=None, mask_meaning=None):
@@ -54,12 +55,22 @@ def model_data(data: str, model, *, split: Optional[str] = None, variant=None, c
     return open_for_model(data, model, split=split, variant=variant, classes=classes, mask_meaning=mask_meaning)
 
 
+def head_line(meta, names_from_data: bool = False) -> str:
+    """What the model's output is, in words: "softmax over 10 classes" or "binary (one logit, sigmoid;
+    class 1 = pneumonia when z > 0)"."""
+    if getattr(meta, "head", "softmax") != "binary":
+        return f"softmax over {meta.num_classes} classes"
+    positive = "the data's second class" if names_from_data else meta.class_names[1]
+    return f"binary (one logit, sigmoid; class 1 = {positive} when z > 0)"
+
+
 @handles_errors
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors or .pt checkpoint.")],
     arch: ArchOption = None,
     normalize: NormalizeOption = None,
     output: OutputOption = None,
+    head: HeadOption = None,
     trust_pickle: TrustPickleOption = False,
     json_path: JsonOption = None,
 ) -> None:
@@ -73,7 +84,7 @@ def inspect(
     from ..models.checkpoint import checkpoint_format
     from ..models.normalization import describe
 
-    model = load(checkpoint, arch, trust_pickle, normalize=normalize, output=output)
+    model = load(checkpoint, arch, trust_pickle, normalize=normalize, output=output, head=head)
     meta = model.meta
     stored = read_checkpoint_meta(checkpoint) if not trust_pickle else {}
     # Class names the file does not record (bare weights) come from the data when it is scored.
@@ -106,6 +117,7 @@ def inspect(
                   f"Grad-CAM layer: {meta.gradcam_layer or 'none'}")
     if meta.output is not None:
         console.print(f"  logits: the network's output [{meta.output!r}]")
+    console.print(f"  head: {head_line(meta, names_from_data)}", markup=False)
     training = report["extra"].get("training")
     if training:
         accuracies = ", ".join(f"{k} {v:.3f}" for k, v in training.get("test_accuracy", {}).items())
@@ -128,6 +140,7 @@ def evaluate(
     ] = None,
     normalize: NormalizeOption = None,
     output: OutputOption = None,
+    head: HeadOption = None,
     trust_pickle: TrustPickleOption = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
     device: DeviceOption = "auto",
@@ -145,7 +158,7 @@ def evaluate(
     from ..device import resolve_device, resolve_precision
     from ..training import evaluate as evaluate_model
 
-    model = load(checkpoint, arch, trust_pickle, input_size, normalize, output)
+    model = load(checkpoint, arch, trust_pickle, input_size, normalize, output, head)
     target = resolve_device(device)
     precision = resolve_precision(precision, target)
     model.to(target)  # before the data: an assumed normalisation is checked on it

@@ -14,6 +14,7 @@ from ._common import (
     ForceOption,
     JsonOption,
     NormalizeOption,
+    HeadOption,
     OutputOption,
     PrecisionOption,
     SeedOption,
@@ -47,6 +48,7 @@ def explain(
     arch: ArchOption = None,
     normalize: NormalizeOption = None,
     output: OutputOption = None,
+    head: HeadOption = None,
     trust_pickle: TrustPickleOption = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
@@ -68,7 +70,8 @@ def explain(
         checkpoint, out, images=tuple(images or ()), data=data, split=split, variant=variant, n=n, method=method,
         target=target, epsilon=epsilon, layer=layer, steps=steps, internal_batch_size=internal_batch_size,
         batch_size=batch_size, save_maps=save_maps, overwrite=force, classes=classes,
-        reading=ReadOptions(arch, trust_pickle, normalize, output), seed=seed, device=device, precision=precision))
+        reading=ReadOptions(arch, trust_pickle, normalize, output, head=head), seed=seed, device=device,
+        precision=precision))
     Console().print(
         f"{method} for {len(done.rows)} image(s) of {checkpoint.name} -> [bold]{out}[/bold] "
         f"(overlays, grid.png{', heatmaps.npz' if save_maps else ''}); red = evidence for the explained class"

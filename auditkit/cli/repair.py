@@ -15,6 +15,7 @@ from ._common import (
     ForceOption,
     JsonOption,
     NormalizeOption,
+    HeadOption,
     OutputOption,
     PrecisionOption,
     QuietOption,
@@ -114,6 +115,7 @@ def repair(
     arch: ArchOption = None,
     normalize: NormalizeOption = None,
     output: OutputOption = None,
+    head: HeadOption = None,
     trust_pickle: TrustPickleOption = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
@@ -129,9 +131,10 @@ def repair(
     Writes OUT, OUT's resumable state (OUT.state.pt, each epoch and on Ctrl-C) and the proof beside it:
     OUT.audit.json and OUT.audit.html. Under `torchrun` the training is data-parallel.
 
-    With --method auto, TAP (λ and dilation swept), RRR, TEA (with --teacher), Energy and MaskTune are
-    tried in that order until one leaves the model not reliant on the validation split; every attempt
-    is listed in the proof. With --fail-on-shortcut a repair that leaves the model reliant exits 1.
+    With --method auto, TAP (λ and dilation swept), RRR, TEA (with --teacher, else a teacher trained by the
+    one recipe when the data has a permuted or clean variant), Energy and MaskTune are tried in that order
+    until one leaves the model not reliant on the validation split; every attempt is listed in the proof.
+    With --fail-on-shortcut a repair that leaves the model reliant exits 1.
 
     Example: auditkit repair shortcut.safetensors --data builtin:decoy-mnist --method tap --out repaired.safetensors
 
@@ -153,12 +156,14 @@ def repair(
         tau=tau, quantile=quantile, annotation_method=annotation_method, cache_dir=cache_dir, variant=variant,
         audit_split=audit_split, audit_methods=tuple(m for m in audit_methods.split(",") if m),
         judge=fail_on_shortcut, max_accuracy_drop=max_accuracy_drop, resume=resume, overwrite=force,
-        classes=classes, reading=ReadOptions(arch, trust_pickle, normalize, output), seed=seed, device=device,
-        precision=precision, mask_meaning=masks_mark)
+        classes=classes, reading=ReadOptions(arch, trust_pickle, normalize, output, head=head), seed=seed,
+        device=device, precision=precision, mask_meaning=masks_mark)
     console = Console()
 
     def attempt(row) -> None:
-        console.print(f"  attempt {row['method']}: {row['verdict']} on validation data "
+        trained = row.get("teacher", {}).get("source") == "trained"  # say so: it cost time and no --teacher was given
+        teacher = f" (teacher trained by the recipe on the {row['teacher']['variant']} variant)" if trained else ""
+        console.print(f"  attempt {row['method']}{teacher}: {row['verdict']} on validation data "
                       f"({_accuracies(row['val_accuracy'])}; {_guarded_change(row)}) in {row['seconds']:.0f} s")
 
     done = repair_checkpoint(request, show_progress=not quiet, on_attempt=attempt,

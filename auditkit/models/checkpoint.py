@@ -73,6 +73,7 @@ from .normalization import (
     recorded_normalization,
     set_normalization,
 )
+from .outputs import BINARY, SOFTMAX
 from .zoo import (
     ARCHITECTURES,
     CUSTOM_ARCH,
@@ -197,6 +198,8 @@ def _load_torchscript(path: Path, trust_pickle: bool, overrides: dict[str, Any])
     if overrides["arch"] is not None:
         return _model_from_state_dict(path, None, dict(script.state_dict()), overrides)
     in_channels, num_classes = _torchscript_sizes(path, script, overrides)
+    head = BINARY if num_classes == 1 else SOFTMAX  # one output logit: a binary (sigmoid) head
+    num_classes = 2 if head == BINARY else num_classes
     meta = ModelMeta(
         arch=CUSTOM_ARCH,
         num_classes=num_classes,
@@ -208,6 +211,7 @@ def _load_torchscript(path: Path, trust_pickle: bool, overrides: dict[str, Any])
         target_layers=(),
         gradcam_layer="",
         normalization="assumed",  # as for a pickled module: load_checkpoint settles it
+        head=head,
     )
     return AuditModel(script, meta, min_input_size=1)
 
@@ -352,6 +356,7 @@ def _model_from_state_dict(
             # The recorded source survives a round trip ("training data", "option: imagenet", ...).
             normalization=(meta.get("normalization") or "checkpoint") if recorded else "assumed",
             output=meta.get("output"),
+            head=meta.get("head"),  # absent before the field: read off the network (one output: binary)
         )
     _load_weights(path, model, state)
     return model
@@ -390,17 +395,21 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
         tap_layers, gradcam = tuple(f"net.{n}" for n in found.tap_layers), f"net.{found.gradcam_layer}"
     except ModelError:
         tap_layers, gradcam = (), ""
+    # One output logit: a binary (sigmoid) head, seen as two classes (auditkit/models/outputs.py).
+    head = BINARY if int(num_classes) == 1 else SOFTMAX
+    num_classes = 2 if head == BINARY else int(num_classes)
     meta = ModelMeta(
         arch=CUSTOM_ARCH,
-        num_classes=int(num_classes),
+        num_classes=num_classes,
         in_channels=int(in_channels),
         input_size=tuple(_first_given(overrides["input_size"], _BARE_STATE_DICT_INPUT_SIZE)),
         mean=(0.0,) * int(in_channels),
         std=(1.0,) * int(in_channels),
-        class_names=tuple(str(i) for i in range(int(num_classes))),
+        class_names=tuple(str(i) for i in range(num_classes)),
         target_layers=tap_layers,
         gradcam_layer=gradcam,
         normalization="assumed",
+        head=head,
     )
     return AuditModel(net, meta, min_input_size=1)
 

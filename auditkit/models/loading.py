@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
-from .outputs import use_output
+from .outputs import use_head, use_output
 
 
 @dataclass(frozen=True)
@@ -25,13 +25,14 @@ class ReadOptions:
     normalize: str | None = None  # a name or MEAN/STD (auditkit.models.normalization)
     output: str | int | None = None  # a key, field or index of the forward's output (models.outputs)
     input_size: tuple[int, int] | None = None  # (H, W) of bare weights
+    head: str | None = None  # softmax | binary (one logit); None: the file's record, else read off the network
 
 
 def load_model(path: str | Path, reading: ReadOptions = ReadOptions()):
     """The AuditModel at ``path``, reading its logits where ``reading.output`` says, in eval mode."""
     model = load_checkpoint(path, arch=reading.arch, trust_pickle=reading.trust_pickle,
                             input_size=reading.input_size, normalize=reading.normalize)
-    return use_output(model, reading.output).eval()
+    return use_head(use_output(model, reading.output), reading.head).eval()
 
 
 __all__ = ["ReadOptions", "load_model"]

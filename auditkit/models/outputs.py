@@ -200,3 +200,85 @@ def use_output(model, spec: str | int | None):
     spec = parse_spec(spec) if isinstance(spec, str) else check_spec(spec)
     model.meta = dataclasses.replace(model.meta, output=spec)
     return model
+
+
+# --------------------------------------------------------------------------- the head's kind
+
+#: What a model's output means (``ModelMeta.head``): ``softmax``, one logit per mutually exclusive class;
+#: ``binary``, one logit z whose sigmoid is the probability of class 1 (a BCEWithLogitsLoss head);
+#: ``multilabel``, K independent sigmoids (not supported yet: refused in one line).
+SOFTMAX, BINARY, MULTILABEL = "softmax", "binary", "multilabel"
+HEADS = (SOFTMAX, BINARY, MULTILABEL)
+
+
+class HeadError(ParameterError, ModelError):
+    """A head kind auditkit cannot use, or one the network's output does not fit. Names the ``head``
+    parameter, which the command line shows as ``--head``."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("head", problem)
+
+
+def check_head(head: str | None) -> str | None:
+    """``head`` as stored (None: read it off the network); HeadError for an unknown or unsupported kind."""
+    if head is None:
+        return None
+    head = str(head).strip().lower()
+    if head == MULTILABEL:
+        raise HeadError("multilabel (K independent sigmoids) is not supported yet; softmax and binary (one logit) "
+                        "models are")
+    if head not in HEADS:
+        raise HeadError(f"must be softmax or binary (one logit); got {head!r}")
+    return head
+
+
+def binary_view(z: torch.Tensor) -> torch.Tensor:
+    """The exact two-class view (N, 2) of a one-logit model's output z (N, 1) or (N,): [-z/2, z/2].
+
+    Its softmax is [1 - σ(z), σ(z)] (the model's own probabilities), its cross-entropy with label y
+    equals BCEWithLogits(z, y), its argmax is (z > 0) and its class-1 logit is z/2, its class-0 logit
+    -z/2: every consumer of (N, classes) logits (evaluation, audit, explanations, repairs) then sees
+    the sigmoid model unchanged, while the network keeps its one output. HeadError when z is not one
+    logit per image."""
+    if z.dim() == 1:
+        z = z.unsqueeze(1)
+    if z.dim() != 2 or z.shape[1] != 1:
+        raise HeadError(f"is binary (one logit per image) but the network gives outputs of shape {tuple(z.shape)}; "
+                        "set it to softmax for a network with one output per class")
+    half = z / 2
+    return torch.cat([-half, half], dim=1)
+
+
+def use_head(model, head: str | None):
+    """``model`` (an AuditModel) read as a ``head`` model from now on (``meta.head``, which checkpoints
+    keep); None leaves it as it is. Binary: the network has one output and the model two classes
+    (class 1 when z > 0). HeadError for a kind the network's output cannot be."""
+    head = check_head(head)
+    if head is None or head == model.meta.head:
+        return model
+    if head == SOFTMAX and model.meta.head == BINARY:
+        raise HeadError("is softmax but the network has one output logit: a one-logit model is binary (sigmoid); "
+                        "leave it unset")
+    width = _last_linear_width(model.net)
+    if head == BINARY and model.meta.num_classes != 2:
+        raise HeadError(f"is binary (one logit, two classes) but the model has {model.meta.num_classes} classes; "
+                        "leave it unset")
+    if head == BINARY and width not in (None, 1):
+        raise HeadError(f"is binary (one logit) but the network's last layer has {width} outputs (a softmax head); "
+                        "leave it unset")
+    model.meta = dataclasses.replace(model.meta, head=head)
+    return model
+
+
+def _last_linear_width(net) -> int | None:
+    """The output count of ``net``'s last Linear layer (its classifier, in most networks), None without one."""
+    from torch import nn
+
+    linears = [module for module in net.modules() if isinstance(module, nn.Linear)]
+    return int(linears[-1].out_features) if linears else None
+
+
+def one_logit_network(net) -> bool:
+    """Whether ``net``'s last Linear layer has one output: the head of a BCEWithLogitsLoss classifier
+    (a factory that ignores num_classes builds one whatever class count it is asked for)."""
+    return _last_linear_width(net) == 1

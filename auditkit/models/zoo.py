@@ -48,7 +48,7 @@ from .layer_names import (  # noqa: F401  (re-exported, as above)
     unwrap_compiled,
 )
 from .hooks import resolve_layer_calls  # layer names with a call ('block#2'), as capture reads them
-from .outputs import check_spec, select_logits
+from .outputs import BINARY, SOFTMAX, HeadError, binary_view, check_head, check_spec, one_logit_network, select_logits
 
 #: The arch name of a wrapped module auditkit cannot rebuild (a trusted pickle).
 CUSTOM_ARCH = "custom"
@@ -84,6 +84,9 @@ class ModelMeta:
     # Which part of the network's output is the logits when it is not one tensor: a key or field
     # name, or an index (auditkit/models/outputs.py); None: the stated rule finds them.
     output: str | int | None = None
+    # What the output means (auditkit/models/outputs.py): "softmax" (one logit per class) or "binary" (one
+    # logit z, class 1 when z > 0; num_classes is 2 and the model's logits are the two-class view of z).
+    head: str = "softmax"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples become lists)."""
@@ -138,9 +141,17 @@ class AuditModel(nn.Module):
     def logits(self, output: Any) -> torch.Tensor:
         """The (N, num_classes) logits in the network's ``output``: ``meta.output`` or the rule of
         auditkit/models/outputs.py (LRP, which runs the network itself, reads them here too)."""
+        logits = self.network_logits(output)
+        # A one-logit (sigmoid) model is seen through its exact two-class view: every consumer of
+        # (N, classes) logits works unchanged and the network keeps its one output.
+        return binary_view(logits) if self.meta.head == BINARY else logits
+
+    def network_logits(self, output: Any) -> torch.Tensor:
+        """The network's own logits in ``output``: (N, classes), or (N, 1) for a binary head (its z)."""
         if type(output) is torch.Tensor and self.meta.output is None:  # the common case: no adapter call
             return output
-        return select_logits(output, self.meta.output, num_classes=self.meta.num_classes)
+        width = 1 if self.meta.head == BINARY else self.meta.num_classes
+        return select_logits(output, self.meta.output, num_classes=width)
 
     def masks_for_network(self, masks: torch.Tensor) -> torch.Tensor:
         """Masks (N, 1, H, W) at the data's resolution, brought to the resolution the network sees (the
@@ -216,6 +227,7 @@ def build_model(
     gradcam_layer: str | None = None,
     normalization: str | None = None,
     output: str | int | None = None,
+    head: str | None = None,
 ) -> AuditModel:
     """A randomly initialised :class:`AuditModel` of architecture ``arch``.
 
@@ -228,12 +240,21 @@ def build_model(
     architecture's presets and may be given with or without the "net."
     prefix. ``output``: which part of the network's output is the logits when it
     is not one tensor (a key/field name or an index; default: the rule of
-    auditkit/models/outputs.py), stored in ``meta.output``. Bad names or sizes
-    raise ModelError.
+    auditkit/models/outputs.py), stored in ``meta.output``. ``head``: "softmax" or
+    "binary" (one logit, two classes); None reads it off the network: one class asked for, or a
+    network whose last Linear has one output when two are asked for, is binary (``meta.head``,
+    ``meta.num_classes`` 2). Bad names or sizes raise ModelError.
     """
     spec = get_arch(arch)
     output = check_spec(output)
+    head = check_head(head)
     num_classes = _check_positive_int(num_classes, "num_classes")
+    if num_classes == 1:  # one output: a sigmoid head over two classes, never a one-class softmax
+        if head == SOFTMAX:
+            raise HeadError("is softmax but the network has one output logit: a one-logit model is binary (sigmoid)")
+        head, num_classes = BINARY, 2
+        if class_names is not None and len(class_names) == 1:
+            class_names = None  # "0" of a one-output file: the two classes are the data's
     in_channels = _check_positive_int(in_channels, "in_channels")
     if len(tuple(input_size)) != 2:
         raise ModelError(f"input_size must be (height, width), got {input_size!r}")
@@ -248,7 +269,18 @@ def build_model(
     if len(names) != num_classes:
         raise ModelError(f"{len(names)} class name(s) given for {num_classes} classes")
 
-    net = unwrap_compiled(spec.build(in_channels, num_classes), inner=True)
+    if head == BINARY and num_classes != 2:
+        raise HeadError(f"is binary (one logit, two classes) but {num_classes} classes were asked for")
+    net = unwrap_compiled(spec.build(in_channels, 1 if head == BINARY else num_classes), inner=True)
+    if head != BINARY and one_logit_network(net):  # a factory that ignores num_classes and builds one logit
+        if head == SOFTMAX:
+            raise HeadError("is softmax but the network's last layer has one output logit (a binary, sigmoid head); "
+                            "leave it unset")
+        if num_classes != 2:
+            raise ModelError(f"{spec.name} builds a network with one output logit (a binary, sigmoid head over two "
+                             f"classes) but {num_classes} classes were asked for; give it data with two classes")
+        head = BINARY
+    head = head or SOFTMAX
     if spec.tap_layers is not None and spec.gradcam_layer is not None:
         tap_layers, gradcam = spec.tap_layers, spec.gradcam_layer
     elif target_layers is not None and gradcam_layer is not None:
@@ -268,6 +300,7 @@ def build_model(
         gradcam_layer=f"net.{gradcam}" if gradcam else "",
         normalization=normalization,
         output=output,
+        head=head,
     )
     model = AuditModel(net, meta, min_input_size=spec.min_input_size)
     if target_layers is not None:

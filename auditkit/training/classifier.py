@@ -64,6 +64,10 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
             changes["class_names"] = tuple(dataset.classes)
         meta = model.meta = replace(meta, **changes)
         model.adopt_from_data = ()
+    if getattr(meta, "head", "softmax") == "binary" and dataset.num_classes > 2:
+        # One output logit scores two classes: data of another kind would be scored against wrong labels.
+        raise DataError(f"the model has one output logit (a binary, sigmoid head over two classes) but the dataset has "
+                        f"{dataset.num_classes} classes ({short_list(dataset.classes)}); give it data with two classes")
     subset = set(dataset.classes) < set(meta.class_names)
     if subset and not _named_classes(dataset):
         raise DataError(

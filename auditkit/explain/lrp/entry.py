@@ -88,9 +88,17 @@ def lrp_epsilon_and_logits(
             normalised = network_input = x
             traced = trace(model)
         # The network's output as the model's forward reads it (meta.output for an auditkit model).
-        select = model.logits if isinstance(model, AuditModel) else logits_from
+        select = model.network_logits if isinstance(model, AuditModel) else logits_from
         logits, env = run_forward(traced, network_input, select)
         logits_at = logits_node(traced, env, logits)  # before autocast's float copies: found by identity
+        # A binary (one-logit) model: relevance starts at its z, as its two-class view's logit ±z/2
+        # (auditkit/models/outputs.py binary_view): a start in the view's two columns is summed onto z.
+        binary = isinstance(model, AuditModel) and model.meta.head == "binary"
+        z_dims = logits.dim()  # a binary network's z: (N, 1), or (N,) when it squeezes its output
+        if binary:
+            from ...models.outputs import binary_view
+
+            logits = binary_view(logits)
         check_targets(targets, n, check_logits(logits, n))
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -122,6 +130,8 @@ def lrp_epsilon_and_logits(
             per_group = group.shape[0] // n
             start = torch.zeros((group.shape[0], logits.shape[1]), dtype=logits.dtype, device=logits.device)
             start.scatter_(1, group, values)
+            if binary:  # [-z/2, 0] or [0, z/2] -> relevance ±z/2 at z (the view is linear in z)
+                start = start.sum(dim=1, keepdim=z_dims == 2)
             last = group is groups[-1][0]
             relevance = propagate(traced, env, start, k=per_group, epsilon=epsilon, create_graph=create_graph,
                                   release=last, start=logits_at)
