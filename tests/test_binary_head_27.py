@@ -313,3 +313,47 @@ def test_explanations_of_a_one_logit_model(method):
     assert maps.shape == (3, 2, 16, 16) and maps.abs().sum() > 0
     if method != "gradcam":
         assert torch.allclose(maps[:, 0], -maps[:, 1], atol=1e-9)
+
+
+class _TwoClassesWithASideHead(nn.Module):
+    """A two-class softmax network that registers a one-output side head after its classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+        self.quality = nn.Linear(4, 1)  # registered last; not what the forward returns
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
+
+
+def test_a_side_head_registered_last_is_not_read_as_binary(tmp_path):
+    """What the forward returns decides the head, not the last registered Linear (review of issue 27)."""
+    import warnings
+
+    from auditkit.models import load_checkpoint
+    from auditkit.models.outputs import one_logit_network, output_width
+
+    torch.manual_seed(0)
+    net = _TwoClassesWithASideHead()
+    assert output_width(net, 1, (16, 16)) == 2 and not one_logit_network(net, 1, (16, 16))
+    torch.save(net, tmp_path / "whole.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_checkpoint(tmp_path / "whole.pt", trust_pickle=True)
+    assert model.meta.head == "softmax" and model.meta.num_classes == 2
+    x = torch.rand(3, 1, 16, 16)
+    torch.testing.assert_close(model(x), net(x))
+
+
+def test_below_chance_is_at_chance_too():
+    """A model below chance (a one-logit model read with the wrong sign) is no evidence either."""
+    from auditkit.audit.verdict import at_chance
+
+    labels = np.array([0, 1] * 200)
+    flipped = 1 - labels
+    flipped[:20] = labels[:20]  # 5 % right: far below chance
+    assert at_chance(labels, flipped) is not None and "below chance" in at_chance(labels, flipped)
+    ten_class_guesses = np.random.default_rng(1).integers(0, 10, len(labels))  # 2-class data, 10-class model
+    assert at_chance(labels, ten_class_guesses) is not None

@@ -115,16 +115,23 @@ def at_chance(labels, predictions, *, reference: str = "contaminated", resamples
 
     chance = 1.0 / len(present)
     value = float(balanced(labels[None], predictions[None])[0])
-    draws = np.random.default_rng(seed).integers(0, len(labels), size=(resamples, len(labels)), dtype=np.int32)
-    step = max(1, 2_000_000 // len(labels))  # draws per chunk: memory bounded on large audits
-    values = np.concatenate([balanced(labels[draws[k:k + step]], predictions[draws[k:k + step]])
-                             for k in range(0, resamples, step)])
+    rng = np.random.default_rng(seed)
+    step = max(1, 2_000_000 // len(labels))  # draws per chunk, drawn per chunk: memory bounded on large audits
+    values = []
+    for k in range(0, resamples, step):
+        draws = rng.integers(0, len(labels), size=(min(step, resamples - k), len(labels)), dtype=np.int32)
+        values.append(balanced(labels[draws], predictions[draws]))
+    values = np.concatenate(values)
     low, high = _percentile_interval(values, confidence)
-    if not low <= chance <= high:
+    if low > chance:
         return None
+    # One-sided: a model below chance (a one-logit model read with the wrong sign, a K-class model
+    # audited on a few of its classes) reads the labels no better than chance either.
+    where = "holds" if high >= chance else "lies below"
     return (f"the model's balanced accuracy on the {len(labels)} {reference} images is {value:.3f} "
-            f"[{low:.3f}, {high:.3f}], which holds chance ({chance:.3f}): it reads nothing the labels follow, so "
-            "tests that find no reliance prove nothing")
+            f"[{low:.3f}, {high:.3f}], which {where} chance ({chance:.3f}): it cannot be told apart from a model "
+            "that reads nothing the labels follow on these images (more images narrow the interval), so tests "
+            "that find no reliance prove nothing")
 
 
 def decide(evidence: list[Evidence], *, constant_prediction: str | None = None,

@@ -73,7 +73,7 @@ from .normalization import (
     recorded_normalization,
     set_normalization,
 )
-from .outputs import BINARY, SOFTMAX
+from .outputs import BINARY, SOFTMAX, output_width
 from .zoo import (
     ARCHITECTURES,
     CUSTOM_ARCH,
@@ -175,6 +175,17 @@ def _torchscript_sizes(path: Path, script: nn.Module, overrides: dict[str, Any])
     return int(in_channels), int(num_classes)
 
 
+def _returned_width(net, in_channels: int, num_classes: int, overrides: dict[str, Any]) -> int:
+    """The class count: the one given, else the width the forward returns (one pass on zeros), else
+    ``num_classes`` as read off the last Linear layer. The last registered Linear may be a side head
+    (a quality score after a two-class classifier): what the forward returns decides."""
+    if overrides["num_classes"] is not None:
+        return int(num_classes)
+    size = tuple(_first_given(overrides["input_size"], _BARE_STATE_DICT_INPUT_SIZE))
+    width = output_width(net, in_channels, size)
+    return int(num_classes) if width is None else width
+
+
 def _load_torchscript(path: Path, trust_pickle: bool, overrides: dict[str, Any]) -> AuditModel:
     """A TorchScript archive as an AuditModel, only with ``trust_pickle`` (torch.jit.load runs its code).
 
@@ -198,6 +209,7 @@ def _load_torchscript(path: Path, trust_pickle: bool, overrides: dict[str, Any])
     if overrides["arch"] is not None:
         return _model_from_state_dict(path, None, dict(script.state_dict()), overrides)
     in_channels, num_classes = _torchscript_sizes(path, script, overrides)
+    num_classes = _returned_width(script, in_channels, num_classes, overrides)
     head = BINARY if num_classes == 1 else SOFTMAX  # one output logit: a binary (sigmoid) head
     num_classes = 2 if head == BINARY else num_classes
     meta = ModelMeta(
@@ -396,7 +408,8 @@ def _wrap_module(path: Path, net: nn.Module, overrides: dict[str, Any]) -> Audit
     except ModelError:
         tap_layers, gradcam = (), ""
     # One output logit: a binary (sigmoid) head, seen as two classes (auditkit/models/outputs.py).
-    head = BINARY if int(num_classes) == 1 else SOFTMAX
+    num_classes = _returned_width(net, int(in_channels), int(num_classes), overrides)
+    head = BINARY if num_classes == 1 else SOFTMAX
     num_classes = 2 if head == BINARY else int(num_classes)
     meta = ModelMeta(
         arch=CUSTOM_ARCH,

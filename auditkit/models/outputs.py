@@ -278,7 +278,29 @@ def _last_linear_width(net) -> int | None:
     return int(linears[-1].out_features) if linears else None
 
 
-def one_logit_network(net) -> bool:
-    """Whether ``net``'s last Linear layer has one output: the head of a BCEWithLogitsLoss classifier
-    (a factory that ignores num_classes builds one whatever class count it is asked for)."""
-    return _last_linear_width(net) == 1
+def output_width(net, in_channels: int, size: tuple[int, int]) -> int | None:
+    """The number of outputs ``net`` returns per image, from one forward pass on zeros (2, C, H, W) in
+    eval mode without gradients; None when the forward fails or returns anything but a (N,) or (N, K)
+    tensor (a tuple, a dict: which entry is the logits is the output adapter's question). The layers'
+    registration order cannot tell: a one-output Linear registered last may be a side head."""
+    training = getattr(net, "training", False)
+    try:
+        net.eval()
+        with torch.no_grad():
+            out = net(torch.zeros(2, int(in_channels), *(int(side) for side in size)))
+    except Exception:  # the user's network decides what fails; no width is the safe answer
+        return None
+    finally:
+        if training:
+            net.train()
+    if not isinstance(out, torch.Tensor) or out.dim() not in (1, 2) or out.shape[0] != 2:
+        return None
+    return 1 if out.dim() == 1 else int(out.shape[1])
+
+
+def one_logit_network(net, in_channels: int, size: tuple[int, int]) -> bool:
+    """Whether ``net`` is a BCEWithLogitsLoss classifier: its last Linear layer has one output AND its
+    forward returns one logit per image (a factory that ignores num_classes builds one whatever class
+    count it is asked for). Both are checked: a two-class network may register a one-output side
+    head (a quality or confidence score) after its classifier."""
+    return _last_linear_width(net) == 1 and output_width(net, in_channels, size) == 1

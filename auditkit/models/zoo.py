@@ -272,7 +272,8 @@ def build_model(
     if head == BINARY and num_classes != 2:
         raise HeadError(f"is binary (one logit, two classes) but {num_classes} classes were asked for")
     net = unwrap_compiled(spec.build(in_channels, 1 if head == BINARY else num_classes), inner=True)
-    if head != BINARY and one_logit_network(net):  # a factory that ignores num_classes and builds one logit
+    # A factory that ignores num_classes and builds one logit (its forward returns one per image).
+    if head != BINARY and one_logit_network(net, in_channels, (height, width)):
         if head == SOFTMAX:
             raise HeadError("is softmax but the network's last layer has one output logit (a binary, sigmoid head); "
                             "leave it unset")
