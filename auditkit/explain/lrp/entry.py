@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from ..defaults import EPSILON_EXPLAIN
 from ..validate import check_logits, check_targets, explanation_method, logits_from
+from .attention import attention_maps, uses_attention
 from .forward import in_float32, run_forward
 from .plan import propagate
 from .registry import Step, UnsupportedLayerError
@@ -78,6 +79,8 @@ def lrp_epsilon_and_logits(
     """
     from ...models import AuditModel
 
+    if uses_attention(model.net if isinstance(model, AuditModel) else model):  # transformers: AttnLRP
+        return attention_maps(model, x, targets, epsilon=epsilon, create_graph=create_graph)
     n, k = targets.shape
     with torch.set_grad_enabled(create_graph):
         if isinstance(model, AuditModel):
