@@ -10,6 +10,8 @@ written by ``auditkit data make`` and read back.
 ``builtin:NAME[?key=value&...]`` names presets, e.g. ``builtin:decoy-mnist``,
 ``builtin:colored-mnist?bias=0.99&texture=smooth``, ``builtin:mnist?seed=3``,
 ``builtin:marker-mnist?size=64`` (digits resized to 64x64 before the artefact is drawn).
+Other label kinds (auditkit/data/builtin_labels.py): ``builtin:multilabel-mnist`` (2x2 digit canvases,
+four findings) and ``builtin:binary-mnist`` (sevens against the rest, one label of two classes).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .builtin_labels import LABEL_BUILTINS
 from .contaminations import contaminate_dataset, make_contamination
-from .dataset import ORDER_DECLARED, AuditDataset, DatasetInfo, Record
+from .dataset import MULTILABEL, ORDER_DECLARED, AuditDataset, DatasetInfo, Record
 from .images import to_uint8
 from .sources import SOURCES, load_source, stratified_split
 
@@ -35,6 +38,8 @@ BUILTINS = {
     "marker-mnist": ("mnist", "marker"),
     "digits": ("sklearn-digits", None),
     "decoy-digits": ("sklearn-digits", "decoy-patch"),
+    # other label kinds: (source, what `auditkit data list` shows), made by LABEL_BUILTINS
+    **{name: ("mnist", shown) for name, (shown, _) in LABEL_BUILTINS.items()},
 }
 
 
@@ -76,6 +81,9 @@ def _source_images(source: str | AuditDataset, seed: int):
         classes = tuple(str(k) for k in range(int(labels.max()) + 1))
         return images, labels, classes, stratified_split(labels, seed), f"built-in {source} digits"
     dataset = source
+    if dataset.label_kind == MULTILABEL:
+        raise DataError(f"{dataset.info.name}: the contamination generators code one class per image; a multilabel "
+                        "dataset cannot be contaminated by them (see builtin:multilabel-mnist)")
     if len(dataset) == 0:
         raise DataError(f"{dataset.info.name}: no samples to contaminate")
     samples = [dataset[k] for k in range(len(dataset))]
@@ -149,6 +157,8 @@ def make_dataset(
 def builtin_dataset(spec: str) -> AuditDataset:
     name, params = parse_builtin(spec)
     seed = int(params.pop("seed", 0))
+    if name in LABEL_BUILTINS:
+        return LABEL_BUILTINS[name][1](params, seed, spec)
     size = params.pop("size", None)
     source, kind = BUILTINS[name]
     return make_dataset(kind, source=source, params=params, seed=seed, name=spec, size=size)

@@ -38,6 +38,11 @@ ORDER_TEXT = "folder names in text order, as torchvision's ImageFolder"
 ORDER_SORTED = "sorted labels (numerically when all are integers)"
 ORDER_INDEX = "integer labels are the class indices"
 
+# What a dataset's labels are (DatasetInfo.label_kind; the model heads of auditkit/models/outputs.py):
+# one of K exclusive classes, one label of two classes (a one-logit model), or K independent findings.
+SOFTMAX, BINARY, MULTILABEL = "softmax", "binary", "multilabel"
+LABEL_KINDS = (SOFTMAX, BINARY, MULTILABEL)
+
 # Variants in the order reports list them.
 VARIANT_ORDER = ("contaminated", "permuted", "inverted", "clean", "original")
 
@@ -49,35 +54,43 @@ MaskSource = Union[Path, np.ndarray, tuple[Box, ...], None]
 @dataclass(frozen=True)
 class Record:
     """Where one sample comes from. ``image``/``mask`` are file paths or in-memory arrays
-    (H, W) or (H, W, C), uint8/uint16 or float in [0, 1]; a mask may also be a tuple of boxes."""
+    (H, W) or (H, W, C), uint8/uint16 or float in [0, 1]; a mask may also be a tuple of boxes.
+
+    ``label``: the class index (softmax, binary), or for a multilabel dataset a tuple of K 0/1
+    values, one per finding. ``artefact``: whether the image has the artefact, () when not known,
+    (a,) for the image (DatasetInfo.artefact_scope "image"), or K values, one per finding ("finding";
+    -1 where that finding's artefact was not annotated)."""
 
     image: ImageSource
-    label: int
+    label: int | tuple[int, ...]
     mask: MaskSource = None
     variant: str = "original"
     group: str = ""
     split: str = ""
+    artefact: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Sample:
     image: torch.Tensor  # (C, H, W) float32 in [0, 1]
-    label: int
+    label: int | torch.Tensor  # a class index; multilabel: (K,) float32 0/1, one per finding
     mask: torch.Tensor | None  # (1, H, W) float32 in [0, 1], 1 = annotated pixel
     variant: str
     group: str
     index: int
+    artefact: torch.Tensor | None = None  # (1,) or (K,) float32 (Record.artefact), None when not known
 
 
 @dataclass
 class Batch:
     images: torch.Tensor  # (N, C, H, W)
-    labels: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,) int64 class indices; multilabel: (N, K) float32 0/1
     masks: torch.Tensor  # (N, 1, H, W), zeros where a sample has no mask
     has_mask: torch.Tensor  # (N,) bool
     variants: list[str]
     groups: list[str]
     indices: torch.Tensor  # (N,) positions in the dataset
+    artefacts: torch.Tensor | None = None  # (N, 1) or (N, K) float32 (Sample.artefact); None unless all say
 
     def to(self, device) -> Batch:
         return replace(
@@ -86,6 +99,7 @@ class Batch:
             labels=self.labels.to(device, non_blocking=True),
             masks=self.masks.to(device, non_blocking=True),
             has_mask=self.has_mask.to(device, non_blocking=True),
+            artefacts=None if self.artefacts is None else self.artefacts.to(device, non_blocking=True),
         )
 
 
@@ -98,14 +112,20 @@ def collate(samples: Sequence[Sample]) -> Batch:
         if sample.mask is not None:
             masks[k] = sample.mask
             has_mask[k] = True
+    if samples and isinstance(samples[0].label, torch.Tensor):
+        labels = torch.stack([s.label for s in samples]).float()
+    else:
+        labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    known = [s.artefact for s in samples if s.artefact is not None]
     return Batch(
         images=images,
-        labels=torch.tensor([s.label for s in samples], dtype=torch.long),
+        labels=labels,
         masks=masks,
         has_mask=has_mask,
         variants=[s.variant for s in samples],
         groups=[s.group for s in samples],
         indices=torch.tensor([s.index for s in samples], dtype=torch.long),
+        artefacts=torch.stack(known) if known and len(known) == n else None,
     )
 
 
@@ -185,6 +205,11 @@ class DatasetInfo:
     mask_meaning: str = "spurious"
     generator: dict = field(default_factory=dict)  # the contamination that made it, if any
     class_order: str = ""  # the rule that ordered ``classes`` (auditkit/data/readers.py), for reports
+    # softmax (one of the classes), binary (two classes, one logit: classes[1] is the positive one) or
+    # multilabel (``classes`` are the K findings, each image has any number of them).
+    label_kind: str = SOFTMAX
+    # What Record.artefact holds: "" (nothing), "image" (one 0/1 per image), "finding" (one per finding).
+    artefact_scope: str = ""
 
 
 class AuditDataset(Dataset):
@@ -204,12 +229,7 @@ class AuditDataset(Dataset):
     ):
         self.records = list(records)
         self.info = info
-        for record in self.records:
-            if not 0 <= record.label < len(info.classes):
-                raise DataError(
-                    f"{info.name}: label {record.label} of {_describe(record.image)} is outside the "
-                    f"{len(info.classes)} classes"
-                )
+        _check_labels(self.records, info)
         if (channels is None or image_size is None) and self.records:
             first = self._read_pixels(self.records[0])
             channels = channels or (3 if first.ndim == 3 else 1)
@@ -233,7 +253,11 @@ class AuditDataset(Dataset):
         if record.mask is not None:
             mask_pixels = self._read_mask(record, original_size)
             mask = torch.from_numpy(_resize(mask_pixels, self.image_size)[None].copy())
-        return Sample(image, record.label, mask, record.variant, record.group, index)
+        label = record.label
+        if isinstance(label, tuple):
+            label = torch.tensor(label, dtype=torch.float32)
+        artefact = torch.tensor(record.artefact, dtype=torch.float32) if record.artefact else None
+        return Sample(image, label, mask, record.variant, record.group, index, artefact)
 
     def _read_pixels(self, record: Record) -> np.ndarray:
         if isinstance(record.image, Path):
@@ -265,6 +289,45 @@ class AuditDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.info.classes)
+
+    @property
+    def label_kind(self) -> str:
+        """softmax, binary or multilabel (DatasetInfo.label_kind)."""
+        return self.info.label_kind
+
+    @property
+    def findings(self) -> tuple[str, ...]:
+        """The findings a model scores: a multilabel dataset's K findings (its ``classes``), a binary
+        dataset's positive class (``classes[1]``); () for softmax classes."""
+        if self.info.label_kind == MULTILABEL:
+            return self.info.classes
+        return self.info.classes[1:2] if self.info.label_kind == BINARY else ()
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Every record's label, without reading pixels: (N,) int64 class indices, or (N, K) float32
+        0/1 for a multilabel dataset."""
+        if self.info.label_kind == MULTILABEL:
+            return torch.tensor([r.label for r in self.records], dtype=torch.float32).reshape(-1, self.num_classes)
+        return torch.tensor([r.label for r in self.records], dtype=torch.long)
+
+    def has_artefact(self, finding: int | str | None = None) -> torch.Tensor | None:
+        """(N,) bool: which images have the artefact, for subgroup audits. Per-image flags
+        (artefact_scope "image") answer for every finding; per-finding flags need ``finding`` (its
+        index or name). None when the dataset does not say for every record (or for that finding)."""
+        scope = self.info.artefact_scope
+        if not scope or not self.records or any(not r.artefact for r in self.records):
+            return None
+        if scope == "image":
+            return torch.tensor([r.artefact[0] == 1 for r in self.records])
+        if finding is None:
+            raise DataError(f"{self.info.name}: the artefact is annotated per finding; name the finding "
+                            f"({', '.join(self.findings)})")
+        k = self.findings.index(finding) if isinstance(finding, str) and finding in self.findings else finding
+        if not isinstance(k, int) or not 0 <= k < len(self.findings):
+            raise DataError(f"{self.info.name}: no finding {finding!r}; findings: {', '.join(self.findings)}")
+        flags = [r.artefact[k] for r in self.records]
+        return None if -1 in flags else torch.tensor([v == 1 for v in flags])
 
     @property
     def variants(self) -> list[str]:
@@ -325,6 +388,8 @@ class AuditDataset(Dataset):
                     else:
                         digest.update(repr(source).encode())
                 digest.update(f"|{record.label}|{record.variant}|{record.group}|{record.split}".encode())
+                if record.artefact:
+                    digest.update(f"|{record.artefact}".encode())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
@@ -343,7 +408,19 @@ class AuditDataset(Dataset):
     def summary(self) -> dict:
         """Counts per split, variant and class, for people and JSON."""
         by_split_variant = Counter((r.split or "-", r.variant) for r in self.records)
-        by_label = Counter(r.label for r in self.records)
+        multilabel = self.info.label_kind == MULTILABEL
+        if multilabel:
+            positives = self.targets.sum(dim=0).long().tolist() if self.records else [0] * self.num_classes
+            per_class = dict(zip(self.classes, positives))
+        else:
+            by_label = Counter(r.label for r in self.records)
+            per_class = {self.classes[k]: by_label[k] for k in sorted(by_label)}
+        with_artefact: int | dict | None = None
+        if self.info.artefact_scope == "image":
+            with_artefact = sum(r.artefact[:1] == (1,) for r in self.records)
+        elif self.info.artefact_scope == "finding":
+            with_artefact = {f: sum(r.artefact[k:k + 1] == (1,) for r in self.records)
+                             for k, f in enumerate(self.classes)}
         return {
             "name": self.info.name,
             "source": self.info.source,
@@ -356,11 +433,44 @@ class AuditDataset(Dataset):
                 split: {v: n for (s, v), n in sorted(by_split_variant.items()) if s == split}
                 for split in sorted({s for s, _ in by_split_variant})
             },
-            "per_class": {self.classes[k]: by_label[k] for k in sorted(by_label)},
+            "per_class": per_class,  # multilabel: images with each finding
             "with_masks": sum(r.mask is not None for r in self.records),
             "mask_meaning": self.info.mask_meaning,
             "generator": self.info.generator,
+            "label_kind": self.info.label_kind,
+            "findings": list(self.findings),
+            **({"without_findings": sum(not any(r.label) for r in self.records)} if multilabel else {}),
+            **({"artefact_scope": self.info.artefact_scope} if self.info.artefact_scope else {}),
+            **({"with_artefact": with_artefact} if with_artefact is not None else {}),
         }
+
+
+def _check_labels(records: Sequence[Record], info: DatasetInfo) -> None:
+    """One line (DataError) for a label that does not fit the dataset's label kind and classes."""
+    kind, k = info.label_kind, len(info.classes)
+    if kind not in LABEL_KINDS:
+        raise DataError(f"{info.name}: label_kind must be one of {', '.join(LABEL_KINDS)}; got {kind!r}")
+    if kind == BINARY and k != 2:
+        raise DataError(f"{info.name}: a binary dataset has two classes (negative, positive); got {k}: "
+                        f"{', '.join(info.classes)}")
+    if kind == MULTILABEL and k == 0:
+        raise DataError(f"{info.name}: a multilabel dataset needs at least one finding; the finding list is empty")
+    widths = {"": (0,), "image": (0, 1), "finding": (0, k)}
+    allowed = (0, 1, -1) if info.artefact_scope == "finding" else (0, 1)
+    if info.artefact_scope not in widths:
+        raise DataError(f"{info.name}: artefact_scope must be image or finding; got {info.artefact_scope!r}")
+    for record in records:
+        label = record.label
+        if kind == MULTILABEL:
+            if not isinstance(label, tuple) or len(label) != k or any(v not in (0, 1) for v in label):
+                raise DataError(f"{info.name}: the label of {_describe(record.image)} must be {k} values 0/1, one "
+                                f"per finding ({', '.join(info.classes)}); got {label!r}")
+        elif isinstance(label, tuple) or not 0 <= label < k:
+            raise DataError(f"{info.name}: label {label} of {_describe(record.image)} is outside the {k} classes")
+        if record.artefact and (len(record.artefact) not in widths[info.artefact_scope] or any(
+                v not in allowed for v in record.artefact)):
+            raise DataError(f"{info.name}: the artefact flags {record.artefact} of {_describe(record.image)} do not "
+                            f"fit artefact_scope {info.artefact_scope or 'none'!r}")
 
 
 def make_loader(

@@ -13,7 +13,14 @@ Accepted ``spec`` values (see docs/data.md):
   masks that mark the artefact unless a ``dataset.json`` beside it says ``"mask_meaning": "object"``
   (model-guidance boxes around objects);
 - a ``.npz`` with ``images`` (N,H,W), (N,H,W,C) or (N,C,H,W), ``labels`` (N,), and optionally
-  ``masks``, ``variants``, ``groups``, ``splits``, ``classes``.
+  ``masks``, ``variants``, ``groups``, ``splits``, ``classes``; multi-label: ``labels`` (N, K) 0/1 and
+  ``findings`` (K names); ``artefact`` (N,) or (N, K) 0/1;
+- a folder of images with ``labels.csv`` (``path`` relative to the folder, the labels as in a manifest;
+  split from a ``split`` column or the path's first folder; masks mirrored under ``masks/``).
+
+Multi-label tables (a ``labels`` column separated by ``|``, or one 0/1 column per finding) and the
+``artefact`` columns are read by auditkit/data/labels.py; dataset.json may say ``label_kind`` (binary:
+two classes, a one-logit model) and ``findings`` (names in order).
 
 Class order (docs/data.md, "Class order"): the ``classes`` option, else a ``dataset.json``'s
 ``classes`` (for every layout), else the convention of the loader that trained most models on that
@@ -33,10 +40,33 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .dataset import ORDER_DECLARED, ORDER_INDEX, ORDER_SORTED, ORDER_TEXT, AuditDataset, Box, DatasetInfo, Record
+from .dataset import (
+    MULTILABEL,
+    ORDER_DECLARED,
+    ORDER_INDEX,
+    ORDER_SORTED,
+    ORDER_TEXT,
+    AuditDataset,
+    Box,
+    DatasetInfo,
+    Record,
+)
+from .labels import (
+    declared_findings,
+    label_kind,
+    npz_artefacts,
+    npz_multilabel,
+    reorder_findings,
+    table_artefacts,
+    table_convention,
+    table_findings,
+)
 from .meaning import DEFAULT as DEFAULT_MEANING
 from .meaning import mask_meaning
 
+ORDER_FINDINGS_SORTED = "finding names sorted (the labels column)"
+ORDER_FINDINGS_COLUMNS = "finding columns in the order of the table"
+LABELS_FILE = "labels.csv"  # a folder of images with its labels beside them
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp")
 MASK_FOLDER = "masks"
 
@@ -104,6 +134,8 @@ def reindex_classes(dataset: AuditDataset, classes, where: str = "classes") -> A
     class names are all integers and none is among ``classes``, the names of those indices); labels
     re-indexed to match. DataError for a class ``classes`` lacks."""
     declared = declared_classes(classes, where)
+    if dataset.label_kind == MULTILABEL:
+        return reorder_findings(dataset, declared, where)
     new, index = _class_list(list(dataset.classes), declared, where)
     if new == tuple(dataset.classes):
         return dataset
@@ -155,26 +187,35 @@ def _decode_csv(path: Path) -> str:
 
 def _delimiter(text: str, required: tuple[str, ...]) -> str:
     """The delimiter whose header row has the required columns (Excel writes ';' where the decimal
-    separator is a comma, a tab for "Unicode text"); ',' when none has them."""
+    separator is a comma, a tab for "Unicode text"), else the first required column alone (a
+    multi-label table has no ``label``); ',' when none has them."""
     header = next((line for line in text.splitlines() if line.strip()), "")
-    for delimiter in _DELIMITERS:
-        fields = [f.strip().lower() for f in next(csv.reader([header], delimiter=delimiter), [])]
-        if all(c in fields for c in required):
-            return delimiter
+    for wanted in (required, required[:1]):
+        for delimiter in _DELIMITERS:
+            fields = [f.strip().lower() for f in next(csv.reader([header], delimiter=delimiter), [])]
+            if all(c in fields for c in wanted):
+                return delimiter
     return ","
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     """Rows of a CSV as {column: stripped value}; column names stripped and lower-cased, rows with
     every value empty (Excel's trailing ';;;' lines) dropped."""
+    return _read_table(path, required)[0]
+
+
+def _read_table(path: Path, required: tuple[str, ...], need=None) -> tuple[list[dict[str, str]], list[str]]:
+    """(rows as ``_read_csv`` reads them, the column names as written). ``need``: a function of the
+    lower-cased column names giving the columns that must be there (default: ``required``)."""
     import io
 
     try:
         text = _decode_csv(path)
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text, required))
-        reader.fieldnames = [f.strip().lower() for f in (reader.fieldnames or [])]
+        header = [f.strip() for f in (reader.fieldnames or [])]
+        reader.fieldnames = [f.lower() for f in header]
         fields = reader.fieldnames
-        missing = [c for c in required if c not in fields]
+        missing = [c for c in (need(fields) if need else required) if c not in fields]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(fields) or 'none'}")
         rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()}
@@ -184,7 +225,7 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     rows = [row for row in rows if any(row.values())]
     if not rows:
         raise DataError(f"{path}: no rows")
-    return rows
+    return rows, header
 
 
 def _resolve(folder: Path, relative: str, where: str) -> Path:
@@ -227,14 +268,66 @@ def apply_folder_meta(dataset: AuditDataset, folder: Path) -> None:
     dataset.info.generator = meta.get("generator", {})
 
 
-def read_manifest_folder(folder: Path, classes=None) -> AuditDataset:
+def _single_kind(meta: dict, meta_path: Path, where: str) -> str:
+    """The label kind of a table or tree with one class per image: dataset.json's ``label_kind``
+    (softmax or binary), else softmax."""
+    if meta.get("label_kind") is None:
+        return "softmax"
+    kind = label_kind(meta["label_kind"], str(meta_path))
+    if kind == MULTILABEL:
+        raise DataError(f"{meta_path}: label_kind is multilabel but {where} gives one class per image; give a "
+                        "labels column or one 0/1 column per finding")
+    return kind
+
+
+def _findings_declared(findings, meta: dict, meta_path: Path) -> list[str] | None:
+    if findings is not None:
+        return declared_findings(findings, "the findings option")
+    if meta.get("findings") is not None:
+        return declared_findings(meta["findings"], str(meta_path))
+    return None
+
+
+def _read_labelled_table(table: Path, meta: dict, meta_path: Path, classes, findings):
+    """(rows, each row's label, each row's artefact flags, DatasetInfo fields) of a manifest or labels.csv
+    in any label convention (one ``label`` column, a ``labels`` column, 0/1 finding columns)."""
+    where = str(table)
+    named = _findings_declared(findings, meta, meta_path)
+    rows, header = _read_table(table, ("path", "label"),
+                               lambda fields: ("path", "label") if table_convention(fields, named, where) is None
+                               else ("path",))
+    convention = table_convention([h.lower() for h in header], named, where)
+    if convention is None:
+        declared, order = _declared(classes, meta, meta_path)
+        names, index = _class_list([r["label"] for r in rows], declared, where)
+        labels: list = [index[r["label"]] for r in rows]
+        kind, order = _single_kind(meta, meta_path, where), order or ORDER_SORTED
+    else:
+        if meta.get("label_kind") is not None and label_kind(meta["label_kind"], str(meta_path)) != MULTILABEL:
+            raise DataError(f"{meta_path}: label_kind is {meta['label_kind']} but {where} gives findings "
+                            f"({'a labels column' if convention == 'labels' else 'one 0/1 column per finding'})")
+        # the findings option, the classes option (the CLI's --classes), dataset.json's findings, its classes
+        source, declared = "the findings option", named
+        if findings is None and classes is not None:
+            source, declared = "the classes option", declared_findings(classes, "the classes option")
+        elif findings is None:
+            source, declared = str(meta_path), named if named is not None else declared_findings(
+                meta.get("classes"), str(meta_path))
+        names, labels = table_findings(rows, header, convention, declared, where)
+        order = (ORDER_DECLARED.format(source) if declared is not None
+                 else ORDER_FINDINGS_SORTED if convention == "labels" else ORDER_FINDINGS_COLUMNS)
+        kind = MULTILABEL
+    scope, flags = table_artefacts(rows, header, names if kind == MULTILABEL else None, where)
+    fields = {"classes": tuple(names), "class_order": order, "label_kind": kind, "artefact_scope": scope}
+    return rows, labels, flags or [()] * len(rows), fields
+
+
+def read_manifest_folder(folder: Path, classes=None, findings=None) -> AuditDataset:
     """A folder with manifest.csv (and dataset.json); ``classes`` (names in index order) wins over
-    dataset.json's."""
+    dataset.json's, ``findings`` (a multi-label table's finding names in order) over its ``findings``."""
     manifest = folder / "manifest.csv"
     meta = _folder_meta(folder)
-    rows = _read_csv(manifest, ("path", "label"))
-    declared, order = _declared(classes, meta, folder / "dataset.json")
-    classes, index = _class_list([r["label"] for r in rows], declared, str(manifest))
+    rows, labels, flags, fields = _read_labelled_table(manifest, meta, folder / "dataset.json", classes, findings)
     records = []
     for line, row in enumerate(rows, start=2):
         where = f"{manifest}:{line}"
@@ -242,21 +335,52 @@ def read_manifest_folder(folder: Path, classes=None) -> AuditDataset:
         records.append(
             Record(
                 image=_resolve(folder, row["path"], where),
-                label=index[row["label"]],
+                label=labels[line - 2],
                 mask=mask,
                 variant=row.get("variant") or "original",
                 group=row.get("group", ""),
                 split=row.get("split", ""),
+                artefact=flags[line - 2],
             )
         )
     info = DatasetInfo(
         name=meta.get("name", folder.name),
         source=str(folder),
-        classes=classes,
         mask_meaning=_meaning(meta, folder),
         generator=meta.get("generator", {}),
-        class_order=order or ORDER_SORTED,
+        **fields,
     )
+    return AuditDataset(records, info)
+
+
+def read_labelled_folder(folder: Path, classes=None, findings=None) -> AuditDataset:
+    """A folder of images with ``labels.csv`` beside them: ``path`` (relative to the folder) and the
+    labels in any table convention, optionally ``split``, ``variant``, ``group``, ``mask`` and artefact
+    columns; without a ``mask`` column, masks are found in the mirrored ``masks/<same path>`` (any
+    image suffix). Every image in the folder must be listed (DataError naming one that is not)."""
+    table = folder / LABELS_FILE
+    meta = _folder_meta(folder)
+    rows, labels, flags, fields = _read_labelled_table(table, meta, folder / "dataset.json", classes, findings)
+    records, listed = [], set()
+    for line, row in enumerate(rows, start=2):
+        where = f"{table}:{line}"
+        image = _resolve(folder, row["path"], where)
+        listed.add(image)
+        relative = Path(row["path"])
+        if row.get("mask"):
+            mask = _resolve(folder, row["mask"], where)
+        else:
+            mask = _find_mask(folder / MASK_FOLDER / relative.parent, relative.stem)
+        records.append(Record(image, labels[line - 2], mask, row.get("variant") or "original", row.get("group", ""),
+                              row.get("split", ""), flags[line - 2]))
+    unlisted = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                      and MASK_FOLDER not in p.relative_to(folder).parts[:1] and p.resolve() not in listed
+                      and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if unlisted:
+        raise DataError(f"{table}: {len(unlisted)} image(s) in the folder have no row, e.g. "
+                        f"{unlisted[0].relative_to(folder)}; list every image (or move it out)")
+    info = DatasetInfo(name=meta.get("name", folder.name), source=str(folder), mask_meaning=_meaning(meta, folder),
+                       generator=meta.get("generator", {}), **fields)
     return AuditDataset(records, info)
 
 
@@ -309,7 +433,8 @@ def read_image_folder(root: Path, classes=None) -> AuditDataset:
         raise DataError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
     info = DatasetInfo(name=meta.get("name", root.name), source=str(root), classes=classes,
                        mask_meaning=_meaning(meta, root), generator=meta.get("generator", {}),
-                       class_order=order or ORDER_TEXT)
+                       class_order=order or ORDER_TEXT,
+                       label_kind=_single_kind(meta, root / "dataset.json", str(root)))
     return AuditDataset(records, info)
 
 
@@ -350,7 +475,8 @@ def read_box_csv(path: Path, classes=None) -> AuditDataset:
     # Boxes mark the artefact by default, as every layout's masks do (docs/data.md): a dataset.json
     # beside the CSV with "mask_meaning": "object" (or --masks-mark object) reads object boxes.
     info = DatasetInfo(name=path.stem, source=str(path), classes=classes, mask_meaning=_meaning(meta, path.parent),
-                       class_order=class_order or ORDER_SORTED)
+                       class_order=class_order or ORDER_SORTED,
+                       label_kind=_single_kind(meta, path.parent / "dataset.json", str(path)))
     return AuditDataset(records, info)
 
 
@@ -368,11 +494,13 @@ def _as_hwc(images: np.ndarray, where: str) -> np.ndarray:
     raise DataError(f"{where}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W) with C 1 or 3; got {images.shape}")
 
 
-def read_npz(path: Path, classes=None, meta_folder: Path | None = None) -> AuditDataset:
+def read_npz(path: Path, classes=None, meta_folder: Path | None = None, findings=None) -> AuditDataset:
     """An .npz of arrays. Integer labels are class indices (named by the archive's ``classes``, else
     "0".."K-1"); string labels are sorted like a manifest's. ``classes``, else the ``dataset.json``
     in ``meta_folder`` (default: the archive's folder), gives the order by name, or names the indices
-    of unnamed integer labels."""
+    of unnamed integer labels. (N, K) 0/1 labels are K findings, named by the archive's ``findings``
+    (``findings``, else dataset.json's, reorders them by name, or names unnamed columns); an
+    ``artefact`` array, (N,) or (N, K) 0/1, says which images have the artefact."""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -384,8 +512,18 @@ def read_npz(path: Path, classes=None, meta_folder: Path | None = None) -> Audit
         images = _as_hwc(archive["images"], str(path))
         labels = archive["labels"]
         n = len(images)
-        if labels.shape != (n,):
-            raise DataError(f"{path}: labels must have shape ({n},); got {labels.shape}")
+        multilabel = labels.ndim == 2 and len(labels) == n
+        if labels.shape != (n,) and not multilabel:
+            raise DataError(f"{path}: labels must have shape ({n},), or ({n}, K) for K findings; got {labels.shape}")
+        stored_findings = (declared_findings(archive["findings"], f"{path} (array 'findings')")
+                           if "findings" in archive else None)
+        if stored_findings is not None and not multilabel:
+            raise DataError(f"{path}: mixed label conventions: a findings array with ({n},) class labels; findings "
+                            f"need (N, K) 0/1 labels")
+        if multilabel and "classes" in archive:
+            raise DataError(f"{path}: mixed label conventions: a classes array with (N, K) finding labels; name the "
+                            "findings in a findings array")
+        artefact = archive["artefact"] if "artefact" in archive else None
         masks = archive["masks"] if "masks" in archive else None
         if masks is not None:
             if masks.ndim == 4 and masks.shape[1] == 1:
@@ -401,7 +539,14 @@ def read_npz(path: Path, classes=None, meta_folder: Path | None = None) -> Audit
         stored = declared_classes(archive["classes"], f"{path} (array 'classes')") if "classes" in archive else None
     folder = meta_folder if meta_folder is not None else path.parent
     meta = _folder_meta(folder)
+    if multilabel:
+        return npz_multilabel(path, images, labels, masks, columns, stored_findings, artefact, meta, folder,
+                              findings if findings is not None else classes, _meaning(meta, folder))
+    if findings is not None or meta.get("findings") is not None:
+        raise DataError(f"{path}: findings are declared but the labels have shape ({n},) (one class per image); "
+                        "give (N, K) 0/1 labels")
     override, class_order = _declared(classes, meta, folder / "dataset.json")
+    scope, flags = npz_artefacts(artefact, n, None, str(path))
     if np.issubdtype(labels.dtype, np.integer):
         if labels.size and labels.min() < 0:
             raise DataError(f"{path}: labels must be >= 0")
@@ -424,9 +569,11 @@ def read_npz(path: Path, classes=None, meta_folder: Path | None = None) -> Audit
             variant=columns["variants"][k] if columns["variants"] else "original",
             group=columns["groups"][k] if columns["groups"] else "",
             split=columns["splits"][k] if columns["splits"] else "",
+            artefact=flags[k] if flags else (),
         )
         for k in range(n)
     ]
     info = DatasetInfo(name=path.stem, source=str(path), classes=classes, class_order=class_order,
-                       mask_meaning=_meaning(meta, folder))
+                       mask_meaning=_meaning(meta, folder), artefact_scope=scope,
+                       label_kind=_single_kind(meta, folder / "dataset.json", str(path)))
     return AuditDataset(records, info)

@@ -21,7 +21,8 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import DataError, OutputExistsError
-from .dataset import AuditDataset
+from .dataset import MULTILABEL, AuditDataset
+from .labels import SEPARATOR
 from .images import to_uint8
 
 FORMATS = ("png", "npz")
@@ -35,11 +36,35 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
         raise DataError(f"{path}: could not write the image")
 
 
+def _label_text(dataset: AuditDataset, label) -> str:
+    """A label as a manifest writes it: the class name, or the findings separated by '|'."""
+    if dataset.label_kind == MULTILABEL:
+        return SEPARATOR.join(f for f, v in zip(dataset.classes, label) if v)
+    return dataset.classes[label]
+
+
+def _artefact_columns(dataset: AuditDataset) -> list[str]:
+    scope = dataset.info.artefact_scope
+    if scope == "finding":
+        return [f"artefact:{f}" for f in dataset.classes]
+    return ["artefact"] if scope == "image" else []
+
+
+def _artefact_cells(dataset: AuditDataset, record) -> list[str]:
+    if not _artefact_columns(dataset):
+        return []
+    if not record.artefact or -1 in record.artefact:
+        raise DataError(f"{dataset.info.name}: an image's artefact flags are not known ({record.artefact}); a "
+                        "manifest holds 0/1 for every image")
+    return [str(v) for v in record.artefact]
+
+
 def _write_png_folder(dataset: AuditDataset, folder: Path, progress: Callable[[int], None]) -> None:
     counters: dict[tuple[str, str], int] = {}
+    label_column = "labels" if dataset.label_kind == MULTILABEL else "label"
     with (folder / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split", "variant", "group", "mask"])
+        writer.writerow(["path", label_column, "split", "variant", "group", "mask", *_artefact_columns(dataset)])
         for k in range(len(dataset)):
             sample = dataset[k]
             record = dataset.records[k]
@@ -53,8 +78,8 @@ def _write_png_folder(dataset: AuditDataset, folder: Path, progress: Callable[[i
                 _write_png(folder / "masks" / relative, to_uint8(sample.mask))
                 mask_path = str(Path("masks") / relative)
             writer.writerow(
-                [str(Path("images") / relative), dataset.classes[sample.label], record.split, record.variant,
-                 record.group, mask_path]
+                [str(Path("images") / relative), _label_text(dataset, record.label), record.split, record.variant,
+                 record.group, mask_path, *_artefact_cells(dataset, record)]
             )
             progress(1)
 
@@ -67,15 +92,22 @@ def _write_npz(dataset: AuditDataset, folder: Path, progress: Callable[[int], No
     images = np.stack([to_uint8(s.image) for s in samples])
     masks = np.stack([to_uint8(s.mask) if s.mask is not None else np.zeros(images.shape[1:3], np.uint8)
                       for s in samples])
+    names = {"findings": np.array(dataset.classes)} if dataset.label_kind == MULTILABEL else {
+        "classes": np.array(dataset.classes)}
+    if dataset.info.artefact_scope:
+        cells = [_artefact_cells(dataset, r) for r in dataset.records]
+        names["artefact"] = np.array(cells, dtype=np.int64).reshape(len(cells), -1)
+        if dataset.info.artefact_scope == "image":
+            names["artefact"] = names["artefact"][:, 0]
     np.savez_compressed(
         folder / "dataset.npz",
         images=images,
-        labels=np.array([s.label for s in samples], dtype=np.int64),
+        labels=np.array([r.label for r in dataset.records], dtype=np.int64),
         masks=masks,
         variants=np.array([r.variant for r in dataset.records]),
         groups=np.array([r.group for r in dataset.records]),
         splits=np.array([r.split for r in dataset.records]),
-        classes=np.array(dataset.classes),
+        **names,
     )
 
 
@@ -100,7 +132,9 @@ def write_dataset(
         (_write_png_folder if fmt == "png" else _write_npz)(dataset, staging, progress or (lambda n: None))
         meta = {
             "name": dataset.info.name,
-            "classes": list(dataset.classes),
+            **({"findings": list(dataset.classes)} if dataset.label_kind == MULTILABEL else
+               {"classes": list(dataset.classes)}),
+            "label_kind": dataset.label_kind,
             "mask_meaning": dataset.info.mask_meaning,
             "generator": dataset.info.generator,
             "source": dataset.info.source,

@@ -230,10 +230,7 @@ def _einsum(mode: "_AttnLRP", func, args, kwargs):
 
 def _divide(mode: "_AttnLRP", func, args, kwargs):
     """a / b with both input-dependent (a normalisation written by hand): b is a constant."""
-    if len(args) > 1 and _relevant(args[1]) and _relevant(args[0]):
-        if getattr(func, "__name__", "").endswith("_") or func is Tensor.__itruediv__:
-            raise UnsupportedLayerError("AttnLRP: an in-place division by an input-dependent tensor is not "
-                                        "supported; make it out of place")
+    if len(args) > 1 and _relevant(args[1]) and _relevant(args[0]):  # in place too (ConViT: attn /= sum)
         return func(args[0], args[1].detach(), *args[2:], **kwargs)
     return func(*args, **kwargs)
 
