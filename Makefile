@@ -14,10 +14,11 @@ PYTEST_ARGS ?=
 
 .PHONY: setup build browser test unit-test lint cmake-check demo bench gpu-check gpu-wheels clean
 
-$(VENV)/.deps-installed: requirements.txt
+$(VENV)/.deps-installed: requirements.txt requirements-oracle.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-oracle.txt
 	touch $@
 
 setup: $(VENV)/.deps-installed build browser
