@@ -1,14 +1,16 @@
 """Paired timing of LRP-epsilon's paths: the fast path, the general path (switch.py), forward + input
 gradient, and optionally the LRP of an older commit, interleaved in one process (issue 24).
 
-    python -m benchmarks.lrp_paths [--old COMMIT] [--threads N] [config ...]
+    python -m benchmarks.lrp_paths [--old COMMIT] [--threads N] [--nchw-pools] [config ...]
 
 Each round runs every candidate once, in an order rotated per round; reported are the median time
 per call, its minimum (the cost without interference, on a loaded machine) and the median of the
 per-round ratios, so drifting machine load cancels out. ``--old``
 loads auditkit/explain/lrp.py and lrp_rules.py as they were at COMMIT (before the package, e.g.
 d3fdc3f: the relevance pass, module check and hook check generated as Python source) with their
-relative imports made absolute, beside today's package. Maps are compared too (max |difference|).
+relative imports made absolute, beside today's package. ``--nchw-pools`` adds the fast path with its
+max pools run as plain ``F.max_pool2d`` (not on a channels-last copy, forward.py's
+max_pool2d_with_indices): what the pooling change alone is worth. Maps are compared too (max |difference|).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from auditkit.explain import lrp
@@ -79,7 +82,18 @@ def general(net, x, targets):
         return lrp.lrp_epsilon(net, x, targets, epsilon=EPSILON)
 
 
-def measure(name: str, old=None) -> str:
+def nchw_pools(net, x, targets):
+    from auditkit.explain.lrp import forward
+
+    pool = forward.max_pool2d_with_indices
+    forward.max_pool2d_with_indices = lambda t, *geometry: F.max_pool2d(t, *geometry, return_indices=True)
+    try:
+        return lrp.lrp_epsilon(net, x, targets, epsilon=EPSILON)
+    finally:
+        forward.max_pool2d_with_indices = pool
+
+
+def measure(name: str, old=None, nchw=False) -> str:
     arch, batch, channels, side, rounds = CONFIGS[name]
     net, x, targets = setup(arch, batch, channels, side)
     candidates = {"gradient": lambda: gradient(net, x, targets),
@@ -87,8 +101,12 @@ def measure(name: str, old=None) -> str:
                   "general": lambda: general(net, x, targets)}
     if old is not None:
         candidates["old"] = lambda: old.lrp_epsilon(net, x, targets, epsilon=EPSILON)
+    if nchw:
+        candidates["nchw_pools"] = lambda: nchw_pools(net, x, targets)
     fast = candidates["fast"]()
     differences = {"general": general(net, x, targets)}
+    if nchw:
+        differences["nchw_pools"] = candidates["nchw_pools"]()
     if old is not None:
         differences["old"] = candidates["old"]()
     for fn in candidates.values():  # warm-up: traces, plans, generated code
@@ -103,7 +121,8 @@ def measure(name: str, old=None) -> str:
     def ratio(a, b):
         return statistics.median([u / v for u, v in zip(times[a], times[b])])
 
-    pairs = [("fast", "gradient"), ("general", "fast")] + ([("fast", "old"), ("old", "gradient")] if old else [])
+    pairs = [("fast", "gradient"), ("general", "fast")] + ([("fast", "old"), ("old", "gradient")] if old else []) \
+        + ([("fast", "nchw_pools"), ("nchw_pools", "gradient")] if nchw else [])
     return (f"{name} ({rounds} rounds): median (minimum) µs "
             + ", ".join(f"{n} {statistics.median(times[n]) * 1e6:.0f} ({min(times[n]) * 1e6:.0f})" for n in names)
             + "; " + ", ".join(f"{a}/{b} {ratio(a, b):.3f}" for a, b in pairs) + "; max |fast - other| "
@@ -115,6 +134,8 @@ def main(argv=None) -> None:
     parser.add_argument("configs", nargs="*", help=f"any of {', '.join(CONFIGS)} (default: all)")
     parser.add_argument("--old", help="a commit whose auditkit/explain/lrp.py to time beside today's")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--nchw-pools", action="store_true",
+                        help="also time the fast path with plain F.max_pool2d (no channels-last copy)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     old = load_old(args.old) if args.old else None
@@ -122,7 +143,7 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     for name in args.configs or CONFIGS:
-        print(measure(name, old), flush=True)
+        print(measure(name, old, args.nchw_pools), flush=True)
 
 
 if __name__ == "__main__":

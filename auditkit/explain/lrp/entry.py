@@ -21,13 +21,14 @@ from .forward import in_float32, run_forward
 from .plan import propagate
 from .registry import Step, UnsupportedLayerError
 from .rules import linear_map_rule
+from .switch import general_forced
 from .trace import TracedNetwork, trace
 
 
 def logits_node(traced: TracedNetwork, env: dict, logits: torch.Tensor) -> fx.Node:
     """The node whose value is ``logits``: the graph's output, or the part of a dict or tuple output
     that the model's output adapter picked (auditkit/models/outputs.py), found by identity."""
-    output = next(n for n in reversed(traced.graph.nodes) if n.op == "output").args[0]
+    output = traced.output.args[0]
     if isinstance(output, fx.Node) and env.get(output) is logits:
         return output
     # A container: its parts, and the arguments of nodes that built one (a namedtuple's constructor).
@@ -92,7 +93,8 @@ def lrp_epsilon_and_logits(
             traced = trace(model)
         # The network's output as the model's forward reads it (meta.output for an auditkit model).
         select = model.network_logits if isinstance(model, AuditModel) else logits_from
-        logits, env = run_forward(traced, network_input, select)
+        general = general_forced()  # read once for both passes
+        logits, env = run_forward(traced, network_input, select, general=general)
         logits_at = logits_node(traced, env, logits)  # before autocast's float copies: found by identity
         # A binary (one-logit) model: relevance starts at its z, as its two-class view's logit ±z/2
         # (auditkit/models/outputs.py binary_view): a start in the view's two columns is summed onto z.
@@ -131,13 +133,12 @@ def lrp_epsilon_and_logits(
         maps = []
         for group, values in groups:  # class indices (rows, 1) and their logits (rows, 1)
             per_group = group.shape[0] // n
-            start = torch.zeros((group.shape[0], logits.shape[1]), dtype=logits.dtype, device=logits.device)
-            start.scatter_(1, group, values)
+            start = logits.new_zeros((group.shape[0], logits.shape[1])).scatter_(1, group, values)
             if binary:  # [-z/2, 0] or [0, z/2] -> relevance ±z/2 at z (the view is linear in z)
                 start = start.sum(dim=1, keepdim=z_dims == 2)
             last = group is groups[-1][0]
             relevance = propagate(traced, env, start, k=per_group, epsilon=epsilon, create_graph=create_graph,
-                                  release=last, start=logits_at)
+                                  release=last, start=logits_at, general=general)
             if network_input is not normalised:  # undo the model's resize with the same rule
                 size = tuple(network_input.shape[-2:])
                 resize = Step("function", F.interpolate, (normalised,),

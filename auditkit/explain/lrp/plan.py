@@ -1,10 +1,13 @@
 """The relevance pass: a plan of steps from the network's output back to its input, then a loop.
 
 The plan is made once per binding (trace.py) and path: one ``(node, run, data, releases)`` per
-graph node, in reverse topological order. ``run(p, node, data, r)`` adds what ``node`` passes back
-to its inputs' entries in ``p.rel``; ``releases`` are the forward values no later step reads,
-dropped when ``p.release`` (the last pass), as autograd frees saved tensors — holding every
-activation to the end raised the peak to 1.58x a gradient's and cost page faults (RESULTS.md).
+graph node, in reverse topological order. ``run(node, data, binding)`` binds the step once per
+binding (what the graph and the module objects fix is captured then, not looked up per call): it
+returns ``step(env, rel, r, k, epsilon, create_graph)``, which adds what ``node`` passes back to its
+inputs' entries in ``rel`` (None for the network input). ``releases`` are the forward values no
+later step reads, dropped when ``release`` (the last pass), as autograd frees saved tensors —
+holding every activation to the end raised the peak to 1.58x a gradient's and cost page faults
+(RESULTS.md).
 
 Every node runs through its rule (``_rule``: a :class:`Step`, then the rule from the table) except:
 the network input, a tuple's part, a batch norm merged into the convolution before it (one linear
@@ -47,115 +50,156 @@ from .trace import Binding, TracedNetwork
 _KINDS = {"call_module": "module", "call_function": "function", "call_method": "method"}
 
 
-class Pass:
-    """One relevance pass's state: the forward's values, relevance waiting at nodes, settings."""
-
-    __slots__ = ("env", "rel", "k", "epsilon", "create_graph", "binding", "found")
-
-    def __init__(self, env: dict, rel: dict, k: int, epsilon: float, create_graph: bool, binding: Binding):
-        self.env, self.rel, self.k, self.epsilon, self.create_graph = env, rel, k, epsilon, create_graph
-        self.binding, self.found = binding, None
-
-
 def _add(rel: dict, source, value) -> None:
     rel[source] = rel[source] + value if source in rel else value
 
 
 # ---- steps every path takes -------------------------------------------------------------------
+# A step's ``run(node, data, binding)`` binds it once per binding: it returns the function
+# ``step(env, rel, r, k, epsilon, create_graph)`` that the pass calls (or None for the network
+# input, whose relevance is the result). What the graph and the binding fix (the source node, the
+# module, the rule) is captured then; the forward's values, parameters and module attributes are
+# read at every call (trace.py's contract).
 
 
-def _input(p: Pass, node: fx.Node, data, r) -> None:
-    p.found = r
+def _input(node: fx.Node, data, binding: Binding) -> None:
+    return None  # the pass keeps what reaches the network input
 
 
-def _rule(p: Pass, node: fx.Node, facts: tuple, r) -> None:
+def _rule(node: fx.Node, facts: tuple, binding: Binding):
     """Any node through its rule: a Step of the forward's values, the rule, its inputs' relevance."""
     kind, target, rule, inputs = facts
-    env, sources = p.env, []
+    node_args, node_kwargs, indices_key = node.args, node.kwargs, (node, "indices")
+    name = node.target if kind == "module" else node.name
+    # The common flat case, without map_aggregate's walk.
+    flat = all(isinstance(a, fx.Node) or not isinstance(a, (tuple, list, dict, slice)) for a in node_args)
 
-    def value(arg):
-        if isinstance(arg, fx.Node):
-            result = env[arg]
-            if isinstance(result, torch.Tensor):
-                sources.append(arg)
-            return result
-        return arg
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        sources = []
 
-    if isinstance(r, dict):  # a tuple-valued node (chunk, split): its parts' relevances, zero where none came
-        r = [r[i] if r.get(i) is not None else
-             torch.zeros((p.k * part.shape[0], *part.shape[1:]), dtype=part.dtype, device=part.device)
-             for i, part in enumerate(env[node])]
-    if all(isinstance(a, fx.Node) or not isinstance(a, (tuple, list, dict, slice)) for a in node.args):
-        args = tuple(value(a) for a in node.args)  # the common flat case, without map_aggregate's walk
-    else:
-        args = tuple(fx.node.map_aggregate(node.args, value))
-    kwargs = dict(fx.node.map_aggregate(node.kwargs, value)) if node.kwargs else {}
-    extra = {"indices": env[(node, "indices")]} if (node, "indices") in env else {}
-    step = Step(kind, target, args, kwargs, [env[s] for s in sources], [inputs[s][0] for s in sources], env[node],
-                r, p.k, p.epsilon, p.create_graph, node.target if kind == "module" else node.name, extra,
-                [inputs[s][1] for s in sources])
-    if rule is None:
-        raise UnsupportedLayerError(no_rule_message(step.name, kind, target))
-    for source, contribution in zip(sources, rule(step)):
-        if contribution is not None and source.op != "get_attr":
-            _add(p.rel, source, contribution)
+        def value(arg):
+            if isinstance(arg, fx.Node):
+                result = env[arg]
+                if isinstance(result, torch.Tensor):
+                    sources.append(arg)
+                return result
+            return arg
 
+        if isinstance(r, dict):  # a tuple-valued node (chunk, split): its parts' relevances, zero where none came
+            r = [r[i] if r.get(i) is not None else
+                 torch.zeros((k * part.shape[0], *part.shape[1:]), dtype=part.dtype, device=part.device)
+                 for i, part in enumerate(env[node])]
+        args = tuple(value(a) for a in node_args) if flat else tuple(fx.node.map_aggregate(node_args, value))
+        kwargs = dict(fx.node.map_aggregate(node_kwargs, value)) if node_kwargs else {}
+        extra = {"indices": env[indices_key]} if indices_key in env else {}
+        view = Step(kind, target, args, kwargs, [env[s] for s in sources], [inputs[s][0] for s in sources], env[node],
+                    r, k, epsilon, create_graph, name, extra, [inputs[s][1] for s in sources])
+        if rule is None:
+            raise UnsupportedLayerError(no_rule_message(view.name, kind, target))
+        for source, contribution in zip(sources, rule(view)):
+            if contribution is not None and source.op != "get_attr":
+                _add(rel, source, contribution)
 
-def _no_rule(p: Pass, node: fx.Node, data, r) -> None:
-    raise UnsupportedLayerError(f"LRP-epsilon has no rule for graph node {node.name} ({node.op})")
+    return step
 
 
-def _part(p: Pass, node: fx.Node, facts: tuple, r) -> None:
+def _no_rule(node: fx.Node, data, binding: Binding):
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        raise UnsupportedLayerError(f"LRP-epsilon has no rule for graph node {node.name} ({node.op})")
+
+    return step
+
+
+def _part(node: fx.Node, facts: tuple, binding: Binding):
     """``x[i]``: a tuple's part waits in the tuple node's slot for part i; a tensor's index, its rule."""
-    if not isinstance(p.env[node.args[0]], (tuple, list)):
-        return _rule(p, node, facts, r)
-    parts = p.rel.setdefault(node.args[0], {})
-    index = node.args[1]
-    parts[index] = parts[index] + r if index in parts else r
+    by_rule, whole, index = _rule(node, facts, binding), node.args[0], node.args[1]
+
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        if not isinstance(env[whole], (tuple, list)):
+            return by_rule(env, rel, r, k, epsilon, create_graph)
+        parts = rel.setdefault(whole, {})
+        parts[index] = parts[index] + r if index in parts else r
+        return None
+
+    return step
 
 
-def _merged(p: Pass, node: fx.Node, conv_node: fx.Node, r) -> None:
+def _merged(node: fx.Node, conv_node: fx.Node, binding: Binding):
     """A batch norm after a convolution (whose only reader it is): one layer, the conv rule with W γ/σ."""
-    binding, env = p.binding, p.env
-    conv, bn = binding.module(conv_node), binding.module(node)
-    weight = binding.merged_weight(node, conv, bn, env[conv_node], p.create_graph or torch.is_grad_enabled())
-    source = conv_node.args[0]
-    _add(p.rel, source, conv2d_module_relevance(conv, env[source], env[node], r, p.epsilon, p.create_graph, weight))
+    conv, bn, source, merged_weight = binding.module(conv_node), binding.module(node), conv_node.args[0], \
+        binding.merged_weight
+
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        weight = merged_weight(node, conv, bn, env[conv_node], create_graph or torch.is_grad_enabled())
+        v = conv2d_module_relevance(conv, env[source], env[node], r, epsilon, create_graph, weight)
+        rel[source] = rel[source] + v if source in rel else v
+
+    return step
 
 
 # ---- shortcuts: a rule's maths on the forward's tensors, for plain calls of builtin layers --------
+# Each adds its input's relevance to ``rel`` in place (what _add does, inlined: one call less a step).
 
 
-def _conv(p: Pass, node: fx.Node, conv: nn.Conv2d, r) -> None:
+def _conv(node: fx.Node, conv: nn.Conv2d, binding: Binding):
     source = node.args[0]  # a zero-padded convolution with numeric padding (_zero_padded_conv)
-    _add(p.rel, source, conv2d_relevance(p.env[source], p.env[node], r, conv.weight, conv.stride, conv.padding,
-                                         conv.dilation, conv.groups, p.epsilon, p.create_graph))
+
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        v = conv2d_relevance(env[source], env[node], r, conv.weight, conv.stride, conv.padding, conv.dilation,
+                             conv.groups, epsilon, create_graph)
+        rel[source] = rel[source] + v if source in rel else v
+
+    return step
 
 
-def _linear(p: Pass, node: fx.Node, linear: nn.Linear, r) -> None:
+def _linear(node: fx.Node, linear: nn.Linear, binding: Binding):
+    source, name = node.args[0], node.name
+
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        v = linear_relevance(env[source], env[node], r, linear.weight, epsilon, create_graph, name)
+        rel[source] = rel[source] + v if source in rel else v
+
+    return step
+
+
+def _max_pool(node: fx.Node, data, binding: Binding):
+    source, indices = node.args[0], (node, "indices")
+
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        v = winner_takes_all(env[source], env[indices], r, k)
+        rel[source] = rel[source] + v if source in rel else v
+
+    return step
+
+
+def _flatten(node: fx.Node, data, binding: Binding):
     source = node.args[0]
-    _add(p.rel, source, linear_relevance(p.env[source], p.env[node], r, linear.weight, p.epsilon, p.create_graph,
-                                         node.name))
+
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        v = rearranged_back(env[source], r)
+        rel[source] = rel[source] + v if source in rel else v
+
+    return step
 
 
-def _max_pool(p: Pass, node: fx.Node, data, r) -> None:
+def _adaptive_avg_pool(node: fx.Node, data, binding: Binding):
     source = node.args[0]
-    _add(p.rel, source, winner_takes_all(p.env[source], p.env[(node, "indices")], r, p.k))
+
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        v = adaptive_avg_pool_relevance(env[source], env[node], r, k, epsilon, create_graph)
+        rel[source] = rel[source] + v if source in rel else v
+
+    return step
 
 
-def _flatten(p: Pass, node: fx.Node, data, r) -> None:
-    source = node.args[0]
-    _add(p.rel, source, rearranged_back(p.env[source], r))
+def _identity(node: fx.Node, data, binding: Binding):
+    source, name = node.args[0], node.name
 
+    def step(env: dict, rel: dict, r, k: int, epsilon: float, create_graph: bool) -> None:
+        v = identity_relevance(env[source], env[node], r, name)
+        rel[source] = rel[source] + v if source in rel else v
 
-def _adaptive_avg_pool(p: Pass, node: fx.Node, data, r) -> None:
-    source = node.args[0]
-    _add(p.rel, source, adaptive_avg_pool_relevance(p.env[source], p.env[node], r, p.k, p.epsilon, p.create_graph))
-
-
-def _identity(p: Pass, node: fx.Node, data, r) -> None:
-    source = node.args[0]
-    _add(p.rel, source, identity_relevance(p.env[source], p.env[node], r, node.name))
+    return step
 
 
 def _plain(node: fx.Node, binding: Binding, module_type: type | None = None) -> bool:
@@ -189,7 +233,7 @@ def _reads_in_out(node: fx.Node) -> list:
 
 class Shortcut(NamedTuple):
     applies: Callable[[fx.Node, Binding], bool]
-    run: Callable  # (Pass, node, the node's module or None, r) -> None
+    run: Callable  # (node, the node's module or None, binding) -> step(env, rel, r, k, epsilon, create_graph)
     reads: Callable[[fx.Node], list]  # the forward values (env keys) the step reads
 
 
@@ -273,26 +317,35 @@ def propagate(
     create_graph: bool,
     release: bool = False,
     start: fx.Node | None = None,
+    general: bool | None = None,
 ) -> torch.Tensor:
     """Relevance at the network input, (K*N, ...) target-major, from relevance (K*N, ...) at its
     output (at ``start``, the logits' node, when the output is a dict or tuple). ``release``: drop
-    each forward value from ``env`` after the last step that reads it. UnsupportedLayerError if a
-    layer has no rule or no relevance reaches the input."""
+    each forward value from ``env`` after the last step that reads it. ``general``: whether the
+    general path is forced (default: ``switch.general_forced()``, read here). UnsupportedLayerError
+    if a layer has no rule or no relevance reaches the input."""
     binding = traced.binding
-    general = switch.general_forced()
+    if general is None:
+        general = switch.general_forced()
     switch.runs["relevance" if general else "fast_relevance"] += 1
     if start is None:
-        start = next(n for n in reversed(traced.graph.nodes) if n.op == "output").args[0]
-    p = Pass(env, {start: output_relevance}, k, epsilon, create_graph, binding)
-    rel = p.rel
-    for node, run, data, releases in plan_for(traced, binding, general):
+        start = traced.output.args[0]
+    steps = binding.steps.get(general)
+    if steps is None:  # each step bound once per binding (see _input)
+        steps = binding.steps[general] = [(node, run(node, data, binding), releases)
+                                          for node, run, data, releases in plan_for(traced, binding, general)]
+    rel, found = {start: output_relevance}, None
+    for node, step, releases in steps:
         r = rel.pop(node, None)
         if r is not None:
-            run(p, node, data, r)
+            if step is None:  # the network input
+                found = r
+            else:
+                step(env, rel, r, k, epsilon, create_graph)
             r = None  # this step's tensors are gone before the next allocates
         if release and releases:
             for key in releases:
                 env.pop(key, None)
-    if p.found is None:
+    if found is None:
         raise UnsupportedLayerError("no relevance reached the network input (is the output independent of it?)")
-    return p.found
+    return found

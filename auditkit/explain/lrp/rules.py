@@ -63,6 +63,8 @@ def step_ratio(step: Step) -> torch.Tensor:
 
 def times_input(contribution: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
     """a ⊙ c for c (K*N, ...) and a (N, ...): each target's contribution times the same input."""
+    if k == 1:  # the same shapes: no views (two op calls less, a noticeable share of a small layer)
+        return contribution * a
     return (contribution.view(k, *a.shape) * a).view(contribution.shape)
 
 
@@ -83,8 +85,8 @@ def conv2d_relevance(a, z, relevance, weight, stride, padding, dilation, groups:
                      create_graph: bool) -> torch.Tensor:
     """Epsilon rule of a 2-D convolution (fused kernel): a (N, C, H, W), z (N, O, h, w), R (K*N, O, h, w)."""
     with below_autograd(not create_graph):
-        return _CONV2D(a, z, relevance, weight, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)),
-                       groups, epsilon)
+        return _CONV2D(a, z, relevance, weight, _pair_list(stride), _pair_list(padding), _pair_list(dilation), groups,
+                       epsilon)
 
 
 def conv2d_module_relevance(conv: nn.Conv2d, a, z, relevance, epsilon: float, create_graph: bool,
@@ -145,6 +147,10 @@ def _check_batch_kept(step: Step) -> None:
 
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _pair_list(v) -> list:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 def _given(step: Step, names: tuple) -> dict:

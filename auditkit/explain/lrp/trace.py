@@ -4,15 +4,15 @@ Contract (what is cached, and what invalidates it):
 
 - ``trace(net)`` returns the :class:`TracedNetwork` cached for that module object (a weak-keyed
   table: the cache never keeps a deleted network alive). It holds what depends on the *code* of the
-  network only: the torch.fx graph, the attribute path of every called module, and which nodes
-  depend on the network input. It is traced again when the rule table changed since
+  network only: the torch.fx graph and its output node, the attribute path of every called module,
+  and which nodes depend on the network input. It is traced again when the rule table changed since
   (``register_rule`` bumps ``rules_version``: which module types are leaves depends on it).
 - Everything that depends on the *module objects* lives in one :class:`Binding`: the modules by
-  path, which batch norms merge into their convolution, the relevance plans (plan.py), the
-  generated forward (forward.py) and merged conv + batch-norm weights. ``TracedNetwork.bind()`` runs
-  at every explanation: it checks that each path still leads to the same object and, if any does
-  not (the user replaced a layer), drops the whole binding and makes a new one. Nothing is
-  invalidated piecemeal.
+  path, which batch norms merge into their convolution, the relevance plans and their steps bound
+  to the modules (plan.py), the generated forward (forward.py) and merged conv + batch-norm
+  weights. ``TracedNetwork.bind()`` runs at every explanation: it checks that each path still
+  leads to the same object and, if any does not (the user replaced a layer), drops the whole
+  binding and makes a new one. Nothing is invalidated piecemeal.
 - What is *not* cached: parameters, buffers and module attributes (stride, eps, training mode) are
   read at every call; the merged weights are kept only while the convolution weight, γ and the
   running variance are the same tensors at the same version (``Tensor._version``), in eval mode
@@ -55,11 +55,12 @@ class Binding:
     """What was worked out for one set of module objects (see the module docstring): valid while
     every traced path leads to the object in ``modules``; filled lazily by plan.py and forward.py."""
 
-    __slots__ = ("modules", "merged", "plans", "forward", "merged_weights")
+    __slots__ = ("modules", "merged", "plans", "steps", "forward", "merged_weights")
 
     def __init__(self, traced: "TracedNetwork", root: nn.Module):
         self.modules = {target: _lookup(root, parts) for target, parts in traced.paths.items()}
         self.plans: dict = {}  # general (bool) -> the relevance plan (plan.py)
+        self.steps: dict = {}  # general (bool) -> the plan's steps bound to these modules (plan.py)
         self.forward = None  # the generated forward (forward.py); False: the code generator refused
         self.merged_weights: dict = {}  # bn node -> (key of the tensors, W γ/σ)
         # Batch norms whose input is a convolution's output used by nothing else: merged into it.
@@ -105,11 +106,12 @@ class Binding:
 class TracedNetwork:
     """A traced network: its graph, the network held weakly, and the binding to its module objects."""
 
-    __slots__ = ("_root", "graph", "rules_version", "paths", "dynamic", "_binding", "__weakref__")
+    __slots__ = ("_root", "graph", "output", "rules_version", "paths", "dynamic", "_binding", "__weakref__")
 
     def __init__(self, net: nn.Module, graph: fx.Graph):
         self._root = weakref.ref(net)
         self.graph = graph
+        self.output = next(n for n in reversed(graph.nodes) if n.op == "output")  # the graph's output node
         self.rules_version = rules_version()
         # module target -> its attribute path, split once
         self.paths = {node.target: tuple(node.target.split(".")) for node in graph.nodes if node.op == "call_module"}
