@@ -1,8 +1,12 @@
 """The architectures auditkit can build and their presets (:class:`ArchSpec`).
 
 auditkit's own small CNNs, every torchvision classification CNN, ``timm:NAME`` and the user's
-``package.module:factory``, looked up by name with :func:`get_arch`. Vision transformers are refused
-in one line (:func:`_refuse_transformer`), whatever route they come by. Torchvision and timm
+``package.module:factory``, looked up by name with :func:`get_arch`. Vision transformers by name
+(``timm:NAME``: ViT, DeiT, DeiT-3, ViT with registers, EVA-02, Swin, ConViT; torchvision ``vit_*``,
+``swin_*``; the zoo's ``vit-digits``) are built at the data's size (:func:`build_network`) and their
+layers are read as (N, C, h, w) maps (auditkit/models/tokens.py); one that cannot run at that size
+is refused in one line saying what size would. A transformer from a user's factory or a pickle is
+still refused (:func:`_refuse_transformer`). Torchvision and timm
 networks are always built without pretrained weights: auditkit never downloads anything. The
 wrapper every stage uses, and :func:`build_model`: :mod:`auditkit.models.zoo`.
 """
@@ -21,6 +25,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .layer_names import unwrap_compiled
+from .tokens import is_transformer as _is_transformer  # noqa: F401  (checkpoint.py and zoo.py import it from here)
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -160,6 +165,21 @@ def _torchvision_spec(factory: str, init_mode: str, **fields: Any) -> ArchSpec:
 
 # --------------------------------------------------------------------------- registry
 
+def vit_digits(in_channels: int, num_classes: int, input_size: tuple[int, int] | None = None) -> nn.Module:
+    """A small ViT for 28x28 digits: timm's ``VisionTransformer`` with 4x4 patches (7x7 tokens at
+    28x28), a class token, embed_dim 64, depth 4, 4 heads, MLP ratio 2 (about 0.14M parameters: a few
+    seconds an epoch on a CPU), built for ``input_size`` (default 28x28) with ``dynamic_img_size``
+    (another size whose sides divide by 4 resamples the position embeddings, as timm does)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    size = tuple(input_size) if input_size is not None else (28, 28)
+    if size[0] % 4 or size[1] % 4:
+        raise ModelError(f"'vit-digits' cannot run at {size[0]}x{size[1]}: its 4x4 patches need sides that divide "
+                         f"by 4; {-(-size[0] // 4) * 4}x{-(-size[1] // 4) * 4} would work")
+    return VisionTransformer(img_size=size, patch_size=4, in_chans=in_channels, num_classes=num_classes,
+                             embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, dynamic_img_size=True)
+
+
 _ARCH_LIST = [
     ArchSpec(
         name="tap-cnn",
@@ -241,13 +261,25 @@ _ARCH_LIST = [
         lrp_notes="batch norm merged into convs; ReLU6; depthwise convs; residual additions in linear bottlenecks",
         description="MobileNetV2 (torchvision, random init); TAP on the last block of each resolution",
     ),
+    # The ViT rule of presets.py: the outputs of blocks 2, 3 and 4 of 4 (about 1/2, 3/4, the last);
+    # Grad-CAM on the last block's first LayerNorm (the residual stream it reads, as pytorch-grad-cam).
+    ArchSpec(
+        name="vit-digits",
+        build=vit_digits,
+        tap_layers=("blocks.1", "blocks.2", "blocks.3"),
+        gradcam_layer="blocks.3.norm1",
+        min_input_size=28,
+        lrp_notes="attention (AttnLRP rules), LayerNorm, GELU MLPs, residual additions; class token pooling",
+        description="small ViT for 28x28 digits (timm VisionTransformer, 4x4 patches, 7x7 tokens, dim 64, "
+        "depth 4, 4 heads); TAP on blocks 2-4",
+    ),
 ]
 
 #: Every architecture auditkit can build, by name.
 ARCHITECTURES: dict[str, ArchSpec] = {spec.name: spec for spec in _ARCH_LIST}
 
 
-# Families whose layers are attention, not convolution: refused (their own issue will add them).
+# torchvision's vision transformers: built at the data's size by _build_torchvision_transformer.
 _TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit")
 _MIN_INPUT = {"inception_v3": 75, "alexnet": 64}
 # torchvision networks whose auxiliary heads would change what forward returns in train mode.
@@ -256,34 +288,91 @@ _TORCHVISION_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True}
 
 
 def torchvision_classifiers() -> list[str]:
-    """Every torchvision classification network auditkit can build (vision transformers excluded)."""
+    """Every torchvision classification network auditkit can build (its ViTs and Swins included;
+    MaxViT refused, see _refuse_maxvit)."""
     from torchvision import models
 
-    return [n for n in models.list_models(module=models) if not n.startswith(_TRANSFORMER_PREFIXES)]
+    return [n for n in models.list_models(module=models) if not n.startswith("maxvit")]
 
 
 def _refuse_transformer(name: str) -> None:
-    raise ModelError(f"'{name}' is a vision transformer: auditkit needs convolutional feature maps (TAP, Grad-CAM, "
-                     "its LRP rules); transformers are not supported yet")
+    """A transformer from a user's factory or a pickled module: refused in one line (named ones are built)."""
+    raise ModelError(f"'{name}' is a vision transformer: one from a user's factory or a pickled module is not "
+                     "supported yet; name it instead (timm:NAME, e.g. timm:vit_small_patch16_224, or torchvision's "
+                     "vit_b_16, swin_t), and load its weights from a checkpoint file")
 
 
-# Module class names of transformers: torchvision's and timm's VisionTransformer, Hugging Face's
-# ViTSelfAttention, Swin's WindowAttention, EVA's EvaAttention, MaxViT's PartitionAttentionCl, a plain
-# "Attention" block: any class name with "Transformer" or "Attention" in it, except the CNN attention
-# blocks that keep spatial maps (CBAM's ChannelAttention and SpatialAttention, attention gates): those
-# CNNs are supported. timm's CNN attention layers are named "...Attn" (SplitAttn, CbamModule, EcaModule)
-# and are not matched; transformers named only "...Attn" (CaiT, Twins) are refused by preset discovery,
-# which never takes a layer followed by token sequences (presets.py).
-_TRANSFORMER_CLASS = re.compile(r"Transformer|Attention")
-_CNN_ATTENTION_CLASS = re.compile(r"(Channel|Spatial)Attention|AttentionGate|GateAttention")
+def _refuse_maxvit(name: str) -> None:
+    raise ModelError(f"'{name}' is not supported: MaxViT builds its attention for one fixed input size (a multiple of "
+                     "224), so the probe cannot tell its maps' channel dims from their spatial dims (that needs two "
+                     "sizes); use swin_t, vit_b_16 or timm:NAME")
 
 
-def _is_transformer(net: nn.Module) -> bool:
-    """Whether ``net`` holds transformer layers (see _TRANSFORMER_CLASS): named timm architectures,
-    users' factories and pickled modules are judged by this one rule."""
-    return any(isinstance(m, nn.MultiheadAttention)
-               or (_TRANSFORMER_CLASS.search(type(m).__name__) and not _CNN_ATTENTION_CLASS.search(type(m).__name__))
-               for m in net.modules())
+# What a transformer is: auditkit/models/tokens.py (is_transformer, imported here as _is_transformer):
+# a class name with "Transformer" or "Attention" in it (CNN attention blocks excepted), an
+# nn.MultiheadAttention, or a module that states its token grid. timm's CNN attention layers are named
+# "...Attn" and are not matched; transformers named only "...Attn" (CaiT, Twins) are refused by preset
+# discovery, which takes token layers only of recognised ViTs and Swins (presets.py).
+
+
+def build_network(spec: ArchSpec, in_channels: int, num_classes: int, input_size=None) -> nn.Module:
+    """``spec.build(in_channels, num_classes)``, with ``input_size`` (the (H, W) the network sees)
+    for the builders that take it (vision transformers are built at the data's size)."""
+    import inspect
+
+    try:
+        takes_size = "input_size" in inspect.signature(spec.build).parameters
+    except (TypeError, ValueError):
+        takes_size = False
+    if takes_size and input_size is not None:
+        return spec.build(in_channels, num_classes, input_size=(int(input_size[0]), int(input_size[1])))
+    return spec.build(in_channels, num_classes)
+
+
+def _refuse_size(label: str, size: tuple[int, int], why: str, works: tuple[int, int] | None) -> None:
+    hint = f"; {works[0]}x{works[1]} would work" if works else ""
+    raise ModelError(f"'{label}' cannot run at {size[0]}x{size[1]}: {why}{hint}")
+
+
+def _check_runs(net: nn.Module, in_channels: int, size: tuple[int, int], label: str, patch: int) -> None:
+    """One zero image through ``net`` at ``size``; ModelError in one line saying why it fails and
+    the size (sides rounded up to the patch) that would work."""
+    import torch
+
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, in_channels, *size))
+    except Exception as error:  # noqa: BLE001 - any failure of the network at that size: one line
+        works = (-(-size[0] // patch) * patch, -(-size[1] // patch) * patch)
+        first = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        _refuse_size(label, size, first[:160], works if works != size else None)
+    finally:
+        net.train(was_training)
+
+
+def _build_torchvision_transformer(factory: str, in_channels: int, num_classes: int,
+                                   input_size: tuple[int, int] | None = None) -> nn.Module:
+    """torchvision ``vit_*`` with ``image_size`` = the data's (square, divisible by its patch) or
+    ``swin_*`` (any size: it pads its windows); random init, ``in_channels`` inputs."""
+    from torchvision import models
+
+    options: dict[str, Any] = {}
+    if factory.startswith("vit_") and input_size is not None:
+        patch = int(re.search(r"_(\d+)$", factory).group(1))
+        height, width = input_size
+        if height != width or height % patch:
+            side = -(-max(height, width) // patch) * patch
+            _refuse_size(factory, input_size, f"torchvision's ViT needs square images whose side divides by its patch "
+                         f"size {patch}", (side, side))
+        options["image_size"] = height
+    net = models.get_model(factory, weights=None, num_classes=num_classes, **options)
+    if in_channels != 3:
+        _replace_input_conv(net, in_channels, "fan_in")
+    if factory.startswith("swin_") and input_size is not None:
+        _check_runs(net, in_channels, input_size, factory, 32)
+    return net
 
 
 def _build_torchvision_any(factory: str, in_channels: int, num_classes: int) -> nn.Module:
@@ -305,16 +394,61 @@ def _timm_spec(model_name: str) -> ArchSpec:
         hint = f"; did you mean 'timm:{close[0]}'?" if close else ""
         raise ModelError(f"unknown timm architecture '{model_name}'{hint}")
 
+    patch = _timm_transformer_patch(model_name)
+    if patch is not None:
+        return ArchSpec(name=f"timm:{model_name}", build=functools.partial(_build_timm_transformer, model_name),
+                        tap_layers=None, gradcam_layer=None, min_input_size=max(patch, 32 // patch * patch),
+                        lrp_notes="attention (AttnLRP rules), LayerNorm, residual additions",
+                        description=f"timm {model_name} (vision transformer at the data's size, random init; "
+                        "presets found)", source="timm")
+
     def build(in_channels: int, num_classes: int) -> nn.Module:
         # pretrained=False always: auditkit never downloads weights (bring them in a checkpoint file).
-        net = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
-        if _is_transformer(net):
-            _refuse_transformer(f"timm:{model_name}")
-        return net
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
     return ArchSpec(name=f"timm:{model_name}", build=build, tap_layers=None, gradcam_layer=None, min_input_size=32,
                     lrp_notes="found by tracing", description=f"timm {model_name} (random init; presets found)",
                     source="timm")
+
+
+@functools.lru_cache(maxsize=64)
+def _timm_transformer_patch(model_name: str) -> int | None:
+    """The patch size of timm's ``model_name`` when it is a vision transformer (tokens.is_transformer),
+    else None; from a shape-only build on the meta device (no memory, no initialisation cost)."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(model_name, pretrained=False)
+    except (NotImplementedError, RuntimeError):  # a builder that reads tensor values while initialising
+        net = timm.create_model(model_name, pretrained=False)
+    if not _is_transformer(net):
+        return None
+    size = getattr(getattr(net, "patch_embed", None), "patch_size", None)
+    return int(size[0] if isinstance(size, (tuple, list)) else size) if size else 1
+
+
+def _build_timm_transformer(model_name: str, in_channels: int, num_classes: int,
+                            input_size: tuple[int, int] | None = None) -> nn.Module:
+    """timm's vision transformer ``model_name`` (random init) with ``dynamic_img_size=True`` and
+    ``img_size`` = the data's (H, W) where the model takes them (ConViT takes no dynamic size; Swin
+    builds its windows for the size), so its position embeddings are made for that size (timm
+    resamples them for another); refused in one line when it cannot run at ``input_size``."""
+    import timm
+
+    base = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
+    sized = {"img_size": tuple(input_size)} if input_size is not None else {}
+    for extra in ({"dynamic_img_size": True, **sized}, sized, {"dynamic_img_size": True}, {}):
+        try:
+            net = timm.create_model(model_name, **base, **extra)
+            break
+        except TypeError as error:  # a model that takes no dynamic_img_size / img_size: the next try
+            if "unexpected keyword" not in str(error):
+                raise
+    if input_size is not None:
+        _check_runs(net, in_channels, tuple(input_size), f"timm:{model_name}", _timm_transformer_patch(model_name))
+    return net
 
 
 def _user_spec(reference: str) -> ArchSpec:
@@ -369,8 +503,13 @@ def get_arch(name: str) -> ArchSpec:
         return _timm_spec(name[len("timm:"):])
     if ":" in name:
         return _user_spec(name)
-    if name.startswith(_TRANSFORMER_PREFIXES):
-        _refuse_transformer(name)
+    if name.startswith("maxvit"):
+        _refuse_maxvit(name)
+    if name.startswith(_TRANSFORMER_PREFIXES) and name in torchvision_classifiers():
+        return ArchSpec(name=name, build=functools.partial(_build_torchvision_transformer, name), tap_layers=None,
+                        gradcam_layer=None, min_input_size=32, lrp_notes="attention (AttnLRP rules), LayerNorm",
+                        description=f"{name} (torchvision vision transformer at the data's size, random init; "
+                        "presets found)", source="torchvision")
     if name in torchvision_classifiers():
         return ArchSpec(name=name, build=functools.partial(_build_torchvision_any, name), tap_layers=None,
                         gradcam_layer=None, min_input_size=_MIN_INPUT.get(name, 32), lrp_notes="found by tracing",

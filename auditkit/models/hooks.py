@@ -10,6 +10,10 @@ several times (a block applied in a loop, a shared ReLU, weight-tied layers) giv
 call, so ``"block#2"`` names its second call (counted from 1, in the order the calls finish). A bare
 name stands for a module's only call: when it runs more than once the capture refuses in one line
 naming the module, how often it ran and the names of its calls, instead of returning one of them.
+
+A transformer's layer is handed over as an (N, C, h, w) map (:mod:`auditkit.models.tokens`): token
+sequences (N, T, C) without their prefix tokens on the patch grid, channels-last (N, H, W, C) maps
+permuted; views only, so gradients flow. A CNN's outputs are the layers' own tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .layer_names import _is_compiled, resolve_layers  # not .zoo: zoo imports presets, which imports this file
+from .tokens import MapViews
 
 CALL_MARK = "#"  # "block#2": the second call of module "block"
 
@@ -128,7 +133,10 @@ def capture_activations(
     recorded in ``calls``, {module: times}, which a caller keeps across
     blocks) raise ModelError in one line naming the module and its calls.
 
-    An entry is exactly what its layer returned: if the network later modifies
+    A transformer's layer gives its (N, C, gh, gw) map instead (:class:`.tokens.MapViews`: token
+    sequences without prefix tokens on the grid of the current input, channels-last maps permuted;
+    views of the output, so gradients flow; a sequence that is no grid raises ModelError in one
+    line naming the layer). Otherwise an entry is exactly what its layer returned: if the network later modifies
     that output in place (a ReLU(inplace=True) right after the captured
     module), the forward raises :class:`ModifiedInPlace` naming the layer,
     instead of handing over the modified values. Slots listed in ``copy`` are
@@ -152,7 +160,9 @@ def capture_activations(
     for slot, name in enumerate(names):
         module, call = split_call(name)
         wanted.setdefault(module, []).append((call, slot))
+    views = MapViews(model, names)
     outputs: list[Any] = []
+    originals: list[Any] = []  # the layers' own outputs: the in-place check reads them, not the views
     versions: list[int | None] = []
     ran: dict[str, int] = {}
     earlier = calls if calls is not None else {}
@@ -160,6 +170,7 @@ def capture_activations(
 
     def reset(_module: nn.Module, _args: Any) -> None:
         outputs[:] = [None] * len(names)
+        originals[:] = [None] * len(names)
         versions[:] = [None] * len(names)
         ran.clear()
 
@@ -168,16 +179,19 @@ def capture_activations(
             if len(outputs) != len(names):  # a submodule run on its own, outside model.forward
                 reset(model, ())
             ran[module_name] = count = ran.get(module_name, 0) + 1
-            copy_output = False
+            copy_output, continued = False, None
             for call, slot in wanted[module_name]:
                 # A bare name keeps the latest call; the end of the forward refuses it if there were several.
                 if call is None or call == count:
                     outputs[slot] = output
+                    if views.active:  # a transformer's layer: its map, the network going on from it (tokens.py)
+                        outputs[slot], continued = views.view(slot, output)
+                    originals[slot] = output
                     versions[slot] = output._version if isinstance(output, torch.Tensor) else None
                     copy_output = copy_output or slot in copied
             if copy_output and isinstance(output, torch.Tensor):
-                return output.clone()  # the network goes on with the copy
-            return None
+                return (output if continued is None else continued).clone()  # the network goes on with the copy
+            return continued
 
         return hook
 
@@ -189,7 +203,7 @@ def capture_activations(
                 if problem:
                     raise ModelError(problem)
             earlier[module_name] = times
-        for slot, (output, version) in enumerate(zip(outputs, versions)):
+        for slot, (output, version) in enumerate(zip(originals, versions)):
             if version is not None and output._version != version:
                 raise ModifiedInPlace(names[slot], slot)
 
@@ -198,6 +212,7 @@ def capture_activations(
         for module_name in wanted:
             handles.append(model.get_submodule(module_name).register_forward_hook(store(module_name)))
         handles.append(model.register_forward_hook(check_all_ran))
+        handles += views.attach()
         yield outputs
     finally:
         for handle in handles:

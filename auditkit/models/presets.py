@@ -27,9 +27,29 @@ The rule that finds them:
 4. The Grad-CAM layer is the last spatial feature map of the stages: the last convolution-bearing
    child of the stage container, or the activation right after it.
 5. Every layer proposed gives a spatial (N, C, H, W) map, and the network stays spatial after the
-   Grad-CAM layer: when layers that run later give token sequences (N, L, D) (a vision transformer
-   whose patch embedding is its only convolution), discovery refuses the network in one line
-   instead of proposing the patch embedding.
+   Grad-CAM layer: when layers that run later give token sequences (N, L, D) that are not a
+   recognised transformer's (below), discovery refuses the network in one line instead of
+   proposing the patch embedding.
+
+Vision transformers (auditkit/models/tokens.py reads their layers as (N, C, gh, gw) maps) have rules
+of their own (:func:`transformer_presets`):
+
+* A ViT (a module that states its token grid: timm's VisionTransformer, DeiT, EVA, ConViT,
+  torchvision's VisionTransformer): its *blocks* are the children of the container (under the ViT)
+  with the most children of one class that give token sequences (timm ``blocks``, torchvision
+  ``encoder.layers``). TAP's targets are the outputs of the blocks at about 1/2 and 3/4 of the depth
+  and of the last block (blocks ceil(n/2), ceil(3n/4) and n, counted from 1: 6, 9, 12 of 12; 2, 3, 4
+  of 4): the residual stream there, each token's features in its patch's place, as a CNN's stage
+  outputs spaced over its depth. The Grad-CAM layer is the last block's first LayerNorm (timm
+  ``blocks[-1].norm1``, torchvision ``ln_1``), pytorch-grad-cam's choice for ViTs: it is the
+  residual stream entering the last block, normalised per token; the last block's own output is no
+  use with a class-token head, which reads only the class token there, so the patch tokens'
+  gradients (Grad-CAM's weights) are zero.
+* A Swin (channels-last (N, H, W, C) maps, told apart by the probe at two sizes): rule 2 on its maps
+  finds the stage container (timm ``layers``, torchvision ``features``); the targets are the last
+  block without a convolution (a stage, not the patch-embedding stem) at each resolution (timm
+  ``layers.0``-``layers.3``, torchvision ``features.1``, ``.3``, ``.5``, ``.7``), and the Grad-CAM
+  layer is the last of them, the last stage before the final norm.
 
 A module the probe's forward runs several times (a block applied in a loop, a ReLU shared by
 several convolutions) gives one output per call; each is a layer of its own, named "name#k" (the k-th
@@ -188,6 +208,9 @@ def discover_presets(net: nn.Module, in_channels: int, size=PROBE_SIZE) -> Prese
     at ``size`` (one side or (H, W)). Raises ModelError for a network without spatial feature maps
     (an MLP) or whose feature maps turn into token sequences (a vision transformer), and
     ProbeFailed (a ModelError) when the network fails on the probe image."""
+    found = transformer_presets(net, in_channels, size)
+    if found is not None:
+        return found
     tokens: dict[str, tuple[int, tuple[int, ...]]] = {}
     shapes = probe(net, in_channels, size, tokens)
     order = {name: k for k, name in enumerate(shapes)}
@@ -253,6 +276,71 @@ def discover_presets(net: nn.Module, in_channels: int, size=PROBE_SIZE) -> Prese
                          f"sequences ('{later[0][0]}' gives {later[0][1]}), as in a vision transformer; TAP and "
                          "Grad-CAM need a CNN whose feature maps stay spatial (transformers are not supported yet)")
     return Presets(tuple(targets), gradcam)
+
+
+def transformer_presets(net: nn.Module, in_channels: int, size=PROBE_SIZE) -> Presets | None:
+    """The presets of a recognised vision transformer (ViT or Swin, module docstring) from probe
+    passes at ``size`` (and twice it, for a Swin's layouts); None for a network that is not one
+    (the CNN rules then apply). ProbeFailed when the network fails at ``size``."""
+    from .tokens import is_transformer, probe_layouts, probe_shapes, sequence_grid
+
+    if not is_transformer(net):
+        return None
+    vit = next((name for name, module in net.named_modules() if sequence_grid(module) is not None), None)
+    if vit is not None:
+        shapes = probe_shapes(net, in_channels, _hw(size))
+        if shapes is None:
+            _run_probe(net, in_channels, size)  # raises the network's one-line failure
+        return _vit_presets(net, vit, shapes)
+    shapes, layouts = probe_layouts(net, in_channels, _hw(size))
+    return _swin_presets(net, shapes, layouts)
+
+
+def _vit_presets(net: nn.Module, vit: str, shapes: dict[str, tuple[int, ...]]) -> Presets | None:
+    """TAP: the outputs of blocks ceil(n/2), ceil(3n/4), n; Grad-CAM: the last block's first LayerNorm."""
+    best: list[str] = []
+    for name, module in net.named_modules():
+        if not (name == vit or name.startswith(f"{vit}.") or not vit):
+            continue
+        children = [(f"{name}.{c}" if name else c, m) for c, m in module.named_children()
+                    if m._modules and len(shapes.get(f"{name}.{c}" if name else c, ())) == 3]
+        kinds = [type(m) for _, m in children]
+        common = max(set(kinds), key=kinds.count) if kinds else None
+        blocks = [c for c, m in children if type(m) is common]
+        if len(blocks) >= len(best):  # a tie goes to the inner container (timm's blocks of a depth-1 ViT)
+            best = blocks
+    if not best:
+        return None
+    count = len(best)
+    picks = sorted({-(-count // 2) - 1, -(-3 * count // 4) - 1, count - 1})
+    last = net.get_submodule(best[-1])
+    norm = next((f"{best[-1]}.{n}" for n, m in last.named_modules() if isinstance(m, nn.LayerNorm)
+                 and len(shapes.get(f"{best[-1]}.{n}", ())) == 3), None)
+    gradcam = norm or (best[-2] if count > 1 else best[-1])
+    return Presets(tuple(best[i] for i in picks), gradcam)
+
+
+def _swin_presets(net: nn.Module, shapes, layouts) -> Presets | None:
+    """Per resolution of the stage container's maps, its last block without a convolution."""
+    spatial: dict[str, tuple[int, int]] = {}
+    for name, shape in shapes.items():
+        kind = layouts[name].kind
+        if len(shape) == 4 and kind in ("map", "channels_last") and "#" not in name:
+            spatial[name] = (shape[2], shape[3]) if kind == "map" else (shape[1], shape[2])
+    best, best_span = "", 0
+    for name, module in [("", net), *net.named_modules()]:
+        if name and not module._modules:
+            continue
+        span = len({spatial[c] for c, _ in _children(net, name) if c in spatial})
+        if span > best_span:
+            best, best_span = name, span
+    targets: dict[tuple[int, int], str] = {}
+    for child, module in _children(net, best):
+        if child in spatial and module._modules and not _has_conv(module):
+            targets[spatial[child]] = child
+    if best_span < 2 or not targets:
+        return None
+    return Presets(tuple(targets.values()), list(targets.values())[-1])
 
 
 def _pair(value) -> tuple[int, int]:

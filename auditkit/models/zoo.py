@@ -34,6 +34,7 @@ from .architectures import (  # noqa: F401  (re-exported: importable from auditk
     TapCNN,
     _is_transformer,
     _refuse_transformer,
+    build_network,
     classifier_name,
     first_conv_name,
     get_arch,
@@ -210,7 +211,10 @@ def found_presets(arch: str, net: nn.Module, in_channels: int, input_size: tuple
     running = network_size(input_size, minimum) if input_size is not None else None
     key = (arch, in_channels, running)
     if key not in _FOUND:
-        _FOUND[key] = discover_presets_at(net, in_channels, probe_sizes(input_size, minimum), running)[0]
+        sizes = probe_sizes(input_size, minimum)
+        if running is not None and _is_transformer(net):  # no resolutions to keep apart: its own size, cheaper
+            sizes = list(dict.fromkeys([running, *sizes]))
+        _FOUND[key] = discover_presets_at(net, in_channels, sizes, running)[0]
     return _FOUND[key]
 
 
@@ -271,7 +275,11 @@ def build_model(
 
     if head == BINARY and num_classes != 2:
         raise HeadError(f"is binary (one logit, two classes) but {num_classes} classes were asked for")
-    net = unwrap_compiled(spec.build(in_channels, 1 if head == BINARY else num_classes), inner=True)
+    from .presets import network_size
+
+    # A vision transformer is built at the size it sees (auditkit/models/architectures.py build_network).
+    seen = network_size((height, width), spec.min_input_size)
+    net = unwrap_compiled(build_network(spec, in_channels, 1 if head == BINARY else num_classes, seen), inner=True)
     # A factory that ignores num_classes and builds one logit (its forward returns one per image).
     if head != BINARY and one_logit_network(net, in_channels, (height, width)):
         if head == SOFTMAX:
