@@ -103,27 +103,42 @@ def explain_samples(request: SampleExplanation) -> ExplainedSamples:
     meta = model.meta  # read after the data: a checkpoint without metadata took its sizes and names from it
     target = _target(request.target, meta.class_names, meta.num_classes)
     options = request.method_options()
+    head = getattr(meta, "head", "softmax")
     tiles, rows, maps = [], [], []
     for start in range(0, len(picks), request.batch_size):
         batch = collate([dataset[int(k)] for k in picks[start : start + request.batch_size]]).to(device)
         with autocast(device, precision):
             with torch.no_grad():
-                predicted = model(batch.images).argmax(1)
-            heatmaps = attribute(model, batch.images, target, request.method, labels=batch.labels, **options)[:, 0]
-        explained = (predicted if target == "pred" else batch.labels if target == "label"
-                     else torch.full_like(predicted, target))
+                logits = model(batch.images)
+            if head == "multilabel":
+                # K sigmoids: one finding's logit per image (pred: the finding with the highest logit; label:
+                # the labelled finding with the highest logit, the highest logit overall on an image with none).
+                explained = _finding_targets(target, logits, batch.labels if request.data else None)
+                heatmaps = attribute(model, batch.images, explained, request.method, **options)[:, 0]
+                predicted = logits > 0
+            else:
+                predicted = logits.argmax(1)
+                heatmaps = attribute(model, batch.images, target, request.method, labels=batch.labels,
+                                     **options)[:, 0]
+                explained = (predicted if target == "pred" else batch.labels if target == "label"
+                             else torch.full_like(predicted, target))
         for j in range(len(heatmaps)):
             name = names[start + j]
             picture = upscale(overlay(batch.images[j], heatmaps[j]))
             write_png(request.out / f"{name}.png", np.concatenate([upscale(to_rgb(batch.images[j])), picture], axis=1))
-            label = meta.class_names[int(batch.labels[j])] if request.data else "?"
             variant = batch.variants[j] if request.data else None
-            tiles.append(captioned(picture, f"{label}->{meta.class_names[int(predicted[j])]} "
-                                            f"{variant[:4] if variant else ''}"))
+            if head == "multilabel":
+                label = _present(meta.class_names, batch.labels[j] > 0.5) if request.data else "?"
+                said = _present(meta.class_names, predicted[j])
+            else:
+                label = meta.class_names[int(batch.labels[j])] if request.data else "?"
+                said = meta.class_names[int(predicted[j])]
+            tiles.append(captioned(picture, f"{label}->{said} {variant[:4] if variant else ''}"))
             rows.append({"name": name, "file": str(request.out / f"{name}.png"),
                          "label": label if request.data else None, "variant": variant,
-                         "predicted": meta.class_names[int(predicted[j])],
+                         "predicted": said,
                          "explained_class": meta.class_names[int(explained[j])],
+                         "explained_output": explained_output(head, meta.class_names, int(explained[j])),
                          "map_sum": float(heatmaps[j].sum()), "map_abs_max": float(heatmaps[j].abs().max())})
             maps.append(heatmaps[j].detach().cpu().numpy())
     grid_path = write_png(request.out / "grid.png", grid(tiles))
@@ -153,6 +168,36 @@ def _samples(request: SampleExplanation, model) -> tuple[AuditDataset, np.ndarra
     if request.target == "label":
         raise ParameterError("target", "'label' needs a dataset (image files carry no label)")
     return dataset, np.arange(len(records)), [Path(p).stem for p in request.images]
+
+
+def explained_output(head: str, class_names, index: int) -> str:
+    """Which output a map explains, in words: the class's logit (softmax), ``z`` or ``-z`` (one logit:
+    class 1 or class 0), or the finding's logit z_k (multilabel)."""
+    if head == "binary":
+        return "z" if index == 1 else "-z"
+    if head == "multilabel":
+        return f"z of finding {class_names[index]!r}"
+    return f"logit of class {class_names[index]!r}"
+
+
+def _present(names, flags) -> str:
+    """The findings ``flags`` (K bools) marks present, joined by '|'; "none" without any."""
+    chosen = [name for name, flag in zip(names, flags.tolist()) if flag]
+    return "|".join(chosen) or "none"
+
+
+def _finding_targets(target, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """One finding per image for a multilabel model: the one asked for (an index), the one with the
+    highest logit (pred), or the labelled finding with the highest logit (label; the highest logit
+    overall where an image has no finding)."""
+    if isinstance(target, int):
+        return torch.full((len(logits),), target, dtype=torch.long, device=logits.device)
+    scores = logits.detach().float()
+    if target == "label" and labels is not None:
+        positive = labels > 0.5
+        masked = scores.masked_fill(~positive, float("-inf"))
+        return torch.where(positive.any(1), masked.argmax(1), scores.argmax(1))
+    return scores.argmax(1)
 
 
 def _target(target: str, class_names, num_classes: int) -> str | int:

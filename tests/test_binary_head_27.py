@@ -237,7 +237,9 @@ def test_softmax_head_on_a_one_logit_network_is_refused(user_model):
     result = invoke("inspect", weights, *user_args(), "--head", "softmax")
     assert result.exit_code == 2 and "--head is softmax" in flat(result.output), result.output
     result = invoke("inspect", weights, *user_args(), "--head", "multilabel")
-    assert result.exit_code == 2 and "not supported yet" in flat(result.output), result.output
+    # Multilabel heads exist now (issue 27): a one-logit network still cannot be one, said in one line.
+    assert result.exit_code == 2 and "--head is multilabel but the network has one output logit" in flat(
+        result.output), result.output
 
 
 def test_a_model_at_chance_is_inconclusive(user_model, tmp_path):

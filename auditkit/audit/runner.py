@@ -110,6 +110,8 @@ class AuditReport:
         """Whether any behavioural test ran and could tell (False: e.g. every mask empty and no variant
         to compare, or a model that predicts one class for every image, which no test can clear)."""
         verdict = self.data["verdict"]
+        if verdict.get("degenerate") and verdict["label"] != RELIANT:  # multilabel: a finding no test can clear
+            return False
         if verdict.get("constant_prediction") is not None or (verdict.get("at_chance") is not None
                                                                and verdict["label"] != RELIANT):
             return False
@@ -301,6 +303,35 @@ def measure(model, dataset: AuditDataset, config: AuditConfig, context: Context,
 
 def _aligned(a: list[SampleRecord], b: list[SampleRecord]) -> bool:
     return len(a) == len(b) and all(x.label == y.label for x, y in zip(a, b))
+
+
+def _aligned_labels(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two variants' label arrays are the same images in the same order (a paired bootstrap)."""
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def explained_output(meta) -> str:
+    """Which output the audit's maps explain, in words (the report's ``explained``)."""
+    head = getattr(meta, "head", "softmax")
+    if head == "binary":
+        return "z, the one logit (as +z/2 for the predicted class 1, -z/2 for class 0)"
+    if head == "multilabel":
+        return "each finding's logit z_k (sigmoid; present when z_k > 0)"
+    return "the predicted class's logit"
+
+
+def _check_kinds(model, dataset: AuditDataset) -> bool:
+    """Whether the audit is per finding (a multilabel model on multilabel data); one line naming both
+    when only one of them is multilabel."""
+    head = getattr(model.meta, "head", "softmax")
+    kind = getattr(dataset, "label_kind", "softmax")
+    if (head == "multilabel") == (kind == "multilabel"):
+        return head == "multilabel"
+    from ..errors import DataError
+
+    raise DataError(f"the model's head is {head} ({model.meta.num_classes} outputs) but the data's labels are {kind} "
+                    f"({dataset.num_classes} {'findings' if kind == 'multilabel' else 'classes'}: "
+                    f"{', '.join(dataset.classes[:6])}); a multilabel model needs multilabel data and the reverse")
 
 
 @dataclass(frozen=True)
@@ -538,6 +569,16 @@ def run_audit(
     if len(dataset) == 0:
         raise AuditkitError("the audit data has no samples (check the split asked for)")
     meaning_of(dataset)  # a mask_meaning that names neither meaning fails here, in one line
+    if _check_kinds(model, dataset):  # K sigmoids: the audit per finding (audit/multilabel.py)
+        from .multilabel import run_multilabel_audit
+
+        was_training = model.training
+        model.eval()
+        try:
+            return run_multilabel_audit(model, dataset, config, show_progress=show_progress and context.is_main,
+                                        data_spec=data_spec, checkpoint=checkpoint, processes=context.world_size)
+        finally:
+            model.train(was_training)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -559,6 +600,7 @@ def run_audit(
         "checkpoint": CheckpointSection.of(meta, checkpoint).to_json(),
         "data": DataSection.of(dataset, records, data_spec).to_json(),
         "config": RunSection.of(config, context.world_size).to_json(),
+        "explained": explained_output(meta),
         **body,
         "examples": tiles,
         "seconds": round(time.perf_counter() - start, 2),

@@ -27,6 +27,9 @@ def print_summary(report, console: Console | None = None) -> None:
     colour = COLOURS[verdict["label"]]
     console.print(Panel(f"[bold {colour}]{verdict['label'].upper()}[/bold {colour}]  {verdict['summary']}",
                         title=f"audit of {data['checkpoint']['path'] or data['checkpoint']['arch']}"))
+    if data.get("findings") is not None:  # a multilabel model: one row per finding and variant
+        _print_findings(data, console)
+        return
     metric = data["task"].get("metric_label", data["task"]["metric"])  # reports before issue 29 lack the label
     positive = data["task"].get("positive_class")
     if positive:
@@ -60,3 +63,30 @@ def print_summary(report, console: Console | None = None) -> None:
         for entry in data["activation_share"]:
             shares.add_row(entry["layer"], _interval(entry["share"]), f"{entry['chance']:.3f}")
         console.print(shares)
+
+
+def _print_findings(data: dict, console: Console) -> None:
+    """The per-finding tables of a multilabel audit: AUROC, sensitivity and specificity (at z > 0) per
+    variant with their intervals, the gaps that decide, and each finding's verdict."""
+    confidence = int(data["config"]["confidence"] * 100)
+    console.print(escape(f"explained: {data.get('explained', 'each finding logit')}; threshold: probability 0.5"))
+    table = Table("finding", "variant", f"AUROC [{confidence}% CI]", "sensitivity", "specificity", "positives")
+    for entry in data["findings"]:
+        for variant, values in entry["per_variant"].items():
+            table.add_row(escape(entry["name"]), variant, escape(_interval(values["auroc"])),
+                          escape(_interval(values["sensitivity"])), escape(_interval(values["specificity"])),
+                          f"{values['positives']}/{values['samples']}")
+    console.print(table)
+    verdicts = Table("finding", "AUROC gap -> permuted", "AUROC gap -> clean", "subgroup gap (with - without)",
+                     "verdict")
+    for entry in data["findings"]:
+        gaps = [escape(_interval(entry["auroc_gap"][v])) if v in entry["auroc_gap"] else "–"
+                for v in ("permuted", "clean")]
+        subgroup = escape(_interval(entry["subgroups"]["gap"])) if entry["subgroups"] else "–"
+        colour = COLOURS[entry["verdict"]]
+        why = f" ({entry['degenerate']})" if entry["degenerate"] and entry["verdict"] != "reliant" else ""
+        verdicts.add_row(escape(entry["name"]), *gaps, subgroup, f"[{colour}]{entry['verdict']}[/{colour}]"
+                         + escape(why))
+    console.print(verdicts)
+    for line in data["verdict"]["supporting"]:
+        console.print(escape(f"  {line}"))

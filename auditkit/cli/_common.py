@@ -42,10 +42,18 @@ HeadOption = Annotated[
     Optional[str],
     typer.Option(
         "--head",
-        metavar="softmax|binary",
-        help="What the model's output is: softmax (one logit per class) or binary (one logit z, sigmoid; class 1, "
-        "the second class, when z > 0). Default: what the checkpoint records, else binary for a network with one "
-        "output. multilabel is not supported yet.",
+        metavar="softmax|binary|multilabel",
+        help="What the model's output is: softmax (one logit per class), binary (one logit z, sigmoid; class 1, "
+        "the second class, when z > 0) or multilabel (K sigmoids, one per finding; present when z_k > 0). Default: "
+        "what the checkpoint records, else binary for a network with one output.",
+    ),
+]
+FindingsOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--findings",
+        help="Multi-label data: the findings in order, comma-separated (e.g. effusion,pneumothorax): the 0/1 "
+        "columns to read, or the names a labels column may use. Overrides dataset.json's.",
     ),
 ]
 NormalizeOption = Annotated[

@@ -126,7 +126,7 @@ def audit(
             typer.echo(f"error: --fail-on-shortcut: {untested_line(done.data)}", err=True)
         else:
             verdict = done.data["verdict"]
-            degenerate = verdict.get("constant_prediction") or verdict.get("at_chance")
+            degenerate = verdict.get("constant_prediction") or verdict.get("at_chance") or verdict.get("degenerate")
             what = "no test can tell" if degenerate else "nothing was tested"
             typer.echo(f"error: --fail-on-shortcut: {what}: {verdict['summary']}", err=True)
     raise typer.Exit(code)

@@ -10,6 +10,7 @@ import typer
 from ._common import (
     ClassesOption,
     DeviceOption,
+    FindingsOption,
     HeadOption,
     JsonOption,
     NormalizeOption,
@@ -47,17 +48,22 @@ def load(path: Path, arch: Optional[str], trust_pickle: bool, input_size: Option
     return load_model(path, ReadOptions(arch, trust_pickle, normalize, output, size, head))
 
 
-def model_data(data: str, model, *, split: Optional[str] = None, variant=None, classes=None, mask_meaning=None):
+def model_data(data: str, model, *, split: Optional[str] = None, variant=None, classes=None, mask_meaning=None,
+               findings=None):
     """``data`` (its ``split`` and ``variant``; None: all) in the model's input format. A model whose
     normalisation was assumed is checked on the data's train split (align_dataset_to_model)."""
     from ..training import model_data as open_for_model
 
-    return open_for_model(data, model, split=split, variant=variant, classes=classes, mask_meaning=mask_meaning)
+    return open_for_model(data, model, split=split, variant=variant, classes=classes, mask_meaning=mask_meaning,
+                          findings=findings)
 
 
 def head_line(meta, names_from_data: bool = False) -> str:
     """What the model's output is, in words: "softmax over 10 classes" or "binary (one logit, sigmoid;
     class 1 = pneumonia when z > 0)"."""
+    if getattr(meta, "head", "softmax") == "multilabel":
+        return (f"multilabel ({meta.num_classes} independent sigmoids, one per finding: "
+                f"{', '.join(meta.class_names)}; present when z_k > 0)")
     if getattr(meta, "head", "softmax") != "binary":
         return f"softmax over {meta.num_classes} classes"
     positive = "the data's second class" if names_from_data else meta.class_names[1]
@@ -147,6 +153,7 @@ def evaluate(
     precision: PrecisionOption = "auto",
     json_path: JsonOption = None,
     classes: ClassesOption = None,
+    findings: FindingsOption = None,
 ) -> None:
     """Accuracy and confusion matrix of a checkpoint on every variant of a dataset split.
 
@@ -162,13 +169,21 @@ def evaluate(
     target = resolve_device(device)
     precision = resolve_precision(precision, target)
     model.to(target)  # before the data: an assumed normalisation is checked on it
-    dataset = model_data(data, model, split=None if split == "all" else split, classes=classes)
+    dataset = model_data(data, model, split=None if split == "all" else split, classes=classes, findings=findings)
     results = evaluate_model(model, dataset, batch_size=batch_size, device=target, precision=precision,
                              show_progress=True)
-    table = Table("variant", "samples", "accuracy")
+    per_finding = any(result.per_finding for result in results.values())
+    table = Table("variant", "samples", "label-wise accuracy" if per_finding else "accuracy")
     for result in results.values():
         table.add_row(result.variant, str(result.samples), f"{result.accuracy:.3f}")
     Console().print(table)
+    if per_finding:  # a multilabel model: sensitivity and specificity per finding at z_k > 0
+        findings_table = Table("variant", "finding", "sensitivity", "specificity")
+        for result in results.values():
+            for name, ((tn, fp), (fn, tp)) in result.per_finding.items():
+                findings_table.add_row(result.variant, name, f"{tp / max(tp + fn, 1):.3f}",
+                                       f"{tn / max(tn + fp, 1):.3f}")
+        Console().print(findings_table)
     write_json(
         json_path,
         {"checkpoint": str(checkpoint), "data": data, "split": split, "device": str(target), "precision": precision,

@@ -9,6 +9,7 @@ import typer
 
 from ._common import (
     ClassesOption,
+    FindingsOption,
     ForceOption,
     JsonOption,
     MasksMarkOption,
@@ -70,6 +71,7 @@ def show(
     json_path: JsonOption = None,
     classes: ClassesOption = None,
     masks_mark: MasksMarkOption = None,
+    findings: FindingsOption = None,
 ) -> None:
     """Describe a dataset: splits, variants, classes, masks and what they mark.
 
@@ -79,7 +81,7 @@ def show(
 
     from ..data import open_dataset
 
-    summary = open_dataset(spec, classes=classes, mask_meaning=masks_mark).summary()
+    summary = open_dataset(spec, classes=classes, mask_meaning=masks_mark, findings=findings).summary()
     if json_path is not None and str(json_path) == "-":
         write_json(json_path, summary)
         return
@@ -117,18 +119,34 @@ def _print_summary(console, summary: dict) -> None:
     from ..data.meaning import describe
 
     console.print(
-        f"[bold]{summary['name']}[/bold]: {summary['samples']} samples, {len(summary['classes'])} classes, "
+        f"[bold]{summary['name']}[/bold]: {summary['samples']} samples, {_labels_line(summary)}, "
         f"{summary['channels']} channel(s), {summary['image_size'][1]}x{summary['image_size'][0]} px, "
         f"{summary['with_masks']} with masks of {describe(summary['mask_meaning'])}"
     )
     order = f"; {summary['class_order']}" if summary.get("class_order") else ""
-    console.print(f"classes by index{order}: " + ", ".join(f"{k}={n}" for k, n in enumerate(summary["classes"])),
-                  markup=False, highlight=False)
+    if summary.get("label_kind") == "multilabel":
+        per = summary.get("per_class", {})
+        console.print(f"findings by index{order}: " + ", ".join(f"{k}={n} ({per.get(n, 0)} images)"
+                                                                for k, n in enumerate(summary["classes"]))
+                      + f"; {summary.get('without_findings', 0)} images with none", markup=False, highlight=False)
+    else:
+        console.print(f"classes by index{order}: " + ", ".join(f"{k}={n}" for k, n in enumerate(summary["classes"])),
+                      markup=False, highlight=False)
     variants = sorted({v for counts in summary["splits"].values() for v in counts})
     table = Table("split", *variants)
     for split, counts in summary["splits"].items():
         table.add_row(split, *(str(counts.get(v, 0)) for v in variants))
     console.print(table)
+
+
+def _labels_line(summary: dict) -> str:
+    """The label kind in words: "4 classes", "binary (other / seven: one logit)", "multilabel, 4 findings"."""
+    kind, classes = summary.get("label_kind", "softmax"), summary["classes"]
+    if kind == "multilabel":
+        return f"multilabel, {len(classes)} findings ({', '.join(classes)})"
+    if kind == "binary":
+        return f"binary ({classes[0]} / {classes[1]}; positive: {classes[1]})"
+    return f"{len(classes)} classes"
 
 
 def register(root: typer.Typer) -> None:

@@ -10,6 +10,7 @@ import typer
 from ._common import (
     ClassesOption,
     DeviceOption,
+    FindingsOption,
     ForceOption,
     JsonOption,
     NormalizeOption,
@@ -63,6 +64,7 @@ def train(
     force: ForceOption = False,
     json_path: JsonOption = None,
     classes: ClassesOption = None,
+    findings: FindingsOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train a classifier (the paper's "No XS" model on contaminated data) and save a checkpoint.
@@ -85,7 +87,8 @@ def train(
                                  val_split=None if val_split == "none" else val_split,
                                  test_split=None if test_split == "none" else test_split, variant=variant,
                                  fraction=fraction, layers=tuple(layers.split(",")) if layers else None,
-                                 normalize=normalize, output=output, overwrite=force, classes=classes)
+                                 normalize=normalize, output=output, overwrite=force, classes=classes,
+                                 findings=findings)
     done = train_checkpoint(request, show_progress=not quiet, on_start=training_start(console, arch, data, split),
                             on_epoch=training_epoch(console))
     print_trained(console, done, test_split)
@@ -98,8 +101,11 @@ def training_start(console, arch: str, data: str, split: str):
     from ..device import describe
 
     def start(model, train_set, chosen_variant, config) -> None:
+        head = getattr(model.meta, "head", "softmax")
+        loss = (f", multilabel head over {train_set.num_classes} findings (BCE-with-logits)" if head == "multilabel"
+                else "")
         console.print(
-            f"training [bold]{arch}[/bold] on {len(train_set)} {chosen_variant} images of {data} "
+            f"training [bold]{arch}[/bold]{loss} on {len(train_set)} {chosen_variant} images of {data} "
             f"({split} split), {config.epochs} epochs, {config.optimizer} lr={config.lr:g}, "
             f"batch {config.batch_size}, seed {config.seed}, {describe(config.device, config.precision)}"
         )
@@ -124,7 +130,8 @@ def print_trained(console, done, test_split: str) -> None:
     from rich.table import Table
 
     if test_split != "none":
-        table = Table(f"{test_split} variant", "samples", "accuracy")
+        per_finding = any(result.per_finding for result in done.results.values())
+        table = Table(f"{test_split} variant", "samples", "label-wise accuracy" if per_finding else "accuracy")
         for result in done.results.values():
             table.add_row(result.variant, str(result.samples), f"{result.accuracy:.3f}")
         console.print(table)

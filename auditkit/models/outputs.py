@@ -206,7 +206,8 @@ def use_output(model, spec: str | int | None):
 
 #: What a model's output means (``ModelMeta.head``): ``softmax``, one logit per mutually exclusive class;
 #: ``binary``, one logit z whose sigmoid is the probability of class 1 (a BCEWithLogitsLoss head);
-#: ``multilabel``, K independent sigmoids (not supported yet: refused in one line).
+#: ``multilabel``, K independent sigmoids, one per finding (``class_names`` are the findings; a finding is
+#: predicted present when its probability is above 0.5, z_k > 0; the loss is BCE-with-logits).
 SOFTMAX, BINARY, MULTILABEL = "softmax", "binary", "multilabel"
 HEADS = (SOFTMAX, BINARY, MULTILABEL)
 
@@ -220,15 +221,12 @@ class HeadError(ParameterError, ModelError):
 
 
 def check_head(head: str | None) -> str | None:
-    """``head`` as stored (None: read it off the network); HeadError for an unknown or unsupported kind."""
+    """``head`` as stored (None: read it off the network); HeadError for an unknown kind."""
     if head is None:
         return None
     head = str(head).strip().lower()
-    if head == MULTILABEL:
-        raise HeadError("multilabel (K independent sigmoids) is not supported yet; softmax and binary (one logit) "
-                        "models are")
     if head not in HEADS:
-        raise HeadError(f"must be softmax or binary (one logit); got {head!r}")
+        raise HeadError(f"must be softmax, binary (one logit) or multilabel (K sigmoids); got {head!r}")
     return head
 
 
@@ -252,7 +250,8 @@ def binary_view(z: torch.Tensor) -> torch.Tensor:
 def use_head(model, head: str | None):
     """``model`` (an AuditModel) read as a ``head`` model from now on (``meta.head``, which checkpoints
     keep); None leaves it as it is. Binary: the network has one output and the model two classes
-    (class 1 when z > 0). HeadError for a kind the network's output cannot be."""
+    (class 1 when z > 0). Multilabel: the network's K outputs are K independent findings (the model's
+    class names). HeadError for a kind the network's output cannot be."""
     head = check_head(head)
     if head is None or head == model.meta.head:
         return model
@@ -260,6 +259,15 @@ def use_head(model, head: str | None):
         raise HeadError("is softmax but the network has one output logit: a one-logit model is binary (sigmoid); "
                         "leave it unset")
     width = _last_linear_width(model.net)
+    if head == MULTILABEL:
+        if model.meta.head == BINARY:
+            raise HeadError("is multilabel but the network has one output logit (a binary, sigmoid head); use binary "
+                            "or leave it unset")
+        if width not in (None, model.meta.num_classes):
+            raise HeadError(f"is multilabel over {model.meta.num_classes} findings but the network's last layer has "
+                            f"{width} outputs")
+        model.meta = dataclasses.replace(model.meta, head=head)
+        return model
     if head == BINARY and model.meta.num_classes != 2:
         raise HeadError(f"is binary (one logit, two classes) but the model has {model.meta.num_classes} classes; "
                         "leave it unset")
@@ -268,6 +276,16 @@ def use_head(model, head: str | None):
                         "leave it unset")
     model.meta = dataclasses.replace(model.meta, head=head)
     return model
+
+
+def head_of(model) -> str:
+    """The head kind of ``model`` (an AuditModel or anything with ``meta``): softmax when it says nothing."""
+    return getattr(getattr(model, "meta", None), "head", SOFTMAX) or SOFTMAX
+
+
+def is_multilabel(model) -> bool:
+    """Whether ``model``'s outputs are K independent sigmoids (a multilabel head)."""
+    return head_of(model) == MULTILABEL
 
 
 def _last_linear_width(net) -> int | None:

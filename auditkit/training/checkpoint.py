@@ -44,6 +44,7 @@ class CheckpointTraining:
     output: str | None = None  # where the logits are in the network's output (models.outputs)
     overwrite: bool = False
     classes: str | None = None
+    findings: str | None = None  # multi-label data: the findings, in order (auditkit.data.open_dataset)
 
 
 @dataclass
@@ -71,7 +72,7 @@ def train_checkpoint(
     if request.out.exists() and not request.overwrite:
         raise OutputExistsError("overwrite", f"is off and {request.out} already exists: choose another path, "
                                 "or allow replacing it")
-    dataset = open_dataset(request.data, classes=request.classes)
+    dataset = open_dataset(request.data, classes=request.classes, findings=request.findings)
 
     def start(model, train_set, variant) -> None:
         if on_start is not None:

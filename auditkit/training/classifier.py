@@ -64,6 +64,17 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
             changes["class_names"] = tuple(dataset.classes)
         meta = model.meta = replace(meta, **changes)
         model.adopt_from_data = ()
+    multilabel = _check_label_kind(dataset, meta)
+    if multilabel:
+        # K findings scored by K sigmoids: matched by name (another order is re-ordered), never by position.
+        if set(dataset.classes) == set(meta.class_names) and tuple(dataset.classes) != tuple(meta.class_names):
+            from ..data.labels import reorder_findings
+
+            dataset = reorder_findings(dataset, meta.class_names, "the checkpoint's findings")
+        if tuple(dataset.classes) != tuple(meta.class_names):
+            raise DataError(f"the dataset's findings ({short_list(dataset.classes)}) do not match the checkpoint's "
+                            f"({short_list(meta.class_names)})")
+        return dataset.with_format(channels=meta.in_channels, image_size=tuple(meta.input_size))
     if getattr(meta, "head", "softmax") == "binary" and dataset.num_classes > 2:
         # One output logit scores two classes: data of another kind would be scored against wrong labels.
         raise DataError(f"the model has one output logit (a binary, sigmoid head over two classes) but the dataset has "
@@ -114,6 +125,22 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
     return dataset.with_format(channels=meta.in_channels, image_size=tuple(meta.input_size))
 
 
+def _check_label_kind(dataset: AuditDataset, meta) -> bool:
+    """Whether the data and the model are both multilabel; DataError in one line naming both when only
+    one of them is (K findings per image cannot be scored by exclusive classes, nor the reverse)."""
+    head = getattr(meta, "head", "softmax") or "softmax"
+    kind = getattr(dataset, "label_kind", "softmax")
+    if (head == "multilabel") == (kind == "multilabel"):
+        return head == "multilabel"
+    model = (f"multilabel ({meta.num_classes} sigmoids: {short_list(meta.class_names)})" if head == "multilabel"
+             else f"{head} ({meta.num_classes} classes: {short_list(meta.class_names)})")
+    data = (f"multilabel ({dataset.num_classes} findings: {short_list(dataset.classes)})" if kind == "multilabel"
+            else f"{kind} ({dataset.num_classes} classes: {short_list(dataset.classes)})")
+    fix = ("; train or read the model as multilabel (--head multilabel) for multi-label data" if kind == "multilabel"
+           else "; give it multi-label data (a labels column or one 0/1 column per finding)")
+    raise DataError(f"the model's head is {model} but the data's labels are {data}{fix}")
+
+
 def _named_classes(dataset: AuditDataset) -> bool:
     """Whether the dataset's class names mean something by themselves: declared (dataset.json, the
     classes option, a built-in dataset) or not all integers. Numbers inferred from integer labels only
@@ -152,7 +179,9 @@ def train_model(
     data_name: str | None = None,
     output: str | int | None = None,
 ) -> TrainedModel:
-    """A randomly initialised ``arch`` trained with cross-entropy on ``variant`` of ``split`` of ``dataset``.
+    """A randomly initialised ``arch`` trained with cross-entropy on ``variant`` of ``split`` of ``dataset``
+    (multi-label data: a multilabel head, K sigmoids, trained with BCE-with-logits, ``pos_weight`` per
+    skewed finding; training/losses.py).
 
     ``variant``: default contaminated, else the only one. ``fraction``: a stratified, seeded
     fraction of the split (small clean splits for teachers). ``normalize``: "dataset" stores the
@@ -176,6 +205,8 @@ def train_model(
     train_set = train_all.select(variant=chosen_variant)
     if fraction < 1:
         labels = np.array([r.label for r in train_set.records])
+        if labels.ndim == 2:  # multilabel: stratified by the combination of findings
+            labels = np.unique(labels, axis=0, return_inverse=True)[1].ravel()
         keep = stratified_split(labels, config.seed, {"kept": fraction, "rest": 1 - fraction})["kept"]
         train_set = train_set.select(indices=keep.tolist())
     val_set = None
@@ -188,7 +219,8 @@ def train_model(
     torch.manual_seed(config.seed)  # the same seed gives the same initial weights
     model = build_model(arch, num_classes=dataset.num_classes, in_channels=dataset.channels,
                         input_size=dataset.image_size, class_names=dataset.classes, target_layers=layers,
-                        mean=mean, std=std, normalization=source, output=output)
+                        mean=mean, std=std, normalization=source, output=output,
+                        head="multilabel" if dataset.label_kind == "multilabel" else None)
     if on_start is not None:
         on_start(model, train_set, chosen_variant)
     start = time.perf_counter()
@@ -209,7 +241,8 @@ def train_model(
 
 
 def model_data(data: str, model, *, split: str | None = None, variant: str | None = None,
-               classes: str | None = None, mask_meaning: str | None = None) -> AuditDataset:
+               classes: str | None = None, mask_meaning: str | None = None,
+               findings: str | None = None) -> AuditDataset:
     """The dataset ``data`` (its ``split`` and ``variant``; None: all) in the model's input format.
     A model whose normalisation was assumed is checked on the data's train split
     (:func:`align_dataset_to_model`)."""
@@ -217,7 +250,7 @@ def model_data(data: str, model, *, split: str | None = None, variant: str | Non
 
     from ..data import open_dataset
 
-    full = open_dataset(data, classes=classes, mask_meaning=mask_meaning)
+    full = open_dataset(data, classes=classes, mask_meaning=mask_meaning, findings=findings)
     if split is not None and full.splits == [""]:
         # The user's own data often has no split column: use all of it (and say so) rather than refuse
         # the default split, which the user never chose.

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .._io import atomic_write
@@ -35,6 +34,7 @@ from ..distributed import Context
 from ..errors import AuditkitError, ParameterError
 from .augment import augment_batch
 from .evaluation import evaluate
+from .losses import correct, pos_weight_for, task_loss
 from .objective import Objective
 
 STATE_FORMAT = "auditkit-repair-state/1"
@@ -197,9 +197,11 @@ def _average_gradients(model: nn.Module, context: Context) -> None:
 
 
 def training_loss(model: nn.Module, batch, objective: Objective):
-    """(loss, task loss, explanation loss, logits) of one batch: task_weight · CE + λ · objective (TAP Eq. 3)."""
+    """(loss, task loss, explanation loss, logits) of one batch: task_weight · the model's own loss + λ ·
+    objective (TAP Eq. 3). The model's own loss (training/losses.py): cross-entropy over classes, or
+    BCE-with-logits over findings (``objective.pos_weight`` per finding) for multilabel labels."""
     logits, explanation = objective.forward_and_loss(model, batch)
-    task = F.cross_entropy(logits, batch.labels)
+    task = task_loss(logits, batch.labels, getattr(objective, "pos_weight", None))
     return objective.task_weight * task + objective.lam * explanation, task, explanation, logits
 
 
@@ -265,6 +267,8 @@ def _fit(model, train_set, objective, config, device, *, val_set, state_path, re
     if len(train_set) == 0:
         raise AuditkitError("no training samples (check the data's train split and variant)")
     objective.prepare(train_set, device, show_progress and context.is_main)
+    if train_set.label_kind == "multilabel" and getattr(objective, "pos_weight", None) is None:
+        objective.pos_weight = pos_weight_for(train_set.targets)  # skewed findings: BCE's pos_weight
     per_rank = max(1, config.batch_size // context.world_size)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     for epoch in range(state.epoch, config.epochs):
@@ -314,7 +318,7 @@ def _fit(model, train_set, objective, config, device, *, val_set, state_path, re
                     scaler.update()
                     sums["task"] += task.item() * len(mine)
                     sums["explanation"] += explanation.item() * len(mine)
-                    sums["correct"] += int((logits.argmax(1) == batch.labels).sum())
+                    sums["correct"] += correct(logits, batch.labels)
                     sums["seen"] += len(mine)
                     state.step = step + 1
                     bar.advance(1)
