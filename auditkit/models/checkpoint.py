@@ -14,8 +14,9 @@ objects (a whole ``nn.Module``, custom classes) is refused unless the caller
 passes ``trust_pickle=True`` (``--trust-pickle``), because unpickling runs
 arbitrary code; so is a TorchScript archive (``torch.jit.save``), which runs
 its compiled code. Bare state_dicts (e.g. a torchvision resnet18 ``.pth``) load
-when the architecture is named. A folder is refused with the weights files it
-holds (model folders are not read yet). Every failure is a CheckpointError with a
+when the architecture is named. A Hugging Face or timm model folder (a directory with a
+config.json) is read by :mod:`auditkit.models.folders`; another folder is refused with the weights
+files it holds. Every failure is a CheckpointError with a
 one-line message.
 
 Reading a file without building the model (sniffing, metadata, finding the weights in a payload)
@@ -128,13 +129,19 @@ def save_checkpoint(
         raise TypeError(f"save_checkpoint needs an AuditModel, got {type(model).__name__}")
     path = Path(path)
     fmt = _format_of(path, saving=True)
-    if model.meta.arch == CUSTOM_ARCH:
+    from .folders import folder_record
+
+    record = folder_record(model)
+    if record is not None:  # a model folder's network: rebuilt from its stored config, not from a zoo name
+        extra = {**dict(extra or {}), "model_folder": record}
+    elif model.meta.arch == CUSTOM_ARCH:
         raise CheckpointError(
             "cannot save a 'custom' model: a checkpoint is weights plus the recipe to rebuild the network, and a "
             "wrapped module has none; build it under an architecture auditkit knows (a zoo name, any torchvision "
             "CNN, timm:NAME or package.module:factory)"
         )
-    get_arch(model.meta.arch)  # the recipe must resolve (ModelError otherwise)
+    if record is None:
+        get_arch(model.meta.arch)  # the recipe must resolve (ModelError otherwise)
     meta = checkpoint_meta(model, extra)
 
     def write_safetensors(tmp: Path) -> None:
@@ -345,6 +352,10 @@ def _model_from_state_dict(
         num_classes = _first_given(overrides["num_classes"], inferred_classes, 2)
         input_size = _first_given(overrides["input_size"], _BARE_STATE_DICT_INPUT_SIZE)
         model = build_model(arch, num_classes, in_channels, tuple(input_size), normalization="assumed")
+    elif isinstance((meta.get("extra") or {}).get("model_folder"), dict) and overrides["arch"] is None:
+        from .folders import model_from_record  # a model folder's network, from the config the file stores
+
+        return model_from_record(path, meta["extra"]["model_folder"], meta, state_dict, overrides)
     else:
         state = dict(state_dict)
         arch = _first_given(overrides["arch"], meta["arch"])
@@ -459,6 +470,10 @@ def load_checkpoint(
     at test time), the mode audits and explanations need.
     """
     path = Path(path)
+    from .folders import is_model_folder, load_folder
+
+    if is_model_folder(path):  # a Hugging Face or timm model folder (auditkit/models/folders.py)
+        return load_folder(path, input_size=input_size, normalize=normalize, map_location=map_location)
     _check_readable_file(path)
     fmt = _format_of(path)  # by content, not suffix
     overrides = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}

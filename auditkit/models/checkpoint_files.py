@@ -152,10 +152,15 @@ def _sniff(path: Path) -> str:
 
 
 def checkpoint_format(path: str | Path) -> str:
-    """What the checkpoint file at ``path`` is, read from its content, in words ("safetensors",
+    """What the checkpoint file at ``path`` is, read from its content, in words (a model folder: its kind,
+    class and weights files; "safetensors",
     "PyTorch zip archive (torch.save)", "TorchScript archive (torch.jit.save)", "pickle stream (legacy
     torch.save)"); CheckpointError for a missing file, a folder or another format."""
     path = Path(path)
+    from .folders import folder_format, is_model_folder
+
+    if is_model_folder(path):
+        return folder_format(path)
     _check_readable_file(path)
     return FORMAT_NAMES[_sniff(path)]
 
@@ -186,7 +191,9 @@ def _check_readable_file(path: Path) -> None:
     """CheckpointError (one line) unless ``path`` is a non-empty regular file; a folder is told what
     to bring instead, naming the weights files inside it."""
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
+        from .folders import hub_id_message
+
+        raise CheckpointError(hub_id_message(path) or f"{path}: no such file")
     if path.is_dir():
         found = _weights_files_in(path)
         if found:
@@ -194,8 +201,8 @@ def _check_readable_file(path: Path) -> None:
         else:
             bring = (f"give a weights file (.safetensors, .pt or .pth) with arch=NAME; it holds none "
                      f"({', '.join(_WEIGHT_SUFFIXES)})")
-        raise CheckpointError(f"{path} is a folder, not a regular file: model folders (Hugging Face, timm) are not "
-                              f"supported yet; {bring}")
+        raise CheckpointError(f"{path} is a folder without a config.json, so not a Hugging Face or timm model "
+                              f"folder; {bring}")
     if not path.is_file():
         raise _unreadable(path, "not a regular file")
     if path.stat().st_size == 0:
@@ -344,12 +351,25 @@ def _no_weights_message(path: Path, payload: Any) -> str:
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The auditkit metadata of a checkpoint without building the model; {} for a bare state_dict.
+    """The auditkit metadata of a checkpoint without building the model; {} for a bare state_dict; for a
+    model folder, what it records under ``extra["model_folder"]`` (auditkit/models/folders.py).
 
     For safetensors only the header is read. Pickled files are refused as in
     :func:`load_checkpoint` without ``trust_pickle``.
     """
     path = Path(path)
+    from .folders import is_model_folder, read_folder
+
+    if is_model_folder(path):  # no auditkit metadata: what the folder says, under extra
+        from .folders import AUDITKIT_RECORD
+
+        extra: dict[str, Any] = {}
+        if (path / AUDITKIT_RECORD).is_file():  # what auditkit wrote there (a repair's summary)
+            try:
+                extra = dict(json.loads((path / AUDITKIT_RECORD).read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError):
+                extra = {}
+        return {"extra": {**extra, "model_folder": read_folder(path).facts()}}
     _check_readable_file(path)
     fmt = _format_of(path)
     if fmt == SAFETENSORS:

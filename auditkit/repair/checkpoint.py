@@ -7,6 +7,9 @@ repaired checkpoint and its proof beside it.
     done.path, done.document["auto"]["succeeded"], done.still_reliant
 
 Writes OUT, OUT.audit.json (the document) and OUT.audit.html (before/after, when both audits ran);
+a model read from a Hugging Face or timm folder is written as a folder of the same kind when OUT has
+no checkpoint suffix (auditkit/models/folders.py), and also as auditkit's checkpoint at
+``also_checkpoint`` when that is given;
 a single method also keeps its resumable state in OUT.state.pt. The device is resolved here, once
 per run, and passed down as a ``torch.device``. Under torchrun only the main rank writes.
 """
@@ -36,6 +39,7 @@ from .runner import RepairConfig, RepairResult, check_data, run_repair
 from .teacher import AnnotationConfig, same_classes_as_student
 
 AUTO = "auto"
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class CheckpointRepair:
 
     checkpoint: Path
     data: str  # a dataset spec with train/val/test splits (auditkit.data.open_dataset)
-    out: Path  # the repaired checkpoint (.safetensors or .pt); the input is never modified
+    out: Path  # the repaired checkpoint (.safetensors or .pt) or model folder (_write); the input is never modified
     method: str = "tap"  # a METHODS name, or "auto"
     lam: float | str = "default"  # a number, "default" or "auto" (a sweep); auto chooses its own
     training: dict = field(default_factory=dict)  # TrainConfig settings over the method's (epochs, lr, ...)
@@ -70,6 +74,7 @@ class CheckpointRepair:
     seed: int = 0
     device: str | torch.device = "auto"
     precision: str = "auto"
+    also_checkpoint: Path | None = None  # a model folder's repair: auditkit's own checkpoint here too
 
     @property
     def state_path(self) -> Path:
@@ -89,9 +94,12 @@ class CheckpointRepair:
             raise ParameterError("resume", "does not apply to method 'auto'; run it again from the start")
         if self.out.resolve() == self.checkpoint.resolve():
             raise ParameterError("out", "is the input checkpoint; auditkit never overwrites the model it repairs")
-        if self.out.exists() and not self.overwrite and not self.resume:
-            raise OutputExistsError("overwrite", f"is off and {self.out} already exists: choose another path, "
-                                    "or allow replacing it")
+        for out in (self.out, self.also_checkpoint):
+            if out is not None and out.exists() and not self.overwrite and not self.resume:
+                raise OutputExistsError("overwrite", f"is off and {out} already exists: choose another path, "
+                                        "or allow replacing it")
+        if self.also_checkpoint is not None and self.also_checkpoint.suffix.lower() not in _CHECKPOINT_SUFFIXES:
+            raise ParameterError("also_checkpoint", f"must end in .safetensors, .pt or .pth: {self.also_checkpoint}")
         if self.resume and not self.state_path.is_file():
             raise ParameterError("resume", f"is set but there is no saved state at {self.state_path}; "
                                  "start without it")
@@ -229,8 +237,18 @@ def _write(request: CheckpointRepair, dataset, result: RepairResult) -> tuple[Pa
     provenance = {"input": str(request.checkpoint), "data": request.data,
                   "teacher": str(request.teacher) if request.teacher else None}
     summary = {"method": request.method, **provenance, "data_fingerprint": dataset.fingerprint(), **result.summary()}
-    path = save_checkpoint(result.model.cpu(), request.out, extra={"repair": summary}, overwrite=True)
+    model = result.model.cpu()
+    if getattr(model, "folder", None) is not None and request.out.suffix.lower() not in _CHECKPOINT_SUFFIXES:
+        # A Hugging Face or timm model folder's repair: a folder of the same kind (from_pretrained / timm load it)
+        from ..models.folders import save_folder
+
+        path = save_folder(model, request.out, overwrite=True, extra={"repair": summary})
+    else:
+        path = save_checkpoint(model, request.out, extra={"repair": summary}, overwrite=True)
     document = {**result.document, "checkpoint": str(path), **provenance}
+    if request.also_checkpoint is not None:
+        document["auditkit_checkpoint"] = str(save_checkpoint(model, request.also_checkpoint,
+                                                              extra={"repair": summary}, overwrite=True))
     atomic_write_text(request.proof_path, dumps(document, indent=2, default=str) + "\n", overwrite=True)
     if result.before is not None and result.after is not None:
         page = render_comparison_html(result.before.data, result.after.data, title=f"Repair with {request.method}")

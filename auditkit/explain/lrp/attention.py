@@ -476,8 +476,8 @@ def uses_attention(net: nn.Module) -> bool:
     Attention / Transformer, except CNN channel/spatial attention): explained by AttnLRP. Cached
     per network object (its module types do not change in place)."""
     found = _USES_ATTENTION.get(net)
-    if found is None:
-        found = _USES_ATTENTION[net] = any(
+    if found is None:  # a network that asks for the rules (a transformers CNN that torch.fx cannot trace) too
+        found = _USES_ATTENTION[net] = bool(getattr(net, "lrp_by_rules", False)) or any(
             isinstance(m, nn.MultiheadAttention)
             or (_ATTENTION_CLASS.search(type(m).__name__) and not _CNN_ATTENTION_CLASS.search(type(m).__name__))
             for m in net.modules())
