@@ -167,7 +167,7 @@ def test_hf_folder_inspect_audit_repair_audit(kind, data, tmp_path):
            "--audit-methods", "gradient", "--audit-split", "none", "--device", "cpu", "--quiet", "--out", out)
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     after = audit(out, data, tmp_path / "after.json")
-    assert after["checkpoint"]["class_names"] == list(CLASSES)
+    assert after["checkpoint"]["classes"] == list(CLASSES) and after["checkpoint"]["normalization"]["mean"] == [MEAN]
     x = x16()
     repaired = load_model(out)
     with torch.no_grad():
