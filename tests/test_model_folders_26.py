@@ -25,6 +25,7 @@ from transformers import (  # noqa: E402
     ConvNextConfig,
     Dinov2Config,
     ResNetConfig,
+    SiglipConfig,
     SwinConfig,
     ViTConfig,
 )
@@ -51,6 +52,12 @@ def tiny(kind: str, **extra):
     if kind == "swin":
         return SwinConfig(image_size=16, patch_size=2, num_channels=1, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
                           window_size=2, **labels)
+    if kind == "siglip":  # SigLIP's vision tower with a classification head
+        return SiglipConfig(vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                           "num_attention_heads": 2, "num_channels": 1, "image_size": 16,
+                                           "patch_size": 4},
+                            text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                         "num_attention_heads": 2, "vocab_size": 100}, **labels)
     if kind == "convnext":
         return ConvNextConfig(num_channels=1, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=16,
                               **labels)
@@ -144,7 +151,7 @@ def audit(folder, data, out, methods="gradient"):
 # --------------------------------------------------------------------------- the CLI, each architecture
 
 
-@pytest.mark.parametrize("kind", ["vit", "dinov2", "swin", "convnext", "resnet"])
+@pytest.mark.parametrize("kind", ["vit", "dinov2", "swin", "convnext", "resnet", "siglip"])
 def test_hf_folder_inspect_audit_repair_audit(kind, data, tmp_path):
     folder = hf_folder(tmp_path / kind, kind)
     output = invoke("inspect", folder, "--json", "-").output
@@ -159,8 +166,11 @@ def test_hf_folder_inspect_audit_repair_audit(kind, data, tmp_path):
     text = flat(invoke("inspect", folder).output)
     assert "Hugging Face transformers model folder" in text and "0=normal, 1=pneumonia" in text
 
-    before = audit(folder, data, tmp_path / "before.json", "gradient,lrp_epsilon" if kind in ("vit", "resnet")
-                   else "gradient")
+    methods = "gradient,lrp_epsilon" if kind in ("vit", "resnet", "siglip") else "gradient"
+    before = audit(folder, data, tmp_path / "before.json", methods)
+    assert sorted(before["localisation"]) == sorted(methods.split(","))  # LRP ran too, where asked
+    # the token maps (or CNN maps) of every TAP layer were read
+    assert [row["layer"] for row in before["activation_share"]] == report["target_layers"]
     assert before["checkpoint"]["arch"] == report["arch"]
     out = tmp_path / f"{kind}-repaired"
     invoke("repair", folder, "--data", data, "--method", "tap", "--epochs", "1", "--batch-size", "32",

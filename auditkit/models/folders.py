@@ -114,7 +114,8 @@ class ModelFolder:
     def describe(self) -> str:
         """The folder in words, for ``auditkit inspect``'s format line."""
         what = "Hugging Face transformers" if self.kind == HF else "timm"
-        return f"{what} model folder ({self.architecture}; {', '.join(self.weights)})"
+        size = f"; input size from {self.input_size_from}" if self.input_size_from else "; input size not recorded"
+        return f"{what} model folder ({self.architecture}; {', '.join(self.weights)}); head: {self.head_note}{size}"
 
     def facts(self) -> dict[str, Any]:
         """What was read from where (JSON), for ``inspect``'s report."""
@@ -459,26 +460,32 @@ def _read_weights(folder: ModelFolder) -> dict[str, torch.Tensor]:
 
 def _hf_presets(net: nn.Module, in_channels: int, size: tuple[int, int]) -> tuple[tuple[str, ...], str]:
     """(TAP layers, Grad-CAM layer) of a transformers network, names inside ``net``. ViT-like encoders
-    (``*.encoder.layer``): blocks ceil(n/2), ceil(3n/4) and n, Grad-CAM the last block's first
-    LayerNorm; Swin-like (``*.encoder.layers`` of stages): each stage's patch merging and the final
-    LayerNorm; CNNs with ``*.encoder.stages`` (ResNet, ConvNeXt): each stage's output, Grad-CAM the
-    last; anything else: auditkit's probe pass."""
+    (``*.encoder.layer`` or ``*.encoder.layers`` of blocks: ViT, DINOv2, SigLIP): blocks ceil(n/2),
+    ceil(3n/4) and n, Grad-CAM the last block's first LayerNorm; Swin-like (``*.encoder.layers`` of
+    stages): each stage's patch merging and the final LayerNorm; CNNs with ``*.encoder.stages`` (ResNet,
+    ConvNeXt): each stage's output, Grad-CAM the last; anything else: auditkit's probe pass."""
     modules = dict(net.named_modules())
     for name, module in modules.items():
-        if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList) and len(module):
+        if not (isinstance(module, nn.ModuleList) and len(module)):
+            continue
+        staged = all(hasattr(stage, "blocks") for stage in module)  # Swin's stages hold blocks; ViT's layers do not
+        if name.endswith(("encoder.layer", "encoder.layers")) and not staged:  # ViT, DINOv2, SigLIP's vision tower
             count = len(module)
             picks = sorted({-(-count // 2) - 1, -(-3 * count // 4) - 1, count - 1})
             last = f"{name}.{count - 1}"
             norm = next((f"{last}.{n}" for n, m in module[count - 1].named_modules() if isinstance(m, nn.LayerNorm)),
                         last)
             return tuple(f"{name}.{i}" for i in picks), norm
-        if name.endswith("encoder.layers") and isinstance(module, nn.ModuleList) and len(module):
+        if name.endswith("encoder.layers"):
             base = name[: -len("encoder.layers")]
             merges = [f"{name}.{i}.downsample" for i, stage in enumerate(module)
                       if isinstance(getattr(stage, "downsample", None), nn.Module)]
-            final = f"{base}layernorm" if f"{base}layernorm" in modules else merges[-1]
-            return (*merges, final), final
-        if name.endswith("encoder.stages") and isinstance(module, nn.ModuleList) and len(module):
+            final = next((f"{base}{n}" for n in ("layernorm", "post_layernorm") if f"{base}{n}" in modules), None)
+            if final is None and not merges:
+                break
+            found = (*merges, final) if final else tuple(merges)
+            return found, found[-1]
+        if name.endswith("encoder.stages"):
             # ResNet, ConvNeXt: each stage's output (N, C, h, w); Grad-CAM the last stage's
             stages = tuple(f"{name}.{i}" for i in range(len(module)))
             return stages, stages[-1]
