@@ -302,10 +302,12 @@ def test_a_folder_gets_one_line_naming_its_weights(tmp_path):
     folder.mkdir()
     with pytest.raises(CheckpointError, match="holds none") as info:
         load_checkpoint(folder)
-    assert "not supported yet" in str(info.value) and "\n" not in str(info.value)
-    (folder / "config.json").write_text("{}")
+    assert "no Hugging Face or timm model folder" in str(info.value) and "\n" not in str(info.value)
     (folder / "model.safetensors").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="it holds model.safetensors"):
+        load_checkpoint(folder)
+    (folder / "config.json").write_text("{}")  # a model folder now (issue 26): its config must say what it is
+    with pytest.raises(CheckpointError, match="neither a Hugging Face model's"):
         load_checkpoint(folder)
 
 
@@ -326,7 +328,7 @@ def test_cli_checkpoint_files(tmp_path, tap_model, digit_tree):
     assert json.loads(trusted.output[trusted.output.index("{"):])["format"].startswith("TorchScript")
 
     (tmp_path / "folder").mkdir()
-    assert "model folders (Hugging Face, timm) are not supported yet" in error_line(run("inspect", tmp_path / "folder"))
+    assert "no Hugging Face or timm model folder" in error_line(run("inspect", tmp_path / "folder"))
     bad = _manifest_folder(tmp_path, ["x"], text="\ufefffile,label\n0.png,x\n")
     assert "missing column(s) path" in error_line(
         run("evaluate", tmp_path / "model.pth", "--data", bad, "--split", "all"))

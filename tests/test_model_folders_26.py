@@ -392,7 +392,7 @@ def test_without_transformers_one_line_names_the_extra(tmp_path, monkeypatch):
 
 def test_a_folder_without_config_is_still_named(tmp_path):
     (tmp_path / "weights").mkdir()
-    with pytest.raises(CheckpointError, match="without a config.json"):
+    with pytest.raises(CheckpointError, match="no Hugging Face or timm model folder"):
         load_model(tmp_path / "weights")
 
 

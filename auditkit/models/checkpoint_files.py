@@ -201,8 +201,8 @@ def _check_readable_file(path: Path) -> None:
         else:
             bring = (f"give a weights file (.safetensors, .pt or .pth) with arch=NAME; it holds none "
                      f"({', '.join(_WEIGHT_SUFFIXES)})")
-        raise CheckpointError(f"{path} is a folder without a config.json, so not a Hugging Face or timm model "
-                              f"folder; {bring}")
+        raise CheckpointError(f"{path} is a folder, not a regular file, and no Hugging Face or timm model folder "
+                              f"(it has no config.json); {bring}")
     if not path.is_file():
         raise _unreadable(path, "not a regular file")
     if path.stat().st_size == 0:
