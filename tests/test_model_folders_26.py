@@ -329,8 +329,9 @@ def test_pickled_bin_weights_are_not_unpickled(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"weights": Payload()}, folder / "pytorch_model.bin")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="pytorch_model.bin holds pickled Python objects") as error:
         load_model(folder)
+    assert "never unpickles" in str(error.value) and "\n" not in str(error.value)
     assert not marker.exists()
 
 
@@ -423,3 +424,23 @@ def test_sdpa_and_eager_attention_give_the_same_attnlrp_maps(tmp_path):
     logits = sdpa.net(xr).logits
     (grad,) = torch.autograd.grad(logits[:, 0].sum(), xr)
     assert not torch.allclose((xr * grad).sum(1)[0], maps_sdpa[0, 0], atol=1e-6)
+
+
+def test_timm_vit_folder_gets_token_presets_and_attnlrp(tmp_path):
+    from timm.models._hub import save_for_hf
+
+    from auditkit.explain.lrp import lrp_epsilon
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_vit", pretrained=False, num_classes=3, in_chans=1, img_size=32).eval()
+    save_for_hf(net, str(tmp_path / "vit"), safe_serialization=True,
+                data_config={"mean": (MEAN,), "std": (STD,), "input_size": (1, 32, 32)})
+    model = load_model(tmp_path / "vit")
+    assert model.meta.input_size == (32, 32) and model.meta.arch == "timm:test_vit"
+    assert model.meta.target_layers[-1] == "net.blocks.5" and model.meta.gradcam_layer == "net.blocks.5.norm1"
+    assert "class_names" in model.adopt_from_data  # no label_names: the data's
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), net((x - MEAN) / STD), atol=1e-6)
+    maps = lrp_epsilon(model, x, torch.tensor([[0], [2]]))
+    assert maps.shape == (2, 1, 32, 32) and maps.abs().sum() > 0

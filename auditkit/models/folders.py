@@ -404,6 +404,7 @@ def _hf_network(folder: ModelFolder, state_dict: dict[str, torch.Tensor] | None 
         except CheckpointError:
             raise
         except Exception as error:  # transformers' own refusals: one line
+            _refuse_pickled_weights(folder)  # its weights_only refusal, said plainly
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise _refuse(folder.path, f"transformers cannot build it ({type(error).__name__}: {first})") from None
         finally:
@@ -415,6 +416,24 @@ def _hf_network(folder: ModelFolder, state_dict: dict[str, torch.Tensor] | None 
                       f"mis-sized (first: {missing[0]}), e.g. a backbone without its trained classification head; "
                       "auditkit will not audit randomly initialised layers")
     return HFImageClassifier(model)
+
+
+def _refuse_pickled_weights(folder: ModelFolder) -> None:
+    """CheckpointError when one of the folder's .bin weights files holds more than tensors (only
+    unpickling could read it: auditkit never does for a folder)."""
+    import pickle
+
+    for name in folder.weights:
+        if not name.endswith(".bin"):
+            continue
+        try:
+            torch.load(folder.path / name, map_location="meta", weights_only=True)
+        except pickle.UnpicklingError:
+            raise _refuse(folder.path, f"{name} holds pickled Python objects besides tensors; auditkit reads a "
+                          "folder's weights only with torch.load(weights_only=True) or safetensors and never unpickles "
+                          "them: save them with save_pretrained(safe_serialization=True)") from None
+        except Exception:  # noqa: BLE001 - damage of another kind: transformers' own line says it
+            continue
 
 
 def _timm_network(folder: ModelFolder, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -446,6 +465,7 @@ def _read_weights(folder: ModelFolder) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(file), device="cpu")
+    _refuse_pickled_weights(folder)
     payload = _torch_load(file, trust_pickle=False)
     from .checkpoint_files import find_state_dict
 
