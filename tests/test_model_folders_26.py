@@ -444,3 +444,12 @@ def test_timm_vit_folder_gets_token_presets_and_attnlrp(tmp_path):
         assert torch.allclose(model(x), net((x - MEAN) / STD), atol=1e-6)
     maps = lrp_epsilon(model, x, torch.tensor([[0], [2]]))
     assert maps.shape == (2, 1, 32, 32) and maps.abs().sum() > 0
+
+
+def test_models_command_shows_a_folders_layers(tmp_path):
+    folder = hf_folder(tmp_path / "swin", "swin")
+    output = invoke("models", folder, "--json", "-").output
+    rows = json.loads(output[output.index("["):])
+    assert rows[0]["architecture"] == "hf:SwinForImageClassification" and rows[0]["source"] == "hf"
+    assert rows[0]["tap_layers"] == ["net.hf.swin.encoder.layers.0.downsample", "net.hf.swin.layernorm"]
+    assert rows[0]["gradcam_layer"] == "net.hf.swin.layernorm"

@@ -12,7 +12,7 @@ from ._common import JsonOption, handles_errors, write_json
 @handles_errors
 def models(
     name: Annotated[Optional[str], typer.Argument(
-        help="One architecture: show its layers, found by a probe pass.")] = None,
+        help="One architecture or a Hugging Face / timm model folder: its layers, found by a probe pass.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Also list every torchvision classification CNN.")] = False,
     json_path: JsonOption = None,
 ) -> None:
@@ -21,7 +21,7 @@ def models(
     Any torchvision classification CNN, timm:NAME and package.module:factory work too; their layers are
     found by one probe forward pass (the outputs of the network's stages, one per resolution).
 
-    Example: auditkit models timm:convnext_atto
+    Example: auditkit models timm:convnext_atto (or auditkit models my-vit-folder/)
     """
     from rich.console import Console
     from rich.table import Table
@@ -30,7 +30,16 @@ def models(
     from ..models.zoo import found_presets, torchvision_classifiers
 
     rows = []
-    if name is not None:
+    from ..models.folders import is_model_folder
+
+    if name is not None and is_model_folder(name):  # a Hugging Face or timm model folder: its own network
+        from ..models.folders import load_folder
+
+        model = load_folder(name)
+        rows.append({"architecture": model.meta.arch, "source": model.folder.kind,
+                     "tap_layers": list(model.meta.target_layers), "gradcam_layer": model.meta.gradcam_layer,
+                     "notes": model.folder.describe()})
+    elif name is not None:
         spec = get_arch(name)
         tap, gradcam = spec.tap_layers, spec.gradcam_layer
         if tap is None or gradcam is None:
