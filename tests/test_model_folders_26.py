@@ -453,3 +453,22 @@ def test_models_command_shows_a_folders_layers(tmp_path):
     assert rows[0]["architecture"] == "hf:SwinForImageClassification" and rows[0]["source"] == "hf"
     assert rows[0]["tap_layers"] == ["net.hf.swin.encoder.layers.0.downsample", "net.hf.swin.layernorm"]
     assert rows[0]["gradcam_layer"] == "net.hf.swin.layernorm"
+
+
+def test_save_folder_replaces_only_model_folders(tmp_path):
+    from auditkit.models.folders import save_folder
+
+    model = load_model(hf_folder(tmp_path / "vit"))
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        save_folder(model, other, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+    out = save_folder(model, tmp_path / "copy")
+    with pytest.raises(FileExistsError):
+        save_folder(model, out)
+    torch.nn.init.zeros_(model.net.hf.classifier.weight)
+    save_folder(model, out, overwrite=True)  # a model folder is replaced whole
+    assert torch.equal(load_model(out).net.hf.classifier.weight, torch.zeros_like(model.net.hf.classifier.weight))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "notes", "vit"]  # no temporary folders left
