@@ -166,7 +166,7 @@ def test_hf_folder_inspect_audit_repair_audit(kind, data, tmp_path):
     text = flat(invoke("inspect", folder).output)
     assert "Hugging Face transformers model folder" in text and "0=normal, 1=pneumonia" in text
 
-    methods = "gradient,lrp_epsilon" if kind in ("vit", "resnet", "siglip") else "gradient"
+    methods = "gradient,lrp_epsilon"
     before = audit(folder, data, tmp_path / "before.json", methods)
     assert sorted(before["localisation"]) == sorted(methods.split(","))  # LRP ran too, where asked
     # the token maps (or CNN maps) of every TAP layer were read
