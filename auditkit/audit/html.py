@@ -254,6 +254,8 @@ def render_html(report: dict) -> str:
     if verdict["supporting"]:
         out.append("<p>Supporting (localisation, does not decide):</p><ul>"
                    + "".join(f"<li>{html.escape(s)}</li>" for s in verdict["supporting"]) + "</ul>")
+    if report.get("findings") is not None:  # a multilabel model (issue 27): one block per finding
+        out += _findings_section(report)
     out.append(f"<h2>Task performance ({metric})</h2>" + _positive_note(report) + metric_plot({"": report}))
     out.append(f"<table><tr><th class=l>variant</th><th>{metric} [interval]</th><th>samples</th></tr>")
     for variant, entry in report["task"]["per_variant"].items():
@@ -295,6 +297,28 @@ def render_html(report: dict) -> str:
     out += example_figures(report)
     out += [_LOADED_SCRIPT, "</body></html>"]
     return "\n".join(out)
+
+
+def _findings_section(report: dict) -> list[str]:
+    """Per finding of a multilabel audit: AUROC, sensitivity and specificity per variant with intervals,
+    the AUROC gaps and the subgroup gap, the verdict (and why a degenerate finding cannot be cleared)."""
+    out = [f"<h2>Per finding</h2><p class=muted>Explained: {html.escape(report.get('explained', ''))}; "
+           "threshold: probability 0.5 (z &gt; 0).</p>"]
+    for entry in report["findings"]:
+        gaps = [f"contaminated → {html.escape(v)}: {_interval(g)}" for v, g in entry["auroc_gap"].items()]
+        if entry["subgroups"]:
+            gaps.append(f"subgroup gap (positives with − without the artefact): {_interval(entry['subgroups']['gap'])}")
+        why = f" <span class=muted>({html.escape(entry['degenerate'])})</span>" if entry["degenerate"] else ""
+        out.append(f"<h3>{html.escape(entry['name'])}: {html.escape(entry['verdict'])}{why}</h3>"
+                   f"<p>{'; '.join(gaps) or 'no AUROC gap measured'}</p>"
+                   "<table><tr><th class=l>variant</th><th>AUROC</th><th>sensitivity</th><th>specificity</th>"
+                   "<th>positives</th></tr>")
+        for variant, m in entry["per_variant"].items():
+            out.append(f"<tr><td class=l>{html.escape(variant)}</td><td>{_interval(m['auroc'])}</td>"
+                       f"<td>{_interval(m['sensitivity'])}</td><td>{_interval(m['specificity'])}</td>"
+                       f"<td>{m['positives']}/{m['samples']}</td></tr>")
+        out.append("</table>")
+    return out
 
 
 def write_html(report: dict, path: str | Path) -> Path:

@@ -356,8 +356,8 @@ def run_multilabel_audit(model, dataset: AuditDataset, config, *, show_progress:
         for method, variants in e["localisation"].items():
             value = variants[reference]["energy_in_mask"]["value"]
             if value is not None:
-                supporting.append(f"{e['name']}, {method}: {value:.2f} of the positive attribution of its logit lies "
-                                  f"in the mask (chance {variants[reference]['chance']['energy_in_mask']:.2f})")
+                supporting.append(f"{e['name']}, {method}: {value:.3f} of the positive attribution of its logit lies "
+                                  f"in the mask (chance {variants[reference]['chance']['energy_in_mask']:.3f})")
     per_variant = {}
     for variant, values in per_variant_mean.items():
         finite_values = [v for v in values if math.isfinite(v)]

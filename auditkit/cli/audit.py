@@ -10,6 +10,7 @@ import typer
 from ._common import (
     EPSILON_HELP_AUDIT,
     ClassesOption,
+    FindingsOption,
     MasksMarkOption,
     DeviceOption,
     HeadOption,
@@ -39,6 +40,7 @@ def audit(
     ] = None,
     json_path: JsonOption = None,
     classes: ClassesOption = None,
+    findings: FindingsOption = None,
     masks_mark: MasksMarkOption = None,
     fail_on_shortcut: Annotated[
         bool, typer.Option("--fail-on-shortcut",
@@ -110,7 +112,8 @@ def audit(
     done = audit_checkpoint(
         CheckpointAudit(checkpoint, data, split=None if split == "all" else split, config=config,
                         reading=ReadOptions(arch, trust_pickle, normalize, output, head=head), classes=classes,
-                        mask_meaning=masks_mark, report_dir=report_dir, device=device, precision=precision),
+                        findings=findings, mask_meaning=masks_mark, report_dir=report_dir, device=device,
+                        precision=precision),
         show_progress=not quiet, on_discovery=discovering)
     if done.is_main:
         if not to_stdout and done.kind == "discovery":

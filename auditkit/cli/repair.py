@@ -241,13 +241,28 @@ def print_repair(console, done, out: Path, json_path) -> None:
                       f"recall {a['recall'] if a['recall'] is None else round(a['recall'], 3)}, "
                       f"precision {a['precision'] if a['precision'] is None else round(a['precision'], 3)}")
     if result.before is not None and result.after is not None:
-        table = Table("", "verdict", *result.after.data["task"]["per_variant"].keys())
+        multilabel = result.after.data.get("findings") is not None
+        table = Table("", "verdict", *(f"{v} (mean AUROC)" if multilabel else v
+                                       for v in result.after.data["task"]["per_variant"].keys()))
         for label, audit in (("before", result.before), ("after", result.after)):
             table.add_row(label, audit.verdict, *("–" if v["value"] is None else f"{v['value']:.3f}"
                                                    for v in audit.data["task"]["per_variant"].values()))
         console.print(table)
+        if multilabel:  # per finding: the verdict and the AUROC per variant, before -> after
+            findings = Table("finding", "before", "after", *result.after.data["task"]["per_variant"].keys())
+            before = {e["name"]: e for e in result.before.data["findings"]}
+            for entry in result.after.data["findings"]:
+                was = before.get(entry["name"], {}).get("per_variant", {})
+                findings.add_row(entry["name"], before.get(entry["name"], {}).get("verdict", "–"), entry["verdict"],
+                                 *(f"{_auroc(was.get(v))} -> {_auroc(m)}" for v, m in entry["per_variant"].items()))
+            console.print(findings)
     console.print(f"repaired checkpoint: [bold]{done.path}[/bold]; proof: {out.name}.audit.json / .audit.html")
     write_json(json_path, done.document)
+
+
+def _auroc(measured: dict | None) -> str:
+    value = None if measured is None else measured["auroc"]["value"]
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _accuracies(accuracy: dict) -> str:
@@ -257,9 +272,10 @@ def _accuracies(accuracy: dict) -> str:
 def _guarded_change(row: dict) -> str:
     """'clean accuracy +0.120': the change of the accuracy the success rule guards (auto.guarded_accuracy)."""
     measure = row["guarded"]["accuracy"]
+    what = "AUROC of the worst finding" if "finding_drops" in row else "accuracy"  # multilabel: per finding
     if row["accuracy_drop"] is None:
-        return f"{measure} accuracy not measured"
-    return f"{measure} accuracy {-row['accuracy_drop']:+.3f}"
+        return f"{measure} {what} not measured"
+    return f"{measure} {what} {-row['accuracy_drop']:+.3f}"
 
 
 def _still_reliant_line(document: dict, method: str, name: str) -> str:

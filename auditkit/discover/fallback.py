@@ -45,6 +45,7 @@ class CheckpointAudit:
     config: AuditConfig = field(default_factory=AuditConfig)
     reading: ReadOptions = ReadOptions()
     classes: str | None = None
+    findings: str | None = None  # multi-label data: the findings in order (auditkit.data.open_dataset)
     mask_meaning: str | None = None  # what the data's masks mark (auditkit.data.open_dataset)
     report_dir: Path | None = None  # report.json and report.html go here
     device: str | torch.device = "auto"
@@ -79,12 +80,14 @@ def audit_checkpoint(request: CheckpointAudit, *, show_progress: bool = False,
     try:
         model = load_model(request.checkpoint, request.reading).to(device)
         dataset = model_data(request.data, model, split=request.split, classes=request.classes,
-                             mask_meaning=request.mask_meaning)
+                             mask_meaning=request.mask_meaning, findings=request.findings)
         config = replace(request.config, device=device, precision=precision)
         provenance = {"context": context, "show_progress": show_progress, "data_spec": request.data,
                       "checkpoint": str(request.checkpoint)}
-        if not dataset.has_masks and len(dataset.variants) == 1:
-            # Nothing to compare against: find the shortcut instead of answering "inconclusive".
+        flags = dataset.label_kind == "multilabel" and bool(dataset.info.artefact_scope)
+        if not dataset.has_masks and len(dataset.variants) == 1 and not flags:
+            # Nothing to compare against: find the shortcut instead of answering "inconclusive" (multi-label
+            # data with artefact flags has its subgroups to compare; without them, discovery refuses it).
             if context.is_main and on_discovery is not None:
                 on_discovery()
             report = run_discovery(model, dataset, _discovery_config(config), out_dir=PROPOSED_DATA, **provenance)

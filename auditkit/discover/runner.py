@@ -143,6 +143,19 @@ def real_masks(masks: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], int
     return kept, len(masks) - len(kept)
 
 
+#: Why discovery does not run on multi-label data or models (one line).
+MULTILABEL_DISCOVERY = ("discovery does not support multilabel models or data yet (it clusters the explanations of "
+                        "each image's one class); audit the findings instead: masks of the artefact, variants, or "
+                        "per-image artefact flags for subgroup AUROC gaps (auditkit audit, docs/audit.md)")
+
+
+def refuse_multilabel(model, dataset: AuditDataset) -> None:
+    """AuditkitError (MULTILABEL_DISCOVERY) for a multilabel model or dataset."""
+    if getattr(dataset, "label_kind", "softmax") == "multilabel" or getattr(
+            getattr(model, "meta", None), "head", "softmax") == "multilabel":
+        raise AuditkitError(MULTILABEL_DISCOVERY)
+
+
 def run_discovery(
     model,
     dataset: AuditDataset,
@@ -169,6 +182,7 @@ def run_discovery(
     config.validate()
     if len(dataset) == 0:
         raise AuditkitError("the data has no samples to analyse (check the split asked for)")
+    refuse_multilabel(model, dataset)
     device = device_for(model, config.device, "discovery")
     config = replace(config, device=device, precision=resolve_precision(config.precision, device))
     start = time.perf_counter()
@@ -294,9 +308,10 @@ def proposed_dataset(dataset: AuditDataset, report: DiscoveryReport) -> AuditDat
                             f"images of {dataset.image_size[0]}x{dataset.image_size[1]}): give the data it ran on")
     records = [
         Record(record.image, record.label, (masks[k] * 255).astype(np.uint8) if k in masks else None,
-               record.variant, record.group, record.split)
+               record.variant, record.group, record.split, record.artefact)
         for k, record in enumerate(dataset.records)
     ]
     info = DatasetInfo(f"{dataset.info.name} (discovered masks)", dataset.info.source, dataset.classes,
-                       mask_meaning=SPURIOUS)
+                       mask_meaning=SPURIOUS, label_kind=dataset.info.label_kind,
+                       artefact_scope=dataset.info.artefact_scope)
     return AuditDataset(records, info, channels=dataset.channels, image_size=dataset.image_size)

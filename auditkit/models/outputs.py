@@ -263,6 +263,11 @@ def use_head(model, head: str | None):
         if model.meta.head == BINARY:
             raise HeadError("is multilabel but the network has one output logit (a binary, sigmoid head); use binary "
                             "or leave it unset")
+        if width not in (None, model.meta.num_classes) and "class_names" in getattr(model, "adopt_from_data", ()):
+            # Bare weights: the file knows no findings, the network's last layer says how many (the data
+            # names them when aligned).
+            model.meta = dataclasses.replace(model.meta, num_classes=width,
+                                             class_names=tuple(str(k) for k in range(width)))
         if width not in (None, model.meta.num_classes):
             raise HeadError(f"is multilabel over {model.meta.num_classes} findings but the network's last layer has "
                             f"{width} outputs")

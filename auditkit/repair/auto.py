@@ -12,7 +12,8 @@ verdict is "not reliant" and the accuracy that does not come from the shortcut f
 ``max_accuracy_drop`` from the input model's (:func:`guarded_accuracy`: clean, else permuted, else the
 mask-removed counterfactual, else contaminated; removing a shortcut must lower the contaminated
 accuracy the shortcut inflated, so guarding that one would fail the repairs that work best); the
-first success is kept. When none succeeds,
+first success is kept. A multilabel model succeeds per finding: every finding not reliant, and no
+finding's AUROC on the guarded variant lower by more than ``max_accuracy_drop``. When none succeeds,
 the attempt with the highest worst-variant validation accuracy is kept and ``succeeded`` is False.
 The order (TAP, RRR, TEA, Energy, MaskTune) is the measured cost order of docs/repair.md's table,
 held by each method's spec (``MethodSpec.auto_rank``; ``AUTO_ORDER`` reads it). TEA uses the given
@@ -106,7 +107,10 @@ def _guarded_value(numbers: dict, measure: str):
 def _judged(start: dict, numbers: dict, max_accuracy_drop: float) -> dict:
     """The one success rule of a repair: not reliant, and at most ``max_accuracy_drop`` of the guarded
     validation accuracy lost (``start``/``numbers``: _numbers before/after; the measure is chosen on
-    ``start`` and read from both, so before and after compare like with like)."""
+    ``start`` and read from both, so before and after compare like with like). A multilabel model: per
+    finding (:func:`_judged_findings`)."""
+    if start.get("findings") is not None and numbers.get("findings") is not None:
+        return _judged_findings(start, numbers, max_accuracy_drop)
     guarded = guarded_accuracy(start)
     after = _guarded_value(numbers, guarded["accuracy"])
     if guarded["value"] is None or after is None:
@@ -117,14 +121,39 @@ def _judged(start: dict, numbers: dict, max_accuracy_drop: float) -> dict:
             "succeeded": numbers["verdict"] == "not reliant" and drop <= max_accuracy_drop}
 
 
+def _judged_findings(start: dict, numbers: dict, max_accuracy_drop: float) -> dict:
+    """The success rule of a multilabel repair, per finding: every finding not reliant (the audit's verdict
+    is "not reliant" only then), and no finding's AUROC on the guarded variant (clean, else permuted, else
+    the reference variant: :func:`guarded_accuracy` on the mean AUROC) fell by more than
+    ``max_accuracy_drop``; ``accuracy_drop`` is the largest finding's drop, ``finding_drops`` each one."""
+    guarded = {**guarded_accuracy(start), "metric": "AUROC per finding"}
+    measure = guarded["accuracy"]
+    drops = {}
+    for name, before in start["findings"].items():
+        was, now = before["auroc"].get(measure), (numbers["findings"].get(name) or {}).get("auroc", {}).get(measure)
+        drops[name] = None if was is None or now is None else round(was - now, 4)
+    if not drops or any(d is None for d in drops.values()):
+        return {"guarded": guarded, "accuracy_drop": None, "finding_drops": drops, "succeeded": False}
+    worst = max(drops.values())
+    return {"guarded": guarded, "accuracy_drop": worst, "finding_drops": drops,
+            "succeeded": numbers["verdict"] == "not reliant" and worst <= max_accuracy_drop}
+
+
 def _numbers(report: AuditReport) -> dict:
     data = report.data
     accuracy = {k: None if v.get("value") is None else round(v["value"], 4)
                 for k, v in data["task"]["per_variant"].items()}
     removal = (data.get("counterfactual") or {}).get("removal") or {}
     after = removal.get("after")
-    return {"verdict": report.verdict, "val_accuracy": accuracy, "reference_variant": data["reference_variant"],
-            "removal_accuracy": None if after is None else round(float(after), 4)}
+    numbers = {"verdict": report.verdict, "val_accuracy": accuracy, "reference_variant": data["reference_variant"],
+               "removal_accuracy": None if after is None else round(float(after), 4)}
+    if data.get("findings") is not None:  # multilabel: val_accuracy is the mean AUROC; per finding here
+        numbers["findings"] = {
+            e["name"]: {"verdict": e["verdict"],
+                        "auroc": {v: None if m["auroc"]["value"] is None else round(m["auroc"]["value"], 4)
+                                  for v, m in e["per_variant"].items()}}
+            for e in data["findings"]}
+    return numbers
 
 
 def _unavailable(spec: MethodSpec, dataset, config: RepairConfig) -> str | None:

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__
 from ..audit import AuditConfig, run_audit
@@ -34,6 +33,8 @@ from ..distributed import Context
 from ..errors import DataError, ParameterError
 from .._progress import progress_bar
 from ..training import TrainConfig, choose_training_variant, fit
+from ..training.classifier import check_label_kind
+from ..training.losses import correct, task_loss
 from .methods import METHODS, MethodSpec
 from .teacher import AnnotationConfig, annotate, same_classes_as_student
 
@@ -203,21 +204,25 @@ def validation_data(dataset: AuditDataset, config: RepairConfig, seed: int) -> A
         sample = reference[k]
         image = sample.image if sample.mask is None else remove_region(sample.image, sample.mask, seed + k)
         r = reference.records[k]
-        records.append(Record(to_uint8(image), r.label, None, "counterfactual", r.group, r.split))
+        # The artefact is filled in: its flag no longer holds (0 for the image's artefact; () when unknown).
+        records.append(Record(to_uint8(image), r.label, None, "counterfactual", r.group, r.split,
+                              tuple(0 for _ in r.artefact)))
     return AuditDataset(records, reference.info, channels=reference.channels, image_size=reference.image_size)
 
 
 @torch.no_grad()
 def validation_loss(model, val: AuditDataset, device: torch.device, batch_size: int = 256) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy)."""
+    """(mean task loss, accuracy): the model's own loss (training/losses.py: cross-entropy over classes,
+    BCE-with-logits over findings, without pos_weight so that every candidate is scored alike) and the
+    accuracy (multilabel: the label-wise accuracy at z_k > 0)."""
     model.eval()
-    total, correct = 0.0, 0
+    total, right = 0.0, 0.0
     for start in range(0, len(val), batch_size):
         batch = collate([val[k] for k in range(start, min(start + batch_size, len(val)))]).to(device)
         logits = model(batch.images)
-        total += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-        correct += int((logits.argmax(1) == batch.labels).sum())
-    return total / max(len(val), 1), correct / max(len(val), 1)
+        total += float(task_loss(logits, batch.labels, reduction="sum"))
+        right += correct(logits, batch.labels)
+    return total / max(len(val), 1), right / max(len(val), 1)
 
 
 def _objective(spec: MethodSpec, model, options, teacher, lam: float):
@@ -309,6 +314,7 @@ def run_repair(
     spec = config.spec
     options = spec.make_options(config.options)
     check_data(dataset, config)
+    check_label_kind(dataset, model.meta)  # multilabel data needs a multilabel model, and the reverse (one line)
     if config.teacher is not None:
         same_classes_as_student(config.teacher, model)
     context = context or Context()

@@ -127,6 +127,10 @@ def same_classes_as_student(teacher, student) -> None:
     classes in another order, or other classes, would teach the wrong class silently. A teacher whose
     file records no class names (bare weights) adopts the data's and is checked when aligned.
     Raises ParameterError("teacher")."""
+    heads = tuple(getattr(m.meta, "head", "softmax") or "softmax" for m in (student, teacher))
+    if (heads[0] == "multilabel") != (heads[1] == "multilabel"):
+        raise ParameterError("teacher", f"is a {heads[1]} model and the model a {heads[0]} one: TEA compares their "
+                                        "outputs output by output; train the teacher on the same kind of labels")
     if "class_names" in getattr(teacher, "adopt_from_data", ()):
         return
     ours, theirs = tuple(student.meta.class_names), tuple(teacher.meta.class_names)
@@ -137,7 +141,8 @@ def same_classes_as_student(teacher, student) -> None:
 
 
 def saliency_masks(teacher, images: torch.Tensor, config: AnnotationConfig) -> torch.Tensor:
-    """(N, 1, H, W) float masks: 1 where the teacher's normalised saliency is low (Eq. 13-14)."""
+    """(N, 1, H, W) float masks: 1 where the teacher's normalised saliency is low (Eq. 13-14). The
+    saliency is of the teacher's predicted class (a multilabel teacher: its highest finding logit)."""
     maps = attribute(teacher, images, "pred", config.method)[:, 0].abs()
     flat = maps.flatten(1)
     low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
@@ -217,7 +222,8 @@ def annotate(
 
             atomic_write(cache, write, overwrite=True)
     records = [
-        Record(r.image, r.label, masks[k], r.variant, r.group, r.split) for k, r in enumerate(dataset.records)
+        Record(r.image, r.label, masks[k], r.variant, r.group, r.split, r.artefact)
+        for k, r in enumerate(dataset.records)
     ]
     # Teacher masks mark what the teacher finds irrelevant (low saliency): the artefact's side.
     annotated_set = AuditDataset(records, replace(dataset.info, mask_meaning=SPURIOUS), channels=dataset.channels,

@@ -64,7 +64,7 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
             changes["class_names"] = tuple(dataset.classes)
         meta = model.meta = replace(meta, **changes)
         model.adopt_from_data = ()
-    multilabel = _check_label_kind(dataset, meta)
+    multilabel = check_label_kind(dataset, meta)
     if multilabel:
         # K findings scored by K sigmoids: matched by name (another order is re-ordered), never by position.
         if set(dataset.classes) == set(meta.class_names) and tuple(dataset.classes) != tuple(meta.class_names):
@@ -125,7 +125,7 @@ def align_dataset_to_model(dataset: AuditDataset, model, *, check_on: AuditDatas
     return dataset.with_format(channels=meta.in_channels, image_size=tuple(meta.input_size))
 
 
-def _check_label_kind(dataset: AuditDataset, meta) -> bool:
+def check_label_kind(dataset: AuditDataset, meta) -> bool:
     """Whether the data and the model are both multilabel; DataError in one line naming both when only
     one of them is (K findings per image cannot be scored by exclusive classes, nor the reverse)."""
     head = getattr(meta, "head", "softmax") or "softmax"

@@ -24,9 +24,6 @@ class Objective:
     lam: float = 0.0  # λ: the explanation loss's weight (TAP Eq. 3)
     # Multilabel: BCE's pos_weight per finding (training/losses.py; set by fit when findings are skewed).
     pos_weight: torch.Tensor | None = None
-    # Multilabel: the findings (indices) an explanation loss explains; None = every finding (or, for a
-    # loss on the true class, every positive finding). Set by the repair from what the masks are for.
-    findings: tuple[int, ...] | None = None
 
     def prepare(self, train_set, device, show_progress: bool = False) -> None:
         """Work done once per run (e.g. caching a teacher's heatmaps)."""

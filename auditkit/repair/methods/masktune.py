@@ -4,6 +4,10 @@ For every training image the model's own saliency (Grad-CAM for the true class, 
 computed once; the pixels above mean + k·std of the map (k = 2 by default, per image) are set to
 zero; the model is then fine-tuned with cross-entropy on the masked images, for one epoch by
 default. The model must find other evidence for the labels, which breaks a shortcut it found first.
+
+Multilabel models (K sigmoids): the Grad-CAM of every finding present in the image (of the finding
+with the highest logit where none is), each thresholded as above; the union of those regions is masked,
+and the fine-tune uses the model's own loss (BCE-with-logits, training/losses.py).
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..._progress import progress_bar
 from ...data import AuditDataset, collate, to_uint8
 from ...data.dataset import Record
 from ...explain import attribute
 from ...training import Objective
+from ...training.losses import multilabel_targets
 from .base import MethodSpec
 
 
@@ -29,17 +35,39 @@ def masktune_dataset(model, dataset: AuditDataset, *, sigmas: float = 2.0, batch
         for start in range(0, len(dataset), batch_size):
             indices = range(start, min(start + batch_size, len(dataset)))
             batch = collate([dataset[k] for k in indices]).to(device)
-            cams = attribute(model, batch.images, batch.labels, "gradcam")[:, 0]
-            flat = cams.flatten(1)
-            threshold = (flat.mean(1) + sigmas * flat.std(1)).view(-1, 1, 1)
-            salient = (cams > threshold).unsqueeze(1)
+            if multilabel_targets(batch.labels):
+                salient = _salient_findings(model, batch.images, batch.labels, sigmas)
+            else:
+                salient = _salient(attribute(model, batch.images, batch.labels, "gradcam")[:, 0], sigmas)
             masked = batch.images.masked_fill(salient, 0.0)
             pixels = to_uint8(masked)
             for j, k in enumerate(indices):
                 r = dataset.records[k]
-                records.append(Record(np.ascontiguousarray(pixels[j]), r.label, None, r.variant, r.group, r.split))
+                records.append(Record(np.ascontiguousarray(pixels[j]), r.label, None, r.variant, r.group, r.split,
+                                      r.artefact))
             bar.advance(len(indices))
     return AuditDataset(records, dataset.info, channels=dataset.channels, image_size=dataset.image_size)
+
+
+def _salient(cams: torch.Tensor, sigmas: float) -> torch.Tensor:
+    """(N, 1, H, W) bool: the pixels of each map (N, H, W) above its mean + sigmas * std."""
+    flat = cams.flatten(1)
+    threshold = (flat.mean(1) + sigmas * flat.std(1)).view(-1, 1, 1)
+    return (cams > threshold).unsqueeze(1)
+
+
+def _salient_findings(model, images: torch.Tensor, labels: torch.Tensor, sigmas: float) -> torch.Tensor:
+    """Multilabel: the union of the salient regions of each image's present findings (module docstring)."""
+    with torch.no_grad():
+        top = model(images).argmax(1)
+    present = labels > 0.5
+    none = torch.nonzero(~present.any(1)).flatten()
+    present[none, top[none]] = True  # an image without a finding: the one the model scores highest
+    salient = torch.zeros((len(images), 1, *images.shape[-2:]), dtype=torch.bool, device=images.device)
+    for k in torch.nonzero(present.any(0)).flatten().tolist():
+        rows = present[:, k]
+        salient[rows] |= _salient(attribute(model, images[rows], k, "gradcam")[:, 0], sigmas)
+    return salient
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ The heatmap is differentiable through the LRP kernels' autograd formulas. Option
 distillation (Hinton et al. 2015): T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)) on the same images,
 which gives the student the teacher's answers while the heat loss keeps it from reaching them
 through the shortcut (docs/methods/tea.md has the ablation). Needs no masks, only a teacher.
+
+Multilabel models (K sigmoids; the teacher multilabel over the same findings): the explained outputs are
+the teacher's K highest finding logits, and the distillation is per finding, T² · KL(Bernoulli(σ(z_t / T))
+‖ Bernoulli(σ(z_s / T))) averaged over the findings and the batch (each finding its own two-class
+problem: the softmax KL of a one-logit model's two-class view). The task loss, when weighted in, is the
+model's own (BCE-with-logits, training/losses.py).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from ...errors import ParameterError
 from ...explain.defaults import EPSILON_AUDIT
 from ...explain.lrp import lrp_epsilon_and_logits
 from ...training import Objective
+from ...training.losses import multilabel_targets
 from .base import MethodSpec
 
 
@@ -51,6 +58,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     teacher_log_p = F.log_softmax(teacher_logits / temperature, dim=1)
     student_log_p = F.log_softmax(student_logits / temperature, dim=1)
     return temperature**2 * F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
+
+
+def finding_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                              temperature: float = 1.0) -> torch.Tensor:
+    """T² · KL(Bernoulli(σ(z_t / T)) ‖ Bernoulli(σ(z_s / T))), averaged over findings and images: the
+    multilabel distillation (module docstring)."""
+    s, t = student_logits / temperature, teacher_logits / temperature
+    p = torch.sigmoid(t)
+    kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return temperature**2 * kl.mean()
 
 
 TEACHER_CACHE_BYTES = 1 << 30  # cache the teacher's heatmaps when they fit in 1 GiB
@@ -117,7 +134,8 @@ class TeaObjective(Objective):
         # Every (image, class) pair is one sample of the heat loss: the mean over both.
         loss = multiresolution_heat_loss(student_maps.flatten(0, 1), teacher_maps.detach().flatten(0, 1), self.scales)
         if self.distill_weight:
-            loss = loss + self.distill_weight * distillation_loss(logits, teacher_logits.detach(), self.temperature)
+            distill = finding_distillation_loss if multilabel_targets(batch.labels) else distillation_loss
+            loss = loss + self.distill_weight * distill(logits, teacher_logits.detach(), self.temperature)
         return logits, loss
 
 
