@@ -526,3 +526,23 @@ def test_each_repair_method_runs_a_step_on_multilabel_data(world, method):
     changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                           result.model.state_dict().values()))
     assert changed and result.model.meta.head == "multilabel"
+
+
+def test_auto_success_rule_is_per_finding():
+    """A repair that keeps the mean AUROC but costs one finding 0.05 on the guarded variant fails;
+    one within the limit on every finding, every finding not reliant, succeeds."""
+    from auditkit.repair.auto import _judged
+
+    def numbers(verdict, a, b):
+        return {"verdict": verdict, "val_accuracy": {"contaminated": 0.95, "clean": (a + b) / 2},
+                "reference_variant": "contaminated", "removal_accuracy": None,
+                "findings": {"a": {"verdict": verdict, "auroc": {"clean": a}},
+                             "b": {"verdict": "not reliant", "auroc": {"clean": b}}}}
+
+    start = numbers("reliant", 0.90, 0.90)
+    costly = _judged(start, numbers("not reliant", 0.95, 0.85), max_accuracy_drop=0.03)
+    assert costly["succeeded"] is False and costly["finding_drops"] == {"a": -0.05, "b": 0.05}
+    assert costly["accuracy_drop"] == 0.05 and costly["guarded"]["accuracy"] == "clean"
+    kept = _judged(start, numbers("not reliant", 0.95, 0.88), max_accuracy_drop=0.03)
+    assert kept["succeeded"] is True and kept["accuracy_drop"] == 0.02
+    assert _judged(start, numbers("reliant", 0.95, 0.90), max_accuracy_drop=0.03)["succeeded"] is False
