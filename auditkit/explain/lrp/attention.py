@@ -477,9 +477,13 @@ def uses_attention(net: nn.Module) -> bool:
     per network object (its module types do not change in place)."""
     found = _USES_ATTENTION.get(net)
     if found is None:  # a network that asks for the rules (a transformers CNN that torch.fx cannot trace) too
+        from ...models.tokens import sequence_grid
+
+        # A module that states its token grid too: timm's ConViT (classes ConVit, GPSA, MHSA).
         found = _USES_ATTENTION[net] = bool(getattr(net, "lrp_by_rules", False)) or any(
             isinstance(m, nn.MultiheadAttention)
             or (_ATTENTION_CLASS.search(type(m).__name__) and not _CNN_ATTENTION_CLASS.search(type(m).__name__))
+            or sequence_grid(m) is not None
             for m in net.modules())
     return found
 
