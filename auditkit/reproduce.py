@@ -147,11 +147,12 @@ def trained(dataset: AuditDataset, arch: str, variant: str, seed: int, *, fracti
 
 
 def repair_model(model, dataset: AuditDataset, method: str, seed: int, *, compute: Compute = Compute(),
-                 options: dict | None = None, **settings) -> torch.nn.Module:
-    """``model`` fine-tuned with ``method`` and its default settings (no audits: only accuracy is tabled)."""
+                 options: dict | None = None, training: dict | None = None, **settings) -> torch.nn.Module:
+    """``model`` fine-tuned with ``method`` and its default settings (no audits: only accuracy is tabled);
+    ``training``: TrainConfig fields over the method's."""
     spec = METHODS[method]
-    training = TrainConfig(**{"data_order": "permutation", **spec.training}, seed=seed, device=compute.device,
-                           precision=compute.precision)
+    training = TrainConfig(**{"data_order": "permutation", **spec.training, **(training or {})}, seed=seed,
+                           device=compute.device, precision=compute.precision)
     config = RepairConfig(method=method, training=training, audit=None, options=options or {}, **settings)
     return run_repair(model, dataset, config, show_progress=False).model
 
@@ -271,6 +272,15 @@ KIND_CASES = {  # case: (method, options); TEA's and auto's teacher: the same ne
 KIND_ARCHS = {  # arch: (input side, the kinds run on it)
     "tap-cnn": (28, tuple(KINDS)),
     "resnet18": (64, ("marker", "stripe")),
+    "vit-digits": (28, ("decoy-patch",)),
+}
+# Per arch: what its shortcut model's training, its repairs' training and TAP's lambda change from the
+# defaults, and the cases run when none are named. The ViT learns digits from 3,500 images slowly
+# (docs/reproductions.md): 20 epochs with a cosine schedule for the shortcut model, 45 for the repair,
+# and TAP on its attention inputs at lambda 1 (docs/repair.md, "TAP on vision transformers").
+KIND_ARCH_SETTINGS = {
+    "vit-digits": {"train": {"epochs": 20, "schedule": "cosine"}, "repair": {"epochs": 45, "schedule": "cosine"},
+                   "tap_lambda": 1.0, "cases": ("tap-fixed",)},
 }
 KIND_VARIANTS = ("contaminated", "permuted", "clean")
 
@@ -292,6 +302,8 @@ def kinds(seeds: list[int], step: Callable[[str], None], compute: Compute = Comp
     from .repair import AutoConfig, run_auto_repair
 
     side, arch_kinds = KIND_ARCHS[arch]
+    settings = KIND_ARCH_SETTINGS.get(arch, {})
+    cases = cases if cases is not None else settings.get("cases")
     chosen = [k for k in arch_kinds if only is None or k in only]
     out = Reproduction("kinds", seeds)
     for kind in chosen:
@@ -299,7 +311,7 @@ def kinds(seeds: list[int], step: Callable[[str], None], compute: Compute = Comp
         data = open_dataset(spec)
         test = data.select(split="test")
         for seed in seeds:
-            shortcut = trained(data, arch, "contaminated", seed, compute=compute)
+            shortcut = trained(data, arch, "contaminated", seed, compute=compute, **settings.get("train", {}))
             out.add(f"{kind} · shortcut model", _variants(evaluate(shortcut, test, precision=compute.precision)),
                     {"not reliant": _verdict(shortcut, data, compute)})
             step(f"{kind}, seed {seed}: shortcut")
@@ -316,8 +328,10 @@ def kinds(seeds: list[int], step: Callable[[str], None], compute: Compute = Comp
                         training_for=lambda spec: replace(training, **{"data_order": "permutation", **spec.training}),
                         show_progress=False).model
                 else:
+                    extra = {"lam": settings["tap_lambda"]} if method == "tap" and "tap_lambda" in settings else {}
                     model = repair_model(_copy(shortcut), data, method, seed, options=options, compute=compute,
-                                         teacher=teacher if method == "tea" else None)
+                                         teacher=teacher if method == "tea" else None,
+                                         training=settings.get("repair"), **extra)
                 seconds = time.perf_counter() - started
                 out.add(f"{kind} · {case}", _variants(evaluate(model, test, precision=compute.precision)),
                         {"seconds": seconds, "not reliant": _verdict(model, data, compute)})
@@ -355,12 +369,14 @@ def reproduce(name: str, seeds: list[int], show_progress: bool = True, compute: 
     """Runs reproduction ``name`` over ``seeds``; ``options`` go to it (kinds: arch, only, cases)."""
     function, steps = REPRODUCTIONS[name]
     if name == "kinds":
-        arch_kinds = KIND_ARCHS[options.get("arch", "tap-cnn")][1]
-        only, cases = options.get("only"), options.get("cases")
+        arch = options.get("arch", "tap-cnn")
+        arch_kinds = KIND_ARCHS[arch][1]
+        only = options.get("only")
+        cases = options.get("cases") or KIND_ARCH_SETTINGS.get(arch, {}).get("cases")
         steps = (1 + len(cases or KIND_CASES)) * len([k for k in arch_kinds if only is None or k in only])
     with progress_bar(f"reproducing {name}", total=steps * len(seeds), enabled=show_progress) as bar:
         return function(seeds, lambda what: bar.advance(1), compute, **options)
 
 
-__all__ = ["KINDS", "KIND_ARCHS", "KIND_CASES", "PUBLISHED", "REPRODUCTIONS", "Compute", "Reproduction",
-           "kinds_markdown", "markdown", "reproduce"]
+__all__ = ["KINDS", "KIND_ARCHS", "KIND_ARCH_SETTINGS", "KIND_CASES", "PUBLISHED", "REPRODUCTIONS", "Compute",
+           "Reproduction", "kinds_markdown", "markdown", "reproduce"]

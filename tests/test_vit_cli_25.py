@@ -135,6 +135,18 @@ def test_what_cannot_work_is_refused_in_one_line(digits, tmp_path):
     assert "holds no MLP" in message
     message = _refused("inspect", "x.safetensors", "--arch", "maxvit_t")
     assert "MaxViT" in message or "x.safetensors" in message
+    message = _refused("demo", "--arch", "resnet18", "--out", tmp_path / "demo", "--quiet")
+    assert "tap-cnn, vit-digits" in message
+
+
+def test_the_vit_reproduction_and_demo_are_wired():
+    from auditkit.demo import DEMO_ARCHS
+    from auditkit.reproduce import KIND_ARCH_SETTINGS, KIND_ARCHS
+
+    assert KIND_ARCHS["vit-digits"] == (28, ("decoy-patch",)) and KIND_ARCH_SETTINGS["vit-digits"]["tap_lambda"] == 1.0
+    assert DEMO_ARCHS["vit-digits"]["lam"] == 1.0
+    result = runner.invoke(app, ["reproduce", "kinds", "--arch", "vit-digits", "--cases", "nope", "--out", "x"])
+    assert result.exit_code == 2 and "unknown 'nope'" in result.output
 
 
 # --------------------------------------------------------------------------- TAP's token activation (item 4)

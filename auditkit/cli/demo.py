@@ -5,7 +5,7 @@ printed as those commands print them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -26,7 +26,11 @@ def demo(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the demo's checkpoints and report.")
     ] = Path("auditkit-demo"),
-    epochs: Annotated[int, typer.Option(help="Epochs of the shortcut model's training.")] = 6,
+    arch: Annotated[str, typer.Option(
+        help="tap-cnn (the two-layer CNN, under a minute) or vit-digits (the built-in ViT, TAP on its tokens; "
+             "about 8 minutes on 2 cores).")] = "tap-cnn",
+    epochs: Annotated[Optional[int], typer.Option(
+        help="Epochs of the shortcut model's training (default: 6 for tap-cnn, 20 for vit-digits).")] = None,
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
@@ -40,28 +44,29 @@ def demo(
     Writes OUT/shortcut.safetensors, OUT/repaired.safetensors and the before/after proof
     OUT/repaired.safetensors.audit.html (.json), then prints the path.
 
-    Example: auditkit demo --out demo
+    Example: auditkit demo --out demo   (the ViT: auditkit demo --arch vit-digits --out demo-vit)
     """
     from rich.console import Console
     from rich.table import Table
 
-    from ..demo import DEMO_ARCH, DEMO_DATA, DEMO_METHOD, Demo, run_demo
+    from ..demo import DEMO_DATA, DEMO_METHOD, Demo, run_demo
     from .repair import print_repair, repair_epoch, repair_start
     from .train import print_trained, training_epoch, training_start
 
     console = Console()
     stages = {1: "[bold]1/2[/bold] train a classifier on decoy MNIST: the corner patch's shade gives the class away",
               2: "[bold]2/2[/bold] audit it, repair it with TAP (ground-truth patch masks), audit again"}
-    done = run_demo(Demo(out, epochs, seed, device, precision, overwrite=force), show_progress=not quiet,
+    done = run_demo(Demo(out, epochs, seed, device, precision, overwrite=force, arch=arch), show_progress=not quiet,
                     on_stage=lambda k: console.rule(stages[k]),
-                    on_train_start=training_start(console, DEMO_ARCH, DEMO_DATA, "train"),
+                    on_train_start=training_start(console, arch, DEMO_DATA, "train"),
                     on_train_epoch=training_epoch(console),
                     on_trained=lambda trained: print_trained(console, trained, "test"),
                     on_repair_start=repair_start(console, out / "shortcut.safetensors", DEMO_METHOD, DEMO_DATA, seed),
                     on_repair_epoch=repair_epoch(console, DEMO_METHOD))
     print_repair(console, done.repaired, done.repaired.path, None)
     summary = done.summary()
-    table = Table("model", "verdict", "contaminated", "permuted", "clean", title="decoy MNIST, test split (accuracy)")
+    table = Table("model", "verdict", "contaminated", "permuted", "clean",
+                  title=f"decoy MNIST, {arch}, test split (accuracy)")
     for name, key in (("shortcut", "before"), ("repaired with TAP", "after")):
         accuracy = summary["accuracy"][key]
         table.add_row(name, summary[key]["label"],
