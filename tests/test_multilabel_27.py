@@ -109,7 +109,10 @@ def _images(rng, labels, marker):
     return np.clip(images, 0, 1)
 
 
-def make_data(folder: Path, seed: int = 0, n_train: int = 600, n_val: int = 150, n_test: int = 200) -> dict:
+N_TEST = 160
+
+
+def make_data(folder: Path, seed: int = 0, n_train: int = 600, n_val: int = 100, n_test: int = N_TEST) -> dict:
     """Arrays of a multi-label .npz: train (contaminated), val and test (contaminated, permuted, clean of
     the same images); masks of the corner on every image; per-image artefact flags."""
     rng = np.random.default_rng(seed)
@@ -277,7 +280,7 @@ def test_plain_multilabel_model_inspect_evaluate_audit_repair_audit(world, tmp_p
 
     repaired = tmp_path / "repaired.safetensors"
     result = invoke("repair", weights, "--data", data, *arch("Findings"), "--head", "multilabel", *REPAIR,
-                    "--audit-methods", "gradient", "--device", "cpu", "--quiet", "--out", repaired)
+                    "--audit-split", "none", "--device", "cpu", "--quiet", "--out", repaired)  # audited below
     assert result.exit_code == 0, result.output
     from auditkit.models import read_checkpoint_meta
 
@@ -303,14 +306,14 @@ def test_plain_one_logit_model_inspect_evaluate_audit_repair_audit(world, tmp_pa
     assert result.exit_code == 0 and "head: binary (one logit" in flat(result.output), result.output
     result = invoke("evaluate", weights, "--data", data, *arch("OneLogit"), "--device", "cpu")
     assert result.exit_code == 0, result.output
-    result, before = audit_json(tmp_path, "before", weights, data, *arch("OneLogit"))
+    result, before = audit_json(tmp_path, "before", weights, data, *arch("OneLogit"), "--no-counterfactuals")
     assert result.exit_code == 0 and before["verdict"]["label"] == "reliant", before["verdict"]["summary"]
     assert before["checkpoint"]["head"] == "binary" and "one logit" in before["explained"]
     repaired = tmp_path / "repaired.safetensors"
-    result = invoke("repair", weights, "--data", data, *arch("OneLogit"), *REPAIR, "--audit-methods", "gradient",
-                    "--device", "cpu", "--quiet", "--out", repaired)
+    result = invoke("repair", weights, "--data", data, *arch("OneLogit"), *REPAIR, "--audit-split", "none",
+                    "--device", "cpu", "--quiet", "--out", repaired)  # audited below
     assert result.exit_code == 0, result.output
-    _, after = audit_json(tmp_path, "after", repaired, data)
+    _, after = audit_json(tmp_path, "after", repaired, data, "--no-counterfactuals")
     assert after["checkpoint"]["head"] == "binary"
     assert after["degradation"]["permuted"]["value"] < before["degradation"]["permuted"]["value"] - 0.05, (
         before["degradation"], after["degradation"])
@@ -338,7 +341,7 @@ def test_auditkit_train_multilabel_then_evaluate_audit_repair_audit(world, tmp_p
     result = invoke("repair", model, "--data", data, *REPAIR, "--audit-methods", "gradient", "--device", "cpu",
                     "--quiet", "--out", repaired)
     assert result.exit_code == 0, result.output
-    assert "mean AUROC" in flat(result.output) and "pneumothorax" in result.output
+    assert "mean AUROC" in result.output and "pneumotho" in result.output, result.output  # (rich may cut names)
     _, after = audit_json(tmp_path, "after", repaired, data)
     assert_repaired(before, after)
 
@@ -379,7 +382,8 @@ def test_constant_finding_is_inconclusive_and_marker_finding_is_reliant(world, t
                                 "--head", "multilabel", "--fail-on-shortcut")
     per = findings_of(report)
     assert per["effusion"]["verdict"] == "inconclusive"
-    assert "predicts 'effusion' absent for every one of the 200 contaminated images" in per["effusion"]["degenerate"]
+    assert f"predicts 'effusion' absent for every one of the {N_TEST} contaminated images" in per["effusion"][
+        "degenerate"]
     assert per["effusion"]["summary"].startswith("effusion: the model predicts")
     gap = per["pneumothorax"]["auroc_gap"]["permuted"]
     assert per["pneumothorax"]["verdict"] == "reliant" and gap["value"] > 0.3 and gap["ci"][0] > 0

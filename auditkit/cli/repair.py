@@ -242,8 +242,7 @@ def print_repair(console, done, out: Path, json_path) -> None:
                       f"precision {a['precision'] if a['precision'] is None else round(a['precision'], 3)}")
     if result.before is not None and result.after is not None:
         multilabel = result.after.data.get("findings") is not None
-        table = Table("", "verdict", *(f"{v} (mean AUROC)" if multilabel else v
-                                       for v in result.after.data["task"]["per_variant"].keys()))
+        table = Table("mean AUROC" if multilabel else "", "verdict", *result.after.data["task"]["per_variant"].keys())
         for label, audit in (("before", result.before), ("after", result.after)):
             table.add_row(label, audit.verdict, *("–" if v["value"] is None else f"{v['value']:.3f}"
                                                    for v in audit.data["task"]["per_variant"].values()))
