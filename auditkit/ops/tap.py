@@ -75,6 +75,10 @@ def _penalty_with_deferred_gradient(activation: torch.Tensor, weights: torch.Ten
                 "the penalty; target layers the network uses, or pass defer_gradient=False"
             )
         grad_penalty, saved, w = pending.pop()
+        if not (saved.is_contiguous() or saved.is_contiguous(memory_format=torch.channels_last)):
+            # A view with other strides (a transformer's token map: prefix tokens sliced off, permuted):
+            # the kernel's strided path is ~50x slower than two copies and its dense path.
+            saved, grad = saved.contiguous(), grad.contiguous()
         return weighted_relu_sum_backward(grad_penalty, saved, w, grad)
 
     activation.register_hook(add_penalty_gradient)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ...errors import ParameterError
 from ...ops import tap_loss
+from ...ops.downscale_mask import downscale_masks
 from ...ops.dilation import NEEDS_RECEPTIVE_FIELDS, SCHEDULES, kernel_sizes
 from ...training import Objective
 from .base import MethodSpec
@@ -45,8 +48,12 @@ class TapObjective(Objective):
         sizes = [(int(a.shape[2]), int(a.shape[3])) for a in activations]
         kernels = self.kernel_sizes_for((int(masks.shape[-2]), int(masks.shape[-1])), sizes)
         loss = tap_loss(activations, masks, kernels, defer_gradient=True)
-        if self.activation == "abs":  # + relu(-A): the same fused kernel on the negated maps (their own gradient)
-            loss = loss + tap_loss([a.neg() for a in activations], masks, kernels)
+        if self.activation == "abs":
+            # |A| = 2 relu(A) - A: the fused kernel once (deferred gradient) and one sum over channels,
+            # instead of the kernel on a negated copy of every map.
+            weights = downscale_masks(masks, sizes, kernels, torch.float64 if loss.dtype == torch.float64 else None)
+            linear = sum((w * a.sum(1, dtype=w.dtype)).sum() for w, a in zip(weights, activations))
+            loss = 2 * loss - linear / (len(activations) * max(int(activations[0].shape[0]), 1))
         return loss
 
 
