@@ -1,10 +1,11 @@
 """Issue 25 items 4, 5, 7: vision transformers through the whole loop from the command line.
 
-Random-weight networks of each ViT family (timm ViT, DeiT distilled, ViT with registers, EVA-02,
-ConViT, Swin; torchvision's ViT and Swin in tiny configurations) and the built-in vit-digits go
-inspect -> audit (AttnLRP + Grad-CAM) -> repair (TAP on patch tokens) -> audit; every other repair
-method takes one tiny step on vit-digits; what cannot work is refused in one line. Tiny images and
-datasets (the loop, not the accuracy, is tested)."""
+Random-weight named networks of each ViT family (timm ViT, DeiT distilled, EVA-02, ConViT; with
+AUDITKIT_FULL_SIZE_VITS=1 also ViT-S with registers, timm's Swin-T and torchvision's vit_b_16 and
+swin_t) and the built-in vit-digits go inspect -> audit (AttnLRP + Grad-CAM) -> repair (TAP on patch
+tokens) -> audit; RRR, Energy, TEA and MaskTune each take one tiny repair step on vit-digits; what
+cannot work is refused in one line; TAP's token activation (|A| of the attention inputs) is checked
+in-process. Tiny images and datasets (the loop, not the accuracy, is tested)."""
 
 from __future__ import annotations
 
