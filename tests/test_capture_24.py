@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from auditkit.audit.runner import _activation_shares
+from auditkit.audit.shared import activation_shares as _activation_shares
 from auditkit.data.dataset import Batch
 from auditkit.errors import ModelError
 from auditkit.explain import attribute

@@ -43,9 +43,10 @@ from ..data.masks import annotated
 from ..explain import attribute
 from . import metrics as M
 from .records import CheckpointSection, DataSection, RunSection
+from .shared import (LOCALISATION_KEYS, NO_POSITIVE, SCHEMA, AuditReport, activation_shares, aligned_labels,
+                     reference_variant)
 from .verdict import INCONCLUSIVE, NOT_RELIANT, RELIANT, Evidence, not_run
 
-SCHEMA = "auditkit.audit/1"
 GAP_TESTS = ("auroc_gap_to_permuted", "auroc_gap_to_clean")
 SUBGROUP_TEST = "subgroup_auroc_gap"
 EXPLAINED = "each finding's logit z_k (sigmoid; present when z_k > 0)"
@@ -216,7 +217,6 @@ def decide_finding(name: str, evidence: list[Evidence], reason: str | None) -> t
 def _measure(model, dataset: AuditDataset, config, layers, reference: str, show_progress: bool):
     """Per image: logits (K), and on the reference variant's non-empty masks, per finding and method
     the localisation of z_k's map, and per layer the activation share."""
-    from .runner import LOCALISATION_KEYS, _activation_shares
 
     n, k = len(dataset), dataset.num_classes
     logits = np.zeros((n, k), dtype=np.float64)
@@ -245,7 +245,7 @@ def _measure(model, dataset: AuditDataset, config, layers, reference: str, show_
                                 (indices[j], {key: float(values[key][position]) for key in (*LOCALISATION_KEYS,
                                                                                             "mask_area")}))
                 if layers:
-                    share, coverage = _activation_shares(model, layers, images, masks, calls)
+                    share, coverage = activation_shares(model, layers, images, masks, calls)
                     shares += [(indices[j], share[p].tolist(), coverage[p].tolist()) for p, j in enumerate(rows)]
             bar.advance(len(indices))
     return logits, local, shares
@@ -259,7 +259,6 @@ def run_multilabel_audit(model, dataset: AuditDataset, config, *, show_progress:
     """The audit of a multilabel ``model`` on multilabel ``dataset`` (module docstring): an AuditReport
     whose document has the single-label audit's sections (the task metric is the mean AUROC over the
     findings) and ``findings``, one entry per finding with its metrics, evidence and verdict."""
-    from .runner import LOCALISATION_KEYS, NO_POSITIVE, AuditReport, _aligned_labels, reference_variant
 
     start = time.perf_counter()
     names = tuple(dataset.classes)
@@ -288,7 +287,7 @@ def run_multilabel_audit(model, dataset: AuditDataset, config, *, show_progress:
         for number, other in enumerate(("permuted", "clean")):
             if other not in rows or reference != "contaminated":
                 continue
-            paired = _aligned_labels(labels[rows[reference]], labels[rows[other]])
+            paired = aligned_labels(labels[rows[reference]], labels[rows[other]])
             gap = auroc_gap((logits[rows[reference], f], labels[rows[reference], f]),
                             (logits[rows[other], f], labels[rows[other], f]), paired=paired,
                             seed=config.seed + 1000 * f + 101 + number, **stats)

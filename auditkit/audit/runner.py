@@ -40,17 +40,19 @@ from ..distributed import Context, gather
 from ..errors import AuditkitError, ParameterError
 from ..explain import METHODS, attribute
 from ..explain.defaults import EPSILON_AUDIT
-from ..models import run_capturing
-from ..ops import downscale_masks, weighted_relu_sum
 from . import metrics as M
 from .records import ActivationShare, CheckpointSection, DataSection, RunSection, SampleRecord, SwapResult
+from .shared import (  # noqa: F401 (SCHEMA and AuditReport re-exported: auditkit.audit.runner names them)
+    LOCALISATION_KEYS,
+    NO_POSITIVE,
+    SCHEMA,
+    AuditReport,
+    activation_shares,
+    reference_variant,
+)
 from .tiles import example_tiles
-from .verdict import RELIANT, Evidence, Thresholds, at_chance, decide, judge, not_run
+from .verdict import Evidence, Thresholds, at_chance, decide, judge, not_run
 
-SCHEMA = "auditkit.audit/1"
-LOCALISATION_KEYS = ("energy_in_mask", "top_quartile_recall", "top_quartile_precision", "iou")
-# Energy in the mask is a share of the positive attribution: undefined for maps with none.
-NO_POSITIVE = "no map has positive attribution to share out"
 # Why swap and removal do not run on object masks: one line naming the option that says what masks mark.
 OBJECT_MASKS = ("the masks mark the object (mask_meaning 'object'), and swap and removal need the artefact's "
                 "region; if the masks mark the artefact, set mask_meaning (--masks-mark) to artefact")
@@ -94,47 +96,7 @@ class AuditConfig:
             raise ParameterError("task", f"must be one of {', '.join(M.TASKS)}; got {self.task!r}")
 
 
-@dataclass
-class AuditReport:
-    """The audit's result: ``data`` is the JSON document (see docs/audit.md for its schema), example
-    pictures included: ``auditkit.audit.render_html(report.data)`` needs nothing else."""
-
-    data: dict
-
-    @property
-    def verdict(self) -> str:
-        return self.data["verdict"]["label"]
-
-    @property
-    def tested(self) -> bool:
-        """Whether any behavioural test ran and could tell (False: e.g. every mask empty and no variant
-        to compare, or a model that predicts one class for every image, which no test can clear)."""
-        verdict = self.data["verdict"]
-        if verdict.get("degenerate") and verdict["label"] != RELIANT:  # multilabel: a finding no test can clear
-            return False
-        if verdict.get("constant_prediction") is not None or (verdict.get("at_chance") is not None
-                                                               and verdict["label"] != RELIANT):
-            return False
-        return any(e["finding"] != "not run" for e in verdict["evidence"])
-
-    def exit_code(self, fail_on_shortcut: bool) -> int:
-        """0; with ``fail_on_shortcut``: 1 for a reliant verdict, 3 when no behavioural test could
-        run (a gate must not pass a model it could not test)."""
-        if not fail_on_shortcut:
-            return 0
-        if self.verdict == RELIANT:
-            return 1
-        return 0 if self.tested else 3
-
-
 # ---- preparing the data --------------------------------------------------------------------
-
-
-def reference_variant(dataset: AuditDataset) -> str:
-    for name in ("contaminated", "original"):
-        if name in dataset.variants:
-            return name
-    return dataset.variants[0]
 
 
 def add_permuted_variant(dataset: AuditDataset, seed: int) -> AuditDataset:
@@ -175,24 +137,6 @@ def swap_partners(masked: list[int], labels: list[int], seed: int) -> dict[int, 
 # ---- measuring --------------------------------------------------------------------------------------
 
 
-def _activation_shares(model, layers, images, masks, calls=None):
-    """Per layer: share of the channel-summed ReLU activation inside D(M), and D's mean (chance).
-    ``calls``: kept across batches, so a layer named "block#2" is the same call in every batch."""
-    with torch.no_grad():
-        _, captured, _ = run_capturing(model, layers, lambda: model(images), calls=calls)
-        activations = [a for a in captured]
-    if hasattr(model, "masks_for_network"):
-        masks = model.masks_for_network(masks)  # at the resolution the network sees
-    weights = downscale_masks(masks, [tuple(a.shape[-2:]) for a in activations])
-    shares, coverages = [], []
-    for activation, weight in zip(activations, weights):
-        inside = weighted_relu_sum(activation, weight)
-        total = weighted_relu_sum(activation, torch.ones_like(weight))
-        shares.append(torch.where(total > 0, inside / total, torch.full_like(total, float("nan"))))
-        coverages.append(weight.mean(dim=(1, 2)))
-    return torch.stack(shares, 1), torch.stack(coverages, 1)
-
-
 def _removal_seed(config: AuditConfig, index: int) -> int:
     return config.seed * 1_000_003 + int(index)
 
@@ -219,7 +163,7 @@ def _measure_batch(model, dataset, indices, variant, config, layers, is_referenc
         options = {"epsilon": config.epsilon} if method == "lrp_epsilon" else {}
         maps = attribute(model, images, targets, method, **options)[:, 0]
         per_method[method] = M.localisation(maps, masks[:, 0])
-    shares, coverages = _activation_shares(model, layers, images, masks, calls) if layers else (None, None)
+    shares, coverages = activation_shares(model, layers, images, masks, calls) if layers else (None, None)
     removed_pred = None
     if is_reference and config.counterfactuals and _marks_artefact(dataset):
         seeds = [_removal_seed(config, indices[int(j)]) for j in masked]
@@ -303,11 +247,6 @@ def measure(model, dataset: AuditDataset, config: AuditConfig, context: Context,
 
 def _aligned(a: list[SampleRecord], b: list[SampleRecord]) -> bool:
     return len(a) == len(b) and all(x.label == y.label for x, y in zip(a, b))
-
-
-def _aligned_labels(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two variants' label arrays are the same images in the same order (a paired bootstrap)."""
-    return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
 def explained_output(meta) -> str:
