@@ -359,3 +359,24 @@ def test_below_chance_is_at_chance_too():
     assert at_chance(labels, flipped) is not None and "below chance" in at_chance(labels, flipped)
     ten_class_guesses = np.random.default_rng(1).integers(0, 10, len(labels))  # 2-class data, 10-class model
     assert at_chance(labels, ten_class_guesses) is not None
+
+
+def test_auditkit_train_on_binary_data_gives_a_one_logit_model(tmp_path):
+    """Binary data trains a one-logit (BCE) model by default; --head refuses what the labels cannot train."""
+    out = tmp_path / "one.safetensors"
+    result = runner.invoke(app, ["train", "--data", "builtin:binary-mnist", "--arch", "tap-cnn", "--epochs", "1",
+                                 "--fraction", "0.1", "--test-split", "none", "--val-split", "none", "--quiet",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from auditkit.models.loading import load_model
+
+    model = load_model(out)
+    assert model.meta.head == "binary" and model.meta.class_names == ("other", "seven")
+    assert model.net(torch.zeros(2, 1, 28, 28)).shape == (2, 1)  # one logit per image
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 2)  # the two-class view
+    for data, head, message in [("builtin:decoy-mnist", "binary", "binary (one logit) but the data has 10 classes"),
+                                ("builtin:binary-mnist", "multilabel", "cannot be trained on binary labels")]:
+        bad = runner.invoke(app, ["train", "--data", data, "--arch", "tap-cnn", "--epochs", "1", "--head", head,
+                                  "--out", str(tmp_path / f"{head}.safetensors")])
+        assert bad.exit_code != 0 and message in bad.output, bad.output
+        assert "Traceback" not in bad.output and not (tmp_path / f"{head}.safetensors").exists()

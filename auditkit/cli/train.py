@@ -12,6 +12,7 @@ from ._common import (
     DeviceOption,
     FindingsOption,
     ForceOption,
+    HeadOption,
     JsonOption,
     NormalizeOption,
     OutputOption,
@@ -65,11 +66,15 @@ def train(
     json_path: JsonOption = None,
     classes: ClassesOption = None,
     findings: FindingsOption = None,
+    head: HeadOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train a classifier (the paper's "No XS" model on contaminated data) and save a checkpoint.
 
     Example: auditkit train --data builtin:decoy-mnist --arch tap-cnn --out shortcut.safetensors
+
+    A one-logit (BCE) model: binary data trains one by default, or --head binary on two-class data:
+    auditkit train --data builtin:binary-mnist --arch tap-cnn --out one_logit.safetensors
 
     A TEA teacher from a 10 % clean split (augmentation matters on few images):
     auditkit train --data builtin:colored-mnist --arch shortcut-cnn --normalize none --variant permuted
@@ -88,7 +93,7 @@ def train(
                                  test_split=None if test_split == "none" else test_split, variant=variant,
                                  fraction=fraction, layers=tuple(layers.split(",")) if layers else None,
                                  normalize=normalize, output=output, overwrite=force, classes=classes,
-                                 findings=findings)
+                                 findings=findings, head=head)
     done = train_checkpoint(request, show_progress=not quiet, on_start=training_start(console, arch, data, split),
                             on_epoch=training_epoch(console))
     print_trained(console, done, test_split)

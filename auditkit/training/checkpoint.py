@@ -45,6 +45,7 @@ class CheckpointTraining:
     overwrite: bool = False
     classes: str | None = None
     findings: str | None = None  # multi-label data: the findings, in order (auditkit.data.open_dataset)
+    head: str | None = None  # softmax | binary | multilabel; None: the data's label kind (training_head)
 
 
 @dataclass
@@ -82,7 +83,7 @@ def train_checkpoint(
                           fraction=request.fraction, normalize=request.normalize,
                           layers=list(request.layers) if request.layers else None, val_split=request.val_split,
                           show_progress=show_progress, on_start=start, on_epoch=on_epoch, data_name=request.data,
-                          output=parse_spec(request.output))
+                          output=parse_spec(request.output), head=request.head)
     training = trained.training
     results = {}
     if request.test_split is not None:

@@ -141,6 +141,25 @@ def check_label_kind(dataset: AuditDataset, meta) -> bool:
     raise DataError(f"the model's head is {model} but the data's labels are {data}{fix}")
 
 
+def training_head(dataset: AuditDataset, head: str | None) -> str | None:
+    """The head a model trained on ``dataset`` gets: ``head`` when given, else the data's label kind
+    (None for softmax labels: build_model's default, which reads a one-logit network as binary).
+    HeadError/DataError in one line for a head the labels cannot train (multilabel labels need a
+    multilabel head and the reverse; binary needs two classes)."""
+    from ..models.outputs import BINARY, MULTILABEL, HeadError, check_head
+
+    kind = getattr(dataset, "label_kind", "softmax")
+    given = check_head(head)
+    head = given or kind
+    if (head == MULTILABEL) != (kind == MULTILABEL):
+        raise DataError(f"the head {head} cannot be trained on {kind} labels ({short_list(dataset.classes)}): "
+                        "multi-label data trains a multilabel head and only it")
+    if head == BINARY and dataset.num_classes != 2:
+        raise HeadError(f"is binary (one logit) but the data has {dataset.num_classes} classes "
+                        f"({short_list(dataset.classes)})")
+    return head if given or head != "softmax" else None
+
+
 def _named_classes(dataset: AuditDataset) -> bool:
     """Whether the dataset's class names mean something by themselves: declared (dataset.json, the
     classes option, a built-in dataset) or not all integers. Numbers inferred from integer labels only
@@ -178,6 +197,7 @@ def train_model(
     on_epoch=None,
     data_name: str | None = None,
     output: str | int | None = None,
+    head: str | None = None,
 ) -> TrainedModel:
     """A randomly initialised ``arch`` trained with cross-entropy on ``variant`` of ``split`` of ``dataset``
     (multi-label data: a multilabel head, K sigmoids, trained with BCE-with-logits, ``pos_weight`` per
@@ -192,7 +212,9 @@ def train_model(
     epoch (None to skip). The seed (``config.seed``) fixes the initial weights, the fraction and
     the data order. ``on_start(model, train_set, variant)`` is called once everything is checked,
     before the first step. ``output``: which part of the network's output is the logits (a key or
-    index; auditkit/models/outputs.py), stored in the model. Raises ParameterError/DataError/ModelError
+    index; auditkit/models/outputs.py), stored in the model. ``head``: softmax, binary (one logit,
+    BCE-with-logits as the two-class view's cross-entropy) or multilabel; default: the data's label
+    kind (binary data, e.g. builtin:binary-mnist, trains a one-logit model). Raises ParameterError/DataError/ModelError
     for bad values."""
     config = config or TrainConfig()
     config.validate()
@@ -220,7 +242,7 @@ def train_model(
     model = build_model(arch, num_classes=dataset.num_classes, in_channels=dataset.channels,
                         input_size=dataset.image_size, class_names=dataset.classes, target_layers=layers,
                         mean=mean, std=std, normalization=source, output=output,
-                        head="multilabel" if dataset.label_kind == "multilabel" else None)
+                        head=training_head(dataset, head))
     if on_start is not None:
         on_start(model, train_set, chosen_variant)
     start = time.perf_counter()
