@@ -26,10 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .layer_names import _is_compiled, resolve_layers  # not .zoo: zoo imports presets, which imports this file
+from .layer_names import CALL_MARK, _is_compiled, call_name, resolve_layers, split_call  # noqa: F401 (re-exported)  # not .zoo: zoo imports presets, which imports this file
 from .tokens import MapViews
 
-CALL_MARK = "#"  # "block#2": the second call of module "block"
 
 
 class ModifiedInPlace(ModelError):
@@ -42,23 +41,6 @@ class ModifiedInPlace(ModelError):
             "ReLU(inplace=True)), so it cannot be captured as the layer gave it; capture the module that "
             "modifies it, or make that operation out of place"
         )
-
-
-def split_call(name: str) -> tuple[str, int | None]:
-    """``("block", 2)`` for ``"block#2"``, ``("block", None)`` for a bare ``"block"``; ModelError in
-    one line for a call that is not a whole number from 1."""
-    module, mark, call = str(name).strip().rpartition(CALL_MARK)
-    if not mark:
-        return call, None
-    if not call.isdigit() or int(call) < 1:
-        raise ModelError(f"layer '{name}': after '{CALL_MARK}' comes the number of the call, counted from 1 "
-                         f"(e.g. '{module}{CALL_MARK}1' for its first call)")
-    return module, int(call)
-
-
-def call_name(module: str, call: int | None) -> str:
-    """The layer name of ``module``'s ``call`` (the bare module name for None)."""
-    return module if call is None else f"{module}{CALL_MARK}{call}"
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

@@ -96,3 +96,23 @@ def resolve_layers(model: nn.Module, names: str | Sequence[str]) -> list[str]:
             raise ModelError(f"layer '{full}' is listed twice")
         resolved.append(full)
     return resolved
+
+
+CALL_MARK = "#"  # "block#2": the second call of module "block"
+
+
+def split_call(name: str) -> tuple[str, int | None]:
+    """``("block", 2)`` for ``"block#2"``, ``("block", None)`` for a bare ``"block"``; ModelError in
+    one line for a call that is not a whole number from 1."""
+    module, mark, call = str(name).strip().rpartition(CALL_MARK)
+    if not mark:
+        return call, None
+    if not call.isdigit() or int(call) < 1:
+        raise ModelError(f"layer '{name}': after '{CALL_MARK}' comes the number of the call, counted from 1 "
+                         f"(e.g. '{module}{CALL_MARK}1' for its first call)")
+    return module, int(call)
+
+
+def call_name(module: str, call: int | None) -> str:
+    """The layer name of ``module``'s ``call`` (the bare module name for None)."""
+    return module if call is None else f"{module}{CALL_MARK}{call}"

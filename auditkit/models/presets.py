@@ -67,7 +67,10 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .hooks import call_name, calls_problem, split_call
+from .hooks import calls_problem
+from .layer_names import call_name, split_call
+from .probing import ProbeFailed, _hw, network_size, run_probe
+from .tokens import is_transformer, probe_layouts, probe_shapes, sequence_grid
 
 PROBE_SIZE = 224
 #: Sizes tried after the model's own size and minimum when a network does not run at PROBE_SIZE:
@@ -90,40 +93,6 @@ def _has_conv(module: nn.Module) -> bool:
 def _is_block(module: nn.Module) -> bool:
     """A container of layers that holds a convolution (a bare Conv2d is a layer, not a block)."""
     return not isinstance(module, nn.Conv2d) and len(module._modules) > 0 and _has_conv(module)
-
-
-class ProbeFailed(ModelError):
-    """The network's forward pass failed on a probe image of ``size`` (H, W)."""
-
-    def __init__(self, net: nn.Module, size: tuple[int, int], reason: str) -> None:
-        self.size, self.reason = size, reason
-        super().__init__(f"{type(net).__name__} failed on a {size[0]}x{size[1]} probe image ({reason})")
-
-
-def _hw(size) -> tuple[int, int]:
-    """(H, W) of a size given as one side or a pair."""
-    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
-
-
-def _run_probe(net: nn.Module, in_channels: int, size) -> None:
-    """One no-grad eval-mode forward pass of a zero image of ``size`` (the net's mode restored);
-    ProbeFailed in one line when the network fails on it."""
-    height, width = _hw(size)
-    was_training = net.training
-    parameter = next(iter(net.parameters()), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    try:
-        net.eval()
-        with torch.no_grad():
-            net(torch.zeros(1, in_channels, height, width, device=device, dtype=dtype))
-    except ModelError:  # auditkit's own one line (an AuditModel's output check): as it is
-        raise
-    except Exception as error:  # noqa: BLE001 - any failure of the user's network: one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ProbeFailed(net, (height, width), first[:160]) from error
-    finally:
-        net.train(was_training)
 
 
 def probe(net: nn.Module, in_channels: int, size=PROBE_SIZE, tokens: dict | None = None) -> dict[str, tuple[int, int]]:
@@ -150,7 +119,7 @@ def probe(net: nn.Module, in_channels: int, size=PROBE_SIZE, tokens: dict | None
         if name:
             handles.append(module.register_forward_hook(record(name)))
     try:
-        _run_probe(net, in_channels, size)
+        run_probe(net, in_channels, size)
     finally:
         for handle in handles:
             handle.remove()
@@ -168,16 +137,6 @@ def probe_sizes(input_size=None, min_input_size: int = 1) -> list[tuple[int, int
         sizes.append(network_size(input_size, minimum))
     sizes += [_hw(minimum)] + [_hw(side) for side in FALLBACK_SIZES if side >= minimum]
     return list(dict.fromkeys(sizes))
-
-
-def network_size(input_size, min_input_size: int = 1) -> tuple[int, int]:
-    """The (H, W) a network sees for images of ``input_size``: a shorter side below
-    ``min_input_size`` is brought up to it, keeping the aspect ratio (AuditModel's upsampling rule)."""
-    height, width = _hw(input_size)
-    minimum, shorter = max(1, int(min_input_size)), min(height, width)
-    if shorter >= minimum:
-        return height, width
-    return -(-height * minimum // shorter), -(-width * minimum // shorter)  # integer ceil
 
 
 def discover_presets_at(net: nn.Module, in_channels: int, sizes,
@@ -282,7 +241,6 @@ def transformer_presets(net: nn.Module, in_channels: int, size=PROBE_SIZE) -> Pr
     """The presets of a recognised vision transformer (ViT or Swin, module docstring) from probe
     passes at ``size`` (and twice it, for a Swin's layouts); None for a network that is not one
     (the CNN rules then apply). ProbeFailed when the network fails at ``size``."""
-    from .tokens import is_transformer, probe_layouts, probe_shapes, sequence_grid
 
     if not is_transformer(net):
         return None
@@ -290,7 +248,7 @@ def transformer_presets(net: nn.Module, in_channels: int, size=PROBE_SIZE) -> Pr
     if vit is not None:
         shapes = probe_shapes(net, in_channels, _hw(size))
         if shapes is None:
-            _run_probe(net, in_channels, size)  # raises the network's one-line failure
+            run_probe(net, in_channels, size)  # raises the network's one-line failure
         return _vit_presets(net, vit, shapes)
     shapes, layouts = probe_layouts(net, in_channels, _hw(size))
     return _swin_presets(net, shapes, layouts)
@@ -411,7 +369,7 @@ def receptive_fields(net: nn.Module, layers, in_channels: int, size) -> list[flo
             finished.clear()
             times.clear()
             try:
-                _run_probe(net, in_channels, ran)
+                run_probe(net, in_channels, ran)
                 break
             except ProbeFailed:
                 if attempt == len(sizes) - 1:

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .layer_names import call_name, split_call
+from .probing import ProbeFailed, network_size, run_probe
 
 # Module class names of transformers: torchvision's and timm's VisionTransformer, Swin's WindowAttention,
 # EVA's EvaAttention, MaxViT's PartitionAttentionCl, a plain "Attention" block: any class name with
@@ -190,8 +192,6 @@ def network_of(model: nn.Module) -> tuple[nn.Module, str, int, tuple[int, int]]:
     """(the network, the prefix of its layer names in ``model``, its in_channels, the (H, W) to probe
     it at): an AuditModel's ``net`` at the size it sees, else ``model`` at the size its ViT or
     patch embedding states (None when none: :data:`PROBE_SIZES` are tried)."""
-    from .presets import network_size  # deferred: presets imports hooks, which imports this file
-
     meta = getattr(model, "meta", None)
     if meta is not None and isinstance(getattr(model, "net", None), nn.Module):
         seen = network_size(meta.input_size, getattr(model, "min_input_size", 1))
@@ -212,9 +212,6 @@ def probe_shapes(net: nn.Module, in_channels: int, size: tuple[int, int],
     """{layer name ("name" or "name#k" for a module run several times): output shape} of the tensor
     outputs of ``modules`` (default: all of ``net``'s, by name) in one probe pass at ``size``; None
     when the network fails there."""
-    from .hooks import call_name
-    from .presets import ProbeFailed, _run_probe
-
     modules = modules if modules is not None else {n: m for n, m in net.named_modules() if n}
     found: list[tuple[str, int, tuple[int, ...]]] = []
     calls: dict[str, int] = {}
@@ -228,7 +225,7 @@ def probe_shapes(net: nn.Module, in_channels: int, size: tuple[int, int],
 
     handles = [module.register_forward_hook(record(name)) for name, module in modules.items()]
     try:
-        _run_probe(net, in_channels, size)
+        run_probe(net, in_channels, size)
     except ProbeFailed:
         return None
     finally:
@@ -254,17 +251,13 @@ def probe_layouts(net: nn.Module, in_channels: int,
     it runs at) and at :func:`second_size` (which a network of one fixed size fails: then its 4-D
     layers other than convolutions and poolings are left unread, with the reason). ProbeFailed in
     one line when it fails at ``size`` (at all of PROBE_SIZES)."""
-    from .hooks import split_call
-
     shapes = None
     for size in [size] if size is not None else PROBE_SIZES:
         shapes = probe_shapes(net, in_channels, size)
         if shapes is not None:
             break
     if shapes is None:
-        from .presets import _run_probe
-
-        _run_probe(net, in_channels, size)  # raises the network's own one-line failure at its size
+        run_probe(net, in_channels, size)  # raises the network's own one-line failure at its size
     sizes = [size, second_size(size)]
     later = probe_shapes(net, in_channels, sizes[1]) or {}
     found = {}
@@ -289,8 +282,6 @@ class MapViews:
     adds the pre-hooks that record the (H, W) each ViT receives (the grid of the current input)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        from .hooks import split_call
-
         self.layouts: list[Layout | None] = [None] * len(names)
         self.owners: list[tuple[nn.Module | None, SequenceGrid | None]] = [(None, None)] * len(names)
         self.names = list(names)
