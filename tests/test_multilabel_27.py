@@ -28,12 +28,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 import auditkit.audit
-from auditkit.cli import app
 
-runner = CliRunner()
+from .test_binary_head_27 import flat, invoke  # the CLI helpers both files use
+
 FINDINGS = ("effusion", "nodule", "pneumothorax")
 TRACKED = 2  # the marker tracks pneumothorax
 MODULE = "ml27_user_net"
@@ -198,14 +197,6 @@ def arch(factory):
     return ["--arch", f"{MODULE}:{factory}", "--normalize", "none"]
 
 
-def flat(text):
-    return " ".join(text.split())
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 def one_error_line(result) -> str:
