@@ -186,10 +186,19 @@ def test_a_compiled_models_state_dict_reports_the_files_sizes(tmp_path):
     assert (loaded.meta.in_channels, loaded.meta.num_classes) == (1, 7)
 
 
-@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "maxvit_t", "timm:vit_tiny_patch16_224"])
-def test_vision_transformers_are_refused_in_one_line(name):
-    result = runner.invoke(app, ["models", name])
-    assert result.exit_code == 2 and "vision transformer" in result.output and "not supported yet" in result.output
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "timm:vit_tiny_patch16_224"])
+def test_vision_transformers_are_listed_with_their_presets(name):
+    # Issue 25: ViTs are supported (token maps, AttnLRP); they were refused before it.
+    result = runner.invoke(app, ["models", name, "--json", "-"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert "vision transformer" in row["notes"] and "presets found" in row["notes"]
+    assert row["tap_layers"] and row["gradcam_layer"], row
+
+
+def test_maxvit_is_refused_in_one_line():
+    result = runner.invoke(app, ["models", "maxvit_t"])
+    assert result.exit_code == 2 and "MaxViT builds its attention for one fixed input size" in result.output
 
 
 def test_found_presets_equal_the_hand_presets():
