@@ -60,10 +60,11 @@ from .checkpoint_files import (  # noqa: F401  (re-exported: the public names of
     _torchscript_refused,
     _unreadable,
     align_keys,
-    checkpoint_format,
+    CONFIG,
     describe_keys,
     find_state_dict,
-    read_checkpoint_meta,
+    file_format,
+    read_file_meta,
 )
 from .normalization import (
     Normalization,
@@ -524,3 +525,32 @@ def _settle_normalization(path: Path, model: AuditModel, normalize: Any, record,
     if is_assumed(model):
         reason = "saved by auditkit with an assumed normalisation" if has_meta else "the file records none"
         warnings.warn(assumed_warning(model, path.name, reason), stacklevel=3)
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """What the checkpoint at ``path`` is, in words: a model folder's kind, class and weights files
+    (auditkit/models/folders.py), else the file's format read from its content ("safetensors",
+    "PyTorch zip archive (torch.save)", "TorchScript archive (torch.jit.save)", "pickle stream (legacy
+    torch.save)"); CheckpointError for a missing file, another folder or another format."""
+    from .folders import folder_format, is_model_folder
+
+    return folder_format(path) if is_model_folder(path) else file_format(path)
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The auditkit metadata of a checkpoint without building the model; {} for a bare state_dict; for a
+    model folder, what it records under ``extra["model_folder"]`` (auditkit/models/folders.py), with
+    what auditkit wrote there (a repair's summary, AUDITKIT_RECORD). For safetensors only the header is
+    read; pickled files are refused as in :func:`load_checkpoint` without ``trust_pickle``."""
+    from .folders import AUDITKIT_RECORD, is_model_folder, read_folder
+
+    path = Path(path)
+    if not is_model_folder(path):
+        return read_file_meta(path)
+    extra: dict[str, Any] = {}
+    if (path / AUDITKIT_RECORD).is_file():
+        try:
+            extra = dict(json.loads((path / AUDITKIT_RECORD).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            extra = {}
+    return {"extra": {**extra, "model_folder": read_folder(path).facts()}}

@@ -25,6 +25,25 @@ from torch import nn
 from .._version import __version__
 from ..errors import CheckpointError, ParameterError
 
+# A model folder (Hugging Face or timm; auditkit/models/folders.py reads it) is a folder with this file.
+CONFIG = "config.json"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder with a ``config.json`` (a Hugging Face or timm model folder)."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+def hub_id_message(path: str | Path) -> str | None:
+    """The one line for a path that does not exist but reads like a hub id (``org/name``), else None."""
+    text = str(path)
+    if Path(text).exists() or text.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(text):
+        return None
+    return (f"{text} does not exist here; it reads like a Hugging Face hub id, and auditkit never downloads: "
+            f"fetch it first (huggingface-cli download {text} --local-dir DIR) and give the folder DIR")
+
 FORMAT_VERSION = 1
 _META_KEY = "auditkit"
 _FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".ckpt": "torch", ".bin": "torch"}
@@ -151,16 +170,11 @@ def _sniff(path: Path) -> str:
                             "use .safetensors (recommended), .pt or .pth")
 
 
-def checkpoint_format(path: str | Path) -> str:
-    """What the checkpoint file at ``path`` is, read from its content, in words (a model folder: its kind,
-    class and weights files; "safetensors",
+def file_format(path: str | Path) -> str:
+    """What the checkpoint file at ``path`` is, read from its content, in words ("safetensors",
     "PyTorch zip archive (torch.save)", "TorchScript archive (torch.jit.save)", "pickle stream (legacy
     torch.save)"); CheckpointError for a missing file, a folder or another format."""
     path = Path(path)
-    from .folders import folder_format, is_model_folder
-
-    if is_model_folder(path):
-        return folder_format(path)
     _check_readable_file(path)
     return FORMAT_NAMES[_sniff(path)]
 
@@ -191,8 +205,6 @@ def _check_readable_file(path: Path) -> None:
     """CheckpointError (one line) unless ``path`` is a non-empty regular file; a folder is told what
     to bring instead, naming the weights files inside it."""
     if not path.exists():
-        from .folders import hub_id_message
-
         raise CheckpointError(hub_id_message(path) or f"{path}: no such file")
     if path.is_dir():
         found = _weights_files_in(path)
@@ -350,26 +362,13 @@ def _no_weights_message(path: Path, payload: Any) -> str:
     return f"{path} holds a {type(payload).__name__}, neither an auditkit checkpoint nor weights"
 
 
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The auditkit metadata of a checkpoint without building the model; {} for a bare state_dict; for a
-    model folder, what it records under ``extra["model_folder"]`` (auditkit/models/folders.py).
+def read_file_meta(path: str | Path) -> dict[str, Any]:
+    """The auditkit metadata of a checkpoint file without building the model; {} for a bare state_dict.
 
     For safetensors only the header is read. Pickled files are refused as in
     :func:`load_checkpoint` without ``trust_pickle``.
     """
     path = Path(path)
-    from .folders import is_model_folder, read_folder
-
-    if is_model_folder(path):  # no auditkit metadata: what the folder says, under extra
-        from .folders import AUDITKIT_RECORD
-
-        extra: dict[str, Any] = {}
-        if (path / AUDITKIT_RECORD).is_file():  # what auditkit wrote there (a repair's summary)
-            try:
-                extra = dict(json.loads((path / AUDITKIT_RECORD).read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError):
-                extra = {}
-        return {"extra": {**extra, "model_folder": read_folder(path).facts()}}
     _check_readable_file(path)
     fmt = _format_of(path)
     if fmt == SAFETENSORS:

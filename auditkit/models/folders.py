@@ -52,17 +52,16 @@ from torch import nn
 from ..errors import CheckpointError
 from .normalization import Normalization, PRESETS, assumed_warning, parse_normalize, set_normalization
 from .outputs import BINARY, MULTILABEL, SOFTMAX
+from .checkpoint_files import CONFIG, _torch_load, find_state_dict, hub_id_message, is_model_folder  # noqa: F401
 from .zoo import AuditModel, ModelMeta
 
 HF, TIMM = "hf", "timm"
 EXTRA = "auditkit[hf]"
-CONFIG = "config.json"
 PREPROCESSOR = "preprocessor_config.json"
 # Weights files, preferred first (an index names the shards of a sharded save).
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _DEFAULT_LABEL = re.compile(r"LABEL_\d+")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -71,21 +70,6 @@ def _refuse(path: Path, why: str) -> CheckpointError:
 
 
 # --------------------------------------------------------------------------- what a folder is
-
-
-def is_model_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder with a ``config.json`` (a Hugging Face or timm model folder)."""
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG).is_file()
-
-
-def hub_id_message(path: str | Path) -> str | None:
-    """The one line for a path that does not exist but reads like a hub id (``org/name``), else None."""
-    text = str(path)
-    if Path(text).exists() or text.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(text):
-        return None
-    return (f"{text} does not exist here; it reads like a Hugging Face hub id, and auditkit never downloads: "
-            f"fetch it first (huggingface-cli download {text} --local-dir DIR) and give the folder DIR")
 
 
 @dataclass(frozen=True)
@@ -458,8 +442,6 @@ def _timm_network(folder: ModelFolder, state_dict: dict[str, torch.Tensor] | Non
 
 def _read_weights(folder: ModelFolder) -> dict[str, torch.Tensor]:
     """The state_dict of a timm folder: safetensors, or torch.load(weights_only=True) (never unpickling)."""
-    from .checkpoint_files import _torch_load
-
     file = folder.path / folder.weights[0]
     if file.name.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -467,8 +449,6 @@ def _read_weights(folder: ModelFolder) -> dict[str, torch.Tensor]:
         return load_file(str(file), device="cpu")
     _refuse_pickled_weights(folder)
     payload = _torch_load(file, trust_pickle=False)
-    from .checkpoint_files import find_state_dict
-
     state, _ = find_state_dict(payload)
     if state is None:
         raise _refuse(folder.path, f"{file.name} holds no state_dict")
