@@ -69,9 +69,10 @@ def images_for(rng, labels, marker):
     return np.clip(images, 0, 1)
 
 
-def shortcut_data(folder, seed=0, n_train=800, n_test=300):
+def shortcut_data(folder, seed=0, n_train=800, n_test=300, n_val=None, name="xray.npz"):
     """An .npz with train/val (contaminated) and test (contaminated, permuted, clean) splits, masks of the
-    marker's corner on every image, classes normal, pneumonia. Returns (path, arrays)."""
+    marker's corner on every image, classes normal, pneumonia (``n_val``: default n_test // 2). Returns
+    (path, arrays)."""
     rng = np.random.default_rng(seed)
     parts = {"images": [], "labels": [], "variants": [], "splits": []}
 
@@ -81,7 +82,7 @@ def shortcut_data(folder, seed=0, n_train=800, n_test=300):
         parts["variants"] += [variant] * len(labels)
         parts["splits"] += [split] * len(labels)
 
-    for split, n in (("train", n_train), ("val", n_test // 2)):
+    for split, n in (("train", n_train), ("val", n_test // 2 if n_val is None else n_val)):
         labels = rng.integers(0, 2, n)
         add(split, "contaminated", labels, labels == 1)
     labels = rng.integers(0, 2, n_test)
@@ -93,7 +94,7 @@ def shortcut_data(folder, seed=0, n_train=800, n_test=300):
     masks[:, :4, :4] = 1
     arrays = dict(images=images, labels=np.concatenate(parts["labels"]), masks=masks,
                   variants=np.array(parts["variants"]), splits=np.array(parts["splits"]), classes=np.array(CLASSES))
-    path = folder / "xray.npz"
+    path = folder / name
     np.savez(path, **arrays)
     return path, arrays
 

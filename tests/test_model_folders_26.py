@@ -13,7 +13,6 @@ import os
 import socket
 import sys
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -33,6 +32,8 @@ from transformers import (  # noqa: E402
 from auditkit.cli import app  # noqa: E402
 from auditkit.errors import CheckpointError  # noqa: E402
 from auditkit.models.loading import ReadOptions, load_model  # noqa: E402
+
+from .test_binary_head_27 import shortcut_data  # noqa: E402  (one generator of the shortcut data)
 
 runner = CliRunner()
 CLASSES = ("normal", "pneumonia")
@@ -78,38 +79,9 @@ def hf_folder(path, kind="vit", preprocessor=True, seed=0, **extra):
 
 def shortcut_npz(path, n_train=64, n_test=16, seed=0):
     """16x16 grey images: a faint vertical (class 1) or horizontal (class 0) bar, and a bright 4x4
-    corner marker on class 1 in the contaminated variant (the mask marks the corner)."""
-    rng = np.random.default_rng(seed)
-    parts = {"images": [], "labels": [], "variants": [], "splits": []}
-
-    def add(split, variant, labels, marker):
-        images = rng.normal(0.3, 0.1, (len(labels), 16, 16))
-        for k, label in enumerate(labels):
-            at = rng.integers(5, 11)
-            if label:
-                images[k, 4:12, at] += 0.15
-            else:
-                images[k, at, 4:12] += 0.15
-            if marker[k]:
-                images[k, :4, :4] = 1.0
-        parts["images"].append(np.clip(images, 0, 1))
-        parts["labels"].append(labels)
-        parts["variants"] += [variant] * len(labels)
-        parts["splits"] += [split] * len(labels)
-
-    for split, n in (("train", n_train), ("val", n_test)):
-        labels = rng.integers(0, 2, n)
-        add(split, "contaminated", labels, labels == 1)
-    labels = rng.integers(0, 2, n_test)
-    add("test", "contaminated", labels, labels == 1)
-    add("test", "permuted", labels, rng.integers(0, 2, n_test) == 1)
-    add("test", "clean", labels, np.zeros(n_test, bool))
-    images = np.round(np.concatenate(parts["images"]) * 255).astype(np.uint8)
-    masks = np.zeros_like(images)
-    masks[:, :4, :4] = 1
-    np.savez(path, images=images, labels=np.concatenate(parts["labels"]), masks=masks,
-             variants=np.array(parts["variants"]), splits=np.array(parts["splits"]), classes=np.array(CLASSES))
-    return path
+    corner marker on class 1 in the contaminated variant (the mask marks the corner): the binary-head
+    tests' data (one generator), at the small sizes these tests need."""
+    return shortcut_data(path.parent, seed, n_train, n_test, n_val=n_test, name=path.name)[0]
 
 
 @pytest.fixture(scope="module")
