@@ -660,15 +660,19 @@ def test_oracle_eps_matters():
 # ================================================================================================
 
 
+def _assert_matches_oracle(model, params, eps, what):
+    x, targets = _inputs(), _targets(3, 2)
+    want, want_logits = oracle_relevance(params, x, targets, eps)
+    got, logits = _attn_lrp()(model, x, targets, epsilon=eps, create_graph=False)
+    torch.testing.assert_close(logits.detach(), want_logits.detach(), rtol=1e-12, atol=1e-12)
+    _assert_maps_close(got.detach(), want.detach(), what)
+
+
 @pytest.mark.parametrize("eps", EPSILONS)
 @pytest.mark.parametrize(("pool", "init_values", "fused"), TIMM_VARIANTS)
 def test_timm_matches_oracle(pool, init_values, fused, eps):
     model = make_timm(pool, init_values, fused)
-    x, targets = _inputs(), _targets(3, 2)
-    want, want_logits = oracle_relevance(params_timm(model), x, targets, eps)
-    got, logits = _attn_lrp()(model, x, targets, epsilon=eps, create_graph=False)
-    torch.testing.assert_close(logits.detach(), want_logits.detach(), rtol=1e-12, atol=1e-12)
-    _assert_maps_close(got.detach(), want.detach(), f"timm {pool} ls={init_values} fused={fused} eps={eps}")
+    _assert_matches_oracle(model, params_timm(model), eps, f"timm {pool} ls={init_values} fused={fused} eps={eps}")
 
 
 @pytest.mark.parametrize("eps", EPSILONS)
@@ -683,11 +687,7 @@ def test_timm_fused_equals_explicit(pool, init_values, eps):
 @pytest.mark.parametrize("eps", EPSILONS)
 def test_torchvision_matches_oracle(eps):
     model = make_torchvision()
-    x, targets = _inputs(), _targets(3, 2)
-    want, want_logits = oracle_relevance(params_torchvision(model), x, targets, eps)
-    got, logits = _attn_lrp()(model, x, targets, epsilon=eps, create_graph=False)
-    torch.testing.assert_close(logits.detach(), want_logits.detach(), rtol=1e-12, atol=1e-12)
-    _assert_maps_close(got.detach(), want.detach(), f"torchvision eps={eps}")
+    _assert_matches_oracle(model, params_torchvision(model), eps, f"torchvision eps={eps}")
 
 
 @pytest.mark.parametrize("eps", EPSILONS)
