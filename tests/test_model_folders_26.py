@@ -204,8 +204,11 @@ def test_timm_folder_inspect_audit_repair_audit(data, tmp_path):
     audit(folder, data, tmp_path / "before.json", "gradient,lrp_epsilon")
     out = tmp_path / "timm-repaired"
     invoke("repair", folder, "--data", data, "--method", "tap", "--epochs", "1", "--audit-methods", "gradient",
-           "--audit-split", "none", "--device", "cpu", "--quiet", "--out", out)
+           "--audit-split", "none", "--device", "cpu", "--quiet", "--out", out,
+           "--also-checkpoint", tmp_path / "timm-repaired.safetensors")
     audit(out, data, tmp_path / "after.json")
+    with torch.no_grad():  # auditkit's own checkpoint of the same repaired network, beside the folder
+        assert torch.allclose(load_model(tmp_path / "timm-repaired.safetensors")(x), load_model(out)(x), atol=1e-6)
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "test_resnet" and config["label_names"] == list(CLASSES)
     assert config["pretrained_cfg"]["mean"] == [MEAN] and config["pretrained_cfg"]["input_size"] == [1, 16, 16]

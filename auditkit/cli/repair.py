@@ -124,6 +124,10 @@ def repair(
     json_path: JsonOption = None,
     classes: ClassesOption = None,
     masks_mark: MasksMarkOption = None,
+    also_checkpoint: Annotated[
+        Optional[Path], typer.Option(help="A model folder's repair: also write auditkit's own checkpoint here "
+                                          "(.safetensors, .pt or .pth) beside the repaired folder.")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune a checkpoint so it stops relying on the annotated signal, then audit before and after.
@@ -157,7 +161,7 @@ def repair(
         audit_split=audit_split, audit_methods=tuple(m for m in audit_methods.split(",") if m),
         judge=fail_on_shortcut, max_accuracy_drop=max_accuracy_drop, resume=resume, overwrite=force,
         classes=classes, reading=ReadOptions(arch, trust_pickle, normalize, output, head=head), seed=seed,
-        device=device, precision=precision, mask_meaning=masks_mark)
+        device=device, precision=precision, mask_meaning=masks_mark, also_checkpoint=also_checkpoint)
     console = Console()
 
     def attempt(row) -> None:
