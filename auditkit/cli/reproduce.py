@@ -12,7 +12,7 @@ from ._common import DeviceOption, JsonOption, PrecisionOption, QuietOption, han
 
 @handles_errors
 def reproduce(
-    name: Annotated[str, typer.Argument(help="table9, table12, colored or kinds.")],
+    name: Annotated[str, typer.Argument(help="table9, table12, colored, kinds or multilabel.")],
     seeds: Annotated[int, typer.Option(help="Number of seeds (0, 1, ...); the tables use 5 (kinds: 3).")] = 5,
     first_seed: Annotated[int, typer.Option(help="The first seed: runs seeds FIRST ... FIRST+SEEDS-1 (to spread "
                                                  "seeds over processes or machines).")] = 0,
