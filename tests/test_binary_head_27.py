@@ -375,6 +375,24 @@ def test_auditkit_train_on_binary_data_gives_a_one_logit_model(tmp_path):
     assert model.meta.head == "binary" and model.meta.class_names == ("other", "seven")
     assert model.net(torch.zeros(2, 1, 28, 28)).shape == (2, 1)  # one logit per image
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 2)  # the two-class view
+    # ... and goes evaluate -> audit -> repair -> audit like any checkpoint (one epoch on a tenth: the
+    # verdicts are not asserted, the head and the chain are).
+    result = invoke("evaluate", out, "--data", "builtin:binary-mnist", "--device", "cpu")
+    assert result.exit_code == 0 and "contaminated" in result.output, result.output
+    audited = tmp_path / "before.json"
+    result = invoke("audit", out, "--data", "builtin:binary-mnist", "--methods", "gradient", "--no-counterfactuals",
+                    "--device", "cpu", "--json", audited)
+    assert result.exit_code == 0, result.output
+    report = json.loads(audited.read_text())
+    assert report["checkpoint"]["head"] == "binary" and "one logit" in report["explained"]
+    repaired = tmp_path / "repaired.safetensors"
+    result = invoke("repair", out, "--data", "builtin:binary-mnist", "--method", "tap", "--epochs", "1",
+                    "--audit-split", "none", "--device", "cpu", "--quiet", "--out", repaired)
+    assert result.exit_code == 0, result.output
+    assert load_model(repaired).meta.head == "binary"
+    result = invoke("audit", repaired, "--data", "builtin:binary-mnist", "--methods", "gradient",
+                    "--no-counterfactuals", "--device", "cpu")
+    assert result.exit_code == 0, result.output
     for data, head, message in [("builtin:decoy-mnist", "binary", "binary (one logit) but the data has 10 classes"),
                                 ("builtin:binary-mnist", "multilabel", "cannot be trained on binary labels")]:
         bad = runner.invoke(app, ["train", "--data", data, "--arch", "tap-cnn", "--epochs", "1", "--head", head,
