@@ -260,6 +260,9 @@ def test_plain_multilabel_model_inspect_evaluate_audit_repair_audit(world, tmp_p
     schema_check(before)
     per = findings_of(before)
     assert before["verdict"]["label"] == "reliant" and before["verdict"]["reliant_findings"] == ["pneumothorax"]
+    page = auditkit.audit.render_html(before)  # the report per finding: a table and a plot each
+    for name in FINDINGS:
+        assert f"AUROC of {name} per variant</p><svg" in page, name
     # The marker raises the negatives that carry it in the permuted variant (on clean data, without any
     # marker, the faint line alone ranks the images).
     assert per["pneumothorax"]["auroc_gap"]["permuted"]["value"] > 0.05 and per["pneumothorax"]["auroc_gap"][

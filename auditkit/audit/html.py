@@ -318,6 +318,10 @@ def _findings_section(report: dict) -> list[str]:
                        f"<td>{_interval(m['sensitivity'])}</td><td>{_interval(m['specificity'])}</td>"
                        f"<td>{m['positives']}/{m['samples']}</td></tr>")
         out.append("</table>")
+        # The plot per finding: its AUROC per variant with intervals, on the task plot's 0..1 axis.
+        aurocs = {"task": {"per_variant": {v: m["auroc"] for v, m in entry["per_variant"].items()},
+                           "higher_is_better": True}}
+        out.append(f"<p class=muted>AUROC of {html.escape(entry['name'])} per variant</p>" + metric_plot({"": aurocs}))
     return out
 
 
