@@ -257,6 +257,16 @@ def test_tap_default_lambda_is_lower_with_teacher_masks():
                                        annotation=AnnotationConfig(tau=0.1))) == METHODS["rrr"].default_lambda
 
 
+def test_tap_default_lambda_on_a_vision_transformer_is_its_measured_one():
+    from auditkit.models import build_model
+    from auditkit.repair import default_lambda
+
+    vit, cnn = build_model("vit-digits", 10, 1, (28, 28)), build_model("tap-cnn", 10, 1, (28, 28))
+    assert default_lambda(RepairConfig(method="tap"), vit) == METHODS["tap"].transformer_lambda == 1.0
+    assert default_lambda(RepairConfig(method="tap"), cnn) == 0.1
+    assert default_lambda(RepairConfig(method="rrr"), vit) == METHODS["rrr"].default_lambda  # none measured
+
+
 def test_a_new_method_is_one_spec_and_run_repair_reads_nothing_else(digits, digits_models, monkeypatch, tmp_path):
     """The runner and the CLI take any MethodSpec from the registry: a method defined in one place
     (here a test's spec, in a real one a file of auditkit/repair/methods/) runs end to end."""

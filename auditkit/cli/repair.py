@@ -53,7 +53,8 @@ def repair(
                                                "until one leaves the model not reliant on validation data.")] = "tap",
     lam: Annotated[
         str, typer.Option("--lambda", help="Weight of the explanation loss: a number, or auto (sweep). Default: TAP "
-                                           "0.1 (0.01 with teacher masks), RRR, Energy, TEA 1.")
+                                           "0.1 (0.01 with teacher masks, 1 on a vision transformer), RRR, Energy, "
+                                           "TEA 1.")
     ] = "default",
     epochs: Annotated[
         Optional[int], typer.Option(help="Epochs (default: TAP, RRR, Energy 3; TEA 30; MaskTune 1).")

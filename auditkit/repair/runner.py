@@ -88,10 +88,18 @@ class RepairConfig:
         self.training_config().validate()
 
 
-def default_lambda(config: RepairConfig) -> float:
+def default_lambda(config: RepairConfig, model=None) -> float:
+    """The method's λ when the user gave none: for teacher masks (TAP App. C), else for a vision
+    transformer's ``model`` where the method measured another (MethodSpec.transformer_lambda), else
+    its default."""
     spec = config.spec
     if config.annotation is not None and spec.teacher_mask_lambda is not None:
         return spec.teacher_mask_lambda
+    if spec.transformer_lambda is not None and model is not None:
+        from ..models.tokens import is_transformer
+
+        if is_transformer(getattr(model, "net", model)):
+            return spec.transformer_lambda
     return spec.default_lambda
 
 
@@ -334,7 +342,7 @@ def run_repair(
         before = run_audit(model, audit_data, config.audit, context=context) if audit_data is not None else None
         train, annotation = training_data(dataset, config, model, options, training, show_progress and context.is_main)
         sweep = []
-        lam = default_lambda(config) if config.lam == "default" else config.lam
+        lam = default_lambda(config, model) if config.lam == "default" else config.lam
         if lam == "auto":
             lam, options, sweep = sweep_lambda(model, train, validation_data(dataset, config, training.seed), config,
                                                options, training, context, show_progress and context.is_main)

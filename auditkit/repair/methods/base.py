@@ -37,6 +37,7 @@ class MethodSpec:
     options: type = NoOptions  # a frozen dataclass of the method's own options, with defaults
     training: dict = field(default_factory=dict)  # TrainConfig defaults (epochs, grad_clip, schedule)
     teacher_mask_lambda: float | None = None  # λ when the masks come from a teacher (TAP App. C)
+    transformer_lambda: float | None = None  # λ for a vision transformer's model, where it differs (measured)
     # (model, train data, options, mask_meaning, batch_size, device, show_progress) -> train data
     prepare_data: Callable | None = None
     # Masks that mark the other thing than ``masks`` (auditkit/data/meaning.py): why their complement
