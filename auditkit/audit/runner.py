@@ -40,6 +40,7 @@ from ..distributed import Context, gather
 from ..errors import AuditkitError, ParameterError
 from ..explain import METHODS, attribute
 from ..explain.defaults import EPSILON_AUDIT
+from ..training.classifier import check_label_kind  # one check of model head vs data labels
 from . import metrics as M
 from .records import ActivationShare, CheckpointSection, DataSection, RunSection, SampleRecord, SwapResult
 from .shared import (  # noqa: F401 (SCHEMA and AuditReport re-exported: auditkit.audit.runner names them)
@@ -257,20 +258,6 @@ def explained_output(meta) -> str:
     if head == "multilabel":
         return "each finding's logit z_k (sigmoid; present when z_k > 0)"
     return "the predicted class's logit"
-
-
-def _check_kinds(model, dataset: AuditDataset) -> bool:
-    """Whether the audit is per finding (a multilabel model on multilabel data); one line naming both
-    when only one of them is multilabel."""
-    head = getattr(model.meta, "head", "softmax")
-    kind = getattr(dataset, "label_kind", "softmax")
-    if (head == "multilabel") == (kind == "multilabel"):
-        return head == "multilabel"
-    from ..errors import DataError
-
-    raise DataError(f"the model's head is {head} ({model.meta.num_classes} outputs) but the data's labels are {kind} "
-                    f"({dataset.num_classes} {'findings' if kind == 'multilabel' else 'classes'}: "
-                    f"{', '.join(dataset.classes[:6])}); a multilabel model needs multilabel data and the reverse")
 
 
 @dataclass(frozen=True)
@@ -508,7 +495,7 @@ def run_audit(
     if len(dataset) == 0:
         raise AuditkitError("the audit data has no samples (check the split asked for)")
     meaning_of(dataset)  # a mask_meaning that names neither meaning fails here, in one line
-    if _check_kinds(model, dataset):  # K sigmoids: the audit per finding (audit/multilabel.py)
+    if check_label_kind(dataset, model.meta):  # K sigmoids: the audit per finding (audit/multilabel.py)
         from .multilabel import run_multilabel_audit
 
         was_training = model.training
