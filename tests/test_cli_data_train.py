@@ -260,3 +260,22 @@ def test_random_channel_shuffle_permutes_each_images_channels_on_its_own():
     # shift 0: nothing else
     assert torch.equal(augment_batch(images, config, torch.Generator().manual_seed(0)), shuffled)
     assert augment_batch(images, TrainConfig(), torch.Generator().manual_seed(0)) is images  # no augmentation asked
+
+
+def test_augment_batch_moves_each_mask_with_its_image():
+    # The annotation TAP/RRR/Energy penalise must follow the pixels: with the mask equal to the image,
+    # any shift, turn or zoom leaves them equal, and the images are those drawn without masks.
+    from auditkit.training import TrainConfig, augment_batch
+
+    images = torch.rand(16, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    config = TrainConfig(shift=2, rotate=30.0, scale=0.2)
+    moved, masks = augment_batch(images, config, torch.Generator().manual_seed(5), masks=images.clone())
+    assert not torch.allclose(moved, images)
+    assert torch.allclose(masks, moved, atol=1e-6)
+    alone = augment_batch(images, config, torch.Generator().manual_seed(5))
+    assert torch.allclose(alone, moved, atol=1e-6)
+    # Channel orders change the images only; a boolean mask keeps its dtype.
+    colour = torch.rand(8, 3, 6, 6)
+    flags = torch.rand(8, 1, 6, 6) > 0.5
+    _, kept = augment_batch(colour, TrainConfig(channel_shuffle=True), torch.Generator().manual_seed(0), masks=flags)
+    assert kept.dtype == torch.bool and torch.equal(kept, flags)

@@ -43,9 +43,18 @@ def random_channel_shuffle(images: torch.Tensor, generator: torch.Generator) -> 
     return images.gather(1, order[:, :, None, None].expand_as(images))
 
 
-def augment_batch(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
-    """The augmentation ``config`` (a TrainConfig) asks for."""
-    images = random_rotate_scale(images, config.rotate, config.scale, generator)
+def augment_batch(images: torch.Tensor, config, generator: torch.Generator,
+                  masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The augmentation ``config`` (a TrainConfig) asks for. With ``masks`` ((N, 1, H, W), the
+    annotations TAP, RRR and Energy penalise), each mask is moved by its image's own shift, turn and
+    zoom, and ``(images, masks)`` is returned: a mask left in place would mark pixels the shortcut has
+    moved away from. Channel orders change the images only."""
+    channels = images.shape[1]
+    both = images if masks is None else torch.cat([images, masks.to(images.dtype)], 1)
+    both = random_rotate_scale(both, config.rotate, config.scale, generator)
     if config.channel_shuffle:
-        images = random_channel_shuffle(images, generator)
-    return random_shift(images, config.shift, generator)
+        both = torch.cat([random_channel_shuffle(both[:, :channels], generator), both[:, channels:]], 1)
+    both = random_shift(both, config.shift, generator)
+    if masks is None:
+        return both
+    return both[:, :channels], both[:, channels:].to(masks.dtype)

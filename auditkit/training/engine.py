@@ -287,7 +287,7 @@ def _fit(model, train_set, objective, config, device, *, val_set, state_path, re
                     if len(mine) == 0:
                         mine = indices[:1]
                     batch = collate([train_set[int(i)] for i in mine])
-                    batch.images = augment_batch(batch.images, config, augment)
+                    batch.images, batch.masks = augment_batch(batch.images, config, augment, masks=batch.masks)
                     batch = batch.to(device)
                     with autocast(device, precision):
                         loss, task, explanation, logits = training_loss(model, batch, objective)
