@@ -132,7 +132,7 @@ def test_tap_step_over_a_plain_step(record, tokens):
         optimiser.step()
 
     def tap():
-        with capture_activations(model, objective.layers) as maps:
+        with capture_activations(model, objective.layers, rebuild=objective.rebuild_maps) as maps:
             logits = model(x)
         loss = nn.functional.cross_entropy(logits, labels) + 0.1 * objective.loss(model, batch, logits, maps)
         optimiser.zero_grad()

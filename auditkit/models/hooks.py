@@ -99,7 +99,7 @@ def calls_problem(layer: str, ran: int, earlier: int | None = None) -> str | Non
 @contextmanager
 def capture_activations(
     model: nn.Module, layer_names: str | Sequence[str], *, copy: Sequence[int] = (),
-    calls: dict[str, int] | None = None,
+    calls: dict[str, int] | None = None, rebuild: bool = True,
 ) -> Iterator[list[Any]]:
     """Yields a list that holds, after each forward pass of ``model``, the outputs of ``layer_names`` in that order.
 
@@ -118,8 +118,10 @@ def capture_activations(
     A transformer's layer gives its (N, C, gh, gw) map instead (:class:`.tokens.MapViews`: token
     sequences without prefix tokens on the grid of the current input, channels-last maps permuted;
     views of the output, so gradients flow; a sequence that is no grid raises ModelError in one
-    line naming the layer). Otherwise an entry is exactly what its layer returned: if the network later modifies
-    that output in place (a ReLU(inplace=True) right after the captured
+    line naming the layer). ``rebuild=False``: the network goes on from the layer's own output,
+    not from the map (no copy; the logits then do not depend on the map, so only a penalty on it,
+    as TAP's, may be differentiated). Otherwise an entry is exactly what its layer returned: if the
+    network later modifies that output in place (a ReLU(inplace=True) right after the captured
     module), the forward raises :class:`ModifiedInPlace` naming the layer,
     instead of handing over the modified values. Slots listed in ``copy`` are
     captured from a copy the network continues with (one extra tensor), which
@@ -167,7 +169,7 @@ def capture_activations(
                 if call is None or call == count:
                     outputs[slot] = output
                     if views.active:  # a transformer's layer: its map, the network going on from it (tokens.py)
-                        outputs[slot], continued = views.view(slot, output)
+                        outputs[slot], continued = views.view(slot, output, rebuild)
                     originals[slot] = output
                     versions[slot] = output._version if isinstance(output, torch.Tensor) else None
                     copy_output = copy_output or slot in copied
@@ -202,17 +204,17 @@ def capture_activations(
 
 
 def run_capturing(model: nn.Module, layer_names: str | Sequence[str], forward, copy: Sequence[int] = (),
-                  calls: dict[str, int] | None = None):
+                  calls: dict[str, int] | None = None, rebuild: bool = True):
     """``(forward(), [the layers' outputs], copy)``: runs ``forward`` (a forward pass of ``model``)
     capturing each named layer's output exactly as the layer gave it. When the network modifies one
     in place later, the pass is run again with that output captured from a copy (the slots are
     returned, so a training loop passes them in from then on and never runs a pass twice again).
     ``calls``: a dict a training loop keeps across steps, so a module that runs a different number of
-    times in a later step is refused (see :func:`capture_activations`)."""
+    times in a later step is refused (see :func:`capture_activations`, also for ``rebuild``)."""
     copy = tuple(copy)
     while True:
         try:
-            with capture_activations(model, layer_names, copy=copy, calls=calls) as outputs:
+            with capture_activations(model, layer_names, copy=copy, calls=calls, rebuild=rebuild) as outputs:
                 result = forward()
             return result, list(outputs), copy
         except ModifiedInPlace as modified:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..ops.tap import mark_token_map
 from .layer_names import call_name, split_call
 from .probing import ProbeFailed, network_size, run_probe
 
@@ -319,11 +320,14 @@ class MapViews:
                 self.inputs[key] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
         return hook
 
-    def view(self, slot: int, output: Any) -> tuple[Any, torch.Tensor | None]:
+    def view(self, slot: int, output: Any, rebuild: bool = True) -> tuple[Any, torch.Tensor | None]:
         """(the (N, C, h, w) map of ``output``, the layer's own output, for ``slot``; the tensor the
         network continues with, rebuilt from the map, or None to keep ``output``). The network goes
         on from the map, so the logits depend on it (Grad-CAM differentiates them by it); the rebuilt
-        tensor equals ``output`` (a permuted view, or the prefix tokens and the map concatenated)."""
+        tensor equals ``output`` (a permuted view, or the prefix tokens and the map concatenated).
+        ``rebuild=False``: the network goes on from ``output`` itself (no copy), and a sequence's map
+        is marked with its tokens (:func:`auditkit.ops.tap.mark_token_map`), so a penalty on the map
+        can add its gradient to the tokens' in one pass (TAP on a ViT)."""
         layout = self.layouts[slot]
         if layout is None or layout.kind in ("map", "none") or not isinstance(output, torch.Tensor):
             if layout is not None and layout.problem and isinstance(output, torch.Tensor):
@@ -331,10 +335,12 @@ class MapViews:
             return output, None
         if layout.kind == "channels_last" and output.dim() == 4:
             feature_map = channels_last_to_map(output)
-            return feature_map, feature_map.permute(0, 2, 3, 1)
+            return feature_map, feature_map.permute(0, 2, 3, 1)  # a view: no copy to spare
         if layout.kind == "sequence" and output.dim() == 3:
             feature_map = tokens_to_map(output, self._grid(slot), layout.prefixes, self.names[slot])
             prefix = output.shape[1] - feature_map.shape[2] * feature_map.shape[3]
+            if not rebuild:
+                return mark_token_map(feature_map, output, prefix), None
             return feature_map, map_to_tokens(feature_map, output[:, :prefix])
         return output, None
 

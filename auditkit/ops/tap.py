@@ -85,12 +85,64 @@ def _penalty_with_deferred_gradient(activation: torch.Tensor, weights: torch.Ten
     return _DeferredPenaltyGradient.apply(activation, weights, pending)
 
 
+# A transformer's token map (N, C, gh, gw) is a view of its layer's token sequence (N, T, C);
+# models/tokens.py marks it with (sequence, number of prefix tokens) when the network goes on from the
+# sequence itself (capture_activations(rebuild=False)). The penalty's gradient is then added to the
+# sequence's own gradient, channels innermost, without a copy of either.
+_TOKENS = "_auditkit_tokens"
+
+
+def mark_token_map(feature_map: torch.Tensor, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Marks ``feature_map`` (N, C, gh, gw), the view of ``tokens`` (N, T, C) without its first
+    ``prefix`` tokens (token ``prefix + i*gw + j`` at [:, :, i, j]), for :func:`tap_loss`."""
+    setattr(feature_map, _TOKENS, (tokens, int(prefix)))
+    return feature_map
+
+
+def _as_token_row(tokens: torch.Tensor, prefix: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequence as a one-row map (N, C, 1, T) (a view, channels innermost: the kernels' channels-last
+    path) and its weights (N, 1, T): D(M) on the grid tokens, 0 on the prefix tokens."""
+    n, count, _ = tokens.shape
+    row = weights.new_zeros(n, 1, count)
+    row[:, 0, prefix:] = weights.reshape(n, -1)
+    return tokens.transpose(1, 2).unsqueeze(2), row
+
+
+def _sequence_penalty_with_deferred_gradient(tokens: torch.Tensor, prefix: int, weights: torch.Tensor) -> torch.Tensor:
+    activation, row = _as_token_row(tokens, prefix, weights)
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add_penalty_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
+        if not pending:
+            return None
+        if grad is None:
+            raise RuntimeError("tap_loss(defer_gradient=True): a targeted layer's tokens reach the loss only through "
+                               "the penalty; capture them with the network going on from them")
+        grad_penalty, saved, w = pending.pop()
+        added = weighted_relu_sum_backward(grad_penalty, saved, w, grad.transpose(1, 2).unsqueeze(2))
+        return added.squeeze(2).transpose(1, 2)  # (N, T, C), contiguous when `grad` was
+
+    tokens.register_hook(add_penalty_gradient)
+    return _DeferredPenaltyGradient.apply(activation, row, pending)
+
+
+def _weighted_channel_sum(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_{n,c,i,j} W[n,i,j] A[n,c,i,j] in W's dtype; a marked token map is summed on its sequence
+    (channels innermost), so the gradient reaches the tokens without the map's permuted view."""
+    marked = getattr(activation, _TOKENS, None)
+    if marked is not None:
+        tokens, prefix = marked
+        return (weights.flatten(1) * tokens[:, prefix:].sum(-1, dtype=weights.dtype)).sum()
+    return (weights * activation.sum(1, dtype=weights.dtype)).sum()
+
+
 def tap_loss(
     activations: Sequence[torch.Tensor],
     mask: torch.Tensor,
     kernel_size: int | Sequence[int] = 3,
     *,
     defer_gradient: bool = False,
+    absolute: bool = False,
 ) -> torch.Tensor:
     """L_TAP of Eq. 8: the mean over layers of the batch-mean penalty.
 
@@ -106,6 +158,10 @@ def tap_loss(
     layer's incoming gradient by one fused pass when backward gets there.
     It needs activations that require grad and a ``backward()`` (or
     ``autograd.grad``) that runs through the layers, as a training step does.
+
+    ``absolute=True`` penalises |A| instead of relu(A) (signed token features of a transformer,
+    docs/repair.md "TAP on vision transformers"): |A| = 2 relu(A) - A, the fused kernel once and one
+    weighted channel sum, instead of the kernel on a negated copy of every map.
     """
     if len(activations) == 0:
         raise ValueError("tap_loss: `activations` is empty; pass the outputs of the targeted layers")
@@ -126,16 +182,23 @@ def tap_loss(
     total = 0
     for a, key in zip(activations, keys):
         w = weights[key]
+        marked = getattr(a, _TOKENS, None)
         if defer_gradient and a.requires_grad and torch.is_grad_enabled():
-            penalty = _penalty_with_deferred_gradient(a, w)
+            if marked is not None and marked[0].requires_grad:
+                penalty = _sequence_penalty_with_deferred_gradient(*marked, w)
+            else:
+                penalty = _penalty_with_deferred_gradient(a, w)
         else:
             penalty = torch.ops.auditkit.weighted_relu_sum(a, w)
         total = total + penalty.sum()
+        if absolute:
+            total = total + penalty.sum() - _weighted_channel_sum(a, w)
     return total / (len(activations) * max(int(activations[0].shape[0]), 1))
 
 
 __all__ = [
     "downscale_mask",
+    "mark_token_map",
     "downscale_masks",
     "tap_loss",
     "tap_penalty",

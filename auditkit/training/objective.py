@@ -24,6 +24,9 @@ class Objective:
     lam: float = 0.0  # λ: the explanation loss's weight (TAP Eq. 3)
     # Multilabel: BCE's pos_weight per finding (training/losses.py; set by fit when findings are skewed).
     pos_weight: torch.Tensor | None = None
+    # Whether the network goes on from a transformer layer's token map (models/hooks.py,
+    # capture_activations' ``rebuild``); a loss on the maps alone (TAP) needs no rebuilt copy.
+    rebuild_maps: bool = True
 
     def prepare(self, train_set, device, show_progress: bool = False) -> None:
         """Work done once per run (e.g. caching a teacher's heatmaps)."""
@@ -34,7 +37,8 @@ class Objective:
         # every step, so that "block#2" means the same call throughout the run.
         copy = getattr(self, "_copied_layers", ())
         calls = self.__dict__.setdefault("_layer_calls", {})
-        logits, activations, copy = run_capturing(model, self.layers, lambda: model(batch.images), copy, calls)
+        logits, activations, copy = run_capturing(model, self.layers, lambda: model(batch.images), copy, calls,
+                                                   self.rebuild_maps)
         self._copied_layers = copy
         return logits, self.loss(model, batch, logits, activations)
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from ...errors import ParameterError
 from ...ops import tap_loss
-from ...ops.downscale_mask import downscale_masks
 from ...ops.dilation import NEEDS_RECEPTIVE_FIELDS, SCHEDULES, kernel_sizes
 from ...training import Objective
 from .base import MethodSpec
@@ -27,6 +25,9 @@ class TapObjective(Objective):
     # CNN's), "abs" (|A| = relu(A) + relu(-A): both signs, the same kernel twice).
     activation: str = "relu"
     name = "tap"
+    # The penalty reads the token maps only: the network goes on from a ViT layer's own sequence, and
+    # the penalty's gradient is added to it in place of the map's (ops/tap.py, no copies).
+    rebuild_maps = False
     _kernels: dict = field(default_factory=dict, repr=False)
 
     def kernel_sizes_for(self, mask_size: tuple[int, int], layer_sizes: list[tuple[int, int]]) -> list[int]:
@@ -47,14 +48,7 @@ class TapObjective(Objective):
         masks = model.masks_for_network(batch.masks) if hasattr(model, "masks_for_network") else batch.masks
         sizes = [(int(a.shape[2]), int(a.shape[3])) for a in activations]
         kernels = self.kernel_sizes_for((int(masks.shape[-2]), int(masks.shape[-1])), sizes)
-        loss = tap_loss(activations, masks, kernels, defer_gradient=True)
-        if self.activation == "abs":
-            # |A| = 2 relu(A) - A: the fused kernel once (deferred gradient) and one sum over channels,
-            # instead of the kernel on a negated copy of every map.
-            weights = downscale_masks(masks, sizes, kernels, torch.float64 if loss.dtype == torch.float64 else None)
-            linear = sum((w * a.sum(1, dtype=w.dtype)).sum() for w, a in zip(weights, activations))
-            loss = 2 * loss - linear / (len(activations) * max(int(activations[0].shape[0]), 1))
-        return loss
+        return tap_loss(activations, masks, kernels, defer_gradient=True, absolute=self.activation == "abs")
 
 
 @dataclass(frozen=True)
