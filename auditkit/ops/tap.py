@@ -108,8 +108,8 @@ def _as_token_row(tokens: torch.Tensor, prefix: int, weights: torch.Tensor) -> t
     return tokens.transpose(1, 2).unsqueeze(2), row
 
 
-def _sequence_penalty_with_deferred_gradient(tokens: torch.Tensor, prefix: int, weights: torch.Tensor) -> torch.Tensor:
-    activation, row = _as_token_row(tokens, prefix, weights)
+def _sequence_penalty_with_deferred_gradient(tokens: torch.Tensor, activation: torch.Tensor,
+                                             row: torch.Tensor) -> torch.Tensor:
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def add_penalty_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
@@ -126,14 +126,6 @@ def _sequence_penalty_with_deferred_gradient(tokens: torch.Tensor, prefix: int, 
     return _DeferredPenaltyGradient.apply(activation, row, pending)
 
 
-def _weighted_channel_sum(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_{n,c,i,j} W[n,i,j] A[n,c,i,j] in W's dtype; a marked token map is summed on its sequence
-    (channels innermost), so the gradient reaches the tokens without the map's permuted view."""
-    marked = getattr(activation, _TOKENS, None)
-    if marked is not None:
-        tokens, prefix = marked
-        return (weights.flatten(1) * tokens[:, prefix:].sum(-1, dtype=weights.dtype)).sum()
-    return (weights * activation.sum(1, dtype=weights.dtype)).sum()
 
 
 def tap_loss(
@@ -183,16 +175,18 @@ def tap_loss(
     for a, key in zip(activations, keys):
         w = weights[key]
         marked = getattr(a, _TOKENS, None)
-        if defer_gradient and a.requires_grad and torch.is_grad_enabled():
-            if marked is not None and marked[0].requires_grad:
-                penalty = _sequence_penalty_with_deferred_gradient(*marked, w)
-            else:
-                penalty = _penalty_with_deferred_gradient(a, w)
+        deferred = defer_gradient and a.requires_grad and torch.is_grad_enabled()
+        if deferred and marked is not None and marked[0].requires_grad:
+            tokens = marked[0]
+            a, w = _as_token_row(tokens, marked[1], w)  # the sequence itself: no slice, no permuted copy
+            penalty = _sequence_penalty_with_deferred_gradient(tokens, a, w)
+        elif deferred:
+            penalty = _penalty_with_deferred_gradient(a, w)
         else:
             penalty = torch.ops.auditkit.weighted_relu_sum(a, w)
         total = total + penalty.sum()
-        if absolute:
-            total = total + penalty.sum() - _weighted_channel_sum(a, w)
+        if absolute:  # |A| = 2 relu(A) - A: minus sum W * (the channel sum of A)
+            total = total + penalty.sum() - (w * a.sum(1, dtype=w.dtype)).sum()
     return total / (len(activations) * max(int(activations[0].shape[0]), 1))
 
 
