@@ -914,3 +914,17 @@ def test_lxt_patching_stays_on_the_test_classes():
     a, b = make_tiny(PLAIN), make_tiny(LXT)
     assert type(a.norm).forward is nn.LayerNorm.forward and type(a.blocks[0].act).forward is nn.GELU.forward
     assert type(b.norm).forward is layer_norm_forward and type(b.blocks[0].act).forward is non_linear_forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_the_identity_rules_safe_denominator_is_x_with_one_at_exact_zeros(dtype):
+    # GELU's identity rule divides by its input; the arithmetic form must equal where(x == 0, 1, x) on
+    # every value, signed zeros, infinities, NaN and subnormals included.
+    from auditkit.explain.lrp.attention import _nonzero
+
+    tiny = torch.finfo(dtype).tiny
+    x = torch.tensor([0.0, -0.0, 1.5, -2.25, float("inf"), float("-inf"), tiny / 4, -tiny / 4, 3e-3], dtype=dtype)
+    x = torch.cat([x, torch.randn(64, generator=torch.Generator().manual_seed(11)).to(dtype)])
+    got, want = _nonzero(x), torch.where(x == 0, torch.ones_like(x), x)
+    assert torch.equal(got, want)
+    assert torch.isnan(_nonzero(torch.tensor([float("nan")], dtype=dtype))).all()

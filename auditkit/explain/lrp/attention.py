@@ -116,12 +116,22 @@ class _IdentityRule(torch.autograd.Function):
         if not ctx.state.relevance_pass:
             return None, grad, None, None  # any other backward: f's own derivative
         x, y = ctx.saved_tensors
+        if ctx.ratio is _ratio and not torch.is_grad_enabled():
+            # (g ⊙ y) / x with two new tensors instead of four: on CPU the allocations of these
+            # activation-sized tensors cost more than the arithmetic (measured on ViT-Tiny's MLP).
+            return (grad * y).div_(_nonzero(x)), None, None, None
         return grad * ctx.ratio(x, y), None, None, None
 
 
+def _nonzero(x: Tensor) -> Tensor:
+    """x, with 1 where x = 0 exactly (R_x = x ⊙ g = 0 there whatever the ratio; dividing by 1 keeps it
+    finite): x + 1 - |sign x|, exact, and arithmetic only: a comparison and ``where`` took 3.4x as
+    long on CPU (1.41 against 0.42 ms for 8x197x768 floats, one thread)."""
+    return torch.sign(x).abs_().neg_().add_(1).add_(x)
+
+
 def _ratio(x: Tensor, y: Tensor) -> Tensor:
-    # x = 0 exactly: R_x = x ⊙ g = 0 whatever the ratio; dividing by 1 keeps it finite.
-    return y / torch.where(x == 0, torch.ones_like(x), x)
+    return y / _nonzero(x)
 
 
 def _silu_ratio(x: Tensor, y: Tensor) -> Tensor:
