@@ -118,6 +118,18 @@ def test_repair_cli_writes_the_checkpoint_and_the_proof(digits_models, tmp_path)
     assert repaired.meta.class_names == load_checkpoint(digits_models["shortcut"]).meta.class_names
 
 
+def test_repair_shift_moves_masks_with_images_and_is_recorded(digits_models, tmp_path):
+    out = tmp_path / "shifted.safetensors"
+    result = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", out, "--epochs", "1",
+                    "--shift", "2", "--audit-split", "none", "--quiet", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert document["training"]["shift"] == 2
+    bad = repair(digits_models["shortcut"], "--data", "builtin:decoy-digits", "--out", tmp_path / "bad.safetensors",
+                 "--shift", "-1", "--quiet")
+    assert bad.exit_code != 0 and "shift" in bad.output and "Traceback" not in bad.output
+
+
 @pytest.mark.parametrize("method", ["tap", "tea", "rrr", "energy", "masktune"])
 def test_every_method_runs_from_the_cli(method, digits_models, tmp_path):
     out = tmp_path / f"{method}.safetensors"

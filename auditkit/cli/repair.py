@@ -60,6 +60,10 @@ def repair(
         Optional[int], typer.Option(help="Epochs (default: TAP, RRR, Energy 3; TEA 30; MaskTune 1).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    shift: Annotated[
+        int, typer.Option(help="Augment: translate each image, and its mask with it, by up to this many pixels "
+                               "(small training splits; the ViT reproduction uses 2).")
+    ] = 0,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
     grad_clip: Annotated[
@@ -153,7 +157,7 @@ def repair(
     request = CheckpointRepair(
         checkpoint, data, out, method=method, lam=_lambda(lam, method, resume),
         training={"epochs": epochs, "grad_clip": grad_clip, "schedule": schedule, "batch_size": batch_size,
-                  "lr": lr, "optimizer": optimizer},
+                  "lr": lr, "optimizer": optimizer, "shift": shift},
         options={"kernel_size": kernel_size, "dilation": dilation, "epsilon": epsilon, "explained_class": tea_class,
                  "classes": tea_classes, "task_weight": task_weight, "distill_weight": distill_weight,
                  "temperature": temperature},
