@@ -10,7 +10,10 @@ benchmarks/RESULTS.md need and writes it to JSON and Markdown:
    zennit and captum (interleaved ratios), in fp32 and in bf16 autocast;
 4. repair training steps (plain, TAP, RRR, TEA with the teacher's maps computed in the step and
    cached) on ResNet-18 and ResNet-50 at 64x224^2 in bf16 autocast: time and peak-memory ratios;
-5. audit throughput (images/s) of ResNet-18 at 224^2 with LRP, Grad-CAM and the gradient.
+5. audit throughput (images/s) of ResNet-18 at 224^2 with LRP, Grad-CAM and the gradient;
+6. vision transformers (issue 25): AttnLRP / input gradient on ViT-B/16 at 64x224^2 in fp32 and
+   bf16 autocast, and a TAP step on its tokens (the default: |A| of every block's qkv) / a plain
+   step in bf16.
 
 The kernel figures (1-3) come first. Each section is timed interleaved against its baseline where
 it is a ratio (benchmarks/_timing.interleaved_ratio) and fails alone: an error is recorded and the
@@ -57,6 +60,7 @@ SIZES = {
         "training": [("resnet18", 64, 224), ("resnet50", 64, 224), ("efficientnet_b0", 64, 224),
                      ("convnext_tiny", 64, 224)],
         "audit": ("resnet18", 64, 224, 4),  # arch, batch, size, batches
+        "vit": ("timm:vit_base_patch16_224", 64, 224),
         "pairs": 15,
         "iterations": 20,
     },
@@ -67,6 +71,7 @@ SIZES = {
         "lrp": ("resnet18", 2, 32),
         "training": [("tap-cnn", 4, 28), ("resnet18", 2, 32)],
         "audit": ("resnet18", 2, 32, 1),
+        "vit": ("timm:vit_tiny_patch16_224", 2, 32),
         "pairs": 2,
         "iterations": 2,
     },
@@ -309,6 +314,69 @@ def audit_throughput(device: str, size: dict, result: dict, budget: Budget, repo
             result[f"{method}_{precision}_images_per_s"] = batch * batches / seconds
 
 
+def vision_transformer(device: str, size: dict, result: dict, budget: Budget, report: dict) -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from auditkit.explain.lrp.attention import attn_lrp
+    from auditkit.models import capture_activations
+    from auditkit.repair.methods.tap import TapOptions, build
+
+    arch, batch, side = size["vit"]
+    torch.manual_seed(0)
+    model = build_model(arch, 10, 3, (side, side)).to(device)
+    net = model.net.eval()
+    x = torch.randn(batch, 3, side, side, device=device)
+    targets = torch.randint(0, 10, (batch, 1), device=device)
+    result["network"] = f"{arch} {batch}x{side}^2"
+
+    def ours():
+        return attn_lrp(net, x, targets, epsilon=1e-6)[0]
+
+    def gradient():
+        leaf = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(net(leaf).gather(1, targets).sum(), leaf)
+        return grad * leaf
+
+    for precision in ("fp32", "bf16"):
+        def timed(fn, precision=precision):
+            def run():
+                with autocast(device, precision):
+                    return fn()
+            return run
+
+        budget.check(f"vit attnlrp {precision}")
+        result[f"{precision}_attnlrp_vs_gradient"] = interleaved_ratio(timed(ours), timed(gradient), size["pairs"],
+                                                                        device)
+    model.train()
+    objective = build(model, TapOptions(), None)
+    masks = SimpleNamespace(masks=torch.zeros(batch, 1, side, side, device=device))
+    masks.masks[:, :, : side // 7, : side // 7] = 1
+    labels = targets[:, 0]
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-6)
+
+    def plain():
+        with autocast(device, "bf16"):
+            loss = nn.functional.cross_entropy(model(x), labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    def tap():
+        with autocast(device, "bf16"):
+            with capture_activations(model, objective.layers, rebuild=objective.rebuild_maps) as maps:
+                logits = model(x)
+            loss = nn.functional.cross_entropy(logits, labels) + 0.1 * objective.loss(model, masks, logits, maps)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    budget.check("vit tap step")
+    plain(), tap()
+    result["bf16_tap_step_vs_plain"] = interleaved_ratio(tap, plain, size["pairs"], device)
+
+
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:160] if text else ''}"
@@ -322,6 +390,7 @@ SECTION_FUNCTIONS = {
     "lrp": lrp,
     "training": training_steps,
     "audit": audit_throughput,
+    "vit": vision_transformer,
 }
 SECTIONS = tuple(SECTION_FUNCTIONS)
 RESULT_FILES = ("gpu-bench.json", "gpu-bench.md")
@@ -459,6 +528,12 @@ def markdown(report: dict) -> str:
             lines.append(f"| {method} | {_fmt(e.get(f'{method}_fp32_images_per_s'), 0)} | "
                          f"{_fmt(e.get(f'{method}_bf16_images_per_s'), 0)} |")
         lines.append("")
+    if "vit" in sections:
+        e = sections["vit"]
+        lines += [f"Vision transformer {e.get('network')}: (forward + AttnLRP ε=1e-6) / (forward + input gradient) "
+                  f"{_fmt(e.get('fp32_attnlrp_vs_gradient'), unit='x')} fp32, "
+                  f"{_fmt(e.get('bf16_attnlrp_vs_gradient'), unit='x')} bf16 (goal <= 1.15); TAP step on its "
+                  f"tokens / plain step {_fmt(e.get('bf16_tap_step_vs_plain'), unit='x')} bf16 (goal <= 1.05)", ""]
     for name, error in report["errors"].items():
         if not name.endswith("_traceback"):
             lines.append(f"- {name}: {error}")

@@ -87,3 +87,6 @@ def test_gpu_benchmarks_run_at_toy_sizes_on_the_cpu(tmp_path):
     assert report["sections"]["lrp"]["bf16_map_cosine_min"] > 0.9
     text = (tmp_path / "gpu-bench.md").read_text()
     assert "training step (bf16)" in text and "Audit throughput" in text
+    vit = report["sections"]["vit"]
+    assert {"fp32_attnlrp_vs_gradient", "bf16_attnlrp_vs_gradient", "bf16_tap_step_vs_plain"} <= set(vit)
+    assert "Vision transformer" in text
