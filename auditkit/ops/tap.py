@@ -61,30 +61,6 @@ class _DeferredPenaltyGradient(torch.autograd.Function):
         return None, None, None
 
 
-def _penalty_with_deferred_gradient(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def add_penalty_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
-        # Runs when backward reaches A: A's grad_fn depends on the penalty's node, so `pending`
-        # is filled by then (empty only if the penalty was not differentiated in this pass).
-        if not pending:
-            return None
-        if grad is None:  # autograd will not let a hook turn "no gradient" into one
-            raise RuntimeError(
-                "tap_loss(defer_gradient=True): a targeted layer's output reaches the loss only through "
-                "the penalty; target layers the network uses, or pass defer_gradient=False"
-            )
-        grad_penalty, saved, w = pending.pop()
-        if not (saved.is_contiguous() or saved.is_contiguous(memory_format=torch.channels_last)):
-            # A view with other strides (a transformer's token map: prefix tokens sliced off, permuted):
-            # the kernel's strided path is ~50x slower than two copies and its dense path.
-            saved, grad = saved.contiguous(), grad.contiguous()
-        return weighted_relu_sum_backward(grad_penalty, saved, w, grad)
-
-    activation.register_hook(add_penalty_gradient)
-    return _DeferredPenaltyGradient.apply(activation, weights, pending)
-
-
 # A transformer's token map (N, C, gh, gw) is a view of its layer's token sequence (N, T, C);
 # models/tokens.py marks it with (sequence, number of prefix tokens) when the network goes on from the
 # sequence itself (capture_activations(rebuild=False)). The penalty's gradient is then added to the
@@ -105,27 +81,40 @@ def _as_token_row(tokens: torch.Tensor, prefix: int, weights: torch.Tensor) -> t
     n, count, _ = tokens.shape
     row = weights.new_zeros(n, 1, count)
     row[:, 0, prefix:] = weights.reshape(n, -1)
-    return tokens.transpose(1, 2).unsqueeze(2), row
+    return _token_row(tokens), row
 
 
-def _sequence_penalty_with_deferred_gradient(tokens: torch.Tensor, activation: torch.Tensor,
-                                             row: torch.Tensor) -> torch.Tensor:
+def _token_row(sequence: torch.Tensor) -> torch.Tensor:
+    return sequence.transpose(1, 2).unsqueeze(2)  # (N, T, C) -> (N, C, 1, T), a view
+
+
+def _penalty_with_deferred_gradient(activation: torch.Tensor, weights: torch.Tensor,
+                                    tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The penalty on ``activation``, its gradient added by a hook on ``activation`` itself, or on
+    ``tokens`` when ``activation`` is their one-row view (``_as_token_row``)."""
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def add_penalty_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
+        # Runs when backward reaches A: A's grad_fn depends on the penalty's node, so `pending`
+        # is filled by then (empty only if the penalty was not differentiated in this pass).
         if not pending:
             return None
-        if grad is None:
-            raise RuntimeError("tap_loss(defer_gradient=True): a targeted layer's tokens reach the loss only through "
-                               "the penalty; capture them with the network going on from them")
+        if grad is None:  # autograd will not let a hook turn "no gradient" into one
+            raise RuntimeError(
+                "tap_loss(defer_gradient=True): a targeted layer's output reaches the loss only through "
+                "the penalty; target layers the network uses, or pass defer_gradient=False"
+            )
         grad_penalty, saved, w = pending.pop()
-        added = weighted_relu_sum_backward(grad_penalty, saved, w, grad.transpose(1, 2).unsqueeze(2))
-        return added.squeeze(2).transpose(1, 2)  # (N, T, C), contiguous when `grad` was
+        if tokens is not None:  # (N, T, C) in and out, contiguous when `grad` was
+            return weighted_relu_sum_backward(grad_penalty, saved, w, _token_row(grad)).squeeze(2).transpose(1, 2)
+        if not (saved.is_contiguous() or saved.is_contiguous(memory_format=torch.channels_last)):
+            # A view with other strides (a token map not marked with its sequence): the kernel's
+            # strided path is ~50x slower than two copies and its dense path.
+            saved, grad = saved.contiguous(), grad.contiguous()
+        return weighted_relu_sum_backward(grad_penalty, saved, w, grad)
 
-    tokens.register_hook(add_penalty_gradient)
-    return _DeferredPenaltyGradient.apply(activation, row, pending)
-
-
+    (activation if tokens is None else tokens).register_hook(add_penalty_gradient)
+    return _DeferredPenaltyGradient.apply(activation, weights, pending)
 
 
 def tap_loss(
@@ -177,9 +166,8 @@ def tap_loss(
         marked = getattr(a, _TOKENS, None)
         deferred = defer_gradient and a.requires_grad and torch.is_grad_enabled()
         if deferred and marked is not None and marked[0].requires_grad:
-            tokens = marked[0]
-            a, w = _as_token_row(tokens, marked[1], w)  # the sequence itself: no slice, no permuted copy
-            penalty = _sequence_penalty_with_deferred_gradient(tokens, a, w)
+            a, w = _as_token_row(*marked, w)  # the sequence itself: no slice, no permuted copy
+            penalty = _penalty_with_deferred_gradient(a, w, tokens=marked[0])
         elif deferred:
             penalty = _penalty_with_deferred_gradient(a, w)
         else:
