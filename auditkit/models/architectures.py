@@ -165,26 +165,9 @@ def _torchvision_spec(factory: str, init_mode: str, **fields: Any) -> ArchSpec:
 
 # --------------------------------------------------------------------------- registry
 
-def _conv_stem_patch_embed():
-    """timm's ``PatchEmbed`` whose 4x4 patch projection reads a 3x3 convolution's 16 channels (GELU),
-    an early convolution (Xiao et al., NeurIPS 2021, "Early convolutions help transformers see
-    better"): each token still stands for its 4x4 patch, seeing one pixel around it."""
-    from timm.layers import PatchEmbed
-
-    class ConvStemPatchEmbed(PatchEmbed):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            projection = self.proj
-            self.proj = nn.Sequential(nn.Conv2d(projection.in_channels, 16, 3, padding=1), nn.GELU(),
-                                      nn.Conv2d(16, projection.out_channels, projection.kernel_size,
-                                                stride=projection.stride))
-
-    return ConvStemPatchEmbed
-
-
 def vit_digits(in_channels: int, num_classes: int, input_size: tuple[int, int] | None = None) -> nn.Module:
     """A small ViT for 28x28 digits: timm's ``VisionTransformer`` with 4x4 patches (7x7 tokens at
-    28x28) read through one 3x3 convolution (:func:`_conv_stem_patch_embed`), a class token,
+    28x28) read through one 3x3 convolution (:class:`.vit_digits.ConvStemPatchEmbed`), a class token,
     embed_dim 64, depth 4, 4 heads, MLP ratio 2 (about 0.15M parameters: a few seconds an epoch on a
     CPU), built for ``input_size`` (default 28x28) with ``dynamic_img_size`` (another size whose sides
     divide by 4 resamples the position embeddings, as timm does). The convolution is measured: trained
@@ -192,13 +175,15 @@ def vit_digits(in_channels: int, num_classes: int, input_size: tuple[int, int] |
     (0.92 with 3x the width and depth; docs/reproductions.md)."""
     from timm.models.vision_transformer import VisionTransformer
 
+    from .vit_digits import ConvStemPatchEmbed
+
     size = tuple(input_size) if input_size is not None else (28, 28)
     if size[0] % 4 or size[1] % 4:
         raise ModelError(f"'vit-digits' cannot run at {size[0]}x{size[1]}: its 4x4 patches need sides that divide "
                          f"by 4; {-(-size[0] // 4) * 4}x{-(-size[1] // 4) * 4} would work")
     return VisionTransformer(img_size=size, patch_size=4, in_chans=in_channels, num_classes=num_classes,
                              embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, dynamic_img_size=True,
-                             embed_layer=_conv_stem_patch_embed())
+                             embed_layer=ConvStemPatchEmbed)
 
 
 _ARCH_LIST = [
