@@ -315,13 +315,9 @@ def audit_throughput(device: str, size: dict, result: dict, budget: Budget, repo
 
 
 def vision_transformer(device: str, size: dict, result: dict, budget: Budget, report: dict) -> None:
-    from types import SimpleNamespace
-
-    from torch import nn
-
-    from auditkit.explain.lrp.attention import attn_lrp
-    from auditkit.models import capture_activations
     from auditkit.repair.methods.tap import TapOptions, build
+
+    from .test_vit_bench import input_gradient, ours, tap_and_plain_steps
 
     arch, batch, side = size["vit"]
     torch.manual_seed(0)
@@ -331,47 +327,21 @@ def vision_transformer(device: str, size: dict, result: dict, budget: Budget, re
     targets = torch.randint(0, 10, (batch, 1), device=device)
     result["network"] = f"{arch} {batch}x{side}^2"
 
-    def ours():
-        return attn_lrp(net, x, targets, epsilon=1e-6)[0]
-
-    def gradient():
-        leaf = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(net(leaf).gather(1, targets).sum(), leaf)
-        return grad * leaf
+    def timed(fn, precision):
+        def run():
+            with autocast(device, precision):
+                return fn(net, x, targets)
+        return run
 
     for precision in ("fp32", "bf16"):
-        def timed(fn, precision=precision):
-            def run():
-                with autocast(device, precision):
-                    return fn()
-            return run
-
         budget.check(f"vit attnlrp {precision}")
-        result[f"{precision}_attnlrp_vs_gradient"] = interleaved_ratio(timed(ours), timed(gradient), size["pairs"],
-                                                                        device)
+        result[f"{precision}_attnlrp_vs_gradient"] = interleaved_ratio(
+            timed(ours(1e-6), precision), timed(input_gradient, precision), size["pairs"], device)
     model.train()
     objective = build(model, TapOptions(), None)
-    masks = SimpleNamespace(masks=torch.zeros(batch, 1, side, side, device=device))
-    masks.masks[:, :, : side // 7, : side // 7] = 1
-    labels = targets[:, 0]
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-6)
-
-    def plain():
-        with autocast(device, "bf16"):
-            loss = nn.functional.cross_entropy(model(x), labels)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
-    def tap():
-        with autocast(device, "bf16"):
-            with capture_activations(model, objective.layers, rebuild=objective.rebuild_maps) as maps:
-                logits = model(x)
-            loss = nn.functional.cross_entropy(logits, labels) + 0.1 * objective.loss(model, masks, logits, maps)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
+    masks = torch.zeros(batch, 1, side, side, device=device)
+    masks[:, :, : side // 7, : side // 7] = 1
+    tap, plain = tap_and_plain_steps(model, objective, x, targets[:, 0], masks, lambda: autocast(device, "bf16"))
     budget.check("vit tap step")
     plain(), tap()
     result["bf16_tap_step_vs_plain"] = interleaved_ratio(tap, plain, size["pairs"], device)

@@ -26,6 +26,9 @@ machine's load decides)
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
@@ -109,36 +112,41 @@ def test_attnlrp_over_lxt(record, batch):
     _keep(record, f"AttnLRP eps=1e-6 / LXT (LayerNorm, GELU), ViT-Tiny {batch}x224^2", ratio)
 
 
+def tap_and_plain_steps(model, objective, x, labels, masks, autocast=contextlib.nullcontext):
+    """(tap, plain): one Adam step of cross-entropy + 0.1 x ``objective`` (TAP as a repair builds it),
+    and one of cross-entropy alone, each under ``autocast()``; also the GPU check's (gpu_bench.py)."""
+    from auditkit.models import capture_activations
+
+    batch = SimpleNamespace(masks=masks)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-6)
+
+    def step(penalised: bool) -> None:
+        with autocast():
+            if penalised:
+                with capture_activations(model, objective.layers, rebuild=objective.rebuild_maps) as maps:
+                    logits = model(x)
+                loss = nn.functional.cross_entropy(logits, labels) + 0.1 * objective.loss(model, batch, logits, maps)
+            else:
+                loss = nn.functional.cross_entropy(model(x), labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    return (lambda: step(True)), (lambda: step(False))
+
+
 @pytest.mark.parametrize("tokens", ["qkv", "relu"])
 def test_tap_step_over_a_plain_step(record, tokens):
-    from types import SimpleNamespace
-
-    from auditkit.models import build_model, capture_activations
+    from auditkit.models import build_model
     from auditkit.repair.methods.tap import TapOptions, build
 
     torch.manual_seed(0)
     model = build_model("timm:vit_tiny_patch16_224", 10, 3, (224, 224)).train()
     objective = build(model, TapOptions(tokens=tokens), None)
     x, targets = _inputs(8)
-    labels = targets[:, 0]
-    batch = SimpleNamespace(masks=torch.zeros(8, 1, 224, 224))
-    batch.masks[:, :, :32, :32] = 1
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-5)
-
-    def plain():
-        loss = nn.functional.cross_entropy(model(x), labels)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
-    def tap():
-        with capture_activations(model, objective.layers, rebuild=objective.rebuild_maps) as maps:
-            logits = model(x)
-        loss = nn.functional.cross_entropy(logits, labels) + 0.1 * objective.loss(model, batch, logits, maps)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
+    masks = torch.zeros(8, 1, 224, 224)
+    masks[:, :, :32, :32] = 1
+    tap, plain = tap_and_plain_steps(model, objective, x, targets[:, 0], masks)
     plain(), tap()
     what = {"qkv": "|A| of qkv, blocks 1-12 (default)", "relu": "relu of block outputs 6, 9, 12"}[tokens]
     _keep(record, f"TAP step ({what}) / plain step, ViT-Tiny 8x224^2", interleaved_ratio(tap, plain, PAIRS, "cpu"))
