@@ -93,6 +93,9 @@ def _penalty_with_deferred_gradient(activation: torch.Tensor, weights: torch.Ten
     """The penalty on ``activation``, its gradient added by a hook on ``activation`` itself, or on
     ``tokens`` when ``activation`` is their one-row view (``_as_token_row``)."""
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    # The hook must not hold the tensor it is registered on: that cycle (tensor -> hook -> tensor) keeps
+    # every step's graph alive until Python's cyclic collector runs (measured: +570 MB per epoch).
+    sequence = tokens is not None
 
     def add_penalty_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
         # Runs when backward reaches A: A's grad_fn depends on the penalty's node, so `pending`
@@ -105,7 +108,7 @@ def _penalty_with_deferred_gradient(activation: torch.Tensor, weights: torch.Ten
                 "the penalty; target layers the network uses, or pass defer_gradient=False"
             )
         grad_penalty, saved, w = pending.pop()
-        if tokens is not None:  # (N, T, C) in and out, contiguous when `grad` was
+        if sequence:  # (N, T, C) in and out, contiguous when `grad` was
             return weighted_relu_sum_backward(grad_penalty, saved, w, _token_row(grad)).squeeze(2).transpose(1, 2)
         if not (saved.is_contiguous() or saved.is_contiguous(memory_format=torch.channels_last)):
             # A view with other strides (a token map not marked with its sequence): the kernel's
