@@ -219,10 +219,7 @@ def test_vit_digits_builds_runs_and_trains_in_seconds():
         loss.backward()
         optimiser.step()
     assert [tuple(m.shape) for m in maps] == [(64, 64, 7, 7)] * 3
-    # The early convolution before the 4x4 patch projection (measured in docs/reproductions.md), and the
-    # whole model pickles (its classes are importable by name).
-    stem = model.net.patch_embed.proj
-    assert [type(m) for m in stem] == [nn.Conv2d, nn.GELU, nn.Conv2d] and stem[2].stride == (4, 4)
+    # The whole model pickles (its classes are importable by name).
     buffer = io.BytesIO()
     torch.save(model.net, buffer)
     buffer.seek(0)

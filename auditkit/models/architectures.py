@@ -167,23 +167,17 @@ def _torchvision_spec(factory: str, init_mode: str, **fields: Any) -> ArchSpec:
 
 def vit_digits(in_channels: int, num_classes: int, input_size: tuple[int, int] | None = None) -> nn.Module:
     """A small ViT for 28x28 digits: timm's ``VisionTransformer`` with 4x4 patches (7x7 tokens at
-    28x28) read through one 3x3 convolution (:class:`.vit_digits.ConvStemPatchEmbed`), a class token,
-    embed_dim 64, depth 4, 4 heads, MLP ratio 2 (about 0.15M parameters: a few seconds an epoch on a
-    CPU), built for ``input_size`` (default 28x28) with ``dynamic_img_size`` (another size whose sides
-    divide by 4 resamples the position embeddings, as timm does). The convolution is measured: trained
-    45 epochs on the 3,500 clean digits of decoy MNIST, test accuracy 0.95 with it, 0.91 without
-    (0.92 with 3x the width and depth; docs/reproductions.md)."""
+    28x28), a class token, embed_dim 64, depth 4, 4 heads, MLP ratio 2 (about 0.14M parameters: a few
+    seconds an epoch on a CPU), built for ``input_size`` (default 28x28) with ``dynamic_img_size``
+    (another size whose sides divide by 4 resamples the position embeddings, as timm does)."""
     from timm.models.vision_transformer import VisionTransformer
-
-    from .vit_digits import ConvStemPatchEmbed
 
     size = tuple(input_size) if input_size is not None else (28, 28)
     if size[0] % 4 or size[1] % 4:
         raise ModelError(f"'vit-digits' cannot run at {size[0]}x{size[1]}: its 4x4 patches need sides that divide "
                          f"by 4; {-(-size[0] // 4) * 4}x{-(-size[1] // 4) * 4} would work")
     return VisionTransformer(img_size=size, patch_size=4, in_chans=in_channels, num_classes=num_classes,
-                             embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, dynamic_img_size=True,
-                             embed_layer=ConvStemPatchEmbed)
+                             embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, dynamic_img_size=True)
 
 
 _ARCH_LIST = [
