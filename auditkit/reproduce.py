@@ -401,7 +401,9 @@ def _multilabel_row(out: Reproduction, case: str, numbers: dict, extra: dict) ->
     for variant in KIND_VARIANTS:
         row.setdefault(variant, []).append(float(numbers[MULTILABEL_TRACKED]["auroc"][variant]))
     tracked = numbers[MULTILABEL_TRACKED]
-    values = {"reliant": 1.0 if tracked["verdict"] == "reliant" else 0.0}
+    # "inconclusive" is kept apart: counted as "not reliant" it would claim a repair the audit did not show.
+    values = {"reliant": 1.0 if tracked["verdict"] == "reliant" else 0.0,
+              "inconclusive": 1.0 if tracked["verdict"] == "inconclusive" else 0.0}
     for other in ("permuted", "clean"):
         value, (low, high) = tracked["gap"][other]
         values |= {f"gap to {other}": value, f"gap to {other} low": low, f"gap to {other} high": high}
@@ -462,7 +464,9 @@ def multilabel_markdown(reproduction: Reproduction) -> str:
             aurocs = " / ".join(f"{row[v][number]:.3f}" for v in KIND_VARIANTS)
             others = extra.get("others' AUROC change (min)")
             goal = extra.get("goal met")
-            lines.append(f"| {seed} | {case} | {'reliant' if extra['reliant'] else 'not reliant'} | {gaps[0]} | "
+            verdict = ("reliant" if extra["reliant"] else "inconclusive" if extra.get("inconclusive")
+                       else "not reliant")
+            lines.append(f"| {seed} | {case} | {verdict} | {gaps[0]} | "
                          f"{gaps[1]} | {aurocs} | {'–' if others is None else f'{others:+.3f}'} | "
                          f"{'–' if goal is None else ('yes' if goal else 'no')} |")
     lines += ["", f"tap-cnn on `{MULTILABEL_DATA}` (the marker tracks '{MULTILABEL_TRACKED}'), test split, "

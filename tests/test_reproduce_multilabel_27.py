@@ -33,3 +33,15 @@ def test_multilabel_reproduction_pipeline_and_keys():
     assert document["data"] == "builtin:multilabel-mnist" and document["seeds"] == [0]
     table = markdown(result)
     assert "gap to permuted [95 % CI]" in table and f"| 0 | {method} |" in table
+
+
+def test_an_inconclusive_finding_is_not_tabled_as_not_reliant():
+    from auditkit.reproduce import Reproduction, _multilabel_row, multilabel_markdown
+
+    out = Reproduction("multilabel", [0])
+    gap = (0.045, (-0.01, 0.1))
+    numbers = {"seven": {"verdict": "inconclusive", "auroc": {"contaminated": 0.9, "permuted": 0.85, "clean": 0.86},
+                         "gap": {"permuted": gap, "clean": gap}}}
+    _multilabel_row(out, "energy", numbers, {})
+    row = multilabel_markdown(out).splitlines()[2]
+    assert "| inconclusive |" in row and "not reliant" not in row
