@@ -227,6 +227,33 @@ def test_vit_digits_builds_runs_and_trains_in_seconds():
     assert torch.equal(again.eval()(images[:2]), model.net.eval()(images[:2]))
 
 
+def test_vit_digits_patch_embedding_is_a_per_patch_mlp_that_sees_only_its_own_patch():
+    # Why the MLP and not a convolutional stem (docs/reproductions.md): a 3x3 stem lets a corner
+    # artefact into the neighbouring tokens, where TAP on tokens could not remove it. Changing one
+    # pixel may change only the token of the 4x4 patch that holds it, and non-linearly.
+    torch.manual_seed(0)
+    net = build_model("vit-digits", 10, 1, (28, 28)).net.eval()
+    assert [type(m) for m in net.patch_embed.proj] == [nn.Conv2d, nn.GELU, nn.Conv2d]
+    images = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    net = net.double()
+    with torch.no_grad():
+        before = net.patch_embed(images)  # (N, 7, 7, 64): dynamic_img_size keeps the grid
+        for y, x in [(0, 0), (3, 3), (4, 3), (27, 27), (13, 17)]:
+            changed = images.clone()
+            changed[:, :, y, x] += 0.5
+            moved = (net.patch_embed(changed) - before).abs().amax(-1) > 0  # (N, 7, 7)
+            expected = torch.zeros(2, 7, 7, dtype=torch.bool)
+            expected[:, y // 4, x // 4] = True
+            assert torch.equal(moved, expected), (y, x)
+        # non-linear: the response to twice the change is not twice the response
+        changed = images.clone()
+        changed[:, :, 0, 0] += 0.5
+        twice = images.clone()
+        twice[:, :, 0, 0] += 1.0
+        one, two = net.patch_embed(changed) - before, net.patch_embed(twice) - before
+        assert not torch.allclose(two, 2 * one, rtol=1e-6, atol=1e-9)
+
+
 def test_torchvision_vit_is_built_at_the_datas_size():
     model = build_model("vit_b_16", 2, 1, (32, 32))
     assert model.net.image_size == 32 and model.meta.gradcam_layer == "net.encoder.layers.encoder_layer_11.ln_1"

@@ -167,17 +167,25 @@ def _torchvision_spec(factory: str, init_mode: str, **fields: Any) -> ArchSpec:
 
 def vit_digits(in_channels: int, num_classes: int, input_size: tuple[int, int] | None = None) -> nn.Module:
     """A small ViT for 28x28 digits: timm's ``VisionTransformer`` with 4x4 patches (7x7 tokens at
-    28x28), a class token, embed_dim 64, depth 4, 4 heads, MLP ratio 2 (about 0.14M parameters: a few
-    seconds an epoch on a CPU), built for ``input_size`` (default 28x28) with ``dynamic_img_size``
-    (another size whose sides divide by 4 resamples the position embeddings, as timm does)."""
+    28x28), a class token, embed_dim 64, depth 4, 4 heads, MLP ratio 2, built for ``input_size``
+    (default 28x28) with ``dynamic_img_size`` (another size whose sides divide by 4 resamples the
+    position embeddings, as timm does). About 0.16M parameters: a few seconds an epoch on a CPU.
+
+    Its patch embedding is a per-patch MLP (``patch_embed.proj``: a 4x4 stride-4 convolution to 256
+    units, GELU, a 1x1 convolution to 64), not timm's single linear projection. Measured on 3,500
+    clean digits (docs/reproductions.md): 0.947 test accuracy against 0.913, and, unlike a
+    convolutional stem (0.95, but its 3x3 window lets a corner artefact into the neighbouring tokens,
+    where TAP on tokens could not remove it), each token still sees only its own 4x4 pixels."""
     from timm.models.vision_transformer import VisionTransformer
 
     size = tuple(input_size) if input_size is not None else (28, 28)
     if size[0] % 4 or size[1] % 4:
         raise ModelError(f"'vit-digits' cannot run at {size[0]}x{size[1]}: its 4x4 patches need sides that divide "
                          f"by 4; {-(-size[0] // 4) * 4}x{-(-size[1] // 4) * 4} would work")
-    return VisionTransformer(img_size=size, patch_size=4, in_chans=in_channels, num_classes=num_classes,
-                             embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, dynamic_img_size=True)
+    net = VisionTransformer(img_size=size, patch_size=4, in_chans=in_channels, num_classes=num_classes,
+                            embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, dynamic_img_size=True)
+    net.patch_embed.proj = nn.Sequential(nn.Conv2d(in_channels, 256, 4, stride=4), nn.GELU(), nn.Conv2d(256, 64, 1))
+    return net
 
 
 _ARCH_LIST = [
@@ -269,9 +277,10 @@ _ARCH_LIST = [
         tap_layers=("blocks.1", "blocks.2", "blocks.3"),
         gradcam_layer="blocks.3.norm1",
         min_input_size=28,
-        lrp_notes="attention (AttnLRP rules), LayerNorm, GELU MLPs, residual additions; class token pooling",
-        description="small ViT for 28x28 digits (timm VisionTransformer, 4x4 patches, 7x7 tokens, dim 64, "
-        "depth 4, 4 heads); TAP on blocks 2-4",
+        lrp_notes="per-patch MLP embedding; attention (AttnLRP rules), LayerNorm, GELU MLPs, residual additions; "
+        "class token pooling",
+        description="small ViT for 28x28 digits (timm VisionTransformer, 4x4 patches through a per-patch MLP, "
+        "7x7 tokens, dim 64, depth 4, 4 heads); TAP on blocks 2-4",
     ),
 ]
 
