@@ -20,6 +20,7 @@ import torch
 from .device import resolve_device
 from .errors import OutputExistsError, ParameterError
 from .repair.checkpoint import CheckpointRepair, RepairedCheckpoint, repair_checkpoint
+from .reproduce import KIND_ARCH_SETTINGS
 from .training import TrainConfig
 from .training.checkpoint import CheckpointTraining, TrainedCheckpoint, train_checkpoint
 
@@ -27,12 +28,13 @@ DEMO_DATA = "builtin:decoy-mnist"
 DEMO_ARCH = "tap-cnn"
 DEMO_METHOD = "tap"
 # Per architecture the demo runs: epochs of the shortcut model's training, its schedule, and the repair's
-# TAP lambda and training (None: the defaults). The ViT learns digits slowly from 3,500 images and TAP
-# penalises its attention inputs at lambda 1 (docs/repair.md, "TAP on vision transformers"; the numbers
-# are auditkit reproduce kinds --arch vit-digits).
+# TAP lambda and training (None: the defaults). The ViT's are those of its reproduction (auditkit
+# reproduce kinds --arch vit-digits, docs/reproductions.md): it learns digits slowly from 3,500 images
+# and TAP penalises its attention inputs at lambda 1 (docs/repair.md, "TAP on vision transformers").
+_VIT = KIND_ARCH_SETTINGS["vit-digits"]
 DEMO_ARCHS = {
     "tap-cnn": {"epochs": 6, "schedule": "constant", "lam": "default", "repair": {}},
-    "vit-digits": {"epochs": 20, "schedule": "cosine", "lam": 1.0, "repair": {"epochs": 45, "schedule": "cosine"}},
+    "vit-digits": {**_VIT["train"], "lam": _VIT["tap_lambda"], "repair": _VIT["repair"]},
 }
 
 

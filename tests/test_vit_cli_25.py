@@ -145,7 +145,9 @@ def test_the_vit_reproduction_and_demo_are_wired():
     from auditkit.reproduce import KIND_ARCH_SETTINGS, KIND_ARCHS
 
     assert KIND_ARCHS["vit-digits"] == (28, ("decoy-patch",)) and KIND_ARCH_SETTINGS["vit-digits"]["tap_lambda"] == 1.0
-    assert DEMO_ARCHS["vit-digits"]["lam"] == 1.0
+    # the demo runs the reproduction's recipe (one definition: reproduce.KIND_ARCH_SETTINGS)
+    assert DEMO_ARCHS["vit-digits"] == {"epochs": 20, "schedule": "cosine", "lam": 1.0,
+                                        "repair": {"epochs": 90, "schedule": "cosine"}}
     result = runner.invoke(app, ["reproduce", "kinds", "--arch", "vit-digits", "--cases", "nope", "--out", "x"])
     assert result.exit_code == 2 and "unknown 'nope'" in result.output
 

@@ -28,7 +28,7 @@ def demo(
     ] = Path("auditkit-demo"),
     arch: Annotated[str, typer.Option(
         help="tap-cnn (the two-layer CNN, under a minute) or vit-digits (the built-in ViT, TAP on its tokens; "
-             "about 8 minutes on 2 cores).")] = "tap-cnn",
+             "about 10 minutes on 2 cores).")] = "tap-cnn",
     epochs: Annotated[Optional[int], typer.Option(
         help="Epochs of the shortcut model's training (default: 6 for tap-cnn, 20 for vit-digits).")] = None,
     seed: SeedOption = 0,

@@ -39,7 +39,7 @@ def reproduce(
     per seed).
     kinds: which method fixes which shortcut: 5 kinds x 8 methods on the two-layer CNN
     (--arch resnet18: 2 kinds at 64x64; --arch vit-digits: decoy MNIST on the built-in ViT, TAP on its tokens,
-    ~8 min per seed on 2 cores).
+    ~10 min per seed on 2 cores).
     TAP Table 1 (speed and memory) is `make bench` (benchmarks/test_repair_bench.py).
 
     Example: auditkit reproduce table9 --seeds 5 --out reproductions
