@@ -20,7 +20,7 @@ import torch
 from .device import resolve_device
 from .errors import OutputExistsError, ParameterError
 from .repair.checkpoint import CheckpointRepair, RepairedCheckpoint, repair_checkpoint
-from .reproduce import KIND_ARCH_SETTINGS
+from .reproduce import KIND_ARCH_SETTINGS, KIND_CASES
 from .training import TrainConfig
 from .training.checkpoint import CheckpointTraining, TrainedCheckpoint, train_checkpoint
 
@@ -28,13 +28,14 @@ DEMO_DATA = "builtin:decoy-mnist"
 DEMO_ARCH = "tap-cnn"
 DEMO_METHOD = "tap"
 # Per architecture the demo runs: epochs of the shortcut model's training, its schedule, and the repair's
-# TAP lambda and training (None: the defaults). The ViT's are those of its reproduction (auditkit
-# reproduce kinds --arch vit-digits, docs/reproductions.md): it learns digits slowly from 3,500 images
-# and TAP penalises its attention inputs at lambda 1 (docs/repair.md, "TAP on vision transformers").
+# TAP lambda, TAP options and training (None: the defaults). The ViT's are those of its reproduction
+# (auditkit reproduce kinds --arch vit-digits, its case tap-fixed; docs/reproductions.md).
 _VIT = KIND_ARCH_SETTINGS["vit-digits"]
 DEMO_ARCHS = {
-    "tap-cnn": {"epochs": 6, "schedule": "constant", "lam": "default", "repair": {}},
-    "vit-digits": {**_VIT["train"], "lam": _VIT["tap_lambda"], "repair": _VIT["repair"]},
+    "tap-cnn": {"epochs": 6, "schedule": "constant", "lam": "default", "options": {}, "repair": {}},
+    "vit-digits": {**_VIT["train"], "lam": _VIT["tap_lambda"], "options": {**KIND_CASES["tap-fixed"][1],
+                                                                          **_VIT["tap_options"]},
+                   "repair": _VIT["repair"]},
 }
 
 
@@ -105,8 +106,8 @@ def run_demo(
         on_stage(2)
     repaired = repair_checkpoint(
         CheckpointRepair(trained.path, DEMO_DATA, demo.out / "repaired.safetensors", method=DEMO_METHOD,
-                         lam=recipe["lam"], training=dict(recipe["repair"]), overwrite=demo.overwrite, seed=demo.seed,
-                         device=device, precision=demo.precision),
+                         lam=recipe["lam"], options=dict(recipe["options"]), training=dict(recipe["repair"]),
+                         overwrite=demo.overwrite, seed=demo.seed, device=device, precision=demo.precision),
         show_progress=show_progress, on_start=on_repair_start, on_epoch=on_repair_epoch)
     return DemoResult(trained, repaired)
 

@@ -274,7 +274,7 @@ def test_tap_default_lambda_on_a_vision_transformer_is_its_measured_one():
     from auditkit.repair import default_lambda
 
     vit, cnn = build_model("vit-digits", 10, 1, (28, 28)), build_model("tap-cnn", 10, 1, (28, 28))
-    assert default_lambda(RepairConfig(method="tap"), vit) == METHODS["tap"].transformer_lambda == 1.0
+    assert default_lambda(RepairConfig(method="tap"), vit) == METHODS["tap"].transformer_lambda == 1.5
     assert default_lambda(RepairConfig(method="tap"), cnn) == 0.1
     assert default_lambda(RepairConfig(method="rrr"), vit) == METHODS["rrr"].default_lambda  # none measured
 

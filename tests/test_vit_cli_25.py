@@ -144,12 +144,33 @@ def test_the_vit_reproduction_and_demo_are_wired():
     from auditkit.demo import DEMO_ARCHS
     from auditkit.reproduce import KIND_ARCH_SETTINGS, KIND_ARCHS
 
-    assert KIND_ARCHS["vit-digits"] == (28, ("decoy-patch",)) and KIND_ARCH_SETTINGS["vit-digits"]["tap_lambda"] == 1.0
+    assert KIND_ARCHS["vit-digits"] == (28, ("decoy-patch",)) and KIND_ARCH_SETTINGS["vit-digits"]["tap_lambda"] == 1.5
     # the demo runs the reproduction's recipe (one definition: reproduce.KIND_ARCH_SETTINGS)
-    assert DEMO_ARCHS["vit-digits"] == {"epochs": 20, "schedule": "cosine", "lam": 1.0,
+    assert DEMO_ARCHS["vit-digits"] == {"epochs": 20, "schedule": "cosine", "lam": 1.5,
+                                        "options": {"dilation": "fixed", "kernel_size": 1},
                                         "repair": {"epochs": 90, "schedule": "cosine"}}
     result = runner.invoke(app, ["reproduce", "kinds", "--arch", "vit-digits", "--cases", "nope", "--out", "x"])
     assert result.exit_code == 2 and "unknown 'nope'" in result.output
+
+
+def test_the_vit_reproduction_repairs_with_its_own_tap_settings(monkeypatch):
+    # kinds() hands the arch's TAP lambda, options (an undilated mask) and training to every TAP case,
+    # and nothing of them to the CNN's.
+    import auditkit.reproduce as R
+
+    calls = []
+    monkeypatch.setattr(R, "open_dataset", lambda spec: type("D", (), {"select": lambda self, **k: None})())
+    monkeypatch.setattr(R, "trained", lambda *a, **k: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(R, "evaluate", lambda *a, **k: {})
+    monkeypatch.setattr(R, "_verdict", lambda *a, **k: 1.0)
+    monkeypatch.setattr(R, "repair_model", lambda model, data, method, seed, **k: calls.append((method, k)) or model)
+    R.kinds([0], lambda step: None, arch="vit-digits")
+    R.kinds([0], lambda step: None, arch="tap-cnn", only=("decoy-patch",), cases=("tap-fixed",))
+    (vit_method, vit), (cnn_method, cnn) = calls
+    assert vit_method == cnn_method == "tap"
+    assert vit["options"] == {"dilation": "fixed", "kernel_size": 1} and vit["lam"] == 1.5
+    assert vit["training"] == {"epochs": 90, "schedule": "cosine"}
+    assert cnn["options"] == {"dilation": "fixed"} and "lam" not in cnn and cnn["training"] is None
 
 
 # --------------------------------------------------------------------------- TAP's token activation (item 4)
