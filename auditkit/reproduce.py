@@ -284,7 +284,7 @@ KIND_ARCHS = {  # arch: (input side, the kinds run on it)
 # change from the defaults, and the cases run when none are named. The ViT (docs/reproductions.md): 20
 # cosine epochs for the shortcut model; the repair 90 (at 45 the repaired models stopped at 0.88-0.90,
 # still rising), TAP on its attention inputs (docs/repair.md, "TAP on vision transformers") at lambda
-# 1.5 (lambda 1 left one seed of four reliant, 0.3 every seed tried) with an undilated mask (kernel
+# 1.5 (lambda 1 left one seed of four reliant, lambda 0.3 that seed too) with an undilated mask (kernel
 # size 1: its per-patch embedding keeps the decoy inside its own token; the dilation's penalty on the
 # neighbouring tokens cost 0.02-0.03 accuracy).
 KIND_ARCH_SETTINGS = {
