@@ -20,7 +20,7 @@ import torch
 from .device import resolve_device
 from .errors import OutputExistsError, ParameterError
 from .repair.checkpoint import CheckpointRepair, RepairedCheckpoint, repair_checkpoint
-from .reproduce import KIND_ARCH_SETTINGS, KIND_CASES
+from .reproduce import KIND_ARCH_SETTINGS, case_options
 from .training import TrainConfig
 from .training.checkpoint import CheckpointTraining, TrainedCheckpoint, train_checkpoint
 
@@ -33,8 +33,7 @@ DEMO_METHOD = "tap"
 _VIT = KIND_ARCH_SETTINGS["vit-digits"]
 DEMO_ARCHS = {
     "tap-cnn": {"epochs": 6, "schedule": "constant", "lam": "default", "options": {}, "repair": {}},
-    "vit-digits": {**_VIT["train"], "lam": _VIT["tap_lambda"], "options": {**KIND_CASES["tap-fixed"][1],
-                                                                          **_VIT["tap_options"]},
+    "vit-digits": {**_VIT["train"], "lam": _VIT["tap_lambda"], "options": case_options("vit-digits", "tap-fixed"),
                    "repair": _VIT["repair"]},
 }
 

@@ -294,6 +294,14 @@ KIND_ARCH_SETTINGS = {
 KIND_VARIANTS = ("contaminated", "permuted", "clean")
 
 
+def case_options(arch: str, case: str) -> dict:
+    """The options ``case`` of KIND_CASES repairs with on ``arch``: the case's own, with the arch's TAP
+    options (KIND_ARCH_SETTINGS) over them for a TAP case."""
+    method, options = KIND_CASES[case]
+    tap = KIND_ARCH_SETTINGS.get(arch, {}).get("tap_options", {}) if method == "tap" else {}
+    return {**options, **tap}
+
+
 def _verdict(model, data, compute: Compute) -> float:
     """1.0 when the behavioural audit of the validation split says "not reliant", else 0.0."""
     from .repair import decision_audit
@@ -326,7 +334,7 @@ def kinds(seeds: list[int], step: Callable[[str], None], compute: Compute = Comp
             step(f"{kind}, seed {seed}: shortcut")
             teacher = None
             for case in [c for c in KIND_CASES if cases is None or c in cases]:
-                method, options = KIND_CASES[case]
+                method = KIND_CASES[case][0]
                 if method in ("tea", "auto") and teacher is None:
                     teacher = train_teacher(data, arch, seed, device=compute.device, precision=compute.precision)
                 started = time.perf_counter()
@@ -338,9 +346,8 @@ def kinds(seeds: list[int], step: Callable[[str], None], compute: Compute = Comp
                         show_progress=False).model
                 else:
                     extra = {"lam": settings["tap_lambda"]} if method == "tap" and "tap_lambda" in settings else {}
-                    if method == "tap":
-                        options = {**options, **settings.get("tap_options", {})}
-                    model = repair_model(_copy(shortcut), data, method, seed, options=options, compute=compute,
+                    model = repair_model(_copy(shortcut), data, method, seed, options=case_options(arch, case),
+                                         compute=compute,
                                          teacher=teacher if method == "tea" else None,
                                          training=settings.get("repair"), **extra)
                 seconds = time.perf_counter() - started
@@ -501,4 +508,5 @@ def reproduce(name: str, seeds: list[int], show_progress: bool = True, compute: 
 
 
 __all__ = ["KINDS", "KIND_ARCHS", "KIND_ARCH_SETTINGS", "KIND_CASES", "MULTILABEL_RECIPE", "PUBLISHED",
-           "REPRODUCTIONS", "Compute", "Reproduction", "kinds_markdown", "markdown", "multilabel_markdown", "reproduce"]
+           "REPRODUCTIONS", "Compute", "Reproduction", "case_options", "kinds_markdown", "markdown",
+           "multilabel_markdown", "reproduce"]
